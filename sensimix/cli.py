@@ -1,7 +1,8 @@
 """``sensimix`` command line: compress | finetune | evaluate | verify.
 
 Each sub-command lives in its own module exposing ``HELP``, ``DESCRIPTION``, ``add_arguments(parser)``
-and ``run(args) -> int`` (the exit status); modules are imported only when their command runs.
+and ``run(args) -> int`` (the exit status). Those modules keep heavy imports (torch, transformers, datasets,
+matplotlib) inside ``run`` so that ``sensimix --help`` stays fast.
 """
 
 from __future__ import annotations
