@@ -34,6 +34,9 @@ def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterat
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like any new folder
     try:
         yield tmp
+        for f in tmp.rglob("*"):  # some writers (safetensors, mkstemp) create 0600 files
+            if f.is_file():
+                os.chmod(f, 0o666 & ~_umask())
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
             os.replace(out, trash / out.name)

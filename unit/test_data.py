@@ -1,0 +1,81 @@
+"""GLUE loading from a local glue_data folder: layouts, quoting, errors. Runs on real files when GLUE_DIR is set."""
+
+import os
+
+import pytest
+
+from sensimix import data
+
+
+def _write(root, task, split, text):
+    d = root / task
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"{split}.tsv").write_text(text, encoding="utf-8")
+
+
+def test_pair_task_with_unbalanced_quotes(tmp_path):
+    _write(tmp_path, "QNLI", "dev", 'index\tquestion\tsentence\tlabel\n0\tWhat is "it?\tIt is a "thing.\tentailment\n'
+                                    "1\tWho?\tNobody.\tnot_entailment\n")
+    ds = data.load_glue("qnli", "dev", tmp_path)
+    assert ds["label"] == [0, 1]
+    assert ds[0]["text_a"] == 'What is "it?' and ds[0]["text_b"] == 'It is a "thing.'
+
+
+def test_single_sentence_task_and_alias(tmp_path):
+    _write(tmp_path, "SST-2", "train", "sentence\tlabel\ngood film \t1\nbad film \t0\n")
+    ds = data.load_glue("sst2", "train", tmp_path)
+    assert ds["label"] == [1, 0] and ds[0]["text_b"] is None
+
+
+def test_mrpc_bom_and_cola_without_header(tmp_path):
+    _write(tmp_path, "MRPC", "dev", "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\tA .\tB .\n")
+    assert data.load_glue("mrpc", "dev", tmp_path)["label"] == [1]
+    _write(tmp_path, "CoLA", "dev", "gj04\t1\t\tThe cat sat.\ngj04\t0\t*\tCat the sat.")
+    ds = data.load_glue("cola", "dev", tmp_path)
+    assert ds["label"] == [1, 0] and ds[1]["text_a"] == "Cat the sat."
+
+
+def test_environment_variable_is_the_default(tmp_path, monkeypatch):
+    _write(tmp_path, "RTE", "dev", "index\tsentence1\tsentence2\tlabel\n0\tA.\tB.\tentailment\n")
+    monkeypatch.setenv("GLUE_DIR", str(tmp_path))
+    assert len(data.load_glue("rte", "dev")) == 1
+
+
+def test_clear_errors(tmp_path, monkeypatch):
+    monkeypatch.delenv("GLUE_DIR", raising=False)
+    with pytest.raises(FileNotFoundError, match="pass --glue-dir"):
+        data.load_glue("qnli", "dev")
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        data.load_glue("qnli", "dev", tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match=r"QNLI/train.tsv not found"):
+        data.load_glue("qnli", "train", tmp_path)
+    with pytest.raises(ValueError, match="unknown task 'mnli'"):
+        data.load_glue("mnli", "dev", tmp_path)
+    _write(tmp_path, "QNLI", "dev", "index\tquestion\ttext\tlabel\n0\ta\tb\tentailment\n")
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['sentence'\]"):
+        data.load_glue("qnli", "dev", tmp_path)
+    _write(tmp_path, "QNLI", "dev", "index\tquestion\tsentence\tlabel\n0\ta\tb\tcontradiction\n")
+    with pytest.raises(ValueError, match=r"dev.tsv:2: unknown label 'contradiction'"):
+        data.load_glue("qnli", "dev", tmp_path)
+    _write(tmp_path, "QNLI", "dev", "index\tquestion\tsentence\tlabel\n0\ta\n")
+    with pytest.raises(ValueError, match="dev.tsv:2: 2 fields"):
+        data.load_glue("qnli", "dev", tmp_path)
+
+
+def test_tokenize_keeps_segments(tmp_path, tiny_vocab):
+    from transformers import BertTokenizer
+
+    _write(tmp_path, "QNLI", "dev", "index\tquestion\tsentence\tlabel\n0\twhat movie\tthe film\tentailment\n")
+    enc = data.tokenize(data.load_glue("qnli", "dev", tmp_path), BertTokenizer(tiny_vocab), 16)
+    assert enc[0]["token_type_ids"] == [0, 0, 0, 0, 1, 1, 1]
+    assert enc[0]["labels"] == 0
+
+
+@pytest.mark.skipif(not os.environ.get("GLUE_DIR"), reason="GLUE_DIR not set: the real GLUE files are not available")
+@pytest.mark.parametrize("task,split,rows,ones", [
+    ("qnli", "dev", 5463, 2761), ("sst-2", "train", 67349, 37569), ("sst-2", "dev", 872, 444),
+    ("mrpc", "train", 3668, 2474), ("rte", "dev", 277, 131), ("cola", "dev", 1043, 721),
+])
+def test_real_glue_files_match_published_counts(task, split, rows, ones):
+    ds = data.load_glue(task, split)
+    assert len(ds) == rows and sum(ds["label"]) == ones

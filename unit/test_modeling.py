@@ -1,0 +1,136 @@
+"""The quantization-aware model: construction, initialisation from a BERT, STE behaviour, ILF control."""
+
+import pytest
+import torch
+from transformers import BertConfig
+
+from sensimix.modeling import (BinaryLinear, Index8Embedding, Index8Linear, SensiMixQATForSequenceClassification,
+                               from_bert)
+from sensimix.quant import index8_fake_quant, sign
+
+
+def _inputs(vocab=120, b=3, t=10):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, vocab, (b, t), generator=g)
+    tt = torch.zeros_like(ids)
+    tt[:, t // 2:] = 1
+    return dict(input_ids=ids, token_type_ids=tt, attention_mask=torch.ones_like(ids))
+
+
+def test_module_roles_follow_the_split(tiny_bert_config):
+    m = from_bert(tiny_bert_config, num_hidden_layers=3, num_8bit_layers=1, seed=0)
+    emb = m.bert.embeddings
+    assert isinstance(emb.word_embeddings, Index8Embedding) and isinstance(emb.position_embeddings, Index8Embedding)
+    assert type(emb.token_type_embeddings) is torch.nn.Embedding  # token types stay floating point
+    for i, layer in enumerate(m.bert.encoder.layer):
+        assert isinstance(layer.attention.self.query, Index8Linear)
+        assert isinstance(layer.attention.output.dense, Index8Linear)
+        ffn = BinaryLinear if i >= 1 else Index8Linear
+        assert type(layer.intermediate.dense) is ffn and type(layer.output.dense) is ffn
+    assert type(m.bert.pooler.dense) is torch.nn.Linear and type(m.classifier) is torch.nn.Linear
+    assert len(m.bert.encoder.layer) == 3
+
+
+def test_initialised_from_first_n_layers_of_the_teacher(tiny_bert_dir):
+    from transformers import BertForSequenceClassification
+
+    teacher = BertForSequenceClassification.from_pretrained(tiny_bert_dir)
+    m = from_bert(tiny_bert_dir, num_hidden_layers=2, num_8bit_layers=1)
+    for i in range(2):
+        assert torch.equal(m.bert.encoder.layer[i].output.dense.weight, teacher.bert.encoder.layer[i].output.dense.weight)
+    assert torch.equal(m.bert.embeddings.word_embeddings.weight, teacher.bert.embeddings.word_embeddings.weight)
+    assert torch.equal(m.classifier.weight, teacher.classifier.weight)  # same num_labels: the head is kept
+
+
+def test_deeper_than_teacher_and_bad_sources_are_refused(tiny_bert_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"num_hidden_layers .* must be in \[1, 4\]"):
+        from_bert(tiny_bert_dir, num_hidden_layers=5, num_8bit_layers=2)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        from_bert(tmp_path, num_hidden_layers=1, num_8bit_layers=1)
+    with pytest.raises(ValueError, match="unknown random geometry"):
+        from_bert("random:bert-huge")
+
+
+def test_regression_heads_are_refused(tiny_bert_config):
+    with pytest.raises(ValueError, match="num_labels must be >= 2"):
+        from_bert(tiny_bert_config, num_hidden_layers=2, num_8bit_layers=1, num_labels=1)
+
+
+def test_token_type_ids_reach_the_model(tiny_bert_config):
+    m = from_bert(tiny_bert_config, num_hidden_layers=2, num_8bit_layers=1, seed=0).eval()
+    x = _inputs()
+    with torch.no_grad():
+        a = m(**x).logits
+        b = m(**{**x, "token_type_ids": torch.zeros_like(x["token_type_ids"])}).logits
+    assert not torch.allclose(a, b)
+
+
+def test_forward_matches_a_hand_computed_quantized_bert(tiny_bert_config):
+    """Eval logits equal a plain BERT whose weights are replaced by their quantized values."""
+    from transformers import BertForSequenceClassification
+
+    m = from_bert(tiny_bert_config, num_hidden_layers=2, num_8bit_layers=1, seed=0).eval()
+    m.set_binarized_layers([1])
+    plain = BertForSequenceClassification(BertConfig(**{**tiny_bert_config.to_dict(), "num_hidden_layers": 2})).eval()
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    for name, mod in m.named_modules():
+        if isinstance(mod, (Index8Linear, Index8Embedding)):
+            state[f"{name}.weight"] = index8_fake_quant(mod.weight.detach())
+        elif isinstance(mod, BinaryLinear):
+            state[f"{name}.weight"] = sign(mod.weight.detach())
+    plain.load_state_dict(state)
+    # binarized inputs: wrap the two FFN linears of layer 1
+    layer = plain.bert.encoder.layer[1]
+    for parent in (layer.intermediate, layer.output):
+        lin = parent.dense
+        parent.dense = torch.nn.Sequential()
+        parent.dense.add_module("sign", _Sign())
+        parent.dense.add_module("lin", lin)
+    x = _inputs()
+    with torch.no_grad():
+        assert torch.allclose(m(**x).logits, plain(**x).logits, atol=1e-5)
+
+
+class _Sign(torch.nn.Module):
+    def forward(self, x):
+        return sign(x)
+
+
+def test_ste_reaches_binary_weights_in_every_phase(tiny_bert_config):
+    """Reference bug 1: the 1-bit weights must keep receiving gradients once binarized."""
+    m = from_bert(tiny_bert_config, num_hidden_layers=3, num_8bit_layers=1, seed=0)
+    for layers in ([], [2], [1, 2]):
+        m.set_binarized_layers(layers)
+        m.zero_grad()
+        out = m(**_inputs(), labels=torch.tensor([0, 1, 1]))
+        out.loss.backward()
+        for _, lin in m.binary_linears():
+            assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
+        assert m.bert.embeddings.word_embeddings.weight.grad.abs().sum() > 0  # 8-bit STE
+
+
+def test_binarized_layers_control(tiny_bert_config):
+    m = from_bert(tiny_bert_config, num_hidden_layers=4, num_8bit_layers=2, seed=0)
+    assert m.binarized_layers == []
+    m.set_binarized_layers([3])
+    assert m.binarized_layers == [3]
+    with pytest.raises(ValueError, match=r"layers \[1\] have no 1-bit FFN"):
+        m.set_binarized_layers([1])
+
+
+def test_abwr_loss_covers_only_binary_ffns(tiny_bert_config):
+    m = from_bert(tiny_bert_config, num_hidden_layers=2, num_8bit_layers=1, seed=0)
+    for _, lin in m.binary_linears():
+        torch.nn.init.constant_(lin.weight, 1.0)
+    assert m.abwr_loss().item() == 0.0
+    m0 = from_bert(tiny_bert_config, num_hidden_layers=2, num_8bit_layers=2, seed=0)
+    assert m0.abwr_loss().item() == 0.0 and list(m0.binary_linears()) == []
+
+
+def test_save_and_reload_training_checkpoint(tiny_bert_config, tmp_path):
+    m = from_bert(tiny_bert_config, num_hidden_layers=2, num_8bit_layers=1, seed=0).eval()
+    m.save_pretrained(tmp_path)
+    back = SensiMixQATForSequenceClassification.from_pretrained(tmp_path).eval()
+    x = _inputs()
+    with torch.no_grad():
+        assert torch.equal(m(**x).logits, back(**x).logits)
