@@ -1,0 +1,225 @@
+"""`sensimix evaluate` and its measurement API: inputs, batching/cycling, timing loop, both model kinds, CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+from sensimix import cli
+from sensimix.evaluate import (
+    InferenceResult,
+    load_for_inference,
+    make_batches,
+    run_inference,
+    synthetic_inputs,
+    task_inputs,
+)
+from sensimix.export import export_checkpoint
+from sensimix.modeling import from_bert
+from sensimix.runtime import BertLogits, SensiMixForSequenceClassification
+
+GEOMETRY = dict(vocab_size=100, hidden_size=64, num_attention_heads=4, intermediate_size=96,
+                max_position_embeddings=40, type_vocab_size=2)
+WORDS = "what who is the a capital of france paris city river long how many people live in it was built".split()
+QNLI_ROWS = [
+    ("what is the capital of france", "paris is the capital of france", "entailment"),
+    ("who built it", "the river is long", "not_entailment"),
+    ("how many people live in paris", "many people live in the city", "entailment"),
+    ("what is the river", "it was built long ago", "not_entailment"),
+    ("is paris a city", "paris is a city", "entailment"),
+    ("who is it", "the capital of france", "not_entailment"),
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory) -> BertTokenizer:
+    tokens = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"] + WORDS
+    tokens += [f"[unused{i}]" for i in range(GEOMETRY["vocab_size"] - len(tokens))]
+    path = tmp_path_factory.mktemp("vocab") / "vocab.txt"
+    path.write_text("\n".join(tokens) + "\n")
+    return BertTokenizer(str(path))
+
+
+@pytest.fixture(scope="module")
+def glue_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("glue")
+    (root / "QNLI").mkdir()
+    lines = ["index\tquestion\tsentence\tlabel"] + [f"{i}\t{q}\t{s}\t{y}" for i, (q, s, y) in enumerate(QNLI_ROWS)]
+    (root / "QNLI" / "dev.tsv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def sensimix_dir(tmp_path_factory, tokenizer) -> Path:
+    qat = from_bert(BertConfig(**GEOMETRY, num_hidden_layers=3), num_hidden_layers=3, num_8bit_layers=2, seed=0)
+    return export_checkpoint(qat, tmp_path_factory.mktemp("sm") / "sensimix", tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory, tokenizer) -> Path:
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("bert") / "bert"
+    BertForSequenceClassification(BertConfig(**GEOMETRY, num_hidden_layers=2)).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# inputs and batches
+# ---------------------------------------------------------------------------------------------------
+def test_synthetic_inputs_are_qnli_shaped() -> None:
+    inputs = synthetic_inputs(64, max_seq_length=24, vocab_size=30522, seed=3)
+    ids, mask, types = inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"]
+    assert ids.shape == mask.shape == types.shape == (64, 24) and inputs["labels"].shape == (64,)
+    assert set(inputs["labels"].tolist()) <= {0, 1}
+    for row_ids, row_mask, row_types in zip(ids.tolist(), mask.tolist(), types.tolist()):
+        n = sum(row_mask)
+        assert 5 <= n <= 24 and row_mask == [1] * n + [0] * (24 - n)
+        assert row_ids[0] == 101 and row_ids[n - 1] == 102 and row_ids[n:] == [0] * (24 - n)
+        seps = [i for i in range(n) if row_ids[i] == 102]
+        assert len(seps) == 2 and 2 <= seps[0] <= n - 3  # both segments non-empty
+        assert all(999 <= t < 30522 for i, t in enumerate(row_ids[:n]) if i not in (0, *seps))
+        assert row_types == [0] * (seps[0] + 1) + [1] * (n - seps[0] - 1) + [0] * (24 - n)
+    assert torch.equal(ids, synthetic_inputs(64, max_seq_length=24, seed=3)["input_ids"])
+    assert not torch.equal(ids, synthetic_inputs(64, max_seq_length=24, seed=4)["input_ids"])
+
+
+def test_synthetic_inputs_small_vocab_and_errors() -> None:
+    ids = synthetic_inputs(10, max_seq_length=8, vocab_size=50)["input_ids"]
+    assert ids.max() < 50 and (ids[:, 0] == 1).all()
+    with pytest.raises(ValueError, match="max_seq_length must be >= 5"):
+        synthetic_inputs(4, max_seq_length=4)
+    with pytest.raises(ValueError, match="num_examples must be >= 1"):
+        synthetic_inputs(0)
+
+
+def test_make_batches_cycles_to_num_examples() -> None:
+    inputs = synthetic_inputs(10, max_seq_length=8, vocab_size=50)
+    batches = make_batches(inputs, batch_size=4, num_examples=23)
+    assert [len(b["input_ids"]) for b in batches] == [4, 4, 4, 4, 4, 3]
+    order = torch.arange(23) % 10
+    for key in ("input_ids", "attention_mask", "token_type_ids", "labels"):
+        assert torch.equal(torch.cat([b[key] for b in batches]), inputs[key][order])
+    assert [len(b["input_ids"]) for b in make_batches(inputs, batch_size=4)] == [4, 4, 2]
+    with pytest.raises(ValueError, match="num_examples must be >= 1"):
+        make_batches(inputs, num_examples=0)
+
+
+def test_task_inputs_pad_to_max_length(tokenizer, glue_dir) -> None:
+    inputs = task_inputs("qnli", tokenizer, glue_dir=glue_dir, max_seq_length=16)
+    assert inputs["input_ids"].shape == (6, 16) and inputs["labels"].tolist() == [0, 1, 0, 1, 0, 1]
+    first = tokenizer("what is the capital of france", "paris is the capital of france")
+    n = len(first["input_ids"])
+    assert inputs["input_ids"][0, :n].tolist() == first["input_ids"]
+    assert inputs["input_ids"][0, n:].eq(0).all() and inputs["attention_mask"][0].sum() == n
+    assert inputs["token_type_ids"][0, :n].tolist() == first["token_type_ids"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# the timing loop
+# ---------------------------------------------------------------------------------------------------
+class ParityModel(nn.Module):
+    """Predicts the parity of the second token; counts its calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        self.calls += 1
+        return nn.functional.one_hot(input_ids[:, 1] % 2, 2).float()
+
+
+def test_run_inference_counts_predictions_and_accuracy() -> None:
+    inputs = synthetic_inputs(10, max_seq_length=8, vocab_size=50, seed=1)
+    batches = make_batches(inputs, batch_size=4, num_examples=13)
+    model = ParityModel()
+    result = run_inference(model, batches, warmup_batches=2)
+    assert isinstance(result, InferenceResult)
+    assert model.calls == 2 + len(batches), "warm-up batches run in addition to the timed pass"
+    assert (result.num_examples, result.batch_size) == (13, 4) and result.duration_ms > 0
+    want = (inputs["input_ids"][:, 1] % 2)[torch.arange(13) % 10]
+    assert torch.equal(result.predictions, want)
+    labels = inputs["labels"][torch.arange(13) % 10]
+    assert result.accuracy == pytest.approx((want == labels).double().mean().item())
+    no_labels = [{k: v for k, v in b.items() if k != "labels"} for b in batches]
+    assert run_inference(model, no_labels, warmup_batches=0).accuracy is None
+    assert result.log_lines()[:2] == ["Num examples = 13", "Batch size = 4"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# both model kinds
+# ---------------------------------------------------------------------------------------------------
+def test_load_for_inference_plain_bert(bert_dir) -> None:
+    model = load_for_inference(bert_dir, device="cpu", precision="fp32")
+    assert isinstance(model, BertLogits) and not model.training
+    assert model.model.config._attn_implementation == "eager"
+    hf = BertForSequenceClassification.from_pretrained(bert_dir, attn_implementation="eager").eval()
+    inputs = synthetic_inputs(3, max_seq_length=12, vocab_size=100)
+    with torch.inference_mode():
+        got = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                    token_type_ids=inputs["token_type_ids"])
+        want = hf(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                  token_type_ids=inputs["token_type_ids"]).logits
+    assert torch.equal(got, want)
+    fp16 = load_for_inference(bert_dir, device="cpu", precision="fp16")
+    assert fp16.model.config._attn_implementation == "sdpa" and fp16.model.dtype == torch.float16
+    with pytest.raises(ValueError, match="max_position_embeddings=40"):
+        model(input_ids=torch.zeros(1, 41, dtype=torch.long))
+
+
+def test_load_for_inference_sensimix(sensimix_dir) -> None:
+    model = load_for_inference(sensimix_dir, device="cpu")
+    assert isinstance(model, SensiMixForSequenceClassification) and model.dtype == torch.float32
+    with pytest.raises(ValueError, match="precision must be one of fp32, fp16, bf16"):
+        load_for_inference(sensimix_dir, precision="int4")
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        load_for_inference(sensimix_dir.parent)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the command line
+# ---------------------------------------------------------------------------------------------------
+LINES = [r"Num examples = (\d+)", r"Batch size = (\d+)", r"duration: (\d+) ms", r"acc = ([0-9.]+)"]
+
+
+@pytest.mark.parametrize("which", ["sensimix", "bert"])
+def test_cli_prints_certified_lines_and_json(which, sensimix_dir, bert_dir, glue_dir, tmp_path, capsys) -> None:
+    model = sensimix_dir if which == "sensimix" else bert_dir
+    out = tmp_path / "result.json"
+    code = cli.main(["evaluate", "--model", str(model), "--task", "qnli", "--glue-dir", str(glue_dir),
+                     "--examples", "10", "--batch-size", "4", "--max-seq-length", "32", "--device", "cpu",
+                     "--warmup-batches", "1", "--json", str(out)])
+    assert code == 0
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert len(printed) == 4
+    values = [re.fullmatch(pattern, line) for pattern, line in zip(LINES, printed)]
+    assert all(values), printed
+    assert (values[0].group(1), values[1].group(1)) == ("10", "4")
+    acc = float(values[3].group(1))
+    assert acc in {i / 10 for i in range(11)}
+    data = json.loads(out.read_text())
+    assert data["log"] == printed and data["kind"] == which
+    assert (data["num_examples"], data["batch_size"], data["acc"]) == (10, 4, acc)
+    assert data["duration_ms"] > 0 and data["device"] == "cpu"
+
+
+def test_cli_synthetic_needs_no_data(sensimix_dir, capsys) -> None:
+    code = cli.main(["evaluate", "--model", str(sensimix_dir), "--synthetic", "--examples", "6", "--batch-size",
+                     "4", "--max-seq-length", "16", "--device", "cpu", "--warmup-batches", "0"])
+    assert code == 0
+    assert "Num examples = 6" in capsys.readouterr().out
+
+
+def test_cli_errors_are_clear(sensimix_dir, glue_dir, tmp_path, caplog) -> None:
+    args = ["evaluate", "--task", "qnli", "--glue-dir", str(glue_dir), "--device", "cpu"]
+    assert cli.main([*args, "--model", str(tmp_path / "missing")]) == 2
+    assert "is not a folder" in caplog.text
+    assert cli.main([*args, "--model", str(sensimix_dir), "--max-seq-length", "64"]) == 2
+    assert "max_position_embeddings=40" in caplog.text
