@@ -79,7 +79,7 @@ def binarized_layers_at(epoch: int, mixed_layers: list[int], *, pt: bool = True,
 def epochs_to_binarize_all(num_mixed: int, *, pt: bool = True, ilf: bool = True) -> int:
     """Smallest epoch count after which every 1-bit FFN has trained binarized for at least one epoch."""
     if num_mixed == 0:
-        return 1 if not pt else 1
+        return 1
     return (1 if pt else 0) + (num_mixed if ilf else 1)
 
 
