@@ -6,16 +6,25 @@ Models (batch 128 x seq 128 by default, random weights, synthetic QNLI-shaped in
 * BERT-base fp32 (``BertConfig()``, eager attention, TF32 off): the certified baseline;
 * BERT-base fp16 + SDPA (CUDA only): what a user would run instead;
 * SensiMix (2+1) and (3+3), built with ``sensimix.modeling.from_bert("random:bert-base", ...)``, exported with
-  ``sensimix.export.export_checkpoint`` and loaded with ``sensimix.runtime`` (exact default kernels), plus the
-  approximate variants (bf16 activations on CPU, int8 activations for the 8-bit layers) with their logit gap
-  against the exact runtime.
+  ``sensimix.export.export_checkpoint`` and loaded with ``sensimix.runtime``: the exact path (fp32 on CPU), the
+  ``fast`` precision (CPU: bf16 8-bit GEMMs with fused Q/K/V and GELU, exact int8 1-bit FFNs, fp32 residual
+  stream, padded tokens skipped), ``fast`` with padding kept (the kernels' share of the gain), and other
+  approximate variants, each with its logit gap against the exact runtime on the first batch.
+
+Timing: every model is timed over the same batches in each of ``--rounds`` rounds, models interleaved within a
+round (A, B, C, A, B, C, ...), and the median round is reported, so that load from other processes on a shared
+machine hits all models alike; compare the ratios, not the absolute times. Times use
+``sensimix.evaluate.run_inference`` (model work only, warm-up excluded, device synchronized).
 
 Then per-kernel GEMM throughput for M=16384 tokens and the BERT shapes (K, N) in {768, 3072}, against fp32 GEMM
-(CPU) or fp16 cuBLAS (CUDA). Times use ``sensimix.evaluate.run_inference`` (model work only, warm-up excluded,
-device synchronized). Usage::
+(CPU) or fp16 cuBLAS (CUDA). Usage::
 
-    python scripts/benchmark.py                     # CPU: 2 timed batches per model, a few minutes on 2 cores
+    python scripts/benchmark.py                     # CPU: 3 rounds of 1 batch per model, ~5 minutes on 2 cores
     python scripts/benchmark.py --device cuda --json benchmark-h100.json
+
+On CPU, large temporaries are fresh mmap'd memory by default and page faults cost a sizeable share of every
+memory-bound op; ``THP_MEM_ALLOC_ENABLE=1`` (a PyTorch setting: 2 MB transparent huge pages for large CPU
+tensors) removes most of that for every model in the process. The JSON records whether it was set.
 """
 
 from __future__ import annotations
@@ -51,8 +60,12 @@ log = logging.getLogger("benchmark")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N]")
-    p.add_argument("--batches", type=int, default=None, help="timed batches per model (default: 2 CPU, 20 CUDA)")
+    p.add_argument("--batches", type=int, default=None,
+                   help="timed batches per model and round (default: 1 CPU, 20 CUDA)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="interleaved timing rounds; the median is reported (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=None, help="untimed batches per model (default: 1 CPU, 5 CUDA)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--gemm-m", type=int, default=16384, help="rows of the GEMM benchmark (default: 128 x 128)")
@@ -93,11 +106,10 @@ def model_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
-def time_model(name: str, model: torch.nn.Module, batches, warmup: int, device: str) -> dict:
-    result = run_inference(model, batches, warmup_batches=warmup, device=device)
-    ms = result.duration_ms / len(batches)
-    log.info("%-34s %10.1f ms/batch", name, ms)
-    return {"name": name, "ms_per_batch": ms, "batches": len(batches), "weight_bytes": model_bytes(model)}
+def time_once(model: torch.nn.Module, batches, device: str) -> float:
+    """ms per batch of one timed pass (warm-up done by the caller)."""
+    result = run_inference(model, batches, warmup_batches=0, device=device)
+    return result.duration_ms / len(batches)
 
 
 def logit_gap(model: torch.nn.Module, exact: torch.nn.Module, batch: dict) -> dict:
@@ -110,52 +122,67 @@ def logit_gap(model: torch.nn.Module, exact: torch.nn.Module, batch: dict) -> di
             "argmax_agreement": (got.argmax(-1) == want.argmax(-1)).double().mean().item()}
 
 
+def sensimix_variants(cuda: bool) -> list[tuple[str, dict]]:
+    """(label, from_pretrained kwargs) for SensiMix (2+1); the first is the exact reference of the logit gaps."""
+    if cuda:
+        return [("fp32 (exact vs QAT)", dict(dtype=torch.float32)),
+                ("fp16", dict(dtype=torch.float16)),
+                ("fp16, 1-bit int8", dict(dtype=torch.float16, binary_kernel="int8")),
+                ("fp16, 8-bit int8 act. (approx.)", dict(dtype=torch.float16, index8_kernel="int8"))]
+    return [("fp32 (exact)", dict(dtype="fp32")),
+            ("fast", dict(dtype="fast")),
+            ("fast, padding kept", dict(dtype="fast", skip_padding=False)),
+            ("fast, 8-bit fbgemm", dict(dtype="fast", index8_kernel="fbgemm")),
+            ("bf16 (approx.)", dict(dtype="bf16"))]
+
+
 def run_models(args: argparse.Namespace, device: str) -> list[dict]:
     from sensimix.runtime import SensiMixForSequenceClassification
 
     cuda = device.startswith("cuda")
-    n_batches = args.batches or (20 if cuda else 2)
+    n_batches = args.batches or (20 if cuda else 1)
     warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
     inputs = synthetic_inputs(args.batch_size * n_batches, max_seq_length=args.seq_len, seed=0)
     batches = make_batches(inputs, batch_size=args.batch_size, device=device)
-    rows = []
+    fill = float(inputs["attention_mask"].float().mean())
+    log.info("%d batch(es) of %d x %d, %.0f%% of the tokens attended (the rest is padding)", n_batches,
+             args.batch_size, args.seq_len, 100 * fill)
     certified_fp32(device)
-    model = bert_base(device, half=False)
-    rows.append(time_model("BERT-base fp32", model, batches, warmup, device))
-    del model
+    models: list[tuple[str, torch.nn.Module, dict]] = [("BERT-base fp32", bert_base(device, half=False), {})]
     if cuda:
-        model = bert_base(device, half=True)
-        rows.append(time_model("BERT-base fp16+SDPA", model, batches, warmup, device))
-        del model
-
-    # variants: (label, kwargs, exact?) -- the default kernels are exact; the others report their logit gap
-    if cuda:
-        variants = [("fp16", dict(dtype=torch.float16)),
-                    ("fp32 (exact vs QAT)", dict(dtype=torch.float32)),
-                    ("fp16, 1-bit int8", dict(dtype=torch.float16, binary_kernel="int8")),
-                    ("fp16, 8-bit int8 act. (approx.)", dict(dtype=torch.float16, index8_kernel="int8"))]
-    else:
-        variants = [("fp32", dict(dtype=torch.float32)),
-                    ("fp32, 1-bit float", dict(dtype=torch.float32, binary_kernel="float")),
-                    ("bf16 (approx.)", dict(dtype=torch.bfloat16)),
-                    ("fp32, 8-bit int8 act. (approx.)", dict(dtype=torch.float32, index8_kernel="int8"))]
-    with tempfile.TemporaryDirectory() as tmp:
+        models.append(("BERT-base fp16+SDPA", bert_base(device, half=True), {}))
+    with tempfile.TemporaryDirectory() as tmp:  # the loaded models keep their weights in memory
         for layers, eightbit in ((3, 2), (6, 3)):
             folder = export_sensimix(layers, eightbit, Path(tmp))
-            exact = SensiMixForSequenceClassification.from_pretrained(folder, device=device, dtype=torch.float32)
-            for label, kw in variants if (layers, eightbit) == (3, 2) else variants[:1]:
+            variants = sensimix_variants(cuda)
+            exact = None
+            for label, kw in variants if (layers, eightbit) == (3, 2) else variants[:2]:
                 model = SensiMixForSequenceClassification.from_pretrained(folder, device=device, **kw)
-                row = time_model(f"SensiMix ({eightbit}+{layers - eightbit}) {label}", model, batches, warmup, device)
-                row.update(kernels={"binary": model.binary_kernel, "index8": model.index8_kernel},
-                           dtype=str(model.dtype).removeprefix("torch."), weight_bytes=model.weight_bytes(),
-                           **logit_gap(model, exact, batches[0]))
-                rows.append(row)
-                del model
-            del exact
+                if exact is None:
+                    exact = model
+                info = {"kernels": {"binary": model.binary_kernel, "index8": model.index8_kernel},
+                        "dtype": str(model.dtype).removeprefix("torch."), "precision": model.precision,
+                        "skip_padding": model.skip_padding, **logit_gap(model, exact, batches[0])}
+                models.append((f"SensiMix ({eightbit}+{layers - eightbit}) {label}", model, info))
+    for name, model, _ in models:
+        run_inference(model, batches[:1], warmup_batches=warmup, device=device)  # warm-up, untimed
+    times: dict[str, list[float]] = {name: [] for name, _, _ in models}
+    for r in range(args.rounds):
+        for name, model, _ in models:
+            times[name].append(time_once(model, batches, device))
+            log.info("round %d  %-44s %10.1f ms/batch", r + 1, name, times[name][-1])
+    rows = []
+    for name, model, info in models:
+        ms = sorted(times[name])[len(times[name]) // 2]
+        weight_bytes = model.weight_bytes() if hasattr(model, "weight_bytes") else model_bytes(model)
+        rows.append({"name": name, "ms_per_batch": ms, "ms_per_round": times[name], "batches": len(batches),
+                     "weight_bytes": weight_bytes, **info})
     base = rows[0]
     fp16 = next((r for r in rows if r["name"] == "BERT-base fp16+SDPA"), None)
     for r in rows:
         r["ratio_vs_bert_fp32"] = r["ms_per_batch"] / base["ms_per_batch"]
+        # the same ratio per round (each round's models ran back to back): its spread shows the noise
+        r["ratio_per_round"] = [a / b for a, b in zip(r["ms_per_round"], base["ms_per_round"])]
         r["weight_ratio_vs_bert_fp32"] = r["weight_bytes"] / base["weight_bytes"]
         if fp16:
             r["ratio_vs_bert_fp16"] = r["ms_per_batch"] / fp16["ms_per_batch"]
@@ -227,7 +254,8 @@ def run_gemms(args: argparse.Namespace, device: str) -> list[dict]:
 def environment(device: str) -> dict:
     env = {"device": device, "device_name": device_name(device), "torch": torch.__version__,
            "cuda": torch.version.cuda, "python": platform.python_version(), "threads": torch.get_num_threads(),
-           "cpu_count": os.cpu_count()}
+           "cpu_count": os.cpu_count(), "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+           "quantized_engine": str(kernels.quantized_engine())}
     if hasattr(os, "getloadavg"):
         env["load_average_at_start"] = os.getloadavg()
     if device.startswith("cuda"):
@@ -238,11 +266,12 @@ def environment(device: str) -> dict:
 def print_table(rows: list[dict]) -> None:
     has_fp16 = any("ratio_vs_bert_fp16" in r for r in rows)
     head = f"{'model':<48}{'ms/batch':>11}{'vs fp32 BERT':>14}" + (f"{'vs fp16 BERT':>14}" if has_fp16 else "")
-    print(head + f"{'weights':>10}{'logit gap':>11}")
+    print(head + f"{'per round':>22}{'weights':>10}{'logit gap':>11}")
     for r in rows:
         line = f"{r['name']:<48}{r['ms_per_batch']:>11.1f}{100 * r['ratio_vs_bert_fp32']:>13.1f}%"
         if has_fp16:
             line += f"{100 * r.get('ratio_vs_bert_fp16', float('nan')):>13.1f}%"
+        line += f"{' / '.join(f'{100 * x:.1f}' for x in r['ratio_per_round']):>22}"
         gap = r.get("relative_gap")
         line += f"{100 * r['weight_ratio_vs_bert_fp32']:>9.1f}%" + (f"{gap:>11.1e}" if gap is not None else f"{'':>11}")
         print(line)
@@ -251,11 +280,14 @@ def print_table(rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     results: dict = {"environment": environment(device), "batch_size": args.batch_size, "seq_len": args.seq_len}
     if not device.startswith("cuda"):
         results["caveat"] = ("CPU timings on a shared machine: other processes may compete for the cores "
-                             "(see load_average_at_start); ratios within one run are the meaningful numbers")
+                             "(see load_average_at_start); models are interleaved per round and ratios within "
+                             "one run are the meaningful numbers")
     if not args.skip_models:
         results["models"] = run_models(args, device)
         print_table(results["models"])

@@ -12,6 +12,11 @@ intermediate returns sign(h) directly). In fp32 on CPU the logits equal the QAT 
 tests (asserted to 1e-5), with every exact kernel; the checkpoint holds biases, LayerNorms, pooler and classifier
 in fp16, so compare with a QAT model rounded likewise (``qat.half().float()`` before export).
 
+``dtype="fast"`` (``sensimix evaluate --precision fast``) trades that exactness for speed on CPU: bf16 GEMMs for
+the 8-bit linears (Q/K/V fused; bias and GELU in oneDNN's epilogue), SDPA in bf16, the 1-bit FFNs still exact,
+the residual stream and LayerNorms in fp32, and padded tokens skipped (:class:`Packing`, exact by itself). See
+:meth:`SensiMixForSequenceClassification.from_pretrained` for the recipe and its fallbacks.
+
 ``model(input_ids, attention_mask=None, token_type_ids=None)`` returns the logits tensor [batch, num_labels].
 """
 
@@ -21,7 +26,9 @@ import json
 import logging
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -201,23 +208,39 @@ class Index8Embedding(nn.Module):
 
 
 class Index8Linear(nn.Module):
-    """An 8-bit index linear held in the form its kernel computes with."""
+    """An 8-bit index linear held in the form its kernel computes with.
 
-    def __init__(self, q: torch.Tensor, weight_range: torch.Tensor, bias: torch.Tensor, kernel: kernels.Index8Kernel,
+    ``parts`` is one (int8 Q, fp16 range, bias) triple, or several that read the same input (Q, K, V) and run as
+    one GEMM whose outputs are concatenated in order (kernels with ``fusable = True``).
+    """
+
+    def __init__(self, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], kernel: kernels.Index8Kernel,
                  dtype: torch.dtype) -> None:
         super().__init__()
-        self.out_features, self.in_features = q.shape
-        self.kernel = kernel
-        weight, params = kernel.prepare(q, weight_range, dtype)
-        self.register_buffer("weight", weight)
+        self.in_features = parts[0][0].shape[1]
+        self.out_features = sum(q.shape[0] for q, _, _ in parts)
+        self.kernel, self.fused = kernel, len(parts)
+        if len(parts) == 1:
+            weight, params, bias = kernel.prepare_linear(*parts[0], dtype)
+        else:
+            weight, params, bias = kernel.prepare_fused(parts, dtype)
+        if isinstance(weight, torch.Tensor):
+            self.register_buffer("weight", weight)
+        else:  # an opaque prepacked operand (fbgemm): not a tensor, so not a buffer; CPU-only, never moved
+            self.weight = weight
         self.register_buffer("params", params)
-        self.register_buffer("bias", bias.to(dtype))
+        self.register_buffer("bias", bias)  # None when the kernel folded it into the weight operand
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernel.linear(x, self.weight, self.params, self.bias)
 
+    def opaque_bytes(self) -> int:
+        """Bytes of a weight operand that is not a buffer (0 for tensor operands, counted as buffers)."""
+        return self.kernel.weight_bytes(self.weight)
+
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel.name}"
+        fused = f", fused={self.fused}" if self.fused > 1 else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel.name}{fused}"
 
 
 class BinaryLinear(nn.Module):
@@ -279,9 +302,10 @@ class _Builder:
     """Takes tensors by checkpoint name, moves them to the device, and builds runtime modules from them."""
 
     def __init__(self, tensors: dict[str, torch.Tensor], config: SensiMixConfig, device: torch.device,
-                 dtype: torch.dtype, binary: kernels.BinaryKernel, index8: kernels.Index8Kernel) -> None:
+                 dtype: torch.dtype, binary: kernels.BinaryKernel, index8: kernels.Index8Kernel,
+                 fuse_qkv: bool) -> None:
         self.tensors, self.config, self.device, self.dtype = tensors, config, device, dtype
-        self.binary, self.index8 = binary, index8
+        self.binary, self.index8, self.fuse_qkv = binary, index8, fuse_qkv
 
     def t(self, name: str) -> torch.Tensor:
         return self.tensors.pop(name).to(self.device)  # pop: the CPU copy is freed as we go
@@ -289,9 +313,10 @@ class _Builder:
     def embedding(self, name: str) -> Index8Embedding:
         return Index8Embedding(self.t(f"{name}.weight_q"), self.t(f"{name}.weight_range"), self.dtype)
 
-    def linear8(self, name: str) -> Index8Linear:
-        return Index8Linear(self.t(f"{name}.weight_q"), self.t(f"{name}.weight_range"), self.t(f"{name}.bias"),
-                            self.index8, self.dtype)
+    def linear8(self, *names: str) -> Index8Linear:
+        """One 8-bit linear, or several reading the same input fused into one GEMM."""
+        parts = [(self.t(f"{n}.weight_q"), self.t(f"{n}.weight_range"), self.t(f"{n}.bias")) for n in names]
+        return Index8Linear(parts, self.index8, self.dtype)
 
     def linear1(self, name: str, in_features: int, sign_output: bool) -> BinaryLinear:
         cls = BinarySignLinear if sign_output else BinaryLinear
@@ -313,33 +338,137 @@ class Embeddings(nn.Module):
         self.register_buffer("token_type", b.t(f"{p}.token_type_embeddings.weight").to(b.dtype))
         self.norm = b.layer_norm(f"{p}.LayerNorm")
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, S] ids (positions 0..S-1), or packed [T] ids with their ``positions`` (:class:`Packing`)."""
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         token_type = self.token_type[0] if token_type_ids is None else F.embedding(token_type_ids, self.token_type)
         # BERT's order: (word + token type) + position, then LayerNorm
         return self.norm(self.word(input_ids) + token_type + self.position(positions))
 
 
+@dataclass(frozen=True)
+class _SpanGroup:
+    """Sequences whose attention runs as one SDPA call in a [rows, span] layout (see :class:`Packing`)."""
+
+    start: int  # the group's tokens are packed rows [start, start + count)
+    count: int
+    rows: int
+    span: int  # the group's last attended column + 1
+    gather: torch.Tensor  # [rows * span] packed row of every layout slot (a finite stand-in for padded slots)
+    slots: torch.Tensor  # [count] layout slots of the attended tokens, in packed order
+    mask: torch.Tensor  # [rows, 1, 1, span] bool, for SDPA
+
+
+@dataclass(frozen=True)
+class Packing:
+    """The attended tokens of a padded batch, packed: what ``skip_padding`` runs the layers on.
+
+    Every op but attention works token by token, and BERT's attention mask removes padded positions as keys,
+    so a padded position never influences an attended one: dropping padded tokens before the first layer leaves
+    the logits unchanged (up to the floating-point summation order of GEMMs with fewer rows) and saves their
+    work. For attention, sequences are grouped by span (last attended position + 1, rounded up to a multiple
+    of :attr:`SPAN_STEP`); each group gathers its Q, K, V into a [rows, span] layout, runs one SDPA call with
+    the mask there, and its attended output rows are gathered back. Tokens are packed group by group.
+
+    The gather fills a padded slot with an attended token's row instead of zeros: any finite row will do, since
+    a padded key gets probability exactly 0 (its score is masked to -inf, and 0 * finite = 0) and a padded
+    query's output is never gathered. One gather replaces a zero fill plus a scatter. On CPU, SDPA's time
+    grows with rows * span^1.3-2 (bf16, 2 cores: [64 rows, span 32/64/128] = 16/36/94 ms), so grouping by span
+    roughly halves attention on the benchmark's lengths (uniform in [5, 128]).
+    """
+
+    SPAN_STEP: ClassVar[int] = 32
+
+    index: torch.Tensor  # [T] flat positions b * S + s of the attended tokens, in packed order
+    positions: torch.Tensor  # [T] their positions s
+    cls: torch.Tensor  # [B] packed row of each sequence's first token ([CLS], pooled), in batch order
+    groups: tuple[_SpanGroup, ...]
+
+    @classmethod
+    def of(cls, attention_mask: torch.Tensor) -> Packing | None:
+        """The packing of a [B, S] mask, or None when packing does not apply: no padding to drop, or a sequence
+        whose first token is masked (there is no attended [CLS] to pool; the padded path handles it as before)."""
+        m = attention_mask.bool()
+        if m.all() or not m[:, 0].all():
+            return None
+        bsz, seq = m.shape
+        span = torch.where(m, torch.arange(1, seq + 1, device=m.device), 0).amax(dim=1)
+        bucket = torch.div(span + cls.SPAN_STEP - 1, cls.SPAN_STEP, rounding_mode="floor")
+        order = torch.argsort(bucket, stable=True)
+        buckets, spans = bucket[order].tolist(), span[order].tolist()  # the host sync that sizes the layouts
+        groups, index, start, first = [], [], 0, 0
+        while first < bsz:
+            last = first
+            while last < bsz and buckets[last] == buckets[first]:
+                last += 1
+            rows, width = order[first:last], max(spans[first:last])
+            mg = m.index_select(0, rows)[:, :width]
+            flat = mg.reshape(-1)
+            slots = flat.nonzero().squeeze(1)
+            index.append(rows[slots // width] * seq + slots % width)
+            gather = torch.where(flat, flat.cumsum(0) - 1 + start, start)  # padded -> the group's first token
+            groups.append(_SpanGroup(start=start, count=len(slots), rows=len(rows), span=width, gather=gather,
+                                     slots=slots, mask=mg[:, None, None, :]))
+            start += len(slots)
+            first = last
+        flat_index = torch.cat(index)
+        where = torch.empty(bsz * seq, dtype=torch.long, device=m.device)
+        where[flat_index] = torch.arange(len(flat_index), device=m.device)
+        return cls(index=flat_index, positions=flat_index % seq,
+                   cls=where[torch.arange(bsz, device=m.device) * seq], groups=tuple(groups))
+
+    def tokens(self, t: torch.Tensor) -> torch.Tensor:
+        """The attended entries of a [B, S] input (ids, token types), packed: [T]."""
+        return t.reshape(-1).index_select(0, self.index)
+
+    def attention(self, qkv: torch.Tensor, scale: float) -> torch.Tensor:
+        """SDPA of packed [T, 3, heads, d] Q/K/V, one call per span group; returns packed [T, heads * d]."""
+        tokens, heads = qkv.shape[0], qkv.shape[2]
+        flat = qkv.reshape(tokens, -1)
+        out = flat.new_empty(tokens, flat.shape[1] // 3)
+        for g in self.groups:
+            layout = flat.index_select(0, g.gather).view(g.rows, g.span, 3, heads, -1)
+            q, k, v = (t.transpose(1, 2) for t in layout.unbind(2))
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask, scale=scale)
+            # [rows, heads, span, d] -> [rows * span, heads * d]: a view when SDPA's output is stored
+            # [rows, span, heads, d] (the CPU kernels do), so the gather below is the only pass
+            ctx = ctx.transpose(1, 2).reshape(g.rows * g.span, -1)
+            torch.index_select(ctx, 0, g.slots, out=out[g.start:g.start + g.count])
+        return out
+
+
 class SelfAttention(nn.Module):
     def __init__(self, b: _Builder, p: str) -> None:
         super().__init__()
-        self.query = b.linear8(f"{p}.attention.self.query")
-        self.key = b.linear8(f"{p}.attention.self.key")
-        self.value = b.linear8(f"{p}.attention.self.value")
+        names = [f"{p}.attention.self.{attr}" for attr in ("query", "key", "value")]
+        # Q, K and V read the same x: one GEMM (one activation cast/quantization) when the builder fuses them
+        self.qkv = b.linear8(*names) if b.fuse_qkv else None
+        if self.qkv is None:
+            self.query, self.key, self.value = (b.linear8(n) for n in names)
         self.output = b.linear8(f"{p}.attention.output.dense")
         self.norm = b.layer_norm(f"{p}.attention.output.LayerNorm")
         self.num_heads = b.config.num_attention_heads
         self.scale = (b.config.hidden_size // self.num_heads) ** -0.5
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        bsz, seq, hidden = x.shape
-
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(bsz, seq, self.num_heads, -1).transpose(1, 2)
-
-        ctx = F.scaled_dot_product_attention(heads(self.query(x)), heads(self.key(x)), heads(self.value(x)),
-                                             attn_mask=mask, scale=self.scale)
-        return self.norm(self.output(ctx.transpose(1, 2).reshape(bsz, seq, hidden)) + x)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, packing: Packing | None = None) -> torch.Tensor:
+        """``x`` [B, S, H] with ``mask``, or packed [T, H] with ``packing`` (then ``mask`` is unused)."""
+        lead, hidden = x.shape[:-1], x.shape[-1]
+        if self.qkv is not None:
+            qkv = self.qkv(x).view(*lead, 3, self.num_heads, -1)  # [..., 3, heads, d]
+            parts = qkv.unbind(-3)
+        else:
+            parts = [t(x).view(*lead, self.num_heads, -1) for t in (self.query, self.key, self.value)]
+            qkv = None
+        if packing is not None:
+            ctx = packing.attention(qkv if qkv is not None else torch.stack(parts, dim=1), self.scale)
+        else:
+            # [B, S, heads, d] -> [B, heads, S, d] strided views (SDPA takes strided inputs)
+            q, k, v = (t.transpose(1, 2) for t in parts)
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+            ctx = ctx.transpose(1, 2).reshape(*lead, hidden)
+        return self.norm(_residual(self.output(ctx), x))
 
 
 class FeedForward8(nn.Module):
@@ -353,9 +482,25 @@ class FeedForward8(nn.Module):
         self.output = b.linear8(f"{p}.output.dense")
         self.norm = b.layer_norm(f"{p}.output.LayerNorm")
         self.act = ACT2FN[b.config.hidden_act]
+        # a kernel that applies the activation in its GEMM epilogue saves two passes over [tokens, intermediate]
+        fuses = getattr(b.index8, "fuses_activation", None)
+        self.fused_act = b.config.hidden_act if fuses is not None and fuses(b.config.hidden_act, b.device) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.output(self.act(self.intermediate(x))) + x)
+        if self.fused_act is not None:
+            lin = self.intermediate
+            h = lin.kernel.linear_act(x, lin.weight, lin.params, lin.bias, self.fused_act)
+        else:
+            h = self.act(self.intermediate(x))
+        return self.norm(_residual(self.output(h), x))
+
+
+def _residual(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``out + x`` in x's dtype (the model dtype): a bf16 kernel output is cast first, in one vectorized pass,
+    then added in place; torch's mixed-dtype add promotes elementwise and measured ~1.8x slower."""
+    if out.dtype == x.dtype:
+        return out + x
+    return out.to(x.dtype).add_(x)
 
 
 class FeedForward1(nn.Module):
@@ -378,8 +523,41 @@ class Layer(nn.Module):
         self.attention = SelfAttention(b, p)
         self.ffn = FeedForward1(b, p) if n >= b.config.num_8bit_layers else FeedForward8(b, p)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        return self.ffn(self.attention(x, mask))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, packing: Packing | None = None) -> torch.Tensor:
+        return self.ffn(self.attention(x, mask, packing))  # the FFN works token by token: any leading shape
+
+
+FAST = "fast"
+# 8-bit kernels of precision "fast" on CPU, best first (see fast_index8_kernel; scripts/benchmark.py measures them)
+FAST_CPU_INDEX8 = ("bf16", "fbgemm")
+
+
+def _cpu_has_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 GEMMs run natively (elsewhere oneDNN emulates them, slower than fp32)."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    try:
+        return any(probe() for probe in probes if probe is not None)
+    except RuntimeError:  # private torch API: treat an error as "unknown", i.e. not native
+        return False
+
+
+def fast_index8_kernel(device: torch.device | str) -> str:
+    """The 8-bit kernel of ``dtype="fast"``: the device default on CUDA; on CPU the first usable of
+    :data:`FAST_CPU_INDEX8`, skipping ``bf16`` without native bf16 GEMMs and ``fbgemm`` without its engine
+    (each skip is logged with its reason); the exact ``dense`` kernel when neither is usable."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return kernels.default_index8_kernel(device)
+    for name in FAST_CPU_INDEX8:
+        if name == "bf16" and not _cpu_has_bf16():
+            log.info("fast precision: skipping the bf16 8-bit kernel (this CPU has no native bf16 GEMM)")
+            continue
+        reason = kernels.INDEX8_KERNELS[name].unavailable(device)
+        if reason is None:
+            return name
+        log.warning("fast precision: 8-bit kernel %r unavailable (%s); trying the next choice", name, reason)
+    log.warning("fast precision: no approximate 8-bit kernel usable on this CPU; using the exact 'dense' kernel")
+    return "dense"
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
@@ -388,11 +566,13 @@ def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> tor
     if isinstance(dtype, str):
         names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
                  "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+        if dtype == FAST:  # the fast recipe keeps the residual stream, LayerNorms and 1-bit outputs in fp32 on CPU
+            return torch.float16 if device.type == "cuda" else torch.float32
         if dtype not in names:
-            raise ValueError(f"unknown dtype {dtype!r}; choose fp32, fp16 or bf16")
+            raise ValueError(f"unknown dtype {dtype!r}; choose fp32, fp16, bf16 or fast")
         dtype = names[dtype]
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        raise ValueError(f"dtype must be float32, float16 or bfloat16 (or 'fast'), got {dtype}")
     return dtype
 
 
@@ -420,11 +600,16 @@ class SensiMixForSequenceClassification(nn.Module):
 
     def __init__(self, config: SensiMixConfig, tensors: dict[str, torch.Tensor], device: torch.device,
                  dtype: torch.dtype, binary: kernels.BinaryKernel, index8: kernels.Index8Kernel,
-                 check_inputs: bool = True) -> None:
+                 check_inputs: bool = True, fuse_qkv: bool = False, skip_padding: bool = False) -> None:
         super().__init__()
         self.config, self.dtype, self.check_inputs = config, dtype, check_inputs
+        self.skip_padding = skip_padding  # a plain attribute: may be switched after loading (see Packing)
         self.binary_kernel, self.index8_kernel = binary.name, index8.name
-        b = _Builder(dict(tensors), config, device, dtype, binary, index8)
+        # exact: computes what the QAT model computes (to 1e-5 in the tests); only fp32 with exact kernels is
+        self.exact = binary.exact and index8.exact and dtype == torch.float32
+        # "fp32" / "fp16" / "bf16" (the activation dtype), or "fast" (set by from_pretrained for that recipe)
+        self.precision = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+        b = _Builder(dict(tensors), config, device, dtype, binary, index8, fuse_qkv)
         self.embeddings = Embeddings(b)
         self.layers = nn.ModuleList(Layer(b, n) for n in range(config.num_hidden_layers))
         self.pooler = b.dense("bert.pooler.dense")
@@ -440,6 +625,8 @@ class SensiMixForSequenceClassification(nn.Module):
         binary_kernel: str | None = None,
         index8_kernel: str | None = None,
         check_inputs: bool = True,
+        fuse_qkv: bool | None = None,
+        skip_padding: bool | None = None,
     ) -> SensiMixForSequenceClassification:
         """Load a packed checkpoint folder (model.safetensors preferred, else pytorch_model.bin).
 
@@ -447,24 +634,49 @@ class SensiMixForSequenceClassification(nn.Module):
             path: folder written by :func:`sensimix.export.export_checkpoint`.
             device: ``cpu`` or ``cuda[:i]``; the weights are prepared for this device's kernels.
             dtype: activation dtype; default fp32 on CPU (exact vs the QAT model), fp16 on CUDA (the paper's
-                inference precision). bf16 on CPU is the fast approximate choice (AVX512-BF16 GEMMs).
+                inference precision). ``"fast"`` selects the fastest measured recipe (APPROXIMATE): on CPU the
+                residual stream, embeddings, LayerNorms, pooler and classifier stay fp32, the 8-bit linears run
+                :func:`fast_index8_kernel` (bf16 GEMMs on AVX512-BF16/AMX CPUs, else fbgemm dynamic int8) with
+                Q, K and V fused into one GEMM and SDPA in that kernel's output dtype, and the 1-bit FFNs stay
+                exact (int8 ±1 GEMM, int32 sums, fp32 bias); on CUDA it is fp16 with the default kernels.
+                bf16 is all-bf16 activations (its 1-bit FFN outputs are rounded to bf16 too).
             binary_kernel: 1-bit kernel name (:data:`sensimix.kernels.BINARY_KERNELS`); None = device default.
                 All 1-bit kernels are exact.
             index8_kernel: 8-bit kernel name (:data:`sensimix.kernels.INDEX8_KERNELS`); None = device default
-                (exact). ``int8`` quantizes activations: approximate, opt-in only.
+                (exact), or the fast recipe's with ``dtype="fast"``. ``int8``, ``fbgemm`` and ``bf16`` round
+                activations: approximate, opt-in only.
             check_inputs: validate inputs in every forward (see the class docstring).
+            fuse_qkv: run Q, K, V as one GEMM; None = when the 8-bit kernel can and is approximate anyway (the
+                exact path keeps the QAT model's three GEMMs).
+            skip_padding: run the layers on the attended tokens only (:class:`Packing`); the logits do not
+                depend on padded positions, so this changes only the work done (and the GEMMs' summation order).
+                None = on for ``dtype="fast"``, off otherwise (the exact path stays the QAT model's computation).
+                Its gain is the batch's padding fraction: report timings with and without it.
         """
         folder = Path(path)
         config = read_config(folder)
         tensors, source = read_packed_weights(folder)
         check_tensors(tensors, config, source)
         device = _resolve_device(device)
+        fast = isinstance(dtype, str) and dtype == FAST
         dtype = _resolve_dtype(dtype, device)
+        if fast and index8_kernel in (None, "auto"):
+            index8_kernel = fast_index8_kernel(device)
         binary = kernels.binary_kernel(binary_kernel, device)
         index8 = kernels.index8_kernel(index8_kernel, device)
-        model = cls(config, tensors, device, dtype, binary, index8, check_inputs=check_inputs).eval()
-        log.info("loaded %s from %s on %s (%s; 1-bit kernel %s, 8-bit kernel %s)", config.describe(), source.name,
-                 device, str(dtype).removeprefix("torch."), binary.name, index8.name)
+        if fuse_qkv is None:
+            fuse_qkv = index8.fusable and not index8.exact
+        elif fuse_qkv and not index8.fusable:
+            raise ValueError(f"fuse_qkv=True, but the index8 kernel {index8.name!r} cannot fuse linears; use one of "
+                             f"{', '.join(n for n, k in kernels.INDEX8_KERNELS.items() if k.fusable)}")
+        model = cls(config, tensors, device, dtype, binary, index8, check_inputs=check_inputs,
+                    fuse_qkv=fuse_qkv, skip_padding=fast if skip_padding is None else skip_padding).eval()
+        if fast:
+            model.precision = FAST
+        log.info("loaded %s from %s on %s (precision %s, %s; 1-bit kernel %s, 8-bit kernel %s%s%s)",
+                 config.describe(), source.name, device, model.precision, "exact" if model.exact else "approximate",
+                 binary.name, index8.name, ", Q/K/V fused" if fuse_qkv else "",
+                 ", padding skipped" if model.skip_padding else "")
         return model
 
     # -- inference ---------------------------------------------------------------------------------
@@ -472,11 +684,20 @@ class SensiMixForSequenceClassification(nn.Module):
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         if self.check_inputs:
             self._check_inputs(input_ids, attention_mask, token_type_ids)
-        mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
-        x = self.embeddings(input_ids, token_type_ids)
-        for layer in self.layers:
-            x = layer(x, mask)
-        return self.classifier(torch.tanh(self.pooler(x[:, 0])))
+        packing = Packing.of(attention_mask) if self.skip_padding and attention_mask is not None else None
+        if packing is not None:
+            types = None if token_type_ids is None else packing.tokens(token_type_ids)
+            x = self.embeddings(packing.tokens(input_ids), types, positions=packing.positions)
+            for layer in self.layers:
+                x = layer(x, None, packing)
+            cls = x.index_select(0, packing.cls)
+        else:
+            mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+            x = self.embeddings(input_ids, token_type_ids)
+            for layer in self.layers:
+                x = layer(x, mask)
+            cls = x[:, 0]
+        return self.classifier(torch.tanh(self.pooler(cls)))
 
     def _check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                       token_type_ids: torch.Tensor | None) -> None:
@@ -509,12 +730,14 @@ class SensiMixForSequenceClassification(nn.Module):
         return self.classifier.weight.device
 
     def weight_bytes(self) -> int:
-        """Bytes held by the model's tensors (all weights are buffers)."""
-        return sum(t.numel() * t.element_size() for t in self.buffers())
+        """Bytes held by the model's weights: its buffers plus prepacked operands that are not tensors."""
+        opaque = sum(m.opaque_bytes() for m in self.modules() if isinstance(m, Index8Linear))
+        return sum(t.numel() * t.element_size() for t in self.buffers()) + opaque
 
     def extra_repr(self) -> str:
-        return (f"{self.config.describe()}, dtype={str(self.dtype).removeprefix('torch.')}, "
-                f"binary_kernel={self.binary_kernel}, index8_kernel={self.index8_kernel}")
+        return (f"{self.config.describe()}, precision={self.precision}, dtype={str(self.dtype).removeprefix('torch.')}, "
+                f"binary_kernel={self.binary_kernel}, index8_kernel={self.index8_kernel}, "
+                f"skip_padding={self.skip_padding}")
 
 
 class BertLogits(nn.Module):

@@ -177,10 +177,29 @@ def test_load_for_inference_plain_bert(bert_dir) -> None:
 def test_load_for_inference_sensimix(sensimix_dir) -> None:
     model = load_for_inference(sensimix_dir, device="cpu")
     assert isinstance(model, SensiMixForSequenceClassification) and model.dtype == torch.float32
-    with pytest.raises(ValueError, match="precision must be one of fp32, fp16, bf16"):
+    assert model.exact and model.precision == "fp32", "the default stays the exact path"
+    with pytest.raises(ValueError, match="precision must be one of fp32, fp16, bf16, fast"):
         load_for_inference(sensimix_dir, precision="int4")
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         load_for_inference(sensimix_dir.parent)
+
+
+def test_load_for_inference_fast(sensimix_dir, bert_dir) -> None:
+    from sensimix.runtime import fast_index8_kernel
+
+    fast = load_for_inference(sensimix_dir, device="cpu", precision="fast")
+    assert fast.precision == "fast" and not fast.exact and fast.skip_padding
+    assert fast.index8_kernel == fast_index8_kernel("cpu") and fast.binary_kernel == "int8"
+    exact = load_for_inference(sensimix_dir, device="cpu", precision="fp32")
+    inputs = synthetic_inputs(6, max_seq_length=16, vocab_size=100, seed=2)
+    with torch.inference_mode():
+        args = (inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"])
+        got, want = fast(*args), exact(*args)
+    assert (got - want).abs().max().item() <= 0.01 * want.abs().max().item()  # see test_runtime's fast tests
+    explicit = load_for_inference(sensimix_dir, device="cpu", precision="fast", index8_kernel="dense")
+    assert explicit.index8_kernel == "dense" and explicit.precision == "fast"
+    with pytest.raises(ValueError, match="plain BERT folder: precision 'fast' is SensiMix's"):
+        load_for_inference(bert_dir, device="cpu", precision="fast")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -215,6 +234,17 @@ def test_cli_synthetic_needs_no_data(sensimix_dir, capsys) -> None:
                      "4", "--max-seq-length", "16", "--device", "cpu", "--warmup-batches", "0"])
     assert code == 0
     assert "Num examples = 6" in capsys.readouterr().out
+
+
+def test_cli_fast_precision(sensimix_dir, glue_dir, tmp_path, capsys) -> None:
+    out = tmp_path / "fast.json"
+    code = cli.main(["evaluate", "--model", str(sensimix_dir), "--task", "qnli", "--glue-dir", str(glue_dir),
+                     "--batch-size", "4", "--max-seq-length", "32", "--device", "cpu", "--warmup-batches", "0",
+                     "--precision", "fast", "--json", str(out)])
+    assert code == 0
+    assert "Num examples = 6" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["precision"] == "fast" and data["skip_padding"] is True
 
 
 def test_cli_errors_are_clear(sensimix_dir, glue_dir, tmp_path, caplog) -> None:

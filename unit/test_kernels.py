@@ -228,3 +228,230 @@ def test_package_imports_without_triton() -> None:
 def test_sign_of_unpacked_weights_roundtrip() -> None:
     w = torch.randn(5, 13)
     assert torch.equal(unpack_signs(pack_signs(w), 13), sign(w))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the fast CPU 8-bit kernels: fbgemm dynamic int8, bf16
+# ---------------------------------------------------------------------------------------------------
+FBGEMM_REASON = kernels.INDEX8_KERNELS["fbgemm"].unavailable(torch.device("cpu"))
+needs_fbgemm = pytest.mark.skipif(FBGEMM_REASON is not None, reason=f"fbgemm kernel unavailable: {FBGEMM_REASON}")
+
+
+def activation_step(x: torch.Tensor) -> float:
+    """fbgemm's activation quantization step: per tensor, asymmetric, range widened to include 0."""
+    levels = 127 if kernels.quantized_engine().reduce_range else 255
+    return float(x.max().clamp_min(0) - x.min().clamp_max(0)) / levels
+
+
+def fbgemm_bound(x: torch.Tensor, q: torch.Tensor, weight_range: torch.Tensor) -> torch.Tensor:
+    """Worst-case error of x W_hat^T when only x is rounded to fbgemm's grid: each x_k moves by at most step/2,
+    and W_hat = s*Q + c where c * rowsum(x) uses the unrounded x, so |err_n| <= step/2 * s * sum_k |Q_nk|.
+    Plus 1e-5 of the |x|.|W_hat| scale for the fp32 arithmetic (rowsum, requantization, bias)."""
+    lo, hi = weight_range.float()
+    s = float((hi - lo) / 255)
+    w = reference.index8_linear(torch.eye(q.shape[1]), q, weight_range).t()  # W_hat [N, K]
+    fp32 = 1e-5 * (x.abs() @ w.abs().t())
+    return activation_step(x) / 2 * s * q.float().abs().sum(dim=1) * 1.001 + fp32 + 1e-6
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_fbgemm_index8_within_activation_rounding_bound(m: int, k: int, n: int) -> None:
+    x, q, weight_range, bias = index8_problem(m, k, n)
+    kern = kernels.index8_kernel("fbgemm", "cpu")
+    assert not kern.exact
+    want = reference.index8_linear(x, q, weight_range, bias)
+    for w, params, b in (kern.prepare(q, weight_range, torch.float32) + (bias,),
+                         kern.prepare_linear(q, weight_range, bias, torch.float32)):  # bias apart / in the epilogue
+        got = kern.linear(x, w, params, b)
+        assert got.shape == (m, n) and got.dtype == torch.float32
+        assert ((got - want).abs() <= fbgemm_bound(x, q, weight_range)).all()
+    if m * n >= 400:
+        # typical error: rounding errors uniform in +-step/2 (std step/sqrt(12)) times s * |Q_n|_2; its RMS over
+        # the outputs stays near 1 sigma. 7-bit activations (reduce_range where it is not needed) would be 2.
+        s = float(params[0])
+        sigma = activation_step(x) / 12 ** 0.5 * s * q.float().norm(dim=1)
+        assert ((got - want) / sigma).pow(2).mean().sqrt() < 1.5
+
+
+@needs_fbgemm
+def test_fbgemm_adds_the_weight_offset_term() -> None:
+    # W_hat = s*Q + c with c = 128*s + lo: a weight tensor centred away from 0 has a large c, and the kernel is
+    # right only with the c * rowsum(x) term (dropping it breaks the bound by far)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(16, 96, generator=g) + 0.5
+    q, lo, hi = index8_quantize(torch.randn(24, 96, generator=g) * 0.05 + 0.3)
+    weight_range = torch.stack([lo, hi]).to(torch.float16)
+    kern = kernels.index8_kernel("fbgemm", "cpu")
+    w, params, b = kern.prepare_linear(q, weight_range, None, torch.float32)
+    s, c = (float(v) for v in params)
+    assert c > 0.2
+    got, want = kern.linear(x, w, params, b), reference.index8_linear(x, q, weight_range)
+    bound = fbgemm_bound(x, q, weight_range)
+    assert ((got - want).abs() <= bound).all()
+    assert ((got - c * x.sum(dim=1, keepdim=True) - want).abs() > 10 * bound).all()
+
+
+@needs_fbgemm
+def test_fbgemm_rounds_only_the_activations() -> None:
+    # activations already on fbgemm's grid (integers 0..255 times a step, with 0 in range) are not rounded: the
+    # only error left is fp32 arithmetic
+    g = torch.Generator().manual_seed(3)
+    levels = 127 if kernels.quantized_engine().reduce_range else 255
+    x = torch.randint(0, levels + 1, (9, 40), generator=g).float() * 0.01
+    x[0, 0], x[0, 1] = 0.0, levels * 0.01
+    q, lo, hi = index8_quantize(torch.randn(7, 40, generator=g))
+    weight_range = torch.stack([lo, hi]).to(torch.float16)
+    kern = kernels.index8_kernel("fbgemm", "cpu")
+    w, params, b = kern.prepare_linear(q, weight_range, None, torch.float32)
+    want = reference.index8_linear(x, q, weight_range)
+    torch.testing.assert_close(kern.linear(x, w, params, b), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["fbgemm", "bf16", "dense"])
+def test_fused_index8_equals_its_parts(name: str) -> None:
+    # Q, K, V fused into one GEMM: each part keeps its own range (per-row scales for fbgemm)
+    kern = kernels.INDEX8_KERNELS[name]
+    if kern.unavailable(torch.device("cpu")):
+        pytest.skip(kern.unavailable(torch.device("cpu")))
+    assert kern.fusable
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(13, 48, generator=g)
+    parts = []
+    for n, spread, offset in ((20, 0.05, 0.02), (12, 0.5, -0.3), (9, 0.01, 0.0)):
+        q, lo, hi = index8_quantize(torch.randn(n, 48, generator=g) * spread + offset)
+        parts.append((q, torch.stack([lo, hi]).to(torch.float16), torch.randn(n, generator=g).half().float()))
+    w, params, b = kern.prepare_fused(parts, torch.float32)
+    got = kern.linear(x, w, params, b).float()
+    assert got.shape == (13, 41)
+    want = torch.cat([reference.index8_linear(x, q, r, bias) for q, r, bias in parts], dim=1)
+    if name == "fbgemm":
+        bound = torch.cat([fbgemm_bound(x, q, r) for q, r, _ in parts], dim=1)
+    elif name == "bf16":
+        bound = torch.cat([bf16_bound(x, q, r, bias, y) for (q, r, bias), y in
+                           zip(parts, want.split([20, 12, 9], dim=1))], dim=1)
+    else:
+        bound = 1e-5 * want.abs() + 1e-5
+    assert ((got - want).abs() <= bound).all()
+
+
+def test_unfusable_kernels_say_so() -> None:
+    x, q, weight_range, bias = index8_problem(3, 8, 4)
+    for name in ("dequant", "int8", "reference"):
+        assert not kernels.INDEX8_KERNELS[name].fusable
+        with pytest.raises(NotImplementedError, match=f"'{name}' cannot fuse"):
+            kernels.INDEX8_KERNELS[name].prepare_fused([(q, weight_range, bias)] * 2, torch.float32)
+
+
+def bf16_bound(x: torch.Tensor, q: torch.Tensor, weight_range: torch.Tensor, bias: torch.Tensor | None,
+               want: torch.Tensor) -> torch.Tensor:
+    """bf16 keeps 8 significant bits: rounding x and W_hat moves each product by <= 2 * 2^-9 of |x_k W_nk|, the
+    bf16 bias by 2^-9 |b|, the bf16 output by 2^-9 |y|; accumulation is fp32 (1e-5 margin)."""
+    w = reference.index8_linear(torch.eye(q.shape[1]), q, weight_range).t()
+    products = x.abs() @ w.abs().t()
+    b = 0 if bias is None else bias.abs()
+    return 2 ** -8 * products * 1.01 + 2 ** -9 * (b + want.abs()) * 1.01 + 1e-5 * products + 1e-6
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_bf16_index8_within_rounding_bound(m: int, k: int, n: int) -> None:
+    x, q, weight_range, bias = index8_problem(m, k, n)
+    kern = kernels.index8_kernel("bf16", "cpu")
+    assert not kern.exact and kern.out_dtype == torch.bfloat16
+    w, params, b = kern.prepare_linear(q, weight_range, bias, torch.float32)
+    assert w.dtype == torch.bfloat16 and b.dtype == torch.bfloat16
+    want = reference.index8_linear(x, q, weight_range, bias)
+    got = kern.linear(x, w, params, b)
+    assert got.dtype == torch.bfloat16, "stays bf16 for the next bf16 op"
+    assert ((got.float() - want).abs() <= bf16_bound(x, q, weight_range, bias, want)).all()
+
+
+@pytest.mark.parametrize("fused_epilogue", [True, False])
+def test_bf16_linear_act_gelu(monkeypatch, fused_epilogue: bool) -> None:
+    # GELU in oneDNN's GEMM epilogue, or F.linear + F.gelu where that op is missing: same bound either way
+    # (GELU's slope is within [-0.17, 1.13], so it scales the linear's error by at most 1.13)
+    from sensimix.kernels import cpu
+
+    if not fused_epilogue:
+        monkeypatch.setattr(cpu, "onednn_linear_ok", lambda: False)
+    elif not cpu.onednn_linear_ok():
+        pytest.skip("oneDNN linear_pointwise unavailable")
+    x, q, weight_range, bias = index8_problem(33, 200, 50)
+    kern = kernels.index8_kernel("bf16", "cpu")
+    assert kern.fuses_activation("gelu", torch.device("cpu")) == fused_epilogue
+    w, params, b = kern.prepare_linear(q, weight_range, bias, torch.float32)
+    lin = reference.index8_linear(x, q, weight_range, bias)
+    want = torch.nn.functional.gelu(lin)
+    got = kern.linear_act(x, w, params, b, "gelu").float()
+    bound = 1.13 * bf16_bound(x, q, weight_range, bias, lin) + 2 ** -9 * want.abs() * 1.01
+    assert ((got - want).abs() <= bound).all()
+    plain = kern.linear(x, w, params, b).float()
+    assert ((plain - lin).abs() <= bf16_bound(x, q, weight_range, bias, lin)).all()
+
+
+def test_int8_binary_operand_is_the_sign_bit() -> None:
+    # the int8 kernel's activation operand is b = (x > 0) in {0, 1}: sign(x) = 2b - 1, corrected in the kernel
+    kern = kernels.binary_kernel("int8", "cpu")
+    x, bits, bias = problem(6, 37, 11)
+    xs = kern.binarize(x, 37)
+    assert xs.dtype == torch.int8 and torch.equal(xs, (x > 0).to(torch.int8))
+    h = kern.linear_sign(x, kern.prepare_weight(bits, 37), kern.prepare_sign_bias(bias), 37)
+    assert torch.equal(h, (reference.binary_linear_sign(x, bits, 37, bias) > 0).to(torch.int8))
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch's quantized engine: probed once, and its absence is a reason, not a crash
+# ---------------------------------------------------------------------------------------------------
+@pytest.fixture
+def fresh_engine_probe():
+    from sensimix.kernels import cpu
+
+    cpu.quantized_engine.cache_clear()
+    yield cpu
+    cpu.quantized_engine.cache_clear()  # the next caller re-probes the real torch
+
+
+@needs_fbgemm
+def test_quantized_engine_probe_picks_an_unsaturated_range() -> None:
+    from sensimix.kernels import cpu
+
+    qe = kernels.quantized_engine()
+    assert qe.engine in cpu.FBGEMM_ENGINES and qe.reason is None
+    assert cpu._probe_error(qe.engine, qe.reduce_range) < 0.02
+    # the probe is sensitive: activations rounded to 8 bits give errors ~1e-4 of |x|.|W|, clipped int16 pair
+    # sums ~0.5; both settings must be far from the 0.02 threshold on this CPU
+    assert min(cpu._probe_error(qe.engine, rr) for rr in (False, True)) < 0.002
+
+
+def test_quantized_ops_missing_make_fbgemm_unavailable(monkeypatch, fresh_engine_probe) -> None:
+    cpu = fresh_engine_probe
+    monkeypatch.delattr(torch, "_make_per_tensor_quantized_tensor", raising=False)
+    qe = cpu.quantized_engine()
+    assert qe.engine is None and "no quantized" in qe.reason
+    with pytest.raises(ValueError, match="index8 kernel 'fbgemm' cannot run on cpu: .*no quantized"):
+        kernels.index8_kernel("fbgemm", "cpu")
+
+
+def test_quantized_engine_failing_self_test_is_a_reason(monkeypatch, fresh_engine_probe) -> None:
+    cpu = fresh_engine_probe
+    if not any(e in torch.backends.quantized.supported_engines for e in cpu.FBGEMM_ENGINES):
+        pytest.skip("no fbgemm engine in this torch build")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("quantized tensors were removed")
+
+    monkeypatch.setattr(cpu, "_prepack", broken)
+    qe = cpu.quantized_engine()
+    assert qe.engine is None and "failed its self-test: RuntimeError: quantized tensors were removed" in qe.reason
+    monkeypatch.setattr(cpu, "_prepack", cpu._prepack.__wrapped__ if hasattr(cpu._prepack, "__wrapped__") else broken)
+    cpu.quantized_engine.cache_clear()
+    monkeypatch.setattr(cpu, "_probe_error", lambda engine, reduce_range: 0.5)  # saturates either way
+    qe = cpu.quantized_engine()
+    assert qe.engine is None and "accuracy self-test" in qe.reason
+
+
+def test_dispatch_lists_the_new_kernels() -> None:
+    assert {"fbgemm", "bf16"} <= set(kernels.INDEX8_KERNELS)
+    assert not kernels.INDEX8_KERNELS["fbgemm"].exact and not kernels.INDEX8_KERNELS["bf16"].exact
+    if CUDA:
+        assert "CPU only" in kernels.INDEX8_KERNELS["fbgemm"].unavailable(torch.device("cuda"))

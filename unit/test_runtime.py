@@ -294,3 +294,163 @@ def test_bad_load_options(packed) -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             SensiMixForSequenceClassification.from_pretrained(folder, device="cuda")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the fast precision and skipping padded tokens
+# ---------------------------------------------------------------------------------------------------
+from sensimix import kernels  # noqa: E402
+from sensimix import runtime  # noqa: E402
+
+
+def ragged_batch(seed: int = 4, bsz: int = 9, seq: int = 24) -> dict[str, torch.Tensor]:
+    """Lengths from 1 to seq (one unpadded row), two segments, padding at the end of each row."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, GEOMETRY["vocab_size"], (bsz, seq), generator=g)
+    lengths = torch.tensor([seq, 1, 2, 5, 9, 13, 17, 20, 23][:bsz])
+    mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
+    types = ((torch.arange(seq)[None, :] >= lengths[:, None] // 2) & mask.bool()).long()
+    return {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask, "token_type_ids": types}
+
+
+def test_fast_precision_wiring(packed) -> None:
+    model = SensiMixForSequenceClassification.from_pretrained(packed[1], dtype="fast")
+    assert model.precision == "fast" and not model.exact and model.dtype == torch.float32
+    assert model.index8_kernel == runtime.fast_index8_kernel("cpu") and model.binary_kernel == "int8"
+    assert model.skip_padding
+    fused = model.index8_kernel != "dense"
+    assert all((layer.attention.qkv is not None) == fused for layer in model.layers)
+    exact = SensiMixForSequenceClassification.from_pretrained(packed[1])
+    assert exact.precision == "fp32" and exact.exact and not exact.skip_padding
+    assert exact.layers[0].attention.qkv is None, "the exact path keeps the QAT model's three GEMMs"
+
+
+@pytest.mark.parametrize("index8_kernel", ["bf16", "fbgemm"])
+def test_fast_logits_close_to_exact(packed, index8_kernel: str) -> None:
+    # bf16 rounds each GEMM operand to 8 significant bits (~2^-8 relative error per product, ~2^-8/sqrt(K) on a
+    # sum of random-sign terms); fbgemm rounds activations to 1/255 of their range. Through the two 8-bit
+    # layers, LayerNorms and the pooler, 1% of the logit scale covers both with a wide margin (measured on
+    # these tiny random models: <= 3e-4), while a wrong Q/K/V order, a lost bias, c term or GELU is O(1).
+    # The 1-bit FFN is exact given its input (next test); a sign flip of its input would show up here too.
+    if kernels.INDEX8_KERNELS[index8_kernel].unavailable(torch.device("cpu")):
+        pytest.skip(kernels.INDEX8_KERNELS[index8_kernel].unavailable(torch.device("cpu")))
+    qat, folder = packed
+    model = SensiMixForSequenceClassification.from_pretrained(folder, dtype="fast", index8_kernel=index8_kernel)
+    for inputs in (batch(), ragged_batch()):
+        got, want = run(model, inputs), qat_logits(qat, inputs)
+        assert got.dtype == torch.float32
+        assert (got - want).abs().max().item() <= 0.01 * want.abs().max().item()
+
+
+def test_fast_keeps_the_one_bit_ffn_exact(packed) -> None:
+    # same input -> bitwise the same output: int8 +-1 GEMM, int32 sums, fp32 bias, fp32 residual and LayerNorm
+    exact = SensiMixForSequenceClassification.from_pretrained(packed[1])
+    fast = SensiMixForSequenceClassification.from_pretrained(packed[1], dtype="fast")
+    x = torch.randn(3, 7, GEOMETRY["hidden_size"], generator=torch.Generator().manual_seed(0))
+    x[0, 0, :5] = 0.0  # sign(0) = -1 on both paths
+    with torch.inference_mode():
+        for n in exact.config.mixed_layers:
+            assert torch.equal(fast.layers[n].ffn(x), exact.layers[n].ffn(x))
+            assert torch.equal(fast.layers[n].ffn(x.view(21, -1)), exact.layers[n].ffn(x).view(21, -1))
+
+
+def test_fast_attention_close_to_exact(packed) -> None:
+    # fused Q/K/V, bf16 SDPA: within bf16 rounding of the exact attention block (LayerNorm output ~ O(1))
+    exact = SensiMixForSequenceClassification.from_pretrained(packed[1])
+    fast = SensiMixForSequenceClassification.from_pretrained(packed[1], dtype="fast")
+    x = torch.randn(4, 9, GEOMETRY["hidden_size"], generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(4, 1, 1, 9, dtype=torch.bool)
+    mask[1, ..., 5:] = False
+    with torch.inference_mode():
+        got, want = fast.layers[0].attention(x, mask), exact.layers[0].attention(x, mask)
+    assert got.dtype == torch.float32
+    assert (got - want).abs().max().item() < 0.05
+    assert (got - want).abs().mean().item() < 0.01
+
+
+@pytest.mark.parametrize("span_step", [32, 4])
+def test_skip_padding_leaves_exact_logits_unchanged(packed, monkeypatch, span_step: int) -> None:
+    # span_step 4 puts the ragged batch's sequences in 6 attention groups
+    monkeypatch.setattr(runtime.Packing, "SPAN_STEP", span_step)
+    qat, folder = packed
+    padded = SensiMixForSequenceClassification.from_pretrained(folder)
+    skipped = SensiMixForSequenceClassification.from_pretrained(folder, skip_padding=True)
+    assert skipped.exact and skipped.skip_padding
+    inputs = ragged_batch()
+    packing = runtime.Packing.of(inputs["attention_mask"])
+    assert len(packing.groups) == (6 if span_step == 4 else 1)
+    assert len(packing.index) == int(inputs["attention_mask"].sum())
+    got, want = run(skipped, inputs), run(padded, inputs)
+    assert (got - want).abs().max().item() <= 1e-6 * want.abs().max().item() + 1e-7
+    assert (got - qat_logits(qat, inputs)).abs().max().item() <= 1e-5
+
+
+def test_packing_layout() -> None:
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    packing = runtime.Packing.of(mask)
+    assert sorted(packing.index.tolist()) == mask.reshape(-1).nonzero().squeeze(1).tolist()
+    assert torch.equal(packing.index[packing.cls], torch.arange(4) * 5), "cls: each row's first token, in order"
+    assert torch.equal(packing.positions, packing.index % 5)
+    assert sum(g.count for g in packing.groups) == 11 and sum(g.rows for g in packing.groups) == 4
+    for g in packing.groups:
+        assert g.gather.shape == (g.rows * g.span,) and g.mask.shape == (g.rows, 1, 1, g.span)
+        assert g.mask.reshape(-1).sum() == g.count
+    # nothing to skip, or no attended [CLS] to pool: the padded path runs (None)
+    assert runtime.Packing.of(torch.ones(2, 4, dtype=torch.long)) is None
+    assert runtime.Packing.of(torch.tensor([[0, 1, 1], [1, 1, 0]])) is None
+
+
+def test_skip_padding_falls_back_without_a_cls_token(packed) -> None:
+    # a left-padded row has no attended first token: the model keeps the padded path, same logits
+    folder = packed[1]
+    padded = SensiMixForSequenceClassification.from_pretrained(folder)
+    skipped = SensiMixForSequenceClassification.from_pretrained(folder, skip_padding=True)
+    inputs = batch()
+    inputs["attention_mask"][2, :3] = 0
+    assert torch.equal(run(skipped, inputs), run(padded, inputs))
+    assert torch.equal(run(skipped, {"input_ids": inputs["input_ids"]}), run(padded, {"input_ids": inputs["input_ids"]}))
+
+
+def test_fast_index8_fallbacks(monkeypatch, caplog) -> None:
+    fbgemm = kernels.INDEX8_KERNELS["fbgemm"]
+    monkeypatch.setattr(runtime, "_cpu_has_bf16", lambda: False)
+    if fbgemm.unavailable(torch.device("cpu")) is None:
+        assert runtime.fast_index8_kernel("cpu") == "fbgemm"
+    monkeypatch.setattr(type(fbgemm), "unavailable", lambda self, device: "no quantized engine (test)")
+    with caplog.at_level("INFO", logger="sensimix.runtime"):
+        assert runtime.fast_index8_kernel("cpu") == "dense"
+    assert "no native bf16 GEMM" in caplog.text
+    assert "'fbgemm' unavailable (no quantized engine (test))" in caplog.text
+    assert "using the exact 'dense' kernel" in caplog.text
+    monkeypatch.setattr(runtime, "_cpu_has_bf16", lambda: True)
+    assert runtime.fast_index8_kernel("cpu") == "bf16"
+
+
+def test_fast_falls_back_to_dense_and_stays_exact(packed, monkeypatch) -> None:
+    monkeypatch.setattr(runtime, "fast_index8_kernel", lambda device: "dense")
+    qat, folder = packed
+    model = SensiMixForSequenceClassification.from_pretrained(folder, dtype="fast")
+    assert model.index8_kernel == "dense" and model.layers[0].attention.qkv is None and model.exact
+    inputs = ragged_batch()
+    assert (run(model, inputs) - qat_logits(qat, inputs)).abs().max().item() <= 1e-5
+
+
+def test_fbgemm_weights_are_counted(packed) -> None:
+    if kernels.INDEX8_KERNELS["fbgemm"].unavailable(torch.device("cpu")):
+        pytest.skip("fbgemm unavailable")
+    model = SensiMixForSequenceClassification.from_pretrained(packed[1], dtype="fast", index8_kernel="fbgemm")
+    buffers = sum(t.numel() * t.element_size() for t in model.buffers())
+    cfg = model.config
+    eight_bit = cfg.num_hidden_layers * 4 * cfg.hidden_size ** 2 + cfg.num_8bit_layers * 2 * cfg.hidden_size * \
+        cfg.intermediate_size
+    assert model.weight_bytes() >= buffers + eight_bit  # int8 prepacked operands, not buffers
+
+
+def test_fuse_qkv_needs_a_fusable_kernel(packed) -> None:
+    with pytest.raises(ValueError, match="fuse_qkv=True, but the index8 kernel 'dequant' cannot fuse"):
+        SensiMixForSequenceClassification.from_pretrained(packed[1], index8_kernel="dequant", fuse_qkv=True)
+    fused = SensiMixForSequenceClassification.from_pretrained(packed[1], fuse_qkv=True)  # dense: exact, fused
+    qat = packed[0]
+    inputs = batch()
+    assert fused.layers[0].attention.qkv is not None
+    assert (run(fused, inputs) - qat_logits(qat, inputs)).abs().max().item() <= 1e-5

@@ -1,0 +1,44 @@
+"""KOTCA criterion 1: SensiMix (2+1) pytorch_model.bin <= 10% of BERT's, bytes on disk.
+
+Certified: 42.2 MB / 438.0 MB = 9.6%. The BERT folder is BertForSequenceClassification with bert-base-uncased's
+geometry (random weights: the size does not depend on their values); the SensiMix folder is
+`sensimix compress --max-steps 0` of it. model.safetensors, the file transformers loads, is held to the same bar.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from sensimix import kotca
+
+
+@pytest.fixture(scope="module")
+def sizes(kotca_state, certified_folders) -> kotca.SizeReport:
+    kotca_state.sizes = kotca.measure_sizes(*certified_folders)
+    return kotca_state.sizes
+
+
+def test_certified_folder_contents(certified_folders):
+    for folder in certified_folders:
+        missing = [f for f in (*kotca.CERTIFIED_FOLDER_FILES, kotca.WEIGHTS_SAFETENSORS) if not (folder / f).is_file()]
+        assert not missing, f"{folder} lacks {missing}; the certified folders held {kotca.CERTIFIED_FOLDER_FILES}"
+
+
+def test_bert_baseline_is_bert_base_fp32(sizes):
+    # The ratio means something only against the certified baseline: bert-base, fp32, 438.0 MB.
+    assert sizes.bert_bin == pytest.approx(kotca.BERT_BASE_BIN_BYTES, rel=0.01), (
+        f"BERT pytorch_model.bin is {sizes.bert_bin / 1e6:.1f} MB; the certified bert-base fp32 file is 438.0 MB")
+
+
+def test_compression_ratio(sizes):
+    c = kotca.size_criterion(sizes)
+    assert c.passed, (f"{c.title}: {sizes.sensimix_bin / 1e6:.1f} MB / {sizes.bert_bin / 1e6:.1f} MB = "
+                      f"{c.format_value()} > {c.format_value(c.threshold)}")
+
+
+def test_safetensors_ratio(sizes):
+    ratio = sizes.safetensors_ratio
+    assert ratio is not None, "a model.safetensors is missing from one of the folders"
+    assert ratio <= kotca.SIZE_THRESHOLD, (
+        f"model.safetensors: {sizes.sensimix_safetensors / 1e6:.1f} MB / {sizes.bert_safetensors / 1e6:.1f} MB "
+        f"= {100 * ratio:.2f}% > {100 * kotca.SIZE_THRESHOLD:.0f}%")

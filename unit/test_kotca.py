@@ -1,0 +1,309 @@
+"""sensimix.kotca: criteria and Pass/Fail, the report writers, timing bookkeeping, folder sizes, and the
+`sensimix verify` exit code. Fast: tiny models, fake timings."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertForSequenceClassification, BertTokenizer
+
+from sensimix import kotca
+from sensimix.kotca import Criterion, Report, SizeReport, TimingReport
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+REQUIRED_IDS = {"compression_ratio", "inference_time_ratio", "accuracy_gap"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# criteria
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("value, comparison, expected", [
+    (0.0964, "<=", True), (0.10, "<=", True), (0.1001, "<=", False),
+    (0.80, ">=", True), (0.75, ">=", True), (0.7499, ">=", False), (float("nan"), "<=", False),
+])
+def test_criterion_judges_against_its_threshold(value, comparison, expected):
+    threshold = 0.10 if comparison == "<=" else 0.75
+    assert Criterion.judge("x", "x", value, threshold, comparison=comparison).passed is expected
+
+
+def test_skipped_criterion_has_no_verdict_and_a_reason():
+    c = Criterion.skipped("accuracy_gap", "gap", 5.0, "no SST-2 data", unit="points")
+    assert c.passed is None and c.value is None and c.status == "Skipped"
+    assert c.to_dict()["pass"] is None and c.to_dict()["reason"] == "no SST-2 data"
+    for c in (kotca.size_criterion(None, reason="deselected"), kotca.time_criterion(None, reason="deselected")):
+        assert c.passed is None and c.reason == "deselected" and c.id in REQUIRED_IDS
+
+
+def test_bad_comparison_is_refused():
+    with pytest.raises(ValueError, match="comparison"):
+        Criterion.judge("x", "x", 1.0, 1.0, comparison="<")
+
+
+def _sizes(bert: int = 438_000_000, sm: int = 42_200_000) -> SizeReport:
+    return SizeReport(bert_bin=bert, sensimix_bin=sm, bert_safetensors=bert - 1000, sensimix_safetensors=sm - 500,
+                      bert_folder=bert * 2, sensimix_folder=sm * 2, sensimix_model="SensiMix (2+1)")
+
+
+def _timing(bert=(1000.0, 2000.0, 1000.0), sm=(100.0, 100.0, 300.0)) -> TimingReport:
+    return TimingReport(device="cpu", data="synthetic QNLI-shaped batches", num_examples=256, batch_size=128,
+                        max_seq_length=128, warmup_batches=1,
+                        trials=[{kotca.BERT_FP32: b, kotca.SENSIMIX: s} for b, s in zip(bert, sm)],
+                        accuracy={kotca.BERT_FP32: 0.5, kotca.SENSIMIX: None})
+
+
+def _accuracy(ref: float = 0.86, sm: float = 0.84) -> kotca.AccuracyReport:
+    return kotca.AccuracyReport(task="sst-2", split="3+3", reference_accuracy=ref, sensimix_accuracy=sm,
+                                dev_examples=872, train_examples=2000)
+
+
+def _report(sizes=None, timing=None, accuracy=None, reason=None, created=None) -> Report:
+    sizes, timing = sizes or _sizes(), timing or _timing()
+    criteria = [kotca.size_criterion(sizes), kotca.time_criterion(timing), kotca.fp16_time_criterion(timing),
+                *kotca.accuracy_criteria(accuracy, max_gap=5.0, min_accuracy=0.75, reason=reason)]
+    r = Report(criteria=criteria, environment={"device": "cpu", "device_name": "test CPU", "torch": torch.__version__},
+               sizes=sizes, timing=timing, accuracy=accuracy)
+    if created:
+        r.created = created
+    return r
+
+
+def test_time_ratio_is_the_mean_of_per_trial_ratios():
+    t = _timing()
+    assert t.ratios() == pytest.approx([0.1, 0.05, 0.3])
+    # the certified figure: mean of ratios (0.15), not the ratio of summed times (500 / 4000 = 0.125)
+    assert t.mean_ratio() == pytest.approx(0.15)
+    assert t.mean_ratio(kotca.SENSIMIX, kotca.BERT_FP16) is None
+
+
+def test_exit_code_follows_the_criteria():
+    passing = _report(accuracy=_accuracy())
+    assert passing.passed and passing.exit_code == 0
+    skipped = _report(reason="no SST-2 data")  # skipped criteria neither pass nor fail
+    assert skipped.exit_code == 0 and skipped.criterion("accuracy_gap").passed is None
+    too_big = _report(sizes=_sizes(sm=50_000_000))
+    assert too_big.exit_code == 1 and [c.id for c in too_big.failed] == ["compression_ratio"]
+    slow = _report(timing=_timing(sm=(300.0, 500.0, 250.0)))
+    assert slow.exit_code == 1 and [c.id for c in slow.failed] == ["inference_time_ratio"]
+    lossy = _report(accuracy=_accuracy(sm=0.70))  # gap 16 points and below the 0.75 floor
+    assert {c.id for c in lossy.failed} == {"accuracy_gap", "sensimix_accuracy"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# writers
+# ---------------------------------------------------------------------------------------------------
+def test_report_json_schema(tmp_path):
+    files = kotca.write_report(_report(reason="no SST-2 data"), tmp_path, chart=False)
+    data = json.loads(files.json.read_text())
+    assert data["schema"] == kotca.SCHEMA and data["passed"] is True
+    assert {"created", "criteria", "sizes", "timing", "accuracy", "environment", "settings"} <= data.keys()
+    by_id = {c["id"]: c for c in data["criteria"]}
+    assert REQUIRED_IDS <= by_id.keys() and tuple(by_id) == kotca.CRITERION_IDS  # stable ids, stable order
+    for c in data["criteria"]:
+        assert {"id", "title", "value", "threshold", "comparison", "unit", "pass", "reason", "certified"} <= c.keys()
+        if c["pass"] is None:
+            assert c["value"] is None and c["reason"], c
+    assert by_id["compression_ratio"]["value"] == pytest.approx(42.2 / 438.0)
+    assert by_id["compression_ratio"]["pass"] is True and by_id["compression_ratio"]["certified"] is True
+    assert by_id["inference_time_ratio"]["value"] == pytest.approx(0.15)
+    assert by_id["accuracy_gap"]["reason"] == "no SST-2 data"
+    assert "CUDA" in by_id["inference_time_ratio_fp16"]["reason"]
+    assert data["timing"]["trials"][1] == {kotca.BERT_FP32: 2000.0, kotca.SENSIMIX: 100.0}
+    assert data["sizes"]["safetensors_ratio"] == pytest.approx((42_200_000 - 500) / (438_000_000 - 1000))
+
+
+def test_markdown_has_the_certified_tables(tmp_path):
+    report = _report(sizes=_sizes(sm=50_000_000), reason="no SST-2 data")
+    md = kotca.write_report(report, tmp_path, chart=False).markdown.read_text()
+    assert "**Result: FAIL**" in md
+    assert "| 1 | Compression ratio: SensiMix (2+1) / BERT pytorch_model.bin | 11.42% | <= 10.00% | Fail |" in md
+    assert "| 2 | Inference time ratio: SensiMix / BERT fp32, mean of 3 trials | 15.00% | <= 20.00% | Pass |" in md
+    assert "Skipped: no SST-2 data" in md
+    assert "| Trial | BERT fp32 (ms) | SensiMix (ms) | SensiMix / BERT fp32 |" in md
+    assert "| 2 | 2,000 | 100 | 5.00% |" in md and "| Mean | 1,333 | 167 | 15.00% |" in md
+    assert "| pytorch_model.bin | 438.0 MB | 50.0 MB | 11.42% |" in md
+    assert "| torch |" in md
+
+
+def test_markdown_shows_accuracy_and_fp16_columns():
+    timing = _timing()
+    for t, ms in zip(timing.trials, (200.0, 400.0, 1000.0)):
+        t[kotca.BERT_FP16] = ms
+    md = kotca.render_markdown(_report(timing=timing, accuracy=_accuracy()))
+    assert "SensiMix / BERT fp16 |" in md and "| 3 | 1,000 | 1,000 | 300 | 30.00% | 30.00% |" in md
+    assert "| SensiMix (3+3) | 84.00% |" in md and "| Gap | 2.00 points |" in md
+
+
+def test_chart_and_history_across_runs(tmp_path):
+    first = kotca.write_report(_report(created="2025-01-01T00:00:00+00:00"), tmp_path)
+    assert first.chart.read_bytes()[:8] == PNG_MAGIC and first.chart.stat().st_size > 5000
+    for i, sm in enumerate((110.0, 120.0)):
+        kotca.write_report(_report(timing=_timing(sm=(sm, sm, sm)), created=f"2025-01-0{i + 2}T00:00:00+00:00"),
+                           tmp_path)
+    history = kotca.load_history(tmp_path)
+    assert [h["created"][:10] for h in history] == ["2025-01-01", "2025-01-02", "2025-01-03"]
+    assert history[1]["inference_time_ratio"] == pytest.approx(0.11 * 2 / 3 + 0.055 / 3)
+    assert history[0]["compression_ratio"] == pytest.approx(42.2 / 438.0)
+    # with several runs the chart gets a third panel: the ratios across runs
+    assert kotca.write_chart(_report(), history, tmp_path / "c.png") == 3
+    assert kotca.write_chart(_report(), history[:1], tmp_path / "c.png") == 2
+
+
+def test_history_skips_broken_lines(tmp_path, caplog):
+    (tmp_path / "history.jsonl").write_text('{"created": "a"}\nnot json\n\n{"created": "b"}\n')
+    assert [h["created"] for h in kotca.load_history(tmp_path)] == ["a", "b"]
+    assert "not JSON" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------------
+# timing bookkeeping (with a fake run_inference: the real one is tested in unit/test_evaluate.py)
+# ---------------------------------------------------------------------------------------------------
+@pytest.fixture
+def fake_evaluate(monkeypatch):
+    calls: list[tuple[str, int, int]] = []
+
+    def run_inference(model, batches, *, warmup_batches=2, device="cpu"):
+        calls.append((model.name, len(batches), warmup_batches))
+        n = sum(len(b["input_ids"]) for b in batches)
+        return types.SimpleNamespace(duration_ms=model.ms, num_examples=n, batch_size=len(batches[0]["input_ids"]),
+                                     predictions=None, accuracy=0.5)
+
+    monkeypatch.setitem(sys.modules, "sensimix.evaluate", types.SimpleNamespace(run_inference=run_inference))
+    return calls
+
+
+def test_time_models_warms_up_once_and_interleaves(fake_evaluate):
+    models = {kotca.BERT_FP32: types.SimpleNamespace(name="bert", ms=1000.0),
+              kotca.SENSIMIX: types.SimpleNamespace(name="sm", ms=50.0)}
+    batches = [{"input_ids": torch.zeros(4, 8)}] * 3
+    t = kotca.time_models(models, batches, trials=3, warmup_batches=2, progress=False,
+                          precisions={kotca.BERT_FP32: "fp32", kotca.SENSIMIX: "fast"})
+    warmups = [c for c in fake_evaluate if c[1] == 2]
+    timed = [c[0] for c in fake_evaluate if c[1] == 3]
+    assert warmups == [("bert", 2, 0), ("sm", 2, 0)]
+    assert timed == ["bert", "sm"] * 3  # interleaved within each trial
+    assert all(c[2] == 0 for c in fake_evaluate)  # warm-up is never inside a timed pass
+    assert t.num_examples == 12 and t.batch_size == 4 and len(t.trials) == 3
+    assert t.mean_ratio() == pytest.approx(0.05)
+    assert t.precisions == {kotca.BERT_FP32: "fp32", kotca.SENSIMIX: "fast"}
+    assert "BERT fp32 fp32, SensiMix fast)" in kotca.render_markdown(_report(timing=t))
+    with pytest.raises(ValueError, match="trials"):
+        kotca.time_models(models, batches, trials=0, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# folders and sizes
+# ---------------------------------------------------------------------------------------------------
+def test_bert_folder_is_written_atomically(tmp_path, monkeypatch, tiny_bert_config, tiny_vocab):
+    model, tok = BertForSequenceClassification(tiny_bert_config), BertTokenizer(tiny_vocab)
+    kotca.save_bert_folder(model, tok, tmp_path / "ok")
+    for f in (*kotca.CERTIFIED_FOLDER_FILES, kotca.WEIGHTS_SAFETENSORS):
+        assert (tmp_path / "ok" / f).is_file(), f
+    sd = torch.load(tmp_path / "ok" / "pytorch_model.bin", weights_only=True)
+    assert torch.equal(sd["classifier.weight"], model.state_dict()["classifier.weight"])
+
+    def broken_save(*args, **kwargs):  # the disk fills up halfway through the weights
+        Path(args[1]).write_bytes(b"half a pickle")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="No space"):
+        kotca.save_bert_folder(model, tok, tmp_path / "broken")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok"]  # no half folder, no temp folder left
+
+
+def test_sizes_are_read_from_small_real_folders(tmp_path, tiny_bert_dir):
+    bert = kotca.build_bert_folder(tmp_path / "bert", tiny_bert_dir, seed=0)
+    sm = kotca.build_sensimix_folder(bert, tmp_path / "sm", layers=3, eightbit_layers=2)
+    s = kotca.measure_sizes(bert, sm)
+    assert s.bert_bin == os.path.getsize(bert / "pytorch_model.bin")
+    assert s.sensimix_bin == os.path.getsize(sm / "pytorch_model.bin")
+    assert s.ratio == s.sensimix_bin / s.bert_bin < 1
+    assert s.safetensors_ratio == os.path.getsize(sm / "model.safetensors") / os.path.getsize(bert / "model.safetensors")
+    assert s.bert_folder == sum(p.stat().st_size for p in bert.iterdir() if p.is_file())
+    assert s.sensimix_model == "SensiMix (2+1)"
+    (sm / "pytorch_model.bin").unlink()
+    with pytest.raises(FileNotFoundError, match="pytorch_model.bin"):
+        kotca.measure_sizes(bert, sm)
+
+
+# ---------------------------------------------------------------------------------------------------
+# environment and data
+# ---------------------------------------------------------------------------------------------------
+def test_sensimix_precision_defaults_to_the_runtimes():
+    assert kotca.sensimix_precision("auto", "cuda") == "fp16" and kotca.sensimix_precision(None, "cpu") == "fast"
+    assert kotca.sensimix_precision("fp32", "cpu") == "fp32"
+    with pytest.raises(ValueError, match="precision"):
+        kotca.sensimix_precision("int4", "cpu")
+
+
+def test_default_examples_follow_the_device():
+    assert kotca.default_examples("cpu") == kotca.CPU_DEFAULT_EXAMPLES
+    assert kotca.default_examples("cuda") == kotca.default_examples("cuda:1") == kotca.CERTIFIED_EXAMPLES == 104_743
+    assert kotca.default_warmup_batches("cpu") >= 1 and kotca.default_warmup_batches("cuda") >= 1
+
+
+def test_environment_names_the_machine():
+    env = kotca.environment("cpu")
+    assert env["device"] == "cpu" and env["device_name"] and env["torch"] == torch.__version__
+    assert {"cuda", "transformers", "python", "cpu_cores", "sensimix"} <= env.keys()
+
+
+def test_accuracy_data_reasons(tmp_path, monkeypatch):
+    monkeypatch.delenv("GLUE_DIR", raising=False)
+    assert "GLUE_DIR" in kotca.accuracy_data_missing(None)
+    (tmp_path / "SST-2").mkdir()
+    (tmp_path / "SST-2" / "dev.tsv").write_text("sentence\tlabel\n")
+    assert "SST-2/train.tsv" in kotca.accuracy_data_missing(tmp_path)
+    (tmp_path / "SST-2" / "train.tsv").write_text("sentence\tlabel\n")
+    assert kotca.accuracy_data_missing(tmp_path) is None
+    assert "not a folder" in kotca.accuracy_data_missing(tmp_path / "nowhere")
+
+
+# ---------------------------------------------------------------------------------------------------
+# `sensimix verify`
+# ---------------------------------------------------------------------------------------------------
+def test_verify_help_teaches_the_criteria():
+    import argparse
+
+    from sensimix import verify
+
+    p = argparse.ArgumentParser(description=verify.DESCRIPTION)
+    verify.add_arguments(p)
+    args = p.parse_args([])
+    assert args.out == "verify-out" and args.bert == "random:bert-base" and args.examples is None
+    assert (args.layers, args.eightbit_layers, args.trials, args.batch_size) == (3, 2, 3, 128)
+    for words in ("Compression ratio <= 10%", "Inference time ratio <= 20%", "What is timed", "synthetic"):
+        assert words in verify.DESCRIPTION
+    # the --accuracy-* options (shared with pytest's) round-trip into AccuracySettings
+    assert kotca.accuracy_settings_from(lambda d: getattr(args, d), "cpu") == kotca.AccuracySettings(device="cpu")
+    args = p.parse_args(["--accuracy-train-limit", "0", "--accuracy-min", "0.8", "--accuracy-reference", "ref"])
+    s = kotca.accuracy_settings_from(lambda d: getattr(args, d), "cpu")
+    assert (s.train_limit, s.min_accuracy, s.reference) == (None, 0.8, "ref")  # 0 = the whole train set
+
+
+def test_verify_end_to_end_fails_on_a_bad_ratio(tmp_path, monkeypatch, capsys):
+    """A tiny random BERT compresses to ~25%: verify must report Fail and exit 1, with every file written."""
+    from sensimix.cli import main
+
+    monkeypatch.delenv("GLUE_DIR", raising=False)
+    out = tmp_path / "verify-out"
+    code = main(["verify", "--bert", "random:bert-tiny", "--layers", "2", "--8bit-layers", "1", "--out", str(out),
+                 "--device", "cpu", "--examples", "8",
+                 "--batch-size", "4", "--max-seq-length", "16", "--trials", "2", "--skip-accuracy", "--no-progress"])
+    assert code == 1
+    data = json.loads((out / "report.json").read_text())
+    by_id = {c["id"]: c for c in data["criteria"]}
+    assert by_id["compression_ratio"]["pass"] is False and by_id["compression_ratio"]["value"] > 0.10
+    assert by_id["accuracy_gap"]["pass"] is None and "--skip-accuracy" in by_id["accuracy_gap"]["reason"]
+    assert len(data["timing"]["trials"]) == 2 and data["timing"]["num_examples"] == 8
+    assert data["timing"]["data"].startswith("synthetic")
+    assert (out / "report.md").is_file() and (out / "report.png").read_bytes()[:8] == PNG_MAGIC
+    assert len(kotca.load_history(out)) == 1
+    assert not [p for p in out.iterdir() if p.name.startswith(".verify-")]  # temp model folders removed
+    assert "| Trial | BERT fp32 (ms) | SensiMix (ms) |" in capsys.readouterr().out
