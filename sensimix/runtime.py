@@ -348,7 +348,7 @@ class Embeddings(nn.Module):
         return self.norm(self.word(input_ids) + token_type + self.position(positions))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds tensors: identity, not elementwise, equality
 class _SpanGroup:
     """Sequences whose attention runs as one SDPA call in a [rows, span] layout (see :class:`Packing`)."""
 
@@ -361,7 +361,7 @@ class _SpanGroup:
     mask: torch.Tensor  # [rows, 1, 1, span] bool, for SDPA
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Packing:
     """The attended tokens of a padded batch, packed: what ``skip_padding`` runs the layers on.
 
@@ -735,7 +735,8 @@ class SensiMixForSequenceClassification(nn.Module):
         return sum(t.numel() * t.element_size() for t in self.buffers()) + opaque
 
     def extra_repr(self) -> str:
-        return (f"{self.config.describe()}, precision={self.precision}, dtype={str(self.dtype).removeprefix('torch.')}, "
+        dtype = str(self.dtype).removeprefix("torch.")
+        return (f"{self.config.describe()}, precision={self.precision}, dtype={dtype}, "
                 f"binary_kernel={self.binary_kernel}, index8_kernel={self.index8_kernel}, "
                 f"skip_padding={self.skip_padding}")
 

@@ -443,7 +443,6 @@ def test_quantized_engine_failing_self_test_is_a_reason(monkeypatch, fresh_engin
     monkeypatch.setattr(cpu, "_prepack", broken)
     qe = cpu.quantized_engine()
     assert qe.engine is None and "failed its self-test: RuntimeError: quantized tensors were removed" in qe.reason
-    monkeypatch.setattr(cpu, "_prepack", cpu._prepack.__wrapped__ if hasattr(cpu._prepack, "__wrapped__") else broken)
     cpu.quantized_engine.cache_clear()
     monkeypatch.setattr(cpu, "_probe_error", lambda engine, reduce_range: 0.5)  # saturates either way
     qe = cpu.quantized_engine()

@@ -191,7 +191,7 @@ def test_time_models_warms_up_once_and_interleaves(fake_evaluate):
     assert t.num_examples == 12 and t.batch_size == 4 and len(t.trials) == 3
     assert t.mean_ratio() == pytest.approx(0.05)
     assert t.precisions == {kotca.BERT_FP32: "fp32", kotca.SENSIMIX: "fast"}
-    assert "BERT fp32 fp32, SensiMix fast)" in kotca.render_markdown(_report(timing=t))
+    assert "BERT fp32: fp32, SensiMix: fast)" in kotca.render_markdown(_report(timing=t))
     with pytest.raises(ValueError, match="trials"):
         kotca.time_models(models, batches, trials=0, progress=False)
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import BertConfig
 
+from sensimix import kernels, runtime
 from sensimix.export import export_checkpoint
 from sensimix.modeling import from_bert
 from sensimix.runtime import CheckpointError, SensiMixForSequenceClassification, expected_tensors
@@ -299,10 +300,6 @@ def test_bad_load_options(packed) -> None:
 # ---------------------------------------------------------------------------------------------------
 # the fast precision and skipping padded tokens
 # ---------------------------------------------------------------------------------------------------
-from sensimix import kernels  # noqa: E402
-from sensimix import runtime  # noqa: E402
-
-
 def ragged_batch(seed: int = 4, bsz: int = 9, seq: int = 24) -> dict[str, torch.Tensor]:
     """Lengths from 1 to seq (one unpadded row), two segments, padding at the end of each row."""
     g = torch.Generator().manual_seed(seed)
@@ -408,7 +405,8 @@ def test_skip_padding_falls_back_without_a_cls_token(packed) -> None:
     inputs = batch()
     inputs["attention_mask"][2, :3] = 0
     assert torch.equal(run(skipped, inputs), run(padded, inputs))
-    assert torch.equal(run(skipped, {"input_ids": inputs["input_ids"]}), run(padded, {"input_ids": inputs["input_ids"]}))
+    ids = {"input_ids": inputs["input_ids"]}
+    assert torch.equal(run(skipped, ids), run(padded, ids))
 
 
 def test_fast_index8_fallbacks(monkeypatch, caplog) -> None:

@@ -493,7 +493,7 @@ def quantized_engine() -> QuantizedEngine:
                                         f"(relative error {err:.3f} even with reduce_range=True)")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds a script object and maybe a tensor
 class PackedIndex8:
     """8-bit weights prepacked for fbgemm: ``W_hat = s*Q + c`` with Q, s (and the bias) inside ``packed``."""
 
