@@ -9,7 +9,6 @@ that ``sensimix --help`` stays fast.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import time
@@ -95,19 +94,9 @@ def certified_fp32(device: str) -> None:
 
 def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
     """config.json of a model folder, with a clear error when the folder is not one."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"--model {folder} is not a folder (expected a BERT or SensiMix checkpoint folder)")
-    cfg = folder / "config.json"
-    if not cfg.is_file():
-        raise FileNotFoundError(f"{folder} has no config.json: not a model folder")
-    try:
-        raw = json.loads(cfg.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{cfg} is not valid JSON ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise ValueError(f"{cfg} must hold a JSON object")
-    return raw
+    from .io import read_config_json
+
+    return read_config_json(path, expected="a BERT or SensiMix checkpoint folder")
 
 
 def model_kind(path: str | os.PathLike) -> str:

@@ -49,6 +49,23 @@ def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterat
         raise
 
 
+def read_config_json(folder: str | os.PathLike, *, expected: str, error: type[Exception] = ValueError) -> dict:
+    """The JSON object in ``<folder>/config.json``; errors name the folder or file and what was ``expected``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder: expected {expected}")
+    path = folder / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: not a checkpoint folder (expected {expected})")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path} is not valid JSON ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise error(f"{path} must hold a JSON object, got {type(raw).__name__}")
+    return raw
+
+
 def write_json(path: str | os.PathLike, data: object) -> None:
     """Write JSON through a temp file + rename, so readers never see half a file."""
     path = Path(path)

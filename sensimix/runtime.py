@@ -22,7 +22,6 @@ the residual stream and LayerNorms in fp32, and padded tokens skipped (:class:`P
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -37,6 +36,7 @@ from torch import nn
 from . import kernels
 from .config import SensiMixConfig
 from .export import FORMAT, WEIGHTS_BIN, WEIGHTS_SAFETENSORS
+from .io import read_config_json
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +57,9 @@ class CheckpointError(ValueError):
 def read_config(folder: str | os.PathLike) -> SensiMixConfig:
     """The :class:`SensiMixConfig` of a packed checkpoint folder, after checking it is one."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is not a folder: expected a SensiMix checkpoint folder "
-                                f"(config.json + {WEIGHTS_SAFETENSORS} or {WEIGHTS_BIN})")
     path = folder / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder} has no config.json: not a checkpoint folder")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path} must hold a JSON object, got {type(raw).__name__}")
+    raw = read_config_json(folder, error=CheckpointError, expected=f"a SensiMix checkpoint folder "
+                           f"(config.json + {WEIGHTS_SAFETENSORS} or {WEIGHTS_BIN})")
     fmt = raw.get("sensimix_format")
     if fmt is None:
         raise CheckpointError(
