@@ -48,6 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, OSError, TypeError) as exc:
         logging.getLogger("sensimix").error("%s", exc)
         return 2
+    finally:
+        if "torch.distributed" in sys.modules:  # under torchrun: close the process group the Trainer opened
+            from . import distributed
+
+            distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ class TrainResult:
     path: Path
     metrics: dict = field(default_factory=dict)
     schedule: list = field(default_factory=list)
+    model: object = None  # the trained model (QAT SensiMix or fp32 BERT), for callers that keep using it
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -63,6 +65,7 @@ def compress(bert: str | os.PathLike, task: str, out: str | os.PathLike, *, glue
 
     from transformers import BertForSequenceClassification, set_seed
 
+    from . import distributed
     from .data import load_tokenizer, num_labels, prepare_task_data, resolve_glue_dir
     from .export import export_checkpoint
     from .modeling import from_bert
@@ -71,6 +74,7 @@ def compress(bert: str | os.PathLike, task: str, out: str | os.PathLike, *, glue
     settings = settings or TrainSettings()
     if settings.distill and teacher is None:
         raise ValueError("--distill needs --teacher <fine-tuned BERT folder>")
+    settings = dataclasses.replace(settings, distill=teacher is not None)  # the metrics record what ran
     if Path(out).exists() and not overwrite:  # fail before hours of training, not after
         raise FileExistsError(f"{out} already exists; pass --overwrite or choose another --out")
     set_seed(settings.seed)
@@ -91,7 +95,6 @@ def compress(bert: str | os.PathLike, task: str, out: str | os.PathLike, *, glue
                                              seed=settings.seed, hub=hub_data)
         teacher_model = None
         if teacher is not None:
-            settings.distill = True
             teacher_model = BertForSequenceClassification.from_pretrained(os.fspath(teacher))
         with tempfile.TemporaryDirectory(prefix="sensimix-train-") as work:
             run_metrics, schedule = train(model, tokenizer, train_ds, dev_ds, settings, work, teacher=teacher_model)
@@ -102,9 +105,12 @@ def compress(bert: str | os.PathLike, task: str, out: str | os.PathLike, *, glue
         log.info("--max-steps 0: quantizing and exporting without training")
         model.set_binarized_layers(model.config.mixed_layers)
     metrics["schedule"] = [{"epoch": e, "binarized_layers": ls} for e, ls in schedule]
-    path = export_checkpoint(model, out, tokenizer, overwrite=overwrite,
-                             extra_json={"training_metrics.json": metrics})
-    return TrainResult(path=path, metrics=metrics, schedule=schedule)
+    metrics["world_size"] = distributed.world_size()
+    with distributed.main_process_writes() as writer:  # under torchrun every rank holds the same weights
+        if writer:
+            export_checkpoint(model, out, tokenizer, overwrite=overwrite,
+                              extra_json={"training_metrics.json": metrics})
+    return TrainResult(path=Path(out), metrics=metrics, schedule=schedule, model=model)
 
 
 def run(args: argparse.Namespace) -> int:

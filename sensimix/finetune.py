@@ -55,6 +55,7 @@ def finetune(bert: str | os.PathLike, task: str, out: str | os.PathLike, *, glue
 
     from transformers import BertForSequenceClassification, set_seed
 
+    from . import distributed
     from .data import load_tokenizer, num_labels, prepare_task_data
     from .recipe import TrainSettings, train
 
@@ -71,8 +72,12 @@ def finetune(bert: str | os.PathLike, task: str, out: str | os.PathLike, *, glue
         metrics, _ = train(model, tokenizer, train_ds, dev_ds, settings, work)
     metrics.update(settings=settings.as_dict(), bert=str(bert), task=task, model="fp32 BERT")
     log.info("dev accuracy of the fp32 reference: %.4f", metrics.get("eval_accuracy", float("nan")))
-    save_bert_folder(model, tokenizer, out, overwrite=overwrite, extra_json={"training_metrics.json": metrics})
-    return TrainResult(path=Path(out), metrics=metrics)
+    metrics["world_size"] = distributed.world_size()
+    with distributed.main_process_writes() as writer:  # under torchrun every rank holds the same weights
+        if writer:
+            save_bert_folder(model, tokenizer, out, overwrite=overwrite,
+                             extra_json={"training_metrics.json": metrics})
+    return TrainResult(path=Path(out), metrics=metrics, model=model)
 
 
 def run(args: argparse.Namespace) -> int:

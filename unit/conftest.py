@@ -33,3 +33,19 @@ def tiny_bert_dir(tmp_path_factory, tiny_bert_config, tiny_vocab):
     BertForSequenceClassification(tiny_bert_config).save_pretrained(out)
     BertTokenizer(tiny_vocab).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_glue_dir(tmp_path_factory):
+    """SST-2 in the glue_data layout, made of tiny-vocab words: train 32 rows, dev 8 rows."""
+    root = tmp_path_factory.mktemp("glue")
+    (root / "SST-2").mkdir()
+    adjectives = {"good": 1, "great": 1, "bad": 0, "awful": 0}
+    rows = [(f"the {noun} was {'very ' * (i % 2)}{adj}", y)
+            for i, (noun, (adj, y)) in enumerate((n, a) for n in ("movie", "film") for a in adjectives.items()
+                                                 for _ in range(5))]
+    for split in ("train", "dev"):
+        part = [row for i, row in enumerate(rows) if (i % 5 == 0) == (split == "dev")]
+        lines = ["sentence\tlabel"] + [f"{text}\t{label}" for text, label in part]
+        (root / "SST-2" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return root

@@ -1,10 +1,4 @@
-"""The training recipe: PT/ILF schedule, losses, a real (tiny) Trainer run, reproducibility, DDP on CPU."""
-
-import json
-import os
-import subprocess
-import sys
-import textwrap
+"""The training recipe: PT/ILF schedule, losses, a real (tiny) Trainer run, reproducibility."""
 
 import datasets
 import pytest
@@ -86,41 +80,3 @@ def test_abwr_switch_changes_the_loss(tiny_bert_dir, tmp_path):
     _, without, _ = _train_tiny(tiny_bert_dir, tmp_path / "b", epochs=1, abwr=False)
     # |W| ~ 0.02 at init, so ABWR adds about (1 - 0.02)^2 ~ 0.96 to the loss
     assert with_abwr["train_loss"] - without["train_loss"] > 0.5
-
-
-DDP_SCRIPT = textwrap.dedent("""
-    import json, os, sys, torch, datasets
-    from transformers import AutoTokenizer, set_seed
-    from sensimix import recipe
-    from sensimix.data import tokenize
-    from sensimix.modeling import from_bert
-    src, out = sys.argv[1], sys.argv[2]
-    settings = recipe.TrainSettings(max_steps=3, batch_size=4, learning_rate=1e-3, seed=3, device="cpu",
-                                    logging_steps=1000)
-    set_seed(settings.seed)
-    tok = AutoTokenizer.from_pretrained(src)
-    model = from_bert(src, num_hidden_layers=2, num_8bit_layers=1)
-    ds = datasets.Dataset.from_dict({"text_a": ["good movie", "bad film"] * 8, "text_b": [None] * 16,
-                                     "label": [0, 1] * 8})
-    data = tokenize(ds, tok, 8)
-    metrics, _ = recipe.train(model, tok, data, None, settings, out)
-    rank = int(os.environ.get("RANK", 0))
-    digest = float(sum(p.double().sum() for p in model.parameters()))
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    json.dump({"rank": rank, "world": world, "steps": metrics["train_steps"], "digest": digest},
-              open(os.path.join(out, f"rank{rank}.json"), "w"))
-""")
-
-
-def test_ddp_two_cpu_processes(tiny_bert_dir, tmp_path):
-    """The same recipe under torchrun: 2 processes, gloo on CPU, a few steps; both ranks end identical."""
-    script = tmp_path / "ddp_train.py"
-    script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-           str(script), str(tiny_bert_dir), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert all(r["world"] == 2 and r["steps"] == 3 for r in ranks)
-    assert ranks[0]["digest"] == pytest.approx(ranks[1]["digest"], rel=1e-9)  # DDP kept replicas in sync
