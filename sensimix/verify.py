@@ -29,14 +29,15 @@ Reproduce the certified V&V of SensiMix (KOTCA KST-21-049) on this machine and j
     On CUDA the default is the certified 104,743 examples and an fp16 BERT is timed too (criterion 3,
     beyond the certificate, <= 20%); on CPU a small default keeps the run to a few minutes: judge ratios,
     never absolute times.
- 4. Accuracy (beyond the certificate, which measured untrained models): the packaged MiniLM-L6 fine-tuned on
-    SST-2 (fp32 reference) vs SensiMix (3+3) trained from it; the gap in points must be <= --accuracy-max-gap
+ 4. Accuracy (beyond the certificate, which measured untrained models): the packaged MiniLM-L6 (or
+    --accuracy-pretrained) fine-tuned on SST-2 (fp32 reference) vs SensiMix (3+3) trained from it; the gap in points must be <= --accuracy-max-gap
     and SensiMix's accuracy >= --accuracy-min (far above chance). Needs SST-2 in the GLUE folder; skipped
     with the reason otherwise. The CPU defaults train on a small subset (a smoke-sized check, not the paper's).
 
 Data: --glue-dir / $GLUE_DIR with QNLI/dev.tsv gives real QNLI dev pairs (cycled to --examples); without it
 the timing uses synthetic QNLI-shaped batches (random token ids, lengths uniform up to 128, padded to 128;
-cost follows shapes and padding, not ids), and the report says so.
+cost follows shapes and padding, not ids), and the report says so. Online, --hub-data reads QNLI dev and
+SST-2 from the hub (nyu-mll/glue) instead when no GLUE folder is given.
 
 Writes <out>/report.json, report.md, report.png (sizes and times side by side, ratios across runs) and
 appends to <out>/history.jsonl. Exit status: 0 when no criterion failed (skipped ones do not count),
@@ -55,6 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="verify-out", help="report folder (default: %(default)s)")
     p.add_argument("--glue-dir", default=None,
                    help="glue_data folder with QNLI/dev.tsv (timing) and SST-2/ (accuracy) (default: $GLUE_DIR)")
+    p.add_argument("--hub-data", action="store_true",
+                   help="with no local GLUE folder, read QNLI dev and SST-2 from the hub (nyu-mll/glue; online only)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N] (default: auto)")
     g = p.add_argument_group("models")
     g.add_argument("--bert", default="random:bert-base",
@@ -132,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
                  args.max_seq_length)
         batches, data = kotca.timing_inputs(load_tokenizer(bert_dir), glue_dir=glue_dir, num_examples=examples,
                                             batch_size=args.batch_size, max_seq_length=args.max_seq_length,
-                                            device=device, seed=args.seed)
+                                            device=device, seed=args.seed, hub=args.hub_data)
         log.info("timing data: %s", data)
         models = {kotca.BERT_FP32: load_for_inference(bert_dir, device=device, precision="fp32")}
         if device.startswith("cuda") and not args.no_fp16:
@@ -152,10 +155,12 @@ def run(args: argparse.Namespace) -> int:
     acc_settings = dataclasses.replace(kotca.accuracy_settings_from(lambda dest: getattr(args, dest), device),
                                        sensimix_precision=sm_precision)
     accuracy = None
-    acc_reason = "skipped with --skip-accuracy" if args.skip_accuracy else kotca.accuracy_data_missing(glue_dir)
+    acc_reason = ("skipped with --skip-accuracy" if args.skip_accuracy
+                  else kotca.accuracy_data_missing(glue_dir, hub=args.hub_data))
     if acc_reason is None:
         with tempfile.TemporaryDirectory(prefix=".verify-accuracy-", dir=out) as tmp:
-            accuracy = kotca.measure_accuracy(glue_dir, keep / "accuracy" if keep else tmp, acc_settings)
+            accuracy = kotca.measure_accuracy(glue_dir, keep / "accuracy" if keep else tmp, acc_settings,
+                                              hub=args.hub_data)
 
     fp16_reason = "--no-fp16 was given" if args.no_fp16 and device.startswith("cuda") else None
     criteria = [kotca.size_criterion(sizes), kotca.time_criterion(timing),

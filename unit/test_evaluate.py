@@ -236,6 +236,22 @@ def test_cli_synthetic_needs_no_data(sensimix_dir, capsys) -> None:
     assert "Num examples = 6" in capsys.readouterr().out
 
 
+def test_cli_hub_data_reads_the_hub_without_a_glue_folder(sensimix_dir, monkeypatch, capsys) -> None:
+    import datasets
+
+    from sensimix import data
+
+    monkeypatch.delenv("GLUE_DIR", raising=False)
+    rows = {"text_a": [q for q, _, _ in QNLI_ROWS], "text_b": [s for _, s, _ in QNLI_ROWS],
+            "label": [0 if y == "entailment" else 1 for _, _, y in QNLI_ROWS]}
+    monkeypatch.setattr(data, "_read_hub", lambda spec, split: datasets.Dataset.from_dict(rows))  # no network
+    args = ["evaluate", "--model", str(sensimix_dir), "--task", "qnli", "--batch-size", "4", "--max-seq-length",
+            "32", "--device", "cpu", "--warmup-batches", "0"]
+    assert cli.main(args) == 2  # no folder, no hub: a clear error
+    assert cli.main([*args, "--hub-data"]) == 0
+    assert f"Num examples = {len(QNLI_ROWS)}" in capsys.readouterr().out
+
+
 def test_cli_fast_precision(sensimix_dir, glue_dir, tmp_path, capsys) -> None:
     out = tmp_path / "fast.json"
     code = cli.main(["evaluate", "--model", str(sensimix_dir), "--task", "qnli", "--glue-dir", str(glue_dir),

@@ -263,6 +263,7 @@ def test_accuracy_data_reasons(tmp_path, monkeypatch):
     (tmp_path / "SST-2" / "train.tsv").write_text("sentence\tlabel\n")
     assert kotca.accuracy_data_missing(tmp_path) is None
     assert "not a folder" in kotca.accuracy_data_missing(tmp_path / "nowhere")
+    assert kotca.accuracy_data_missing(None, hub=True) is None  # online users read SST-2 from the hub
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -282,9 +283,11 @@ def test_verify_help_teaches_the_criteria():
         assert words in verify.DESCRIPTION
     # the --accuracy-* options (shared with pytest's) round-trip into AccuracySettings
     assert kotca.accuracy_settings_from(lambda d: getattr(args, d), "cpu") == kotca.AccuracySettings(device="cpu")
-    args = p.parse_args(["--accuracy-train-limit", "0", "--accuracy-min", "0.8", "--accuracy-reference", "ref"])
+    args = p.parse_args(["--accuracy-train-limit", "0", "--accuracy-min", "0.8", "--accuracy-reference", "ref",
+                         "--accuracy-pretrained", "bert-dir"])
     s = kotca.accuracy_settings_from(lambda d: getattr(args, d), "cpu")
     assert (s.train_limit, s.min_accuracy, s.reference) == (None, 0.8, "ref")  # 0 = the whole train set
+    assert s.pretrained == "bert-dir"
 
 
 def test_verify_end_to_end_fails_on_a_bad_ratio(tmp_path, monkeypatch, capsys):
@@ -307,3 +310,28 @@ def test_verify_end_to_end_fails_on_a_bad_ratio(tmp_path, monkeypatch, capsys):
     assert len(kotca.load_history(out)) == 1
     assert not [p for p in out.iterdir() if p.name.startswith(".verify-")]  # temp model folders removed
     assert "| Trial | BERT fp32 (ms) | SensiMix (ms) |" in capsys.readouterr().out
+
+
+def test_verify_reads_qnli_from_the_hub_when_asked(tmp_path, monkeypatch):
+    """--hub-data with no GLUE folder: the timing data is QNLI dev from the hub (the download is faked here)."""
+    import datasets
+
+    from sensimix import data
+    from sensimix.cli import main
+
+    calls = []
+
+    def fake_hub(spec, split):
+        calls.append((spec.hub_config, split))
+        return datasets.Dataset.from_dict({"text_a": ["what is it?"] * 3, "text_b": ["it is a test."] * 3,
+                                           "label": [0, 1, 0]})
+
+    monkeypatch.delenv("GLUE_DIR", raising=False)
+    monkeypatch.setattr(data, "_read_hub", fake_hub)
+    out = tmp_path / "verify-out"
+    main(["verify", "--bert", "random:bert-tiny", "--layers", "2", "--8bit-layers", "1", "--out", str(out),
+          "--device", "cpu", "--examples", "8", "--batch-size", "4", "--max-seq-length", "16", "--trials", "1",
+          "--skip-accuracy", "--no-progress", "--hub-data"])
+    timing = json.loads((out / "report.json").read_text())["timing"]
+    assert calls == [("qnli", "dev")]
+    assert timing["data"].startswith("QNLI dev from the hub") and timing["num_examples"] == 8
