@@ -15,6 +15,7 @@ packed, compressed checkpoint is written by :mod:`sensimix.export` and served by
 from __future__ import annotations
 
 import logging
+import re
 import os
 from collections.abc import Iterable, Iterator
 
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
+from transformers.utils import logging as hf_logging
 
 from .config import SensiMixConfig
 from .quant import abwr, ste_index8, ste_sign_input, ste_sign_weight
@@ -227,4 +229,29 @@ def from_bert(
         log.info("building %s with random weights (%s geometry)", config.describe(), source if _is_random(source) else "given")
         return SensiMixQATForSequenceClassification(config)
     log.info("initialising %s from the first %d layers of %s", config.describe(), num_hidden_layers, source)
-    return SensiMixQATForSequenceClassification.from_pretrained(os.fspath(source), config=config)
+    # transformers prints a table of every tensor of the dropped upper layers as UNEXPECTED; say it briefly instead
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        # a fine-tuned head for another label count is re-initialised (and logged), not a load error
+        model, info = SensiMixQATForSequenceClassification.from_pretrained(
+            os.fspath(source), config=config, output_loading_info=True, ignore_mismatched_sizes=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    _log_loading_info(info, source, num_hidden_layers, tcfg.num_hidden_layers)
+    return model
+
+
+def _log_loading_info(info: dict, source: object, kept: int, teacher_layers: int) -> None:
+    upper = re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\.")
+    unexpected = [k for k in info.get("unexpected_keys", [])
+                  if not ((m := upper.search(k)) and int(m.group(1)) >= kept)]
+    if kept < teacher_layers:
+        log.info("dropped layers %d-%d of %s (SensiMix keeps the first %d)", kept, teacher_layers - 1, source, kept)
+    if info.get("missing_keys"):
+        log.info("newly initialised (not in %s): %s", source, ", ".join(sorted(info["missing_keys"])))
+    if unexpected:
+        log.warning("ignored tensors of %s that SensiMix does not use: %s", source, ", ".join(sorted(unexpected)))
+    if info.get("mismatched_keys"):
+        log.info("re-initialised (another shape in %s): %s", source,
+                 ", ".join(sorted(str(k[0] if isinstance(k, tuple) else k) for k in info["mismatched_keys"])))

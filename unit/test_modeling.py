@@ -42,6 +42,17 @@ def test_initialised_from_first_n_layers_of_the_teacher(tiny_bert_dir):
     assert torch.equal(m.classifier.weight, teacher.classifier.weight)  # same num_labels: the head is kept
 
 
+def test_loading_says_briefly_what_was_dropped(tiny_bert_dir, caplog, capfd):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="sensimix"):
+        from_bert(tiny_bert_dir, num_hidden_layers=2, num_8bit_layers=1, num_labels=3)
+    assert "dropped layers 2-3" in caplog.text
+    assert "re-initialised" in caplog.text and "classifier.weight" in caplog.text  # 3 labels, not 2: new head
+    out = capfd.readouterr()
+    assert "UNEXPECTED" not in out.out + out.err  # no per-tensor table from transformers
+
+
 def test_deeper_than_teacher_and_bad_sources_are_refused(tiny_bert_dir, tmp_path):
     with pytest.raises(ValueError, match=r"num_hidden_layers .* must be in \[1, 4\]"):
         from_bert(tiny_bert_dir, num_hidden_layers=5, num_8bit_layers=2)
