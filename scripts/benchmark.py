@@ -9,7 +9,10 @@ Models (batch 128 x seq 128 by default, random weights, synthetic QNLI-shaped in
   ``sensimix.export.export_checkpoint`` and loaded with ``sensimix.runtime``: the exact path (fp32 on CPU), the
   ``fast`` precision (CPU: bf16 8-bit GEMMs with fused Q/K/V and GELU, exact int8 1-bit FFNs, fp32 residual
   stream, padded tokens skipped), ``fast`` with padding kept (the kernels' share of the gain), and other
-  approximate variants, each with its logit gap against the exact runtime on the first batch.
+  approximate variants, each with its logit gap against the exact runtime on the first batch;
+* on CPU, a like-for-like baseline for the padding skip: BERT-base's FLOPs through the same runtime with padded
+  tokens skipped (a (12+0) checkpoint, i.e. 12 layers of 8-bit weights dequantized to fp32 at load: dense fp32
+  GEMMs of BERT-base's shapes), so ``ratio_vs_bert_fp32_skip_padding`` shows what the kernels alone buy.
 
 Timing: every model is timed over the same batches in each of ``--rounds`` rounds, models interleaved within a
 round (A, B, C, A, B, C, ...), and the median round is reported, so that load from other processes on a shared
@@ -79,6 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------------
 # models
 # ---------------------------------------------------------------------------------------------------
+LIKE_FOR_LIKE = "BERT-base fp32, padding skipped (runtime)"
+
+
 def bert_base(device: str, half: bool) -> torch.nn.Module:
     from transformers import BertConfig, BertForSequenceClassification
 
@@ -152,6 +158,10 @@ def run_models(args: argparse.Namespace, device: str) -> list[dict]:
     if cuda:
         models.append(("BERT-base fp16+SDPA", bert_base(device, half=True), {}))
     with tempfile.TemporaryDirectory() as tmp:  # the loaded models keep their weights in memory
+        if not cuda:
+            folder = export_sensimix(12, 12, Path(tmp))
+            models.append((LIKE_FOR_LIKE, SensiMixForSequenceClassification.from_pretrained(
+                folder, device=device, dtype="fp32", skip_padding=True), {}))
         for layers, eightbit in ((3, 2), (6, 3)):
             folder = export_sensimix(layers, eightbit, Path(tmp))
             variants = sensimix_variants(cuda)
@@ -179,6 +189,7 @@ def run_models(args: argparse.Namespace, device: str) -> list[dict]:
                      "weight_bytes": weight_bytes, **info})
     base = rows[0]
     fp16 = next((r for r in rows if r["name"] == "BERT-base fp16+SDPA"), None)
+    skip = next((r for r in rows if r["name"] == LIKE_FOR_LIKE), None)
     for r in rows:
         r["ratio_vs_bert_fp32"] = r["ms_per_batch"] / base["ms_per_batch"]
         # the same ratio per round (each round's models ran back to back): its spread shows the noise
@@ -186,6 +197,8 @@ def run_models(args: argparse.Namespace, device: str) -> list[dict]:
         r["weight_ratio_vs_bert_fp32"] = r["weight_bytes"] / base["weight_bytes"]
         if fp16:
             r["ratio_vs_bert_fp16"] = r["ms_per_batch"] / fp16["ms_per_batch"]
+        if skip:
+            r["ratio_vs_bert_fp32_skip_padding"] = r["ms_per_batch"] / skip["ms_per_batch"]
     return rows
 
 
@@ -265,12 +278,16 @@ def environment(device: str) -> dict:
 
 def print_table(rows: list[dict]) -> None:
     has_fp16 = any("ratio_vs_bert_fp16" in r for r in rows)
+    has_skip = any("ratio_vs_bert_fp32_skip_padding" in r for r in rows)
     head = f"{'model':<48}{'ms/batch':>11}{'vs fp32 BERT':>14}" + (f"{'vs fp16 BERT':>14}" if has_fp16 else "")
+    head += f"{'vs fp32 skip':>14}" if has_skip else ""
     print(head + f"{'per round':>22}{'weights':>10}{'logit gap':>11}")
     for r in rows:
         line = f"{r['name']:<48}{r['ms_per_batch']:>11.1f}{100 * r['ratio_vs_bert_fp32']:>13.1f}%"
         if has_fp16:
             line += f"{100 * r.get('ratio_vs_bert_fp16', float('nan')):>13.1f}%"
+        if has_skip:
+            line += f"{100 * r.get('ratio_vs_bert_fp32_skip_padding', float('nan')):>13.1f}%"
         line += f"{' / '.join(f'{100 * x:.1f}' for x in r['ratio_per_round']):>22}"
         gap = r.get("relative_gap")
         line += f"{100 * r['weight_ratio_vs_bert_fp32']:>9.1f}%" + (f"{gap:>11.1e}" if gap is not None else f"{'':>11}")
