@@ -43,7 +43,7 @@ WEIGHTS_SAFETENSORS = "model.safetensors"
 def packed_state_dict(model: SensiMixQATForSequenceClassification) -> dict[str, torch.Tensor]:
     """The compressed tensors of ``model`` (see the module docstring for the format)."""
     packed: dict[str, torch.Tensor] = {}
-    handled: set[str] = set()
+    handled = model.quantized_weight_names()
     for name, module in model.named_modules():
         if isinstance(module, (Index8Linear, Index8Embedding)):
             q, lo, hi = index8_quantize(module.weight.detach())
@@ -51,9 +51,6 @@ def packed_state_dict(model: SensiMixQATForSequenceClassification) -> dict[str, 
             packed[f"{name}.weight_range"] = torch.stack([lo, hi]).to(torch.float16).cpu()
         elif isinstance(module, BinaryLinear):
             packed[f"{name}.weight_bits"] = pack_signs(module.weight.detach()).cpu().contiguous()
-        else:
-            continue
-        handled.add(f"{name}.weight")
     for name, tensor in model.state_dict().items():
         if name in handled:
             continue

@@ -166,6 +166,24 @@ class SensiMixQATForSequenceClassification(BertForSequenceClassification):
             return torch.zeros((), device=self.device)
         return torch.stack(terms).mean()
 
+    def quantized_weight_names(self) -> set[str]:
+        """State-dict names of the weights stored quantized (8-bit indices or sign bits); the rest is float."""
+        return {f"{name}.weight" for name, m in self.named_modules()
+                if isinstance(m, (Index8Linear, Index8Embedding, BinaryLinear))}
+
+    @torch.no_grad()
+    def round_float_tensors_to_fp16_(self) -> int:
+        """Round every float tensor the checkpoint stores in fp16 (biases, LayerNorms, token-type embeddings,
+        pooler, classifier) to fp16 values, in place; returns how many tensors. After it, the model computes
+        what its exported checkpoint computes, so an evaluation of it is the checkpoint's."""
+        quantized = self.quantized_weight_names()
+        count = 0
+        for name, t in self.state_dict(keep_vars=True).items():
+            if name not in quantized and t.is_floating_point():
+                t.data.copy_(t.data.to(torch.float16))
+                count += 1
+        return count
+
 
 def _is_random(source: object) -> bool:
     return isinstance(source, str) and source.startswith(RANDOM_PREFIX)

@@ -226,6 +226,10 @@ def train(model, tokenizer, train_ds, eval_ds, settings: TrainSettings, output_d
                "train_examples": len(train_ds)}
     if ilf is not None:
         ilf.model.set_binarized_layers(model.config.mixed_layers)  # evaluate what the checkpoint will hold
+    if hasattr(model, "round_float_tensors_to_fp16_"):
+        n = model.round_float_tensors_to_fp16_()
+        log.info("rounded %d float tensors to fp16 as the checkpoint stores them: the final evaluation is the "
+                 "exported checkpoint's", n)
     if eval_ds is not None:
         metrics.update(trainer.evaluate())
     Path(output_dir).mkdir(parents=True, exist_ok=True)

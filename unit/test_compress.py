@@ -39,7 +39,8 @@ def test_finetune_then_distilled_compress_records_what_ran(tiny_bert_dir, tiny_g
         want = result.model.eval()(input_ids=ids, attention_mask=mask).logits
         got = runtime(input_ids=ids, attention_mask=mask)
     got = got.logits if hasattr(got, "logits") else got
-    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+    # the float tensors were rounded to fp16 before the final evaluation, as the checkpoint stores them
+    torch.testing.assert_close(got.float(), want, atol=1e-4, rtol=1e-4)
 
 
 def test_compress_refuses_an_existing_folder_before_training(tiny_bert_dir, tiny_glue_dir, tmp_path):

@@ -45,6 +45,20 @@ def test_packed_values_reproduce_the_final_weights(model):
                        torch.where(wb > 0, 1.0, -1.0))
 
 
+def test_rounding_to_fp16_makes_the_model_what_the_checkpoint_stores(model):
+    quantized = model.quantized_weight_names()
+    assert "bert.encoder.layer.2.output.dense.weight" in quantized and "classifier.weight" not in quantized
+    before = model.classifier.weight.detach().clone()
+    master = model.bert.encoder.layer[0].output.dense.weight.detach().clone()
+    assert model.round_float_tensors_to_fp16_() > 0
+    assert torch.equal(model.classifier.weight, before.half().float())
+    sd, state = ex.packed_state_dict(model), model.state_dict()
+    for name, t in sd.items():
+        if t.dtype == torch.float16 and name in state:  # every float tensor: the checkpoint's value exactly
+            assert torch.equal(t.float(), state[name]), name
+    assert torch.equal(model.bert.encoder.layer[0].output.dense.weight, master)  # fp32 masters of 8-bit weights stay
+
+
 def test_export_writes_the_certified_files(model, tiny_vocab, tmp_path):
     from transformers import BertTokenizer
 
