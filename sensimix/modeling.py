@@ -15,8 +15,8 @@ packed, compressed checkpoint is written by :mod:`sensimix.export` and served by
 from __future__ import annotations
 
 import logging
-import re
 import os
+import re
 from collections.abc import Iterable, Iterator
 
 import torch

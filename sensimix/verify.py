@@ -30,8 +30,8 @@ Reproduce the certified V&V of SensiMix (KOTCA KST-21-049) on this machine and j
     beyond the certificate, <= 20%); on CPU a small default keeps the run to a few minutes: judge ratios,
     never absolute times.
  4. Accuracy (beyond the certificate, which measured untrained models): the packaged MiniLM-L6 (or
-    --accuracy-pretrained) fine-tuned on SST-2 (fp32 reference) vs SensiMix (3+3) trained from it; the gap in points must be <= --accuracy-max-gap
-    and SensiMix's accuracy >= --accuracy-min (far above chance). Needs SST-2 in the GLUE folder; skipped
+    --accuracy-pretrained) fine-tuned on SST-2 (fp32 reference) vs SensiMix (3+3) trained from it; the gap
+    in points must be <= --accuracy-max-gap and SensiMix's accuracy >= --accuracy-min (far above chance). Needs SST-2 in the GLUE folder; skipped
     with the reason otherwise. The CPU defaults train on a small subset (a smoke-sized check, not the paper's).
 
 Data: --glue-dir / $GLUE_DIR with QNLI/dev.tsv gives real QNLI dev pairs (cycled to --examples); without it
