@@ -1,16 +1,25 @@
-"""Command-line options shared by ``sensimix compress`` and ``sensimix finetune`` (light imports only)."""
+"""Command-line options shared by the ``sensimix`` commands (light imports only)."""
 
 from __future__ import annotations
 
 import argparse
 
 
-def add_data_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", default="sst-2", help="GLUE task: qnli, sst-2, mrpc, rte, cola (default: %(default)s)")
-    p.add_argument("--glue-dir", default=None,
-                   help="folder in the glue_data/<TASK>/{train,dev}.tsv layout (default: $GLUE_DIR)")
+def add_glue_arguments(p: argparse.ArgumentParser, *,
+                       folder: str = "folder in the glue_data/<TASK>/{train,dev}.tsv layout",
+                       hub_reads: str = "GLUE") -> None:
+    """``--glue-dir`` and ``--hub-data``: where GLUE data comes from (``folder``/``hub_reads`` tailor the help)."""
+    p.add_argument("--glue-dir", default=None, help=f"{folder} (default: $GLUE_DIR)")
     p.add_argument("--hub-data", action="store_true",
-                   help="when no local GLUE folder is given, download GLUE from the hub (online users only)")
+                   help=f"when no local GLUE folder is given, read {hub_reads} from the hub (nyu-mll/glue; "
+                        "online users only)")
+
+
+def add_data_arguments(p: argparse.ArgumentParser, *, default_task: str = "sst-2") -> None:
+    """``--task`` and the GLUE source options."""
+    p.add_argument("--task", default=default_task,
+                   help="GLUE task: qnli, sst-2, mrpc, rte, cola (default: %(default)s)")
+    add_glue_arguments(p)
 
 
 def add_training_arguments(p: argparse.ArgumentParser) -> None:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .cli_common import add_data_arguments
+
 if TYPE_CHECKING:
     import torch
 
@@ -295,9 +297,7 @@ def run_inference(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]
 # ---------------------------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="BERT folder or packed SensiMix folder")
-    p.add_argument("--task", default="qnli", help="GLUE task: qnli, sst-2, mrpc, rte, cola (default: %(default)s)")
-    p.add_argument("--glue-dir", default=None, help="folder in the glue_data/<TASK>/{train,dev}.tsv layout "
-                                                    "(default: $GLUE_DIR)")
+    add_data_arguments(p, default_task="qnli")
     p.add_argument("--split", default="dev", choices=["dev", "train"], help="default: %(default)s")
     p.add_argument("--examples", type=int, default=None, metavar="N",
                    help="examples to run; more than the split cycles through it (certified: 104743)")
@@ -310,8 +310,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "fastest recipe, approximate; see above)")
     p.add_argument("--warmup-batches", type=int, default=2, help="untimed batches before timing (default: %(default)s)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the --model folder)")
-    p.add_argument("--hub-data", action="store_true",
-                   help="when no local GLUE folder is given, read the split from the hub (nyu-mll/glue; online only)")
     p.add_argument("--synthetic", action="store_true",
                    help="random QNLI-shaped inputs instead of GLUE data (times only; accuracy is meaningless)")
     p.add_argument("--binary-kernel", default=None,

@@ -10,6 +10,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .cli_common import add_glue_arguments
+
 log = logging.getLogger(__name__)
 
 HELP = "run the KOTCA V&V end to end (size ratio, inference time ratio, accuracy) and write the report"
@@ -54,10 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from .kotca import SENSIMIX_PRECISIONS, add_accuracy_options  # light: `import sensimix` loaded torch already
 
     p.add_argument("--out", default="verify-out", help="report folder (default: %(default)s)")
-    p.add_argument("--glue-dir", default=None,
-                   help="glue_data folder with QNLI/dev.tsv (timing) and SST-2/ (accuracy) (default: $GLUE_DIR)")
-    p.add_argument("--hub-data", action="store_true",
-                   help="with no local GLUE folder, read QNLI dev and SST-2 from the hub (nyu-mll/glue; online only)")
+    add_glue_arguments(p, folder="glue_data folder with QNLI/dev.tsv (timing) and SST-2/ (accuracy)",
+                       hub_reads="QNLI dev and SST-2")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N] (default: auto)")
     g = p.add_argument_group("models")
     g.add_argument("--bert", default="random:bert-base",
