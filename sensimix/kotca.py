@@ -260,14 +260,12 @@ def timing_inputs(tokenizer, *, glue_dir: str | os.PathLike | None = None, num_e
     from .evaluate import make_batches, synthetic_inputs, task_inputs
 
     root = resolve_glue_dir(glue_dir)
-    if root is not None and (root / "QNLI" / "dev.tsv").is_file():
-        inputs = task_inputs("qnli", tokenizer, glue_dir=root, split="dev", max_seq_length=max_seq_length)
+    local = root is not None and (root / "QNLI" / "dev.tsv").is_file()
+    if local or (root is None and hub):
+        inputs = task_inputs("qnli", tokenizer, glue_dir=root, split="dev", max_seq_length=max_seq_length, hub=hub)
         n = len(inputs["labels"])
-        label = f"QNLI dev ({n:,} examples{', cycled' if num_examples > n else ''})"
-    elif root is None and hub:
-        inputs = task_inputs("qnli", tokenizer, split="dev", max_seq_length=max_seq_length, hub=True)
-        n = len(inputs["labels"])
-        label = f"QNLI dev from the hub, nyu-mll/glue ({n:,} examples{', cycled' if num_examples > n else ''})"
+        source = "QNLI dev" if local else "QNLI dev from the hub, nyu-mll/glue"
+        label = f"{source} ({n:,} examples{', cycled' if num_examples > n else ''})"
     else:
         why = "no GLUE folder given" if root is None else f"no QNLI/dev.tsv in {root}"
         inputs = synthetic_inputs(num_examples, max_seq_length=max_seq_length, seed=seed)
