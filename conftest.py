@@ -14,7 +14,7 @@ import pytest
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    from sensimix.kotca import add_accuracy_options
+    from sensimix.vv.accuracy import add_accuracy_options
 
     g = parser.getgroup("sensimix", "SensiMix acceptance (KOTCA KST-21-049)")
     g.addoption("--glue-dir", default=None,
@@ -61,6 +61,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int):
 @pytest.fixture(scope="session")
 def glue_dir(request: pytest.FixtureRequest) -> Path | None:
     """``--glue-dir`` or ``$GLUE_DIR`` (a folder that must exist), else None: tests needing data skip."""
-    from sensimix.data import resolve_glue_dir
+    from sensimix.train.data import resolve_glue_dir
 
     return resolve_glue_dir(request.config.getoption("--glue-dir"))

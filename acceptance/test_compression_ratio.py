@@ -2,36 +2,40 @@
 
 Certified: 42.2 MB / 438.0 MB = 9.6%. The BERT folder is BertForSequenceClassification with bert-base-uncased's
 geometry (random weights: the size does not depend on their values); the SensiMix folder is
-`sensimix compress --max-steps 0` of it. model.safetensors, the file transformers loads, is held to the same bar.
+`sensimix compress --max-steps 0` of it. Each folder's pytorch_model.bin is first proven to hold the tensors of
+its model.safetensors (the file transformers loads), which is held to the same bar.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from sensimix import kotca
+from sensimix.checkpoint import WEIGHTS_SAFETENSORS
+from sensimix.vv.criteria import size_criterion
+from sensimix.vv.procedure import BERT_BASE_BIN_BYTES, SIZE_THRESHOLD
+from sensimix.vv.sizes import CERTIFIED_FOLDER_FILES, SizeReport
 
 
 @pytest.fixture(scope="module")
-def sizes(kotca_state, certified_folders) -> kotca.SizeReport:
-    kotca_state.sizes = kotca.measure_sizes(*certified_folders)
-    return kotca_state.sizes
+def sizes(vv_run) -> SizeReport:
+    return vv_run.sizes()
 
 
-def test_certified_folder_contents(certified_folders):
-    for folder in certified_folders:
-        missing = [f for f in (*kotca.CERTIFIED_FOLDER_FILES, kotca.WEIGHTS_SAFETENSORS) if not (folder / f).is_file()]
-        assert not missing, f"{folder} lacks {missing}; the certified folders held {kotca.CERTIFIED_FOLDER_FILES}"
+def test_certified_folder_contents(vv_run):
+    for folder in vv_run.folders:
+        missing = [f for f in (*CERTIFIED_FOLDER_FILES, WEIGHTS_SAFETENSORS) if not (folder / f).is_file()]
+        assert not missing, f"{folder} lacks {missing}; the certified folders held {CERTIFIED_FOLDER_FILES}"
 
 
 def test_bert_baseline_is_bert_base_fp32(sizes):
     # The ratio means something only against the certified baseline: bert-base, fp32, 438.0 MB.
-    assert sizes.bert_bin == pytest.approx(kotca.BERT_BASE_BIN_BYTES, rel=0.01), (
+    assert sizes.bert_bin == pytest.approx(BERT_BASE_BIN_BYTES, rel=0.01), (
         f"BERT pytorch_model.bin is {sizes.bert_bin / 1e6:.1f} MB; the certified bert-base fp32 file is 438.0 MB")
 
 
 def test_compression_ratio(sizes):
-    c = kotca.size_criterion(sizes)
+    c = size_criterion(sizes)
+    assert sizes.weight_files_agree, "each folder's two weight files must hold the same tensors"
     assert c.passed, (f"{c.title}: {sizes.sensimix_bin / 1e6:.1f} MB / {sizes.bert_bin / 1e6:.1f} MB = "
                       f"{c.format_value()} > {c.format_value(c.threshold)}")
 
@@ -39,6 +43,6 @@ def test_compression_ratio(sizes):
 def test_safetensors_ratio(sizes):
     ratio = sizes.safetensors_ratio
     assert ratio is not None, "a model.safetensors is missing from one of the folders"
-    assert ratio <= kotca.SIZE_THRESHOLD, (
+    assert ratio <= SIZE_THRESHOLD, (
         f"model.safetensors: {sizes.sensimix_safetensors / 1e6:.1f} MB / {sizes.bert_safetensors / 1e6:.1f} MB "
-        f"= {100 * ratio:.2f}% > {100 * kotca.SIZE_THRESHOLD:.0f}%")
+        f"= {100 * ratio:.2f}% > {100 * SIZE_THRESHOLD:.0f}%")

@@ -1,14 +1,36 @@
-"""SensiMixConfig: a BERT config plus the SensiMix (a+b) layer split.
+"""SensiMixConfig: a BERT config plus the SensiMix (a+b) layer split, validated field by field.
 
 N = ``num_hidden_layers`` encoder layers are kept; the first a = ``num_8bit_layers`` are "8-bit layers"
 (every Linear 8-bit index quantized), the last b = N - a are "mixed layers" (8-bit attention, 1-bit FFN).
+
+Every field the models read is checked when a config is made (also from a tampered ``config.json``), so a bad
+value is one ``ValueError`` naming the field and what it must be, before any tensor is allocated.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from transformers import BertConfig
+
+# Largest accepted sizes: far above any BERT, low enough that a typo cannot ask for terabytes of weights.
+MAX_DIM = 1 << 16          # hidden_size, intermediate_size, max_position_embeddings
+MAX_VOCAB = 1 << 21
+MAX_LAYERS = 256
+MAX_PARAMETERS = 20_000_000_000
+
+# activations f with f(z) > 0 iff z > 0: sign(f(z)) == sign(z), so a mixed layer may skip f exactly
+SIGN_PRESERVING_ACTS = frozenset({"gelu", "gelu_new", "gelu_fast", "gelu_python", "gelu_pytorch_tanh", "quick_gelu",
+                                  "relu", "silu", "swish", "tanh"})
+
+
+def _positive_int(name: str, value: Any, limit: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    if not 1 <= value <= limit:
+        raise ValueError(f"{name} must be in [1, {limit}], got {value}")
+    return value
 
 
 class SensiMixConfig(BertConfig):
@@ -24,34 +46,54 @@ class SensiMixConfig(BertConfig):
 
     def __init__(self, num_8bit_layers: int = 2, **kwargs: Any) -> None:
         kwargs.setdefault("num_hidden_layers", 3)
-        super().__init__(**kwargs)
+        try:
+            super().__init__(**kwargs)
+        except Exception as exc:  # noqa: BLE001 - transformers' own field checks (huggingface_hub's strict
+            # dataclass errors are neither TypeError nor ValueError): one ValueError, on one line
+            raise ValueError(" ".join(str(exc).split())) from exc
         self.num_8bit_layers = num_8bit_layers
         self.validate_sensimix()
 
     # -- validation -------------------------------------------------------------------------------
     def validate_sensimix(self, teacher_layers: int | None = None) -> None:
-        """Raise ``ValueError`` naming the field and its allowed range if the split is impossible."""
-        n, a = self.num_hidden_layers, self.num_8bit_layers
-        for name, value in (("num_hidden_layers", n), ("num_8bit_layers", a)):
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError(f"{name} must be an int, got {value!r}")
-        if n < 1:
-            raise ValueError(f"num_hidden_layers (N = a + b) must be >= 1, got {n}")
+        """Raise ``ValueError`` naming the first field outside its allowed range."""
+        n = _positive_int("num_hidden_layers (N = a + b)", self.num_hidden_layers, MAX_LAYERS)
+        a = self.num_8bit_layers
+        if not isinstance(a, int) or isinstance(a, bool):
+            raise ValueError(f"num_8bit_layers must be an integer, got {a!r} ({type(a).__name__})")
         if not 0 <= a <= n:
-            raise ValueError(
-                f"num_8bit_layers (a) must be in [0, num_hidden_layers={n}], got {a}; "
-                f"the remaining N - a layers get a 1-bit FFN"
-            )
+            raise ValueError(f"num_8bit_layers (a) must be in [0, num_hidden_layers={n}], got {a}; "
+                             f"the remaining N - a layers get a 1-bit FFN")
         if teacher_layers is not None and n > teacher_layers:
             raise ValueError(
                 f"num_hidden_layers (N = a + b) must be in [1, {teacher_layers}] (the pre-trained BERT's depth), "
-                f"got {n}: SensiMix keeps the first N layers of the teacher"
-            )
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
-                f"({self.num_attention_heads})"
-            )
+                f"got {n}: SensiMix keeps the first N layers of the teacher")
+        h = _positive_int("hidden_size", self.hidden_size, MAX_DIM)
+        heads = _positive_int("num_attention_heads", self.num_attention_heads, MAX_DIM)
+        if h % heads:
+            raise ValueError(f"hidden_size ({h}) must be a multiple of num_attention_heads ({heads})")
+        inter = _positive_int("intermediate_size", self.intermediate_size, MAX_DIM)
+        vocab = _positive_int("vocab_size", self.vocab_size, MAX_VOCAB)
+        positions = _positive_int("max_position_embeddings", self.max_position_embeddings, MAX_DIM)
+        types = _positive_int("type_vocab_size", self.type_vocab_size, MAX_DIM)
+        eps = self.layer_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or not 0 < eps < 1:
+            raise ValueError(f"layer_norm_eps must be a finite number in (0, 1), got {eps!r}")
+        act = self.hidden_act
+        if not isinstance(act, str) or act not in SIGN_PRESERVING_ACTS:
+            raise ValueError(f"hidden_act {act!r} is not supported; SensiMix needs an activation f with f(z) > 0 "
+                             f"iff z > 0 (so the 1-bit FFN can skip it exactly): {', '.join(sorted(SIGN_PRESERVING_ACTS))}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            p = getattr(self, name, 0.0)
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+                raise ValueError(f"{name} must be a number in [0, 1), got {p!r}")
+        kind = getattr(self, "position_embedding_type", "absolute")
+        if kind != "absolute":
+            raise ValueError(f"position_embedding_type {kind!r} is not supported: SensiMix (like bert-base) uses "
+                             f"absolute position embeddings")
+        params = vocab * h + positions * h + types * h + n * (4 * h * h + 2 * h * inter)
+        if params > MAX_PARAMETERS:
+            raise ValueError(f"this geometry has {params:,} weights (> {MAX_PARAMETERS:,}): a typo in config.json?")
 
     # -- layer roles ------------------------------------------------------------------------------
     @property

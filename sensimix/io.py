@@ -1,18 +1,39 @@
-"""Atomic folder writes: build a checkpoint in a temp folder beside the target, then rename it into place.
+"""Safe file writes: output folders checked before work starts, written atomically, never lost.
 
-An interrupted or failed write leaves the target untouched (absent, or the previous version) and no temp
-folder behind.
+* :func:`check_output_dir` validates an output folder up front (not the current folder, a writable parent, not
+  existing unless ``overwrite``), so a bad ``--out`` fails in seconds, not after training.
+* :func:`reserve_output` holds an exclusive lock on a target for a whole job: a second process writing the same
+  target fails at once with a clear message instead of silently replacing the first one's result.
+* :func:`atomic_dir` builds a folder in a temp folder beside the target and moves it into place with one rename:
+  ``RENAME_NOREPLACE`` for a new target (a folder that appeared meanwhile is never replaced), ``RENAME_EXCHANGE``
+  for an overwrite (the target is the old or the new version at every instant). Where the file system lacks
+  those, the overwrite keeps the old version in a hidden folder until the new one is in place, and restores it
+  if the process died in between. The temp folder is removed on any error, KeyboardInterrupt and SIGTERM.
+* :func:`read_json` / :func:`write_json`: bounded, clear-error reads; atomic writes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import fcntl
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+MAX_JSON_BYTES = 8 << 20  # config.json and friends are a few KB; refuse to parse anything huge
+TOKENIZER_FILES = ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
+
+
+class OutputError(ValueError):
+    """An output location that cannot be written as asked; the message says why and what to do."""
 
 
 def _umask() -> int:
@@ -21,32 +42,25 @@ def _umask() -> int:
     return mask
 
 
-@contextlib.contextmanager
-def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temp folder; on success it replaces ``out_dir``, on any exception it is deleted."""
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite (overwrite=True) or choose another output folder")
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp.", dir=out.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like any new folder
+# ---------------------------------------------------------------------------------------------------
+# reads
+# ---------------------------------------------------------------------------------------------------
+def read_json(path: str | os.PathLike, *, what: str = "a JSON file", error: type[Exception] = ValueError) -> Any:
+    """The JSON in ``path``; any problem is one ``error`` (or FileNotFoundError) naming the file and ``what``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path.parent} has no {path.name}: not {what}")
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise error(f"{path} is {size:,} bytes; {what} has a small {path.name} (limit {MAX_JSON_BYTES:,})")
     try:
-        yield tmp
-        for f in tmp.rglob("*"):  # some writers (safetensors, mkstemp) create 0600 files
-            if f.is_file():
-                os.chmod(f, 0o666 & ~_umask())
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, trash / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        return json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise error(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except json.JSONDecodeError as exc:
+        raise error(f"{path} is not valid JSON ({exc})") from exc
+    except RecursionError as exc:
+        raise error(f"{path} is nested too deeply to be {what}") from exc
 
 
 def read_config_json(folder: str | os.PathLike, *, expected: str, error: type[Exception] = ValueError) -> dict:
@@ -54,26 +68,217 @@ def read_config_json(folder: str | os.PathLike, *, expected: str, error: type[Ex
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder: expected {expected}")
-    path = folder / "config.json"
-    if not path.is_file():
+    if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} has no config.json: not a checkpoint folder (expected {expected})")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise error(f"{path} is not valid JSON ({exc})") from exc
+    raw = read_json(folder / "config.json", what=expected, error=error)
     if not isinstance(raw, dict):
-        raise error(f"{path} must hold a JSON object, got {type(raw).__name__}")
+        raise error(f"{folder / 'config.json'} must hold a JSON object, got {type(raw).__name__}")
     return raw
 
 
+# ---------------------------------------------------------------------------------------------------
+# output folders
+# ---------------------------------------------------------------------------------------------------
+def check_output_dir(out: str | os.PathLike, *, overwrite: bool = False, what: str = "--out") -> Path:
+    """Validate an output folder before any work: returns its absolute path or raises :class:`OutputError` /
+    ``FileExistsError`` with the fix. Probes the parent for writability by creating (and removing) a temp folder."""
+    out = Path(out).expanduser().absolute()
+    cwd = Path.cwd().absolute()
+    if out == Path(out.anchor) or out == cwd or out in cwd.parents:
+        raise OutputError(f"{what} {out} is the current folder or one above it; name a new folder for the output "
+                          f"(e.g. {what} out/model)")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{what} {out} exists and is not a folder; choose another {what}")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{what} {out} already exists; pass --overwrite to replace it, or choose another {what}")
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.mkdtemp(prefix=f".{out.name}.probe.", dir=parent)
+        os.rmdir(probe)
+    except OSError as exc:
+        raise OutputError(f"cannot write {what} {out}: {exc.strerror or exc} in {parent}") from exc
+    return out
+
+
+_HELD: dict[Path, tuple[int, int]] = {}  # target -> (lock fd, depth): re-entrant within one process
+_HELD_GUARD = threading.Lock()
+
+
+def _lock_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.lock"
+
+
+@contextlib.contextmanager
+def reserve_output(out: str | os.PathLike) -> Iterator[Path]:
+    """Hold an exclusive lock on ``out`` (a ``.<name>.lock`` file beside it) for the block; re-entrant within a
+    process. Another process holding it: :class:`OutputError` at once (never a wait)."""
+    out = Path(out).expanduser().absolute()
+    with _HELD_GUARD:
+        if out in _HELD:
+            fd, depth = _HELD[out]
+            _HELD[out] = (fd, depth + 1)
+            acquired = False
+        else:
+            acquired = True
+    if acquired:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        lock = _lock_path(out)
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise OutputError(f"another process is writing {out} (it holds {lock}); wait for it to finish or "
+                                  f"choose another output folder") from None
+            try:  # the file we locked must still be the one at the path (a finishing holder unlinks it)
+                if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        with _HELD_GUARD:
+            _HELD[out] = (fd, 1)
+    try:
+        yield out
+    finally:
+        with _HELD_GUARD:
+            fd, depth = _HELD[out]
+            if depth > 1:
+                _HELD[out] = (fd, depth - 1)
+                fd = None
+            else:
+                del _HELD[out]
+        if fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(_lock_path(out))
+            os.close(fd)  # releases the flock
+
+
+# renameat2(2) flags (Linux >= 3.15); file systems without them answer EINVAL
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+_AT_FDCWD = -100
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """True when renameat2 did it; False when this system or file system lacks it (the caller falls back)."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(dst))
+
+
+def _old_versions(out: Path) -> list[Path]:
+    return sorted(out.parent.glob(f".{out.name}.old.*"))
+
+
+def recover_interrupted(out: str | os.PathLike) -> Path | None:
+    """Restore ``out`` from the hidden copy an interrupted overwrite left (fallback path only); returns it."""
+    out = Path(out).absolute()
+    olds = _old_versions(out)
+    if out.exists() or not olds:
+        return None
+    os.replace(olds[-1] / out.name, out)
+    shutil.rmtree(olds[-1], ignore_errors=True)
+    return out
+
+
+def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
+    if not out.exists():
+        if _renameat2(tmp, out, _RENAME_NOREPLACE):
+            return
+        if out.exists():  # no NOREPLACE here: check as late as possible
+            raise FileExistsError(f"{out} appeared while it was being written; nothing was replaced")
+        os.rename(tmp, out)
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} appeared while it was being written (another process?); nothing was "
+                              f"replaced: pass --overwrite to replace it")
+    if _renameat2(tmp, out, _RENAME_EXCHANGE):
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old version
+        return
+    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+    os.replace(out, trash / out.name)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(trash / out.name, out)  # put the previous version back
+        shutil.rmtree(trash, ignore_errors=True)
+        raise
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def raise_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into ``SystemExit(143)`` for the block (main thread, default handler only), so that
+    ``finally`` blocks and context managers clean up instead of the process vanishing mid-write."""
+    install = threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None)
+    if install:
+        def _exit(signum, frame):  # noqa: ARG001
+            raise SystemExit(128 + signum)
+
+        signal.signal(signal.SIGTERM, _exit)
+    try:
+        yield
+    finally:
+        if install:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temp folder; on success it becomes ``out_dir`` in one rename, on any exception it is deleted.
+
+    Without ``overwrite`` an existing target (also one that appears while the block runs) is never replaced.
+    """
+    out = check_output_dir(out_dir, overwrite=True, what="output folder")
+    with reserve_output(out), raise_on_sigterm():
+        recover_interrupted(out)
+        if out.exists() and not overwrite:
+            raise FileExistsError(f"{out} already exists; pass --overwrite (overwrite=True) or choose another "
+                                  f"output folder")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp.", dir=out.parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like any new folder
+        try:
+            yield tmp
+            for f in tmp.rglob("*"):  # some writers (safetensors, mkstemp) create 0600 files
+                if f.is_file():
+                    os.chmod(f, 0o666 & ~_umask())
+            _commit(tmp, out, overwrite)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def _finite(data: Any) -> Any:
+    """``data`` with NaN/inf floats replaced by None: strict JSON that every reader accepts."""
+    if isinstance(data, float):
+        return data if data == data and abs(data) != float("inf") else None
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite(v) for v in data]
+    return data
+
+
 def write_json(path: str | os.PathLike, data: object) -> None:
-    """Write JSON through a temp file + rename, so readers never see half a file."""
+    """Write JSON (NaN/inf as null) through a temp file + rename, so readers never see half a file."""
     path = Path(path)
+    data = _finite(data)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True, default=str)
+            json.dump(data, f, indent=2, sort_keys=True, default=str, allow_nan=False)
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:
@@ -82,7 +287,19 @@ def write_json(path: str | os.PathLike, data: object) -> None:
         raise
 
 
-TOKENIZER_FILES = ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write text through a temp file + rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def save_tokenizer(tokenizer, folder: str | os.PathLike) -> None:

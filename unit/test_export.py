@@ -1,14 +1,16 @@
-"""The packed checkpoint: content, format, atomicity."""
+"""convert / export: the packed tensors of a QAT model, the folder written, atomicity, refusals."""
 
 import json
 import os
 
 import pytest
+import safetensors.torch
 import torch
 from safetensors.torch import load_file
 
+from sensimix import checkpoint
 from sensimix import export as ex
-from sensimix.modeling import from_bert
+from sensimix.qat import from_bert
 from sensimix.quant import index8_dequantize, unpack_signs
 
 
@@ -67,7 +69,8 @@ def test_export_writes_the_certified_files(model, tiny_vocab, tmp_path):
     assert {"config.json", "pytorch_model.bin", "model.safetensors", "vocab.txt", "tokenizer_config.json",
             "special_tokens_map.json", "m.json"} <= names
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["sensimix_format"] == ex.FORMAT and cfg["num_8bit_layers"] == 2 and cfg["model_type"] == "sensimix"
+    assert cfg["sensimix_format"] == checkpoint.FORMAT and cfg["num_8bit_layers"] == 2 and cfg["model_type"] == "sensimix"
+    assert cfg["sensimix_checksum"]["tensors"] == checkpoint.tensors_digest(load_file(out / "model.safetensors"))
     a = torch.load(out / "pytorch_model.bin", weights_only=True)
     b = load_file(out / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -87,16 +90,16 @@ def test_interrupted_export_leaves_nothing_behind(model, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ex, "save_file", boom)
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
     with pytest.raises(KeyboardInterrupt):
         ex.export_checkpoint(model, tmp_path / "ckpt")
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == []  # no temp folder, no lock file left
 
 
 def test_failed_overwrite_keeps_the_previous_checkpoint(model, tmp_path, monkeypatch):
     out = ex.export_checkpoint(model, tmp_path / "ckpt")
     before = (out / "pytorch_model.bin").read_bytes()
-    monkeypatch.setattr(ex, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(safetensors.torch, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError, match="disk full"):
         ex.export_checkpoint(model, out, overwrite=True)
     assert (out / "pytorch_model.bin").read_bytes() == before
@@ -123,3 +126,24 @@ def test_bert_base_2_plus_1_is_at_most_the_certified_size(tmp_path):
         bert = BertForSequenceClassification(BertConfig(num_labels=2))
     fp32_bytes = 4 * sum(p.numel() for p in bert.parameters())  # a lower bound of BERT's pytorch_model.bin
     assert size / fp32_bytes <= 0.0965  # 9.6% as the certified report rounds 42.2 / 438.0
+
+
+def test_diverged_weights_are_refused_before_anything_is_written(model, tmp_path):
+    with torch.no_grad():
+        model.classifier.weight[0, 0] = float("nan")
+        model.bert.encoder.layer[0].attention.self.query.weight[1, 1] = float("inf")
+    with pytest.raises(ValueError, match="2 tensor\\(s\\) hold NaN or inf .*training diverged.*Nothing was written"):
+        ex.export_checkpoint(model, tmp_path / "ckpt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_convert_gives_the_inference_model_in_memory(model, tmp_path):
+    from sensimix import SensiMixForSequenceClassification
+
+    packed = ex.convert(model.eval(), device="cpu", precision="fp32")
+    assert isinstance(packed, SensiMixForSequenceClassification) and packed.exact
+    assert packed.state_dict().keys() == ex.packed_state_dict(model).keys()
+    folder = ex.export_checkpoint(model, tmp_path / "ckpt")
+    loaded = SensiMixForSequenceClassification.from_pretrained(folder)
+    ids = torch.randint(5, 120, (3, 9))
+    assert torch.equal(packed(ids).logits, loaded(ids).logits)

@@ -11,9 +11,9 @@ import torch
 
 from sensimix import kernels
 from sensimix.kernels import reference
-from sensimix.kernels.cpu import int_mm, pad_for_int_mm
+from sensimix.kernels.torch_ops import int_mm, pad_for_int_mm
 from sensimix.kernels.triton_kernels import triton_available
-from sensimix.quant import index8_quantize, pack_signs, sign, unpack_signs
+from sensimix.quant import index8_quantize, pack_signs
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -138,8 +138,8 @@ def test_exact_index8_kernels_equal_reference(name: str, m: int, k: int, n: int)
     x, q, weight_range, bias = index8_problem(m, k, n)
     kern = kernels.index8_kernel(name, "cpu")
     assert kern.exact
-    w, params = kern.prepare(q, weight_range, torch.float32)
-    assert torch.equal(kern.linear(x, w, params, bias), reference.index8_linear(x, q, weight_range, bias))
+    p = kern.prepare([(q, weight_range, bias)], torch.float32)
+    assert torch.equal(kern.linear(x, p), reference.index8_linear(x, q, weight_range, bias))
 
 
 @pytest.mark.parametrize("m,k,n", SHAPES)
@@ -147,8 +147,8 @@ def test_dynamic_int8_index8_is_close_and_flagged_approximate(m: int, k: int, n:
     x, q, weight_range, bias = index8_problem(m, k, n)
     kern = kernels.index8_kernel("int8", "cpu")
     assert not kern.exact
-    w, params = kern.prepare(q, weight_range, torch.float32)
-    got, want = kern.linear(x, w, params, bias), reference.index8_linear(x, q, weight_range, bias)
+    p = kern.prepare([(q, weight_range, bias)], torch.float32)
+    got, want = kern.linear(x, p), reference.index8_linear(x, q, weight_range, bias)
     scale = (x.abs().amax(dim=1, keepdim=True) * weight_range.float().abs().max() * k ** 0.5)
     assert ((got - want).abs() / scale).max() < 0.02  # 8-bit activations: ~1% of the output scale
     assert not torch.equal(got, want)
@@ -159,8 +159,8 @@ def test_dense_index8_in_half_precision(dtype: torch.dtype) -> None:
     x, q, weight_range, bias = index8_problem(8, 100, 30)
     for name in ("dense", "dequant"):
         kern = kernels.index8_kernel(name, "cpu")
-        w, params = kern.prepare(q, weight_range, dtype)
-        got = kern.linear(x.to(dtype), w, params, bias.to(dtype))
+        p = kern.prepare([(q, weight_range, bias)], dtype)
+        got = kern.linear(x.to(dtype), p)
         assert got.dtype == dtype
         torch.testing.assert_close(got.float(), reference.index8_linear(x, q, weight_range, bias), rtol=0.02, atol=0.02)
 
@@ -171,8 +171,8 @@ def test_dense_index8_in_half_precision(dtype: torch.dtype) -> None:
 def test_index8_kernels_on_cuda(name: str, m: int, k: int, n: int) -> None:
     x, q, weight_range, bias = index8_problem(m, k, n)
     kern = kernels.index8_kernel(name, "cuda")
-    w, params = kern.prepare(q.cuda(), weight_range.cuda(), torch.float16)
-    got = kern.linear(x.cuda().half(), w, params, bias.cuda().half()).float().cpu()
+    p = kern.prepare([(q.cuda(), weight_range.cuda(), bias.cuda())], torch.float16)
+    got = kern.linear(x.cuda().half(), p).float().cpu()
     torch.testing.assert_close(got, reference.index8_linear(x, q, weight_range, bias), rtol=0.03, atol=0.05)
 
 
@@ -189,22 +189,27 @@ def test_index8_constant_tensor() -> None:
     # hi == lo: every index is -128 and the weight is the constant lo
     q, lo, hi = index8_quantize(torch.full((4, 6), 0.25))
     kern = kernels.index8_kernel("dequant", "cpu")
-    w, params = kern.prepare(q, torch.stack([lo, hi]).to(torch.float16), torch.float32)
-    assert torch.equal(kern.linear(torch.ones(2, 6), w, params, None), torch.full((2, 4), 1.5))
+    p = kern.prepare([(q, torch.stack([lo, hi]).to(torch.float16), None)], torch.float32)
+    assert torch.equal(kern.linear(torch.ones(2, 6), p), torch.full((2, 4), 1.5))
 
 
 # ---------------------------------------------------------------------------------------------------
 # dispatch
 # ---------------------------------------------------------------------------------------------------
-def test_cpu_defaults_are_exact_fast_paths() -> None:
-    assert kernels.default_binary_kernel("cpu") == "int8"
-    assert kernels.default_index8_kernel("cpu") == "dense"
-    assert kernels.binary_kernel(None, "cpu").name == "int8"
-    assert kernels.index8_kernel("auto", "cpu").exact
+def test_cpu_defaults_are_exact_fast_paths(monkeypatch) -> None:
+    from sensimix.kernels import torch_ops
+
+    assert kernels.default_index8_kernel("cpu") == "dense" and kernels.index8_kernel("auto", "cpu").exact
+    # torch._int_mm is a real int8 GEMM only with VNNI/AMX; elsewhere it is a slow loop and fp32 +-1 wins
+    monkeypatch.setattr(torch_ops, "cpu_has_vnni", lambda: True)
+    assert kernels.default_binary_kernel("cpu") == "int8" and kernels.binary_kernel(None, "cpu").name == "int8"
+    monkeypatch.setattr(torch_ops, "cpu_has_vnni", lambda: False)
+    assert kernels.default_binary_kernel("cpu") == "float"
+    assert all(k.exact for k in kernels.BINARY_KERNELS.values())
 
 
 def test_unknown_kernel_names_list_the_choices() -> None:
-    with pytest.raises(ValueError, match="unknown binary kernel 'popcnt'.*int8, fp8"):
+    with pytest.raises(ValueError, match="unknown binary kernel 'popcnt'.*fp8, int8"):
         kernels.binary_kernel("popcnt", "cpu")
     with pytest.raises(ValueError, match="unknown index8 kernel 'fp4'.*dense"):
         kernels.index8_kernel("fp4", "cpu")
@@ -218,16 +223,11 @@ def test_unavailable_kernel_says_why() -> None:
 
 def test_package_imports_without_triton() -> None:
     code = ("import sys; sys.modules['triton'] = None\n"
-            "import torch, sensimix.kernels as k, sensimix.runtime\n"
+            "import torch, sensimix.kernels as k, sensimix.inference\n"
             "print(k.BINARY_KERNELS['xnor'].unavailable(torch.device('cuda')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "needs triton" in out.stdout
-
-
-def test_sign_of_unpacked_weights_roundtrip() -> None:
-    w = torch.randn(5, 13)
-    assert torch.equal(unpack_signs(pack_signs(w), 13), sign(w))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -261,9 +261,10 @@ def test_fbgemm_index8_within_activation_rounding_bound(m: int, k: int, n: int) 
     kern = kernels.index8_kernel("fbgemm", "cpu")
     assert not kern.exact
     want = reference.index8_linear(x, q, weight_range, bias)
-    for w, params, b in (kern.prepare(q, weight_range, torch.float32) + (bias,),
-                         kern.prepare_linear(q, weight_range, bias, torch.float32)):  # bias apart / in the epilogue
-        got = kern.linear(x, w, params, b)
+    for p in (kern.prepare([(q, weight_range, bias)], torch.float32),):  # the bias in fbgemm's epilogue
+        assert p.bias is None
+        got = kern.linear(x, p)
+        params = p.params
         assert got.shape == (m, n) and got.dtype == torch.float32
         assert ((got - want).abs() <= fbgemm_bound(x, q, weight_range)).all()
     if m * n >= 400:
@@ -283,10 +284,10 @@ def test_fbgemm_adds_the_weight_offset_term() -> None:
     q, lo, hi = index8_quantize(torch.randn(24, 96, generator=g) * 0.05 + 0.3)
     weight_range = torch.stack([lo, hi]).to(torch.float16)
     kern = kernels.index8_kernel("fbgemm", "cpu")
-    w, params, b = kern.prepare_linear(q, weight_range, None, torch.float32)
-    s, c = (float(v) for v in params)
+    p = kern.prepare([(q, weight_range, None)], torch.float32)
+    s, c = (float(v) for v in p.params)
     assert c > 0.2
-    got, want = kern.linear(x, w, params, b), reference.index8_linear(x, q, weight_range)
+    got, want = kern.linear(x, p), reference.index8_linear(x, q, weight_range)
     bound = fbgemm_bound(x, q, weight_range)
     assert ((got - want).abs() <= bound).all()
     assert ((got - c * x.sum(dim=1, keepdim=True) - want).abs() > 10 * bound).all()
@@ -303,9 +304,9 @@ def test_fbgemm_rounds_only_the_activations() -> None:
     q, lo, hi = index8_quantize(torch.randn(7, 40, generator=g))
     weight_range = torch.stack([lo, hi]).to(torch.float16)
     kern = kernels.index8_kernel("fbgemm", "cpu")
-    w, params, b = kern.prepare_linear(q, weight_range, None, torch.float32)
+    p = kern.prepare([(q, weight_range, None)], torch.float32)
     want = reference.index8_linear(x, q, weight_range)
-    torch.testing.assert_close(kern.linear(x, w, params, b), want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(kern.linear(x, p), want, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["fbgemm", "bf16", "dense"])
@@ -321,8 +322,7 @@ def test_fused_index8_equals_its_parts(name: str) -> None:
     for n, spread, offset in ((20, 0.05, 0.02), (12, 0.5, -0.3), (9, 0.01, 0.0)):
         q, lo, hi = index8_quantize(torch.randn(n, 48, generator=g) * spread + offset)
         parts.append((q, torch.stack([lo, hi]).to(torch.float16), torch.randn(n, generator=g).half().float()))
-    w, params, b = kern.prepare_fused(parts, torch.float32)
-    got = kern.linear(x, w, params, b).float()
+    got = kern.linear(x, kern.prepare(parts, torch.float32)).float()
     assert got.shape == (13, 41)
     want = torch.cat([reference.index8_linear(x, q, r, bias) for q, r, bias in parts], dim=1)
     if name == "fbgemm":
@@ -339,8 +339,8 @@ def test_unfusable_kernels_say_so() -> None:
     x, q, weight_range, bias = index8_problem(3, 8, 4)
     for name in ("dequant", "int8", "reference"):
         assert not kernels.INDEX8_KERNELS[name].fusable
-        with pytest.raises(NotImplementedError, match=f"'{name}' cannot fuse"):
-            kernels.INDEX8_KERNELS[name].prepare_fused([(q, weight_range, bias)] * 2, torch.float32)
+        with pytest.raises(ValueError, match=f"'{name}' cannot fuse"):
+            kernels.INDEX8_KERNELS[name].prepare([(q, weight_range, bias)] * 2, torch.float32)
 
 
 def bf16_bound(x: torch.Tensor, q: torch.Tensor, weight_range: torch.Tensor, bias: torch.Tensor | None,
@@ -358,10 +358,10 @@ def test_bf16_index8_within_rounding_bound(m: int, k: int, n: int) -> None:
     x, q, weight_range, bias = index8_problem(m, k, n)
     kern = kernels.index8_kernel("bf16", "cpu")
     assert not kern.exact and kern.out_dtype == torch.bfloat16
-    w, params, b = kern.prepare_linear(q, weight_range, bias, torch.float32)
-    assert w.dtype == torch.bfloat16 and b.dtype == torch.bfloat16
+    p = kern.prepare([(q, weight_range, bias)], torch.float32)
+    assert p.weight.dtype == torch.bfloat16 and p.bias.dtype == torch.bfloat16
     want = reference.index8_linear(x, q, weight_range, bias)
-    got = kern.linear(x, w, params, b)
+    got = kern.linear(x, p)
     assert got.dtype == torch.bfloat16, "stays bf16 for the next bf16 op"
     assert ((got.float() - want).abs() <= bf16_bound(x, q, weight_range, bias, want)).all()
 
@@ -370,22 +370,22 @@ def test_bf16_index8_within_rounding_bound(m: int, k: int, n: int) -> None:
 def test_bf16_linear_act_gelu(monkeypatch, fused_epilogue: bool) -> None:
     # GELU in oneDNN's GEMM epilogue, or F.linear + F.gelu where that op is missing: same bound either way
     # (GELU's slope is within [-0.17, 1.13], so it scales the linear's error by at most 1.13)
-    from sensimix.kernels import cpu
+    from sensimix.kernels import onednn
 
     if not fused_epilogue:
-        monkeypatch.setattr(cpu, "onednn_linear_ok", lambda: False)
-    elif not cpu.onednn_linear_ok():
+        monkeypatch.setattr(onednn, "onednn_linear_ok", lambda: False)
+    elif not onednn.onednn_linear_ok():
         pytest.skip("oneDNN linear_pointwise unavailable")
     x, q, weight_range, bias = index8_problem(33, 200, 50)
     kern = kernels.index8_kernel("bf16", "cpu")
     assert kern.fuses_activation("gelu", torch.device("cpu")) == fused_epilogue
-    w, params, b = kern.prepare_linear(q, weight_range, bias, torch.float32)
+    p = kern.prepare([(q, weight_range, bias)], torch.float32)
     lin = reference.index8_linear(x, q, weight_range, bias)
     want = torch.nn.functional.gelu(lin)
-    got = kern.linear_act(x, w, params, b, "gelu").float()
+    got = kern.linear_act(x, p, "gelu").float()
     bound = 1.13 * bf16_bound(x, q, weight_range, bias, lin) + 2 ** -9 * want.abs() * 1.01
     assert ((got - want).abs() <= bound).all()
-    plain = kern.linear(x, w, params, b).float()
+    plain = kern.linear(x, p).float()
     assert ((plain - lin).abs() <= bf16_bound(x, q, weight_range, bias, lin)).all()
 
 
@@ -404,16 +404,16 @@ def test_int8_binary_operand_is_the_sign_bit() -> None:
 # ---------------------------------------------------------------------------------------------------
 @pytest.fixture
 def fresh_engine_probe():
-    from sensimix.kernels import cpu
+    from sensimix.kernels import fbgemm
 
-    cpu.quantized_engine.cache_clear()
-    yield cpu
-    cpu.quantized_engine.cache_clear()  # the next caller re-probes the real torch
+    fbgemm.quantized_engine.cache_clear()
+    yield fbgemm
+    fbgemm.quantized_engine.cache_clear()  # the next caller re-probes the real torch
 
 
 @needs_fbgemm
 def test_quantized_engine_probe_picks_an_unsaturated_range() -> None:
-    from sensimix.kernels import cpu
+    from sensimix.kernels import fbgemm as cpu
 
     qe = kernels.quantized_engine()
     assert qe.engine in cpu.FBGEMM_ENGINES and qe.reason is None

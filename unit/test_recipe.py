@@ -1,11 +1,13 @@
 """The training recipe: PT/ILF schedule, losses, a real (tiny) Trainer run, reproducibility."""
 
-import datasets
+import math
+
 import pytest
 import torch
 
-from sensimix import recipe
-from sensimix.modeling import from_bert
+from sensimix.qat import from_bert
+from sensimix.train import recipe
+from sensimix.train.data import Examples, tokenize
 
 
 @pytest.mark.parametrize("pt,ilf,expected", [
@@ -35,10 +37,7 @@ def _tiny_data(tokenizer, n=48):
     words = ["good", "great", "bad", "awful"]
     texts = [f"the movie was {words[i % 4]}" for i in range(n)]
     labels = [0 if i % 4 < 2 else 1 for i in range(n)]
-    ds = datasets.Dataset.from_dict({"text_a": texts, "text_b": [None] * n, "label": labels})
-    from sensimix.data import tokenize
-
-    return tokenize(ds, tokenizer, 16)
+    return tokenize(Examples(texts, None, labels), tokenizer, 16)
 
 
 def _train_tiny(tiny_bert_dir, tmp_path, **overrides):
@@ -61,7 +60,7 @@ def test_training_follows_the_schedule_and_updates_every_part(tiny_bert_dir, tmp
     model, metrics, schedule = _train_tiny(tiny_bert_dir, tmp_path)
     assert schedule == [(0, []), (1, [2]), (2, [1, 2]), (3, [1, 2])]
     assert model.binarized_layers == [1, 2]
-    assert metrics["train_steps"] == 24 and 0.0 <= metrics["eval_accuracy"] <= 1.0
+    assert metrics["train_steps"] == 24 and metrics["train_examples"] == 48
     # every trainable part moved: 8-bit embeddings, 8-bit and 1-bit linears, float LayerNorm
     for name in ("bert.embeddings.word_embeddings.weight", "bert.encoder.layer.0.output.dense.weight",
                  "bert.encoder.layer.2.output.dense.weight", "bert.encoder.layer.2.output.LayerNorm.weight"):
@@ -80,3 +79,24 @@ def test_abwr_switch_changes_the_loss(tiny_bert_dir, tmp_path):
     _, without, _ = _train_tiny(tiny_bert_dir, tmp_path / "b", epochs=1, abwr=False)
     # |W| ~ 0.02 at init, so ABWR adds about (1 - 0.02)^2 ~ 0.96 to the loss
     assert with_abwr["train_loss"] - without["train_loss"] > 0.5
+
+
+@pytest.mark.parametrize("field,value,flag", [
+    ("epochs", math.nan, "--epochs"), ("epochs", 0.0, "--epochs"), ("batch_size", 0, "--batch-size"),
+    ("learning_rate", math.inf, "--lr"), ("max_seq_length", 1, "--max-seq-length"), ("train_limit", 0, "--train-limit"),
+    ("distill_alpha", 1.5, "--distill-alpha"), ("distill_temperature", 0.0, "--distill-temperature"),
+    ("device", "tpu", "--device"),
+])
+def test_settings_refuse_bad_values_by_flag_name(field, value, flag):
+    with pytest.raises(ValueError, match=flag):
+        recipe.TrainSettings(**{field: value})
+
+
+def test_no_training_examples_is_an_error(tiny_bert_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    model = from_bert(tiny_bert_dir, num_hidden_layers=2, num_8bit_layers=1)
+    empty = tokenize(Examples([], None, []), tok, 16)
+    with pytest.raises(ValueError, match="no training examples"):
+        recipe.train(model, tok, empty, None, recipe.TrainSettings(device="cpu"), tmp_path)

@@ -1,92 +1,78 @@
 """Kernels for the SensiMix runtime, behind one dispatch by name and device.
 
+One module per backend family: :mod:`.base` (the interfaces), :mod:`.reference` (pure-torch definitions every
+kernel is tested against), :mod:`.torch_ops` (plain torch ops, CPU and CUDA), :mod:`.onednn` (bf16 GEMMs with
+fused epilogues), :mod:`.fbgemm` (torch's quantized engine), :mod:`.cuda` (FP8 tensor cores), :mod:`.triton_kernels`.
+
 1-bit linear (``sign(x) @ sign(W)^T + b``, exact in every kernel):
 
-=========== ======================================================== ==========================
-name        compute                                                  default on
-=========== ======================================================== ==========================
-``int8``    ±1 int8 (activations as {0,1} bits), ``torch._int_mm``    CPU; CUDA sm_80..sm_86
-``fp8``     ±1 e4m3, ``torch._scaled_mm`` (fp32 accumulation)         CUDA sm_89+ (Ada, Hopper)
-``xnor``    packed bits, Triton XNOR-popcount                         (needs triton)
-``float``   ±1 fp32, dense GEMM                                       fallback
+============= ======================================================= ======================================
+name          compute                                                 default where
+============= ======================================================= ======================================
+``fp8``       ±1 e4m3, ``torch._scaled_mm`` (fp32 accumulation)        CUDA sm_89+ (Ada, Hopper)
+``int8``      ±1 int8 (activations as {0,1} bits), ``torch._int_mm``   CUDA sm_80-86; CPUs with VNNI/AMX
+``float``     ±1 fp32, dense GEMM                                     other CPUs (``_int_mm`` is a slow loop there)
+``xnor``      packed bits, Triton XNOR-popcount                       (opt-in; needs triton)
 ``reference`` ±1 int64 matmul                                         tests
-=========== ======================================================== ==========================
+============= ======================================================= ======================================
 
-8-bit index linear (``x @ W_hat^T + b``): ``dense`` (dequantize at load; exact; CPU default), ``dequant``
-(int8 in memory, dequantize per call; exact; CUDA default), ``int8`` (dynamic per-row int8 activations through
+8-bit index linear (``x @ W_hat^T + b``): ``dense`` (dequantize once at load to the model dtype; exact; the
+default everywhere: fp32 on CPU, fp16 on CUDA as in the paper), ``dequant`` (int8 in memory, dequantized per
+call; exact; for when weight memory matters more than time), ``int8`` (dynamic per-row int8 activations through
 ``torch._int_mm``; APPROXIMATE), ``fbgemm`` (torch's quantized dynamic linear, per-tensor int8 activations;
-APPROXIMATE; CPU), ``bf16`` (bf16 weights and activations, bias/GELU in oneDNN's GEMM epilogue; APPROXIMATE;
-the 8-bit kernel of the runtime's ``dtype="fast"`` on CPUs with native bf16), ``reference``. The approximate
-kernels are never a default; ``dense``, ``bf16`` and ``fbgemm`` can fuse Q, K and V into one GEMM.
-
-The pure-torch definitions in :mod:`sensimix.kernels.reference` are what the tests compare every kernel with.
-
-How the CPU defaults were chosen (AMD EPYC, 2 cores, AVX512-VNNI/BF16; M = 16384 = 128 x 128 tokens, K/N in
-768/3072; ``scripts/benchmark.py``, on a machine shared with training jobs): ±1 as int8 through ``_int_mm`` runs
-4.4-6.9x faster than an fp32 GEMM of the same shape, ±1 in fp32 1.0x; bf16 GEMMs are ~4x fp32 but round the
-integer results (not exact), so they serve only as the approximate ``dtype=bfloat16`` model setting. For 8-bit
-layers the dequantized fp32 GEMM is the exact fast path; the ``int8`` kernel reaches 1.0-2.1x fp32 only,
-because the activation quantization runs as separate eager ops. ``bf16`` and ``fbgemm`` GEMMs run 3.4-5x fp32 at
-these shapes (fbgemm ahead at K or N = 3072, behind at 768 x 768 once its c * rowsum(x) term is added); in the
-whole SensiMix (2+1) model bf16 was the faster (0.25 vs 0.28-0.30 of the exact model's time, padding skipped)
-and the more accurate (SST-2 dev, trained (2+1): 871/872 predictions as fp32, vs 843/872 for fbgemm's per-tensor
-activation rounding). On CUDA the FP8 choice follows the H200 numbers of issue 3 (``_scaled_mm`` 1.3-1.8x fp16
-cuBLAS); they were not re-measured here.
+APPROXIMATE; CPU), ``bf16`` (bf16 weights and activations, bias/GELU in oneDNN's GEMM epilogue; APPROXIMATE),
+``reference``. Approximate kernels are never a default; they serve the runtime's ``fast`` precision.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .cpu import (
-    Bf16Index8Kernel,
-    BinaryKernel,
+from .base import BinaryKernel, Index8Kernel, Prepared
+from .cuda import Fp8BinaryKernel, fp8_supported
+from .fbgemm import FbgemmIndex8Kernel, quantized_engine
+from .onednn import Bf16Index8Kernel
+from .torch_ops import (
     DenseIndex8Kernel,
     DequantIndex8Kernel,
     DynamicInt8Index8Kernel,
-    FbgemmIndex8Kernel,
     FloatBinaryKernel,
-    Index8Kernel,
     Int8BinaryKernel,
     ReferenceBinaryKernel,
     ReferenceIndex8Kernel,
-    has_int_mm,
     index8_embedding,
-    quantized_engine,
 )
-from .cuda import Fp8BinaryKernel, fp8_supported
 from .triton_kernels import XnorBinaryKernel
 
 __all__ = [
-    "BINARY_KERNELS", "INDEX8_KERNELS", "BinaryKernel", "Index8Kernel", "binary_kernel", "index8_kernel",
-    "default_binary_kernel", "default_index8_kernel", "index8_embedding", "quantized_engine",
+    "BINARY_KERNELS", "INDEX8_KERNELS", "BinaryKernel", "Index8Kernel", "Prepared", "binary_kernel", "index8_kernel",
+    "default_binary_kernel", "default_index8_kernel", "fp8_supported", "index8_embedding", "quantized_engine",
 ]
 
 BINARY_KERNELS: dict[str, BinaryKernel] = {
-    k.name: k for k in (Int8BinaryKernel(), Fp8BinaryKernel(), XnorBinaryKernel(), FloatBinaryKernel(),
+    k.name: k for k in (Fp8BinaryKernel(), Int8BinaryKernel(), FloatBinaryKernel(), XnorBinaryKernel(),
                         ReferenceBinaryKernel())
 }
 INDEX8_KERNELS: dict[str, Index8Kernel] = {
     k.name: k for k in (DenseIndex8Kernel(), DequantIndex8Kernel(), DynamicInt8Index8Kernel(), FbgemmIndex8Kernel(),
                         Bf16Index8Kernel(), ReferenceIndex8Kernel())
 }
+_BINARY_PREFERENCE = ("fp8", "int8", "float")  # exact kernels, fastest first where each is fast
 
 
 def default_binary_kernel(device: torch.device | str) -> str:
-    """The fastest exact 1-bit kernel for ``device`` (see the module table)."""
+    """The fastest exact 1-bit kernel on ``device`` (see the module table)."""
     device = torch.device(device)
-    if device.type == "cuda":
-        if fp8_supported(device):
-            return "fp8"
-        if has_int_mm() and torch.cuda.get_device_capability(device) >= (8, 0):
-            return "int8"
-        return "float"
-    return "int8" if has_int_mm() else "float"
+    for name in _BINARY_PREFERENCE:
+        kernel = BINARY_KERNELS[name]
+        if kernel.unavailable(device) is None and kernel.fast_on(device):
+            return name
+    return "float"
 
 
 def default_index8_kernel(device: torch.device | str) -> str:
-    """``dense`` on CPU (fastest exact), ``dequant`` on CUDA (exact with int8 weight memory)."""
-    return "dequant" if torch.device(device).type == "cuda" else "dense"
+    """``dense``: dequantized once at load (exact, and the fastest exact 8-bit kernel on CPU and CUDA)."""
+    return "dense"
 
 
 def _resolve(kind: str, table: dict, name: str | None, device: torch.device | str, default):

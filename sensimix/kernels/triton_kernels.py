@@ -1,4 +1,6 @@
-"""XNOR-popcount 1-bit GEMM in Triton: ``sign(x) @ sign(W)^T = K - 2 * popcount(bits_x ^ bits_w)``.
+"""Triton kernels: the XNOR-popcount 1-bit GEMM, and the fused sign step of the 1-bit FFN.
+
+XNOR-popcount: ``sign(x) @ sign(W)^T = K - 2 * popcount(bits_x ^ bits_w)``.
 
 Optional: the package imports without triton; :func:`triton_available` says whether the kernel can run. Both
 operands are sign bits packed 32 per int32 word, little-endian (the checkpoint's uint8 bytes viewed as int32 on
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..quant import pack_signs, unpack_signs
-from .cpu import BinaryKernel
+from .base import BinaryKernel
 
 try:  # pragma: no cover - depends on the environment
     import triton
@@ -78,6 +80,32 @@ if triton is not None:
         out = K - 2 * acc
         tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], out,
                  mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _sign_operand_kernel(h_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        inside = offs < n
+        h = tl.load(h_ptr + offs, mask=inside, other=0.0)
+        v = tl.where(h > 0, 1.0, -1.0)
+        tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def sign_operand(h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``+1 where h > 0 else -1`` in ``dtype`` (e.g. float8 e4m3, the next 1-bit GEMM's operand).
+
+    One Triton pass (read h, write the operand) on CUDA or in Triton's interpreter; elsewhere torch ops (a compare
+    and casts, ~4 passes). Replaces the mask/convert/scale/shift chain of the 1-bit FFN's intermediate.
+    """
+    if triton_available(h.device) and h.is_contiguous() and h.numel() > 0:
+        out = torch.empty(h.shape, dtype=dtype, device=h.device)
+        block = 1024
+        _sign_operand_kernel[(triton.cdiv(h.numel(), block),)](h, out, h.numel(), BLOCK=block)
+        return out
+    mid = torch.float16 if dtype.itemsize == 1 and dtype.is_floating_point else dtype
+    return (h > 0).to(mid).mul_(2).sub_(1).to(dtype)
 
 
 def xnor_matmul(x_words: torch.Tensor, w_words: torch.Tensor, k: int) -> torch.Tensor:

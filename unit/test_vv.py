@@ -1,11 +1,10 @@
-"""sensimix.kotca: criteria and Pass/Fail, the report writers, timing bookkeeping, folder sizes, and the
-`sensimix verify` exit code. Fast: tiny models, fake timings."""
+"""sensimix.vv: criteria and Pass/Fail, the report writers, timing bookkeeping, folder sizes (with the proof that
+both weight files agree), the run object, and the `sensimix verify` exit code. Fast: tiny models, fake timings."""
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 import types
 from pathlib import Path
 
@@ -13,8 +12,12 @@ import pytest
 import torch
 from transformers import BertForSequenceClassification, BertTokenizer
 
-from sensimix import kotca
-from sensimix.kotca import Criterion, Report, SizeReport, TimingReport
+from sensimix.checkpoint import WEIGHTS_SAFETENSORS, CheckpointError
+from sensimix.train.jobs import save_bert_folder
+from sensimix.vv import accuracy, criteria, procedure, report, sizes, timing
+from sensimix.vv.criteria import Criterion, Report
+from sensimix.vv.sizes import SizeReport
+from sensimix.vv.timing import TimingReport
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REQUIRED_IDS = {"compression_ratio", "inference_time_ratio", "accuracy_gap"}
@@ -36,7 +39,7 @@ def test_skipped_criterion_has_no_verdict_and_a_reason():
     c = Criterion.skipped("accuracy_gap", "gap", 5.0, "no SST-2 data", unit="points")
     assert c.passed is None and c.value is None and c.status == "Skipped"
     assert c.to_dict()["pass"] is None and c.to_dict()["reason"] == "no SST-2 data"
-    for c in (kotca.size_criterion(None, reason="deselected"), kotca.time_criterion(None, reason="deselected")):
+    for c in (criteria.size_criterion(None, reason="deselected"), criteria.time_criterion(None, reason="deselected")):
         assert c.passed is None and c.reason == "deselected" and c.id in REQUIRED_IDS
 
 
@@ -53,20 +56,21 @@ def _sizes(bert: int = 438_000_000, sm: int = 42_200_000) -> SizeReport:
 def _timing(bert=(1000.0, 2000.0, 1000.0), sm=(100.0, 100.0, 300.0)) -> TimingReport:
     return TimingReport(device="cpu", data="synthetic QNLI-shaped batches", num_examples=256, batch_size=128,
                         max_seq_length=128, warmup_batches=1,
-                        trials=[{kotca.BERT_FP32: b, kotca.SENSIMIX: s} for b, s in zip(bert, sm)],
-                        accuracy={kotca.BERT_FP32: 0.5, kotca.SENSIMIX: None})
+                        trials=[{procedure.BERT_FP32: b, procedure.SENSIMIX: s} for b, s in zip(bert, sm)],
+                        accuracy={procedure.BERT_FP32: 0.5, procedure.SENSIMIX: None})
 
 
-def _accuracy(ref: float = 0.86, sm: float = 0.84) -> kotca.AccuracyReport:
-    return kotca.AccuracyReport(task="sst-2", split="3+3", reference_accuracy=ref, sensimix_accuracy=sm,
+def _accuracy(ref: float = 0.86, sm: float = 0.84) -> accuracy.AccuracyReport:
+    return accuracy.AccuracyReport(task="sst-2", split="3+3", reference_accuracy=ref, sensimix_accuracy=sm,
                                 dev_examples=872, train_examples=2000)
 
 
 def _report(sizes=None, timing=None, accuracy=None, reason=None, created=None) -> Report:
     sizes, timing = sizes or _sizes(), timing or _timing()
-    criteria = [kotca.size_criterion(sizes), kotca.time_criterion(timing), kotca.fp16_time_criterion(timing),
-                *kotca.accuracy_criteria(accuracy, max_gap=5.0, min_accuracy=0.75, reason=reason)]
-    r = Report(criteria=criteria, environment={"device": "cpu", "device_name": "test CPU", "torch": torch.__version__},
+    judged = [criteria.size_criterion(sizes), criteria.time_criterion(timing), criteria.fp16_time_criterion(timing),
+              *criteria.accuracy_criteria(accuracy, max_gap=5.0, min_accuracy=0.75, reason=reason),
+              criteria.agreement_criterion(accuracy, reason=reason)]
+    r = Report(criteria=judged, environment={"device": "cpu", "device_name": "test CPU", "torch": torch.__version__},
                sizes=sizes, timing=timing, accuracy=accuracy)
     if created:
         r.created = created
@@ -78,7 +82,7 @@ def test_time_ratio_is_the_mean_of_per_trial_ratios():
     assert t.ratios() == pytest.approx([0.1, 0.05, 0.3])
     # the certified figure: mean of ratios (0.15), not the ratio of summed times (500 / 4000 = 0.125)
     assert t.mean_ratio() == pytest.approx(0.15)
-    assert t.mean_ratio(kotca.SENSIMIX, kotca.BERT_FP16) is None
+    assert t.mean_ratio(procedure.SENSIMIX, procedure.BERT_FP16) is None
 
 
 def test_exit_code_follows_the_criteria():
@@ -98,12 +102,12 @@ def test_exit_code_follows_the_criteria():
 # writers
 # ---------------------------------------------------------------------------------------------------
 def test_report_json_schema(tmp_path):
-    files = kotca.write_report(_report(reason="no SST-2 data"), tmp_path, chart=False)
+    files = report.write_report(_report(reason="no SST-2 data"), tmp_path, chart=False)
     data = json.loads(files.json.read_text())
-    assert data["schema"] == kotca.SCHEMA and data["passed"] is True
+    assert data["schema"] == procedure.SCHEMA and data["passed"] is True
     assert {"created", "criteria", "sizes", "timing", "accuracy", "environment", "settings"} <= data.keys()
     by_id = {c["id"]: c for c in data["criteria"]}
-    assert REQUIRED_IDS <= by_id.keys() and tuple(by_id) == kotca.CRITERION_IDS  # stable ids, stable order
+    assert REQUIRED_IDS <= by_id.keys() and tuple(by_id) == procedure.CRITERION_IDS  # stable ids, stable order
     for c in data["criteria"]:
         assert {"id", "title", "value", "threshold", "comparison", "unit", "pass", "reason", "certified"} <= c.keys()
         if c["pass"] is None:
@@ -113,13 +117,13 @@ def test_report_json_schema(tmp_path):
     assert by_id["inference_time_ratio"]["value"] == pytest.approx(0.15)
     assert by_id["accuracy_gap"]["reason"] == "no SST-2 data"
     assert "CUDA" in by_id["inference_time_ratio_fp16"]["reason"]
-    assert data["timing"]["trials"][1] == {kotca.BERT_FP32: 2000.0, kotca.SENSIMIX: 100.0}
+    assert data["timing"]["trials"][1] == {procedure.BERT_FP32: 2000.0, procedure.SENSIMIX: 100.0}
     assert data["sizes"]["safetensors_ratio"] == pytest.approx((42_200_000 - 500) / (438_000_000 - 1000))
 
 
 def test_markdown_has_the_certified_tables(tmp_path):
-    report = _report(sizes=_sizes(sm=50_000_000), reason="no SST-2 data")
-    md = kotca.write_report(report, tmp_path, chart=False).markdown.read_text()
+    judged = _report(sizes=_sizes(sm=50_000_000), reason="no SST-2 data")
+    md = report.write_report(judged, tmp_path, chart=False).markdown.read_text()
     assert "**Result: FAIL**" in md
     assert "| 1 | Compression ratio: SensiMix (2+1) / BERT pytorch_model.bin | 11.42% | <= 10.00% | Fail |" in md
     assert "| 2 | Inference time ratio: SensiMix / BERT fp32, mean of 3 trials | 15.00% | <= 20.00% | Pass |" in md
@@ -133,30 +137,30 @@ def test_markdown_has_the_certified_tables(tmp_path):
 def test_markdown_shows_accuracy_and_fp16_columns():
     timing = _timing()
     for t, ms in zip(timing.trials, (200.0, 400.0, 1000.0)):
-        t[kotca.BERT_FP16] = ms
-    md = kotca.render_markdown(_report(timing=timing, accuracy=_accuracy()))
+        t[procedure.BERT_FP16] = ms
+    md = report.render_markdown(_report(timing=timing, accuracy=_accuracy()))
     assert "SensiMix / BERT fp16 |" in md and "| 3 | 1,000 | 1,000 | 300 | 30.00% | 30.00% |" in md
     assert "| SensiMix (3+3) | 84.00% |" in md and "| Gap | 2.00 points |" in md
 
 
 def test_chart_and_history_across_runs(tmp_path):
-    first = kotca.write_report(_report(created="2025-01-01T00:00:00+00:00"), tmp_path)
+    first = report.write_report(_report(created="2025-01-01T00:00:00+00:00"), tmp_path)
     assert first.chart.read_bytes()[:8] == PNG_MAGIC and first.chart.stat().st_size > 5000
     for i, sm in enumerate((110.0, 120.0)):
-        kotca.write_report(_report(timing=_timing(sm=(sm, sm, sm)), created=f"2025-01-0{i + 2}T00:00:00+00:00"),
+        report.write_report(_report(timing=_timing(sm=(sm, sm, sm)), created=f"2025-01-0{i + 2}T00:00:00+00:00"),
                            tmp_path)
-    history = kotca.load_history(tmp_path)
+    history = report.load_history(tmp_path)
     assert [h["created"][:10] for h in history] == ["2025-01-01", "2025-01-02", "2025-01-03"]
     assert history[1]["inference_time_ratio"] == pytest.approx(0.11 * 2 / 3 + 0.055 / 3)
     assert history[0]["compression_ratio"] == pytest.approx(42.2 / 438.0)
     # with several runs the chart gets a third panel: the ratios across runs
-    assert kotca.write_chart(_report(), history, tmp_path / "c.png") == 3
-    assert kotca.write_chart(_report(), history[:1], tmp_path / "c.png") == 2
+    assert report.write_chart(_report(), history, tmp_path / "c.png") == 3
+    assert report.write_chart(_report(), history[:1], tmp_path / "c.png") == 2
 
 
 def test_history_skips_broken_lines(tmp_path, caplog):
     (tmp_path / "history.jsonl").write_text('{"created": "a"}\nnot json\n\n{"created": "b"}\n')
-    assert [h["created"] for h in kotca.load_history(tmp_path)] == ["a", "b"]
+    assert [h["created"] for h in report.load_history(tmp_path)] == ["a", "b"]
     assert "not JSON" in caplog.text
 
 
@@ -173,16 +177,16 @@ def fake_evaluate(monkeypatch):
         return types.SimpleNamespace(duration_ms=model.ms, num_examples=n, batch_size=len(batches[0]["input_ids"]),
                                      predictions=None, accuracy=0.5)
 
-    monkeypatch.setitem(sys.modules, "sensimix.evaluate", types.SimpleNamespace(run_inference=run_inference))
+    monkeypatch.setattr(timing, "run_inference", run_inference)  # inject the fake where the timers call it
     return calls
 
 
 def test_time_models_warms_up_once_and_interleaves(fake_evaluate):
-    models = {kotca.BERT_FP32: types.SimpleNamespace(name="bert", ms=1000.0),
-              kotca.SENSIMIX: types.SimpleNamespace(name="sm", ms=50.0)}
+    models = {procedure.BERT_FP32: types.SimpleNamespace(name="bert", ms=1000.0),
+              procedure.SENSIMIX: types.SimpleNamespace(name="sm", ms=50.0)}
     batches = [{"input_ids": torch.zeros(4, 8)}] * 3
-    t = kotca.time_models(models, batches, trials=3, warmup_batches=2, progress=False,
-                          precisions={kotca.BERT_FP32: "fp32", kotca.SENSIMIX: "fast"})
+    t = timing.time_models(models, batches, trials=3, warmup_batches=2, progress=False,
+                          precisions={procedure.BERT_FP32: "fp32", procedure.SENSIMIX: "fast"})
     warmups = [c for c in fake_evaluate if c[1] == 2]
     timed = [c[0] for c in fake_evaluate if c[1] == 3]
     assert warmups == [("bert", 2, 0), ("sm", 2, 0)]
@@ -190,10 +194,10 @@ def test_time_models_warms_up_once_and_interleaves(fake_evaluate):
     assert all(c[2] == 0 for c in fake_evaluate)  # warm-up is never inside a timed pass
     assert t.num_examples == 12 and t.batch_size == 4 and len(t.trials) == 3
     assert t.mean_ratio() == pytest.approx(0.05)
-    assert t.precisions == {kotca.BERT_FP32: "fp32", kotca.SENSIMIX: "fast"}
-    assert "BERT fp32: fp32, SensiMix: fast)" in kotca.render_markdown(_report(timing=t))
+    assert t.precisions == {procedure.BERT_FP32: "fp32", procedure.SENSIMIX: "fast"}
+    assert "BERT fp32: fp32, SensiMix: fast)" in report.render_markdown(_report(timing=t))
     with pytest.raises(ValueError, match="trials"):
-        kotca.time_models(models, batches, trials=0, progress=False)
+        timing.time_models(models, batches, trials=0, progress=False)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -201,8 +205,8 @@ def test_time_models_warms_up_once_and_interleaves(fake_evaluate):
 # ---------------------------------------------------------------------------------------------------
 def test_bert_folder_is_written_atomically(tmp_path, monkeypatch, tiny_bert_config, tiny_vocab):
     model, tok = BertForSequenceClassification(tiny_bert_config), BertTokenizer(tiny_vocab)
-    kotca.save_bert_folder(model, tok, tmp_path / "ok")
-    for f in (*kotca.CERTIFIED_FOLDER_FILES, kotca.WEIGHTS_SAFETENSORS):
+    save_bert_folder(model, tok, tmp_path / "ok")
+    for f in (*sizes.CERTIFIED_FOLDER_FILES, WEIGHTS_SAFETENSORS):
         assert (tmp_path / "ok" / f).is_file(), f
     sd = torch.load(tmp_path / "ok" / "pytorch_model.bin", weights_only=True)
     assert torch.equal(sd["classifier.weight"], model.state_dict()["classifier.weight"])
@@ -213,14 +217,14 @@ def test_bert_folder_is_written_atomically(tmp_path, monkeypatch, tiny_bert_conf
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError, match="No space"):
-        kotca.save_bert_folder(model, tok, tmp_path / "broken")
+        save_bert_folder(model, tok, tmp_path / "broken")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok"]  # no half folder, no temp folder left
 
 
 def test_sizes_are_read_from_small_real_folders(tmp_path, tiny_bert_dir):
-    bert = kotca.build_bert_folder(tmp_path / "bert", tiny_bert_dir, seed=0)
-    sm = kotca.build_sensimix_folder(bert, tmp_path / "sm", layers=3, eightbit_layers=2)
-    s = kotca.measure_sizes(bert, sm)
+    bert = sizes.build_bert_folder(tmp_path / "bert", tiny_bert_dir, seed=0)
+    sm = sizes.build_sensimix_folder(bert, tmp_path / "sm", layers=3, eightbit_layers=2)
+    s = sizes.measure_sizes(bert, sm)
     assert s.bert_bin == os.path.getsize(bert / "pytorch_model.bin")
     assert s.sensimix_bin == os.path.getsize(sm / "pytorch_model.bin")
     assert s.ratio == s.sensimix_bin / s.bert_bin < 1
@@ -229,41 +233,41 @@ def test_sizes_are_read_from_small_real_folders(tmp_path, tiny_bert_dir):
     assert s.sensimix_model == "SensiMix (2+1)"
     (sm / "pytorch_model.bin").unlink()
     with pytest.raises(FileNotFoundError, match="pytorch_model.bin"):
-        kotca.measure_sizes(bert, sm)
+        sizes.measure_sizes(bert, sm)
 
 
 # ---------------------------------------------------------------------------------------------------
 # environment and data
 # ---------------------------------------------------------------------------------------------------
 def test_sensimix_precision_defaults_to_the_runtimes():
-    assert kotca.sensimix_precision("auto", "cuda") == "fp16" and kotca.sensimix_precision(None, "cpu") == "fast"
-    assert kotca.sensimix_precision("fp32", "cpu") == "fp32"
+    assert procedure.sensimix_precision("auto", "cuda") == "fp16" and procedure.sensimix_precision(None, "cpu") == "fast"
+    assert procedure.sensimix_precision("fp32", "cpu") == "fp32"
     with pytest.raises(ValueError, match="precision"):
-        kotca.sensimix_precision("int4", "cpu")
+        procedure.sensimix_precision("int4", "cpu")
 
 
 def test_default_examples_follow_the_device():
-    assert kotca.default_examples("cpu") == kotca.CPU_DEFAULT_EXAMPLES
-    assert kotca.default_examples("cuda") == kotca.default_examples("cuda:1") == kotca.CERTIFIED_EXAMPLES == 104_743
-    assert kotca.default_warmup_batches("cpu") >= 1 and kotca.default_warmup_batches("cuda") >= 1
+    assert procedure.default_examples("cpu") == procedure.CPU_DEFAULT_EXAMPLES
+    assert procedure.default_examples("cuda") == procedure.default_examples("cuda:1") == procedure.CERTIFIED_EXAMPLES == 104_743
+    assert procedure.default_warmup_batches("cpu") >= 1 and procedure.default_warmup_batches("cuda") >= 1
 
 
 def test_environment_names_the_machine():
-    env = kotca.environment("cpu")
+    env = procedure.environment("cpu")
     assert env["device"] == "cpu" and env["device_name"] and env["torch"] == torch.__version__
     assert {"cuda", "transformers", "python", "cpu_cores", "sensimix"} <= env.keys()
 
 
 def test_accuracy_data_reasons(tmp_path, monkeypatch):
     monkeypatch.delenv("GLUE_DIR", raising=False)
-    assert "GLUE_DIR" in kotca.accuracy_data_missing(None)
+    assert "GLUE_DIR" in accuracy.accuracy_data_missing(None)
     (tmp_path / "SST-2").mkdir()
     (tmp_path / "SST-2" / "dev.tsv").write_text("sentence\tlabel\n")
-    assert "SST-2/train.tsv" in kotca.accuracy_data_missing(tmp_path)
+    assert "SST-2/train.tsv" in accuracy.accuracy_data_missing(tmp_path)
     (tmp_path / "SST-2" / "train.tsv").write_text("sentence\tlabel\n")
-    assert kotca.accuracy_data_missing(tmp_path) is None
-    assert "not a folder" in kotca.accuracy_data_missing(tmp_path / "nowhere")
-    assert kotca.accuracy_data_missing(None, hub=True) is None  # online users read SST-2 from the hub
+    assert accuracy.accuracy_data_missing(tmp_path) is None
+    assert "not a folder" in accuracy.accuracy_data_missing(tmp_path / "nowhere")
+    assert accuracy.accuracy_data_missing(None, hub=True) is None  # online users read SST-2 from the hub
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -272,7 +276,7 @@ def test_accuracy_data_reasons(tmp_path, monkeypatch):
 def test_verify_help_teaches_the_criteria():
     import argparse
 
-    from sensimix import verify
+    from sensimix.cli import verify
 
     p = argparse.ArgumentParser(description=verify.DESCRIPTION)
     verify.add_arguments(p)
@@ -282,10 +286,10 @@ def test_verify_help_teaches_the_criteria():
     for words in ("Compression ratio <= 10%", "Inference time ratio <= 20%", "What is timed", "synthetic"):
         assert words in verify.DESCRIPTION
     # the --accuracy-* options (shared with pytest's) round-trip into AccuracySettings
-    assert kotca.accuracy_settings_from(lambda d: getattr(args, d), "cpu") == kotca.AccuracySettings(device="cpu")
+    assert accuracy.accuracy_settings_from(lambda d: getattr(args, d), "cpu") == accuracy.AccuracySettings(device="cpu")
     args = p.parse_args(["--accuracy-train-limit", "0", "--accuracy-min", "0.8", "--accuracy-reference", "ref",
                          "--accuracy-pretrained", "bert-dir"])
-    s = kotca.accuracy_settings_from(lambda d: getattr(args, d), "cpu")
+    s = accuracy.accuracy_settings_from(lambda d: getattr(args, d), "cpu")
     assert (s.train_limit, s.min_accuracy, s.reference) == (None, 0.8, "ref")  # 0 = the whole train set
     assert s.pretrained == "bert-dir"
 
@@ -307,24 +311,21 @@ def test_verify_end_to_end_fails_on_a_bad_ratio(tmp_path, monkeypatch, capsys):
     assert len(data["timing"]["trials"]) == 2 and data["timing"]["num_examples"] == 8
     assert data["timing"]["data"].startswith("synthetic")
     assert (out / "report.md").is_file() and (out / "report.png").read_bytes()[:8] == PNG_MAGIC
-    assert len(kotca.load_history(out)) == 1
+    assert len(report.load_history(out)) == 1
     assert not [p for p in out.iterdir() if p.name.startswith(".verify-")]  # temp model folders removed
     assert "| Trial | BERT fp32 (ms) | SensiMix (ms) |" in capsys.readouterr().out
 
 
 def test_verify_reads_qnli_from_the_hub_when_asked(tmp_path, monkeypatch):
     """--hub-data with no GLUE folder: the timing data is QNLI dev from the hub (the download is faked here)."""
-    import datasets
-
-    from sensimix import data
     from sensimix.cli import main
+    from sensimix.train import data
 
     calls = []
 
     def fake_hub(spec, split):
         calls.append((spec.hub_config, split))
-        return datasets.Dataset.from_dict({"text_a": ["what is it?"] * 3, "text_b": ["it is a test."] * 3,
-                                           "label": [0, 1, 0]})
+        return data.Examples(["what is it?"] * 3, ["it is a test."] * 3, [0, 1, 0])
 
     monkeypatch.delenv("GLUE_DIR", raising=False)
     monkeypatch.setattr(data, "_read_hub", fake_hub)
@@ -335,3 +336,92 @@ def test_verify_reads_qnli_from_the_hub_when_asked(tmp_path, monkeypatch):
     timing = json.loads((out / "report.json").read_text())["timing"]
     assert calls == [("qnli", "dev")]
     assert timing["data"].startswith("QNLI dev from the hub") and timing["num_examples"] == 8
+
+
+# ---------------------------------------------------------------------------------------------------
+# trust: what a PASS rests on
+# ---------------------------------------------------------------------------------------------------
+@pytest.fixture
+def small_folders(tmp_path, tiny_bert_dir):
+    bert = sizes.build_bert_folder(tmp_path / "bert", tiny_bert_dir, seed=0)
+    return bert, sizes.build_sensimix_folder(bert, tmp_path / "sm", layers=3, eightbit_layers=2)
+
+
+def test_a_truncated_bin_beside_an_intact_safetensors_is_refused(small_folders):
+    bert, sm = small_folders
+    for folder in (sm, bert):
+        path = folder / "pytorch_model.bin"
+        good = path.read_bytes()
+        path.write_bytes(good[:1000])
+        with pytest.raises(CheckpointError, match="pytorch_model.bin: cannot load"):
+            sizes.measure_sizes(bert, sm)
+        path.write_bytes(good)
+    sizes.measure_sizes(bert, sm)
+
+
+def test_a_bin_with_other_tensors_than_the_safetensors_is_refused(small_folders):
+    bert, sm = small_folders
+    state = torch.load(bert / "pytorch_model.bin", weights_only=True)
+    state["classifier.bias"] = state["classifier.bias"] + 1
+    torch.save(state, bert / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="hold different tensors .*classifier.bias"):
+        sizes.measure_sizes(bert, sm)
+
+
+def test_agreement_criterion():
+    a = accuracy.Agreement("3+3", 872, 870 / 872, 0.86, 0.861, "fast")
+    b = accuracy.Agreement("2+1", 872, 868 / 872, 0.84, 0.836, "fast")
+    acc = _accuracy()
+    acc.agreements = [a, b]
+    c = criteria.agreement_criterion(acc)
+    assert c.passed is False and c.value == pytest.approx(868 / 872)  # 99.54% is enough; a 0.4-point move is not
+    acc.agreements = [a]
+    assert criteria.agreement_criterion(acc).passed is True
+    acc.agreements = [accuracy.Agreement("3+3", 872, 872 / 872, 0.86, 0.855, "fast")]
+    c = criteria.agreement_criterion(acc)
+    assert c.passed is False and "0.50 points" in c.reason
+    assert criteria.agreement_criterion(None, reason="no data").passed is None
+
+
+def _verify_args(out, *extra):
+    return ["verify", "--layers", "2", "--8bit-layers", "1", "--out", str(out), "--device", "cpu", "--examples",
+            "4", "--batch-size", "4", "--max-seq-length", "16", "--trials", "1", "--skip-accuracy", "--no-progress",
+            *extra]
+
+
+def test_verify_keep_models_never_replaces_without_overwrite(tmp_path, monkeypatch):
+    from sensimix.cli import main
+
+    monkeypatch.delenv("GLUE_DIR", raising=False)
+    keep = tmp_path / "keep"
+    (keep / "bert").mkdir(parents=True)
+    (keep / "bert" / "mine.txt").write_text("precious")
+    assert main(_verify_args(tmp_path / "out", "--bert", "random:bert-tiny", "--keep-models", str(keep))) == 2
+    assert (keep / "bert" / "mine.txt").read_text() == "precious"
+    assert main(_verify_args(tmp_path / "out", "--bert", "random:bert-tiny", "--keep-models", str(keep),
+                             "--overwrite")) == 1  # tiny BERT: the size ratio fails, but the run completes
+    assert not (keep / "bert" / "mine.txt").exists() and (keep / "sensimix" / "config.json").is_file()
+
+
+def test_verify_measures_a_given_bert_folder_as_it_is(tmp_path, small_folders, monkeypatch):
+    from sensimix.cli import main
+
+    monkeypatch.delenv("GLUE_DIR", raising=False)
+    bert, sm = small_folders
+    before = {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in bert.iterdir()}
+    out = tmp_path / "out"
+    assert main(_verify_args(out, "--bert", str(bert), "--sensimix", str(sm), "--keep-models", str(bert.parent))) == 1
+    assert {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in bert.iterdir()} == before
+    data = json.loads((out / "report.json").read_text())
+    assert data["sizes"]["bert_bin"] == before["pytorch_model.bin"][1] and data["sizes"]["bert_path"] == str(bert)
+    assert main(_verify_args(out, "--bert", str(sm))) == 2  # a packed folder is not a BERT baseline
+
+
+def test_verify_refuses_bad_options_before_any_work(tmp_path, capsys):
+    from sensimix.cli import main
+
+    for args in (["--examples", "0"], ["--trials", "-1"], ["--max-seq-length", "abc"]):
+        with pytest.raises(SystemExit) as exc:
+            main(_verify_args(tmp_path / "out", *args))
+        assert exc.value.code == 2
+    assert not (tmp_path / "out").exists()

@@ -1,21 +1,24 @@
-"""The quantization-aware (training) SensiMix model.
+"""The quantization-aware (training) SensiMix model: fake-quantized modules with fp32 master weights.
 
 A SensiMix model is a BERT for sequence classification in which the embedding tables and Linear layers are
-swapped for fake-quantizing twins that keep fp32 master weights (SENSIMIX.md section 1):
+swapped for fake-quantizing twins (SENSIMIX.md section 1); the ``Fake*`` names keep them apart from the packed
+inference modules of :mod:`sensimix.inference`:
 
-* ``Index8Embedding`` / ``Index8Linear``: 8-bit index quantization with an identity STE;
-* ``BinaryLinear``: the 1-bit FFN linears of the mixed layers, ``sign(x) @ W'^T + b`` where ``W'`` is
+* ``FakeIndex8Embedding`` / ``FakeIndex8Linear``: 8-bit index quantization with an identity STE;
+* ``FakeBinaryLinear``: the 1-bit FFN linears of the mixed layers, ``sign(x) @ W'^T + b`` where ``W'`` is
   ``sign(W)`` (hardtanh STE) once the layer is binarized, or ``W`` itself before that (Prioritized Training).
 
 Parameter names are those of ``transformers``' BERT, so a pre-trained BERT loads into it unchanged and
-``save_pretrained`` / ``from_pretrained`` round-trip the fp32 master weights (training checkpoints). The
-packed, compressed checkpoint is written by :mod:`sensimix.export` and served by :mod:`sensimix.runtime`.
+``save_pretrained`` / ``from_pretrained`` round-trip the fp32 master weights (training checkpoints). The packed
+inference model is made from it by :func:`sensimix.export.convert`, and written by
+:func:`sensimix.export.export_checkpoint`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pickle
 import re
 from collections.abc import Iterable, Iterator
 
@@ -27,47 +30,45 @@ from transformers.utils import logging as hf_logging
 
 from .config import SensiMixConfig
 from .quant import abwr, ste_index8, ste_sign_input, ste_sign_weight
+from .sources import SourceError, bert_config, is_random
 
 log = logging.getLogger(__name__)
-
-RANDOM_PREFIX = "random:"
-RANDOM_GEOMETRIES = {
-    # bert-base-uncased's geometry (BertConfig's defaults): 110M parameters, 438 MB in fp32.
-    "bert-base": dict(),
-    "bert-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
-    "bert-tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512),
-}
 
 
 # ---------------------------------------------------------------------------------------------------
 # quantization-aware modules
 # ---------------------------------------------------------------------------------------------------
-class Index8Linear(nn.Linear):
+class FakeIndex8Linear(nn.Linear):
     """nn.Linear whose weight is 8-bit index fake-quantized in every forward (bias stays float)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, ste_index8(self.weight), self.bias)
 
 
-class Index8Embedding(nn.Embedding):
+class FakeIndex8Embedding(nn.Embedding):
     """nn.Embedding whose table is 8-bit index fake-quantized in every forward."""
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, ste_index8(self.weight), self.padding_idx)
 
 
-class BinaryLinear(nn.Linear):
+class FakeBinaryLinear(nn.Linear):
     """1-bit value linear: ``sign(x) @ sign(W)^T + b`` (no scale) once ``binarized``; before, ``sign(x) @ W^T + b``.
 
     The input STE is the identity; the weight STE passes gradients where ``|W| <= 1``. Both stay active in every
     phase, including the final all-binarized one (reference bug 1).
+
+    The bias is added after the product, not inside ``F.linear``: addmm may start its sum from the bias, and then a
+    tiny bias (2^-24 in pre-trained MiniLM) vanishes in ``b + 1 - 1``, so a product of 0 plus that bias came out 0
+    (sign -1) here but 2^-24 (sign +1) in the packed model, which adds the bias to the exact integer once.
     """
 
     binarized: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = ste_sign_weight(self.weight) if self.binarized else self.weight
-        return F.linear(ste_sign_input(x), w, self.bias)
+        y = F.linear(ste_sign_input(x), w)
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", binarized={self.binarized}"
@@ -102,12 +103,12 @@ def ffn_linears(layer: nn.Module) -> Iterator[tuple[nn.Module, str]]:
 
 def quantize_bert_for_training(bert: nn.Module, config: SensiMixConfig) -> None:
     """Swap a ``BertModel``'s embeddings and encoder Linears for their SensiMix QAT twins, in place."""
-    _swap(bert.embeddings, "word_embeddings", Index8Embedding)
-    _swap(bert.embeddings, "position_embeddings", Index8Embedding)
+    _swap(bert.embeddings, "word_embeddings", FakeIndex8Embedding)
+    _swap(bert.embeddings, "position_embeddings", FakeIndex8Embedding)
     for i, layer in enumerate(bert.encoder.layer):
         for parent, attr in attention_linears(layer):
-            _swap(parent, attr, Index8Linear)
-        ffn_cls = BinaryLinear if i >= config.num_8bit_layers else Index8Linear
+            _swap(parent, attr, FakeIndex8Linear)
+        ffn_cls = FakeBinaryLinear if i >= config.num_8bit_layers else FakeIndex8Linear
         for parent, attr in ffn_linears(layer):
             _swap(parent, attr, ffn_cls)
 
@@ -137,13 +138,13 @@ class SensiMixQATForSequenceClassification(BertForSequenceClassification):
         quantize_bert_for_training(self.bert, config)
 
     # -- 1-bit FFN control (Inverse Layer-wise Fine-tuning) ----------------------------------------
-    def binary_linears(self, layers: Iterable[int] | None = None) -> Iterator[tuple[int, BinaryLinear]]:
+    def binary_linears(self, layers: Iterable[int] | None = None) -> Iterator[tuple[int, FakeBinaryLinear]]:
         wanted = set(self.config.mixed_layers if layers is None else layers)
         for i, layer in enumerate(self.bert.encoder.layer):
             if i in wanted:
                 for parent, attr in ffn_linears(layer):
                     module = getattr(parent, attr)
-                    if isinstance(module, BinaryLinear):
+                    if isinstance(module, FakeBinaryLinear):
                         yield i, module
 
     def set_binarized_layers(self, layers: Iterable[int]) -> None:
@@ -169,7 +170,7 @@ class SensiMixQATForSequenceClassification(BertForSequenceClassification):
     def quantized_weight_names(self) -> set[str]:
         """State-dict names of the weights stored quantized (8-bit indices or sign bits); the rest is float."""
         return {f"{name}.weight" for name, m in self.named_modules()
-                if isinstance(m, (Index8Linear, Index8Embedding, BinaryLinear))}
+                if isinstance(m, (FakeIndex8Linear, FakeIndex8Embedding, FakeBinaryLinear))}
 
     @torch.no_grad()
     def round_float_tensors_to_fp16_(self) -> int:
@@ -183,34 +184,6 @@ class SensiMixQATForSequenceClassification(BertForSequenceClassification):
                 t.data.copy_(t.data.to(torch.float16))
                 count += 1
         return count
-
-
-def _is_random(source: object) -> bool:
-    return isinstance(source, str) and source.startswith(RANDOM_PREFIX)
-
-
-def teacher_config(source: str | os.PathLike | BertConfig) -> BertConfig:
-    """The BertConfig of ``source``: a BertConfig, ``random:<geometry>``, a local folder or a hub id."""
-    if isinstance(source, BertConfig):
-        return source
-    if _is_random(source):
-        geometry = str(source)[len(RANDOM_PREFIX):]
-        if geometry not in RANDOM_GEOMETRIES:
-            raise ValueError(
-                f"unknown random geometry {geometry!r}; choose one of "
-                + ", ".join(RANDOM_PREFIX + g for g in RANDOM_GEOMETRIES)
-            )
-        return BertConfig(**RANDOM_GEOMETRIES[geometry])
-    path = os.fspath(source)
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"{path} is a folder but has no config.json: not a BERT checkpoint folder")
-    try:
-        return BertConfig.from_pretrained(path)
-    except OSError as exc:
-        raise OSError(
-            f"could not load a BERT config from {path!r}: give a local checkpoint folder (with config.json), "
-            f"a hub id when online (e.g. bert-base-uncased), or random:bert-base for random weights. ({exc})"
-        ) from exc
 
 
 def from_bert(
@@ -228,9 +201,7 @@ def from_bert(
     classifier head with the same ``num_labels`` is kept), ``random:bert-base`` or a ``BertConfig`` for
     random weights.
     """
-    tcfg = teacher_config(source)
-    if tcfg.model_type not in ("bert", "sensimix"):
-        raise ValueError(f"{source!r} is a {tcfg.model_type!r} model; SensiMix needs a BERT checkpoint")
+    tcfg = bert_config(source)
     fields = tcfg.to_dict()
     for key in ("model_type", "architectures", "transformers_version", "num_8bit_layers", "_name_or_path"):
         fields.pop(key, None)
@@ -243,8 +214,9 @@ def from_bert(
     config.validate_sensimix(teacher_layers=tcfg.num_hidden_layers)
     if seed is not None:
         torch.manual_seed(seed)
-    if isinstance(source, BertConfig) or _is_random(source):
-        log.info("building %s with random weights (%s geometry)", config.describe(), source if _is_random(source) else "given")
+    if isinstance(source, BertConfig) or is_random(source):
+        log.info("building %s with random weights (%s geometry)", config.describe(),
+                 source if is_random(source) else "given")
         return SensiMixQATForSequenceClassification(config)
     log.info("initialising %s from the first %d layers of %s", config.describe(), num_hidden_layers, source)
     # transformers prints a table of every tensor of the dropped upper layers as UNEXPECTED; say it briefly instead
@@ -254,13 +226,25 @@ def from_bert(
         # a fine-tuned head for another label count is re-initialised (and logged), not a load error
         model, info = SensiMixQATForSequenceClassification.from_pretrained(
             os.fspath(source), config=config, output_loading_info=True, ignore_mismatched_sizes=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SourceError(f"{source}: cannot load its weights ({type(exc).__name__}: {first}); the weight files are "
+                          f"missing, truncated, unsafe to unpickle or do not match config.json") from exc
     finally:
         hf_logging.set_verbosity(verbosity)
     _log_loading_info(info, source, num_hidden_layers, tcfg.num_hidden_layers)
     return model
 
 
+# tensors a BERT checkpoint may lack: the task head (and pooler) are newly initialised when missing
+_HEAD = ("classifier.", "bert.pooler.")
+
+
 def _log_loading_info(info: dict, source: object, kept: int, teacher_layers: int) -> None:
+    body = sorted(k for k in info.get("missing_keys", []) if not k.startswith(_HEAD))
+    if body:  # the encoder would run on random weights: never silently
+        raise SourceError(f"{source} lacks {len(body)} encoder weight(s) SensiMix starts from (e.g. "
+                          f"{', '.join(body[:3])}); they would be random. Is it a BERT checkpoint of this geometry?")
     upper = re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\.")
     unexpected = [k for k in info.get("unexpected_keys", [])
                   if not ((m := upper.search(k)) and int(m.group(1)) >= kept)]

@@ -4,9 +4,15 @@ import pytest
 import torch
 from transformers import BertConfig
 
-from sensimix.modeling import (BinaryLinear, Index8Embedding, Index8Linear, SensiMixQATForSequenceClassification,
-                               from_bert)
+from sensimix.qat import (
+    FakeBinaryLinear,
+    FakeIndex8Embedding,
+    FakeIndex8Linear,
+    SensiMixQATForSequenceClassification,
+    from_bert,
+)
 from sensimix.quant import index8_fake_quant, sign
+from sensimix.sources import SourceError
 
 
 def _inputs(vocab=120, b=3, t=10):
@@ -20,12 +26,12 @@ def _inputs(vocab=120, b=3, t=10):
 def test_module_roles_follow_the_split(tiny_bert_config):
     m = from_bert(tiny_bert_config, num_hidden_layers=3, num_8bit_layers=1, seed=0)
     emb = m.bert.embeddings
-    assert isinstance(emb.word_embeddings, Index8Embedding) and isinstance(emb.position_embeddings, Index8Embedding)
+    assert isinstance(emb.word_embeddings, FakeIndex8Embedding) and isinstance(emb.position_embeddings, FakeIndex8Embedding)
     assert type(emb.token_type_embeddings) is torch.nn.Embedding  # token types stay floating point
     for i, layer in enumerate(m.bert.encoder.layer):
-        assert isinstance(layer.attention.self.query, Index8Linear)
-        assert isinstance(layer.attention.output.dense, Index8Linear)
-        ffn = BinaryLinear if i >= 1 else Index8Linear
+        assert isinstance(layer.attention.self.query, FakeIndex8Linear)
+        assert isinstance(layer.attention.output.dense, FakeIndex8Linear)
+        ffn = FakeBinaryLinear if i >= 1 else FakeIndex8Linear
         assert type(layer.intermediate.dense) is ffn and type(layer.output.dense) is ffn
     assert type(m.bert.pooler.dense) is torch.nn.Linear and type(m.classifier) is torch.nn.Linear
     assert len(m.bert.encoder.layer) == 3
@@ -58,7 +64,7 @@ def test_deeper_than_teacher_and_bad_sources_are_refused(tiny_bert_dir, tmp_path
         from_bert(tiny_bert_dir, num_hidden_layers=5, num_8bit_layers=2)
     with pytest.raises(FileNotFoundError, match="no config.json"):
         from_bert(tmp_path, num_hidden_layers=1, num_8bit_layers=1)
-    with pytest.raises(ValueError, match="unknown random geometry"):
+    with pytest.raises(SourceError, match="unknown random geometry"):
         from_bert("random:bert-huge")
 
 
@@ -85,9 +91,9 @@ def test_forward_matches_a_hand_computed_quantized_bert(tiny_bert_config):
     plain = BertForSequenceClassification(BertConfig(**{**tiny_bert_config.to_dict(), "num_hidden_layers": 2})).eval()
     state = {k: v.clone() for k, v in m.state_dict().items()}
     for name, mod in m.named_modules():
-        if isinstance(mod, (Index8Linear, Index8Embedding)):
+        if isinstance(mod, (FakeIndex8Linear, FakeIndex8Embedding)):
             state[f"{name}.weight"] = index8_fake_quant(mod.weight.detach())
-        elif isinstance(mod, BinaryLinear):
+        elif isinstance(mod, FakeBinaryLinear):
             state[f"{name}.weight"] = sign(mod.weight.detach())
     plain.load_state_dict(state)
     # binarized inputs: wrap the two FFN linears of layer 1
@@ -145,3 +151,41 @@ def test_save_and_reload_training_checkpoint(tiny_bert_config, tmp_path):
     x = _inputs()
     with torch.no_grad():
         assert torch.equal(m(**x).logits, back(**x).logits)
+
+
+def test_binary_linear_adds_a_tiny_bias_after_the_product():
+    """A ±1 product of 0 plus a bias of 2^-24 is 2^-24 > 0 (sign +1), as the packed model computes it. Inside
+    F.linear's addmm a GEMM blocked along K adds partial sums to the bias, (b + 1536) - 1536 = 0, and the sign
+    flipped to -1 (seen on pre-trained MiniLM, whose layer 4 holds such a bias)."""
+    k = 3072
+    lin = FakeBinaryLinear(k, 2)
+    lin.binarized = True
+    half = torch.cat([torch.ones(k // 2), -torch.ones(k // 2)])
+    with torch.no_grad():
+        lin.weight.copy_(torch.stack([half, half.flip(0)]))
+        lin.bias.copy_(torch.tensor([2.0 ** -24, -(2.0 ** -24)]))
+    y = lin(torch.ones(5, k))
+    assert (y[:, 0] == 2.0 ** -24).all() and (y[:, 1] == -(2.0 ** -24)).all()
+
+
+def test_packed_folder_is_not_a_bert_source(tmp_path, tiny_bert_config):
+    from sensimix.export import export_checkpoint
+
+    m = from_bert(tiny_bert_config, num_hidden_layers=2, num_8bit_layers=1, seed=0)
+    folder = export_checkpoint(m, tmp_path / "packed")
+    with pytest.raises(SourceError, match="is a packed SensiMix checkpoint .* not a BERT"):
+        from_bert(folder, num_hidden_layers=2, num_8bit_layers=1)
+
+
+def test_missing_encoder_weights_are_an_error(tiny_bert_dir, tmp_path):
+    """A folder whose weights do not cover the encoder would train from random weights: refused."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "partial"
+    shutil.copytree(tiny_bert_dir, folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if "layer.0." not in k}, str(folder / "model.safetensors"))
+    with pytest.raises(SourceError, match="lacks .* encoder weight"):
+        from_bert(folder, num_hidden_layers=2, num_8bit_layers=1)

@@ -1,8 +1,9 @@
 """``sensimix`` command line: compress | finetune | evaluate | verify.
 
-Each sub-command lives in its own module exposing ``HELP``, ``DESCRIPTION``, ``add_arguments(parser)``
-and ``run(args) -> int`` (the exit status). Those modules keep heavy imports (torch, transformers, datasets,
-matplotlib) inside ``run`` so that ``sensimix --help`` stays fast.
+Each sub-command lives in its own module exposing ``HELP``, ``DESCRIPTION``, ``add_arguments(parser)`` and
+``run(args) -> int`` (the exit status); commands only parse arguments and call library functions. Errors a
+user can fix (bad option, missing or wrong folder, unreadable file, diverged training) print one line and exit
+with status 2; nothing is written or deleted by a command that fails.
 """
 
 from __future__ import annotations
@@ -10,14 +11,19 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import pickle
+import signal
 import sys
+import threading
 
 COMMANDS = {
-    "compress": "sensimix.compress",
-    "finetune": "sensimix.finetune",
-    "evaluate": "sensimix.evaluate",
-    "verify": "sensimix.verify",
+    "compress": "sensimix.cli.compress",
+    "finetune": "sensimix.cli.finetune",
+    "evaluate": "sensimix.cli.evaluate",
+    "verify": "sensimix.cli.verify",
 }
+# errors with a message for the user (CheckpointError, SourceError, OutputError, NonFiniteLogits are ValueErrors)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, OSError, TypeError, ImportError, pickle.UnpicklingError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,18 +45,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 2000 else text[:2000] + " ..."
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    log = logging.getLogger("sensimix")
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM unwinds like an exception, so temp folders are removed and locks released on the way out
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         return int(args._run(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, OSError, TypeError) as exc:
-        logging.getLogger("sensimix").error("%s", exc)
+    except USER_ERRORS as exc:
+        log.error("%s", _one_line(exc))
         return 2
+    except KeyboardInterrupt:
+        log.error("interrupted; nothing was written")
+        return 130
     finally:
         if "torch.distributed" in sys.modules:  # under torchrun: close the process group the Trainer opened
-            from . import distributed
+            from ..train import distributed
 
             distributed.shutdown()
 

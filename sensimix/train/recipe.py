@@ -24,7 +24,24 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from ..qat import SensiMixQATForSequenceClassification
+
 log = logging.getLogger(__name__)
+
+
+def _finite_number(name: str, value: object, *, low: float, high: float = math.inf, low_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and \
+        (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high != math.inf else "")
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+
+
+def _int_at_least(name: str, value: object, low: int, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 @dataclass
@@ -55,6 +72,26 @@ class TrainSettings:
     logging_steps: int = 50
     dataloader_workers: int = 0
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Every value checked now, with the command-line flag's name, not after hours of training."""
+        _finite_number("--epochs", self.epochs, low=0, low_open=True)
+        _int_at_least("--max-steps", self.max_steps, -1)
+        _int_at_least("--batch-size", self.batch_size, 1)
+        _finite_number("--lr", self.learning_rate, low=0, high=1.0, low_open=True)
+        _finite_number("--warmup-ratio", self.warmup_ratio, low=0, high=0.999)
+        _finite_number("weight_decay", self.weight_decay, low=0)
+        _finite_number("max_grad_norm", self.max_grad_norm, low=0, low_open=True)
+        _int_at_least("--max-seq-length", self.max_seq_length, 2)
+        _int_at_least("--seed", self.seed, 0)
+        _int_at_least("--train-limit", self.train_limit, 1, allow_none=True)
+        _int_at_least("--eval-limit", self.eval_limit, 1, allow_none=True)
+        _finite_number("abwr_coef", self.abwr_coef, low=0)
+        _finite_number("--distill-alpha", self.distill_alpha, low=0, high=1)
+        _finite_number("--distill-temperature", self.distill_temperature, low=0, low_open=True)
+        _finite_number("--distill-hidden", self.distill_hidden, low=0)
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -136,7 +173,7 @@ class SensiMixTrainer(Trainer):
             if want_hidden:
                 loss = loss + self.settings.distill_hidden * hidden_state_loss(
                     outputs.hidden_states, t_out.hidden_states, inputs.get("attention_mask"))
-        if self.settings.abwr and hasattr(core, "abwr_loss"):
+        if self.settings.abwr and isinstance(core, SensiMixQATForSequenceClassification):
             loss = loss + self.settings.abwr_coef * core.abwr_loss()
         return (loss, outputs) if return_outputs else loss
 
@@ -198,17 +235,21 @@ def accuracy_metric(eval_pred) -> dict[str, float]:
 
 def train(model, tokenizer, train_ds, eval_ds, settings: TrainSettings, output_dir: str | os.PathLike,
           *, teacher: torch.nn.Module | None = None) -> tuple[dict, list]:
-    """Train ``model`` (SensiMix QAT, or a plain BERT when it has no 1-bit FFNs) and return (metrics, schedule).
+    """Train ``model`` -- a SensiMix QAT model (with the PT/ILF schedule and ABWR), or a plain BERT classifier
+    (fine-tuning) -- and return (metrics, schedule).
 
     ``metrics`` holds the final ``eval_accuracy`` (when ``eval_ds`` is given) and ``train_loss``; ``schedule``
-    the (epoch, binarized layers) pairs applied.
+    the (epoch, binarized layers) pairs applied (empty for a plain BERT).
     """
     from transformers import DataCollatorWithPadding
 
+    if len(train_ds) == 0:
+        raise ValueError("no training examples: check the data folder and --train-limit")
+    qat = isinstance(model, SensiMixQATForSequenceClassification)
     args = training_arguments(settings, output_dir, has_eval=eval_ds is not None)
     callbacks = []
     ilf = None
-    if hasattr(model, "set_binarized_layers"):
+    if qat:
         ilf = ILFCallback(model, settings)
         callbacks.append(ilf)
         if settings.max_steps < 0:
@@ -224,9 +265,8 @@ def train(model, tokenizer, train_ds, eval_ds, settings: TrainSettings, output_d
     result = trainer.train()
     metrics = {"train_loss": result.training_loss, "train_steps": result.global_step,
                "train_examples": len(train_ds)}
-    if ilf is not None:
-        ilf.model.set_binarized_layers(model.config.mixed_layers)  # evaluate what the checkpoint will hold
-    if hasattr(model, "round_float_tensors_to_fp16_"):
+    if qat:
+        model.set_binarized_layers(model.config.mixed_layers)  # evaluate what the checkpoint will hold
         n = model.round_float_tensors_to_fp16_()
         log.info("rounded %d float tensors to fp16 as the checkpoint stores them: the final evaluation is the "
                  "exported checkpoint's", n)

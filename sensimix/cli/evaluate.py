@@ -1,0 +1,131 @@
+"""``sensimix evaluate``: inference time and accuracy of a BERT or SensiMix folder, with the certified log lines."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from .common import add_data_arguments, int_at_least
+
+HELP = "time inference and score accuracy of a BERT or SensiMix folder on a GLUE task"
+DESCRIPTION = """\
+Run a model folder over a GLUE task and print the certified log lines (KOTCA KST-21-049):
+
+    Num examples = N
+    Batch size = B
+    duration: <ms> ms
+    acc = <value>
+
+--model is a plain BERT folder (the baseline: transformers' BertForSequenceClassification) or a packed
+SensiMix folder (config.json has "sensimix_format"). Examples are tokenized as the certified cached features
+were: padded to --max-seq-length. --examples N larger than the split cycles through it (the certified run used
+104,743 QNLI examples).
+
+What is timed ("duration"): only the model's forward passes over all batches, plus the argmax of the logits on
+the device. Tokenization and host-to-device copies happen before the clock starts (inputs are staged on the
+device); --warmup-batches untimed batches run first; on CUDA the device is synchronized before starting and
+after stopping the clock. Everything runs under torch.inference_mode. A model that produces NaN/inf logits is
+an error (exit 2), never a score.
+
+Precision: fp32 is the certified baseline math (BERT: eager attention; CUDA: TF32 disabled) and, for SensiMix,
+the quantization-aware model's arithmetic (exact). fp16 uses SDPA attention for BERT and fp16 GEMMs for
+SensiMix. bf16 runs all activations in bf16 (approximate). fast (SensiMix only; approximate) is the fastest
+measured recipe for the device (see sensimix.inference.plan); its agreement with fp32 on trained models is a
+V&V criterion. SensiMix skips padded tokens in every precision (they cannot change the logits). The BERT
+baseline has no fast mode: time it in fp32, as certified.
+"""
+
+PRECISIONS = ("fp32", "fp16", "bf16", "fast")  # sensimix.inference.PRECISIONS (not imported: --help stays light)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="BERT folder or packed SensiMix folder")
+    add_data_arguments(p, default_task="qnli")
+    p.add_argument("--split", default="dev", choices=["dev", "train"], help="default: %(default)s")
+    p.add_argument("--examples", type=int_at_least(1), default=None, metavar="N",
+                   help="examples to run; more than the split cycles through it (certified: 104743)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=128, help="default: %(default)s (certified)")
+    p.add_argument("--max-seq-length", type=int_at_least(5), default=128,
+                   help="pad/truncate to this many tokens (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="activation precision (default: %(default)s, the certified math; 'fast': SensiMix's "
+                        "fastest recipe, approximate; see above)")
+    p.add_argument("--warmup-batches", type=int_at_least(0), default=2,
+                   help="untimed batches before timing (default: %(default)s)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the --model folder)")
+    p.add_argument("--synthetic", action="store_true",
+                   help="random QNLI-shaped inputs instead of GLUE data (times only; accuracy is meaningless)")
+    p.add_argument("--binary-kernel", default=None,
+                   help="SensiMix 1-bit kernel (default: the device's fastest exact one)")
+    p.add_argument("--index8-kernel", default=None,
+                   help="SensiMix 8-bit kernel (default: exact, or the fast recipe's with --precision fast; "
+                        "'int8', 'fbgemm' and 'bf16' round activations: approximate)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+
+
+def _check_json_target(path: str) -> None:
+    from pathlib import Path
+
+    target = Path(path)
+    if target.exists() and target.is_dir():
+        raise ValueError(f"--json {path} is a folder; give a file name")
+    if not target.parent.is_dir():
+        raise FileNotFoundError(f"--json {path}: the folder {target.parent} does not exist; create it first")
+    if not os.access(target.parent, os.W_OK):
+        raise PermissionError(f"--json {path}: cannot write into {target.parent}")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..devices import device_name, resolve_device
+    from ..sources import load_tokenizer
+    from ..vv.measure import (
+        check_inputs_fit,
+        is_sensimix_folder,
+        load_for_inference,
+        make_batches,
+        run_inference,
+        synthetic_inputs,
+        task_inputs,
+    )
+
+    if args.json:
+        _check_json_target(args.json)  # before the run, not after it
+    device = resolve_device(args.device)
+    kind = "sensimix" if is_sensimix_folder(args.model) else "bert"
+    model = load_for_inference(args.model, device=device, precision=args.precision,
+                               binary_kernel=args.binary_kernel, index8_kernel=args.index8_kernel)
+    if args.synthetic:
+        inputs = synthetic_inputs(args.examples or 5463, max_seq_length=args.max_seq_length,
+                                  vocab_size=model.config.vocab_size)
+        data = "synthetic"
+    else:
+        tokenizer = load_tokenizer(args.tokenizer or args.model)
+        inputs = task_inputs(args.task, tokenizer, glue_dir=args.glue_dir, split=args.split,
+                             max_seq_length=args.max_seq_length, hub=args.hub_data)
+        data = f"{args.task} {args.split}"
+    check_inputs_fit(inputs, model.config, f"{data} tokenized for {args.model}")
+    batches = make_batches(inputs, batch_size=args.batch_size, num_examples=args.examples, device=device,
+                           packing=kind == "sensimix" and device.startswith("cuda"))
+    result = run_inference(model, batches, warmup_batches=args.warmup_batches, device=device)
+    lines = result.log_lines()
+    for line in lines:
+        print(line, flush=True)
+    if args.json:
+        from ..io import write_json
+
+        plan = getattr(model, "plan", None)
+        write_json(args.json, {
+            "num_examples": result.num_examples, "batch_size": result.batch_size,
+            "duration_ms": result.duration_ms, "acc": result.accuracy, "log": lines,
+            "model": os.fspath(args.model), "kind": kind, "data": data, "max_seq_length": args.max_seq_length,
+            "device": device, "device_name": device_name(device), "precision": args.precision,
+            "warmup_batches": args.warmup_batches, "torch": torch.__version__,
+            "kernels": {"binary": plan.binary_kernel if plan else None, "index8": plan.index8_kernel if plan else None},
+            "skip_padding": bool(plan and plan.skip_padding),
+            "timed": "model forward passes + on-device argmax; inputs pre-staged; warm-up excluded; "
+                     "device synchronized",
+        })
+    return 0

