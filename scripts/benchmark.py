@@ -5,10 +5,9 @@ Models (batch 128 x seq 128 by default, random weights, synthetic QNLI-shaped in
 
 * BERT-base fp32 (``BertConfig()``, eager attention, TF32 off): the certified baseline;
 * BERT-base fp16 + SDPA (CUDA only): what a user would run instead;
-* SensiMix (2+1) and (3+3), built with ``sensimix.modeling.from_bert("random:bert-base", ...)``, exported with
-  ``sensimix.export.export_checkpoint`` and loaded with ``sensimix.runtime``: the exact path (fp32 on CPU), the
-  ``fast`` precision (CPU: bf16 8-bit GEMMs with fused Q/K/V and GELU, exact int8 1-bit FFNs, fp32 residual
-  stream, padded tokens skipped), ``fast`` with padding kept (the kernels' share of the gain), and other
+* SensiMix (2+1) and (3+3), built with ``sensimix.qat.from_bert("random:bert-base", ...)``, exported with
+  ``sensimix.export.export_checkpoint`` and loaded with ``sensimix.SensiMixForSequenceClassification``: the exact
+  path (fp32), the ``fast`` precision, ``fast`` with padding kept (the kernels' share of the gain), and other
   approximate variants, each with its logit gap against the exact runtime on the first batch;
 * on CPU, a like-for-like baseline for the padding skip: BERT-base's FLOPs through the same runtime with padded
   tokens skipped (a (12+0) checkpoint, i.e. 12 layers of 8-bit weights dequantized to fp32 at load: dense fp32
@@ -17,7 +16,7 @@ Models (batch 128 x seq 128 by default, random weights, synthetic QNLI-shaped in
 Timing: every model is timed over the same batches in each of ``--rounds`` rounds, models interleaved within a
 round (A, B, C, A, B, C, ...), and the median round is reported, so that load from other processes on a shared
 machine hits all models alike; compare the ratios, not the absolute times. Times use
-``sensimix.evaluate.run_inference`` (model work only, warm-up excluded, device synchronized).
+``sensimix.vv.measure.run_inference`` (model work only, warm-up excluded, device synchronized).
 
 Then per-kernel GEMM throughput for M=16384 tokens and the BERT shapes (K, N) in {768, 3072}, against fp32 GEMM
 (CPU) or fp16 cuBLAS (CUDA). Usage::
@@ -44,18 +43,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from sensimix import kernels  # noqa: E402
-from sensimix.evaluate import (  # noqa: E402
-    certified_fp32,
-    device_name,
-    make_batches,
-    resolve_device,
-    run_inference,
-    synthetic_inputs,
-)
-from sensimix.quant import index8_quantize, pack_signs  # noqa: E402
+from sensimix import SensiMixForSequenceClassification, kernels
+from sensimix.devices import certified_fp32, device_name, resolve_device
+from sensimix.quant import index8_quantize, pack_signs
+from sensimix.vv.measure import make_batches, run_inference, synthetic_inputs
 
 log = logging.getLogger("benchmark")
 
@@ -88,20 +79,17 @@ LIKE_FOR_LIKE = "BERT-base fp32, padding skipped (runtime)"
 def bert_base(device: str, half: bool) -> torch.nn.Module:
     from transformers import BertConfig, BertForSequenceClassification
 
-    from sensimix.runtime import BertLogits
-
     torch.manual_seed(0)
     config = BertConfig()
-    config._attn_implementation = "sdpa" if half else "eager"  # certified fp32 math is eager attention
-    model = BertForSequenceClassification(config)
+    model = BertForSequenceClassification(config, attn_implementation="sdpa" if half else "eager")  # eager: certified
     if half:
         model = model.half()
-    return BertLogits(model).to(device).eval()
+    return model.to(device).eval()
 
 
 def export_sensimix(layers: int, eightbit: int, root: Path) -> Path:
     from sensimix.export import export_checkpoint
-    from sensimix.modeling import from_bert
+    from sensimix.qat import from_bert
 
     qat = from_bert("random:bert-base", num_hidden_layers=layers, num_8bit_layers=eightbit, seed=0)
     qat.set_binarized_layers(qat.config.mixed_layers)
@@ -121,7 +109,7 @@ def time_once(model: torch.nn.Module, batches, device: str) -> float:
 def logit_gap(model: torch.nn.Module, exact: torch.nn.Module, batch: dict) -> dict:
     with torch.inference_mode():
         args = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-        got, want = model(*args).float(), exact(*args).float()
+        got, want = model(*args).logits.float(), exact(*args).logits.float()
     gap = (got - want).abs().max().item()
     return {"max_abs_logit_gap": gap, "max_abs_logit": want.abs().max().item(),
             "relative_gap": gap / max(want.abs().max().item(), 1e-12),
@@ -131,20 +119,18 @@ def logit_gap(model: torch.nn.Module, exact: torch.nn.Module, batch: dict) -> di
 def sensimix_variants(cuda: bool) -> list[tuple[str, dict]]:
     """(label, from_pretrained kwargs) for SensiMix (2+1); the first is the exact reference of the logit gaps."""
     if cuda:
-        return [("fp32 (exact vs QAT)", dict(dtype=torch.float32)),
-                ("fp16", dict(dtype=torch.float16)),
-                ("fp16, 1-bit int8", dict(dtype=torch.float16, binary_kernel="int8")),
-                ("fp16, 8-bit int8 act. (approx.)", dict(dtype=torch.float16, index8_kernel="int8"))]
-    return [("fp32 (exact)", dict(dtype="fp32")),
-            ("fast", dict(dtype="fast")),
-            ("fast, padding kept", dict(dtype="fast", skip_padding=False)),
-            ("fast, 8-bit fbgemm", dict(dtype="fast", index8_kernel="fbgemm")),
-            ("bf16 (approx.)", dict(dtype="bf16"))]
+        return [("fp32 (exact vs QAT)", dict(precision="fp32")),
+                ("fp16", dict(precision="fp16")),
+                ("fp16, 1-bit int8", dict(precision="fp16", binary_kernel="int8")),
+                ("fp16, 8-bit int8 act. (approx.)", dict(precision="fp16", index8_kernel="int8"))]
+    return [("fp32 (exact)", dict(precision="fp32")),
+            ("fast", dict(precision="fast")),
+            ("fast, padding kept", dict(precision="fast", skip_padding=False)),
+            ("fast, 8-bit fbgemm", dict(precision="fast", index8_kernel="fbgemm")),
+            ("bf16 (approx.)", dict(precision="bf16"))]
 
 
 def run_models(args: argparse.Namespace, device: str) -> list[dict]:
-    from sensimix.runtime import SensiMixForSequenceClassification
-
     cuda = device.startswith("cuda")
     n_batches = args.batches or (20 if cuda else 1)
     warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
@@ -161,7 +147,7 @@ def run_models(args: argparse.Namespace, device: str) -> list[dict]:
         if not cuda:
             folder = export_sensimix(12, 12, Path(tmp))
             models.append((LIKE_FOR_LIKE, SensiMixForSequenceClassification.from_pretrained(
-                folder, device=device, dtype="fp32", skip_padding=True), {}))
+                folder, device=device, precision="fp32", skip_padding=True), {}))
         for layers, eightbit in ((3, 2), (6, 3)):
             folder = export_sensimix(layers, eightbit, Path(tmp))
             variants = sensimix_variants(cuda)
@@ -172,7 +158,8 @@ def run_models(args: argparse.Namespace, device: str) -> list[dict]:
                     exact = model
                 info = {"kernels": {"binary": model.binary_kernel, "index8": model.index8_kernel},
                         "dtype": str(model.dtype).removeprefix("torch."), "precision": model.precision,
-                        "skip_padding": model.skip_padding, **logit_gap(model, exact, batches[0])}
+                        "skip_padding": model.skip_padding, "plan": model.plan.describe(),
+                        **logit_gap(model, exact, batches[0])}
                 models.append((f"SensiMix ({eightbit}+{layers - eightbit}) {label}", model, info))
     for name, model, _ in models:
         run_inference(model, batches[:1], warmup_batches=warmup, device=device)  # warm-up, untimed
@@ -238,7 +225,7 @@ def run_gemms(args: argparse.Namespace, device: str) -> list[dict]:
         rows.append({"kernel": base_name, "m": m, "k": k, "n": n, "ms": base_s * 1e3, "tops": flops / base_s / 1e12,
                      "speedup": 1.0})
         bits = pack_signs(w).to(device)
-        for name, kern in kernels.BINARY_KERNELS.items():
+        for name, kern in kernels.BINARY_KERNELS.items():  # noqa: B007
             # the reference is for tests; fp8 on CPU is oneDNN emulation (seconds per call)
             if name == "reference" or kern.unavailable(dev) or (name == "fp8" and not cuda):
                 continue
@@ -253,8 +240,8 @@ def run_gemms(args: argparse.Namespace, device: str) -> list[dict]:
         for name, kern in kernels.INDEX8_KERNELS.items():
             if name == "reference" or kern.unavailable(dev):
                 continue
-            wk, params = kern.prepare(q.to(device), weight_range, dtype)
-            s = time_call(lambda: kern.linear(x, wk, params, bias), reps, device)
+            prepared = kern.prepare([(q.to(device), weight_range, bias)], dtype)
+            s = time_call(lambda: kern.linear(x, prepared), reps, device)
             rows.append({"kernel": f"8-bit {name}" + ("" if kern.exact else " (approx.)"), "m": m, "k": k, "n": n,
                          "ms": s * 1e3, "tops": flops / s / 1e12, "speedup": base_s / s})
         for r in rows[first:]:
@@ -265,7 +252,10 @@ def run_gemms(args: argparse.Namespace, device: str) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------------
 def environment(device: str) -> dict:
-    env = {"device": device, "device_name": device_name(device), "torch": torch.__version__,
+    from sensimix.devices import cpu_features
+
+    env = {"device": device, "device_name": device_name(device), "cpu_flags": sorted(cpu_features()),
+           "torch": torch.__version__,
            "cuda": torch.version.cuda, "python": platform.python_version(), "threads": torch.get_num_threads(),
            "cpu_count": os.cpu_count(), "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
            "quantized_engine": str(kernels.quantized_engine())}
