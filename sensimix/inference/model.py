@@ -26,162 +26,13 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .. import checkpoint
 from ..config import SensiMixConfig
-from .layers import (
-    BinaryLinear,
-    Embedding,
-    FusedIndex8Linear,
-    Index8Embedding,
-    Index8Linear,
-    LayerNorm,
-    Linear,
-    PackedModule,
-)
+from .encoder import Attention, SensiMixModel
+from .inputs import check_inputs
+from .layers import Index8Linear, Linear, PackedModule
 from .packing import Packing
 from .plan import InferencePlan, make_plan
 
 log = logging.getLogger(__name__)
-
-
-def _residual(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``out + x`` in x's dtype: a bf16 kernel output is cast first, in one pass, then added in place (torch's
-    mixed-dtype add promotes elementwise and measured ~1.8x slower)."""
-    if out.dtype == x.dtype:
-        return out + x
-    return out.to(x.dtype).add_(x)
-
-
-# ---------------------------------------------------------------------------------------------------
-# the module tree (attribute names are transformers' BERT names: they are the checkpoint's tensor names)
-# ---------------------------------------------------------------------------------------------------
-class Embeddings(nn.Module):
-    def __init__(self, c: SensiMixConfig) -> None:
-        super().__init__()
-        self.word_embeddings = Index8Embedding(c.vocab_size, c.hidden_size)
-        self.position_embeddings = Index8Embedding(c.max_position_embeddings, c.hidden_size)
-        self.token_type_embeddings = Embedding(c.type_vocab_size, c.hidden_size)
-        self.LayerNorm = LayerNorm(c.hidden_size, c.layer_norm_eps)
-
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, S] ids (positions 0..S-1), or packed [T] ids with their ``positions`` (:class:`Packing`)."""
-        if positions is None:
-            positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
-        # BERT's order: (word + token type) + position, then LayerNorm
-        x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
-        return self.LayerNorm(x + self.position_embeddings(positions))
-
-
-class SelfAttention(nn.Module):
-    def __init__(self, c: SensiMixConfig) -> None:
-        super().__init__()
-        h = c.hidden_size
-        self.query, self.key, self.value = Index8Linear(h, h), Index8Linear(h, h), Index8Linear(h, h)
-
-
-class AttentionOutput(nn.Module):
-    def __init__(self, c: SensiMixConfig) -> None:
-        super().__init__()
-        self.dense = Index8Linear(c.hidden_size, c.hidden_size)
-        self.LayerNorm = LayerNorm(c.hidden_size, c.layer_norm_eps)
-
-
-class Attention(nn.Module):
-    def __init__(self, c: SensiMixConfig) -> None:
-        super().__init__()
-        self.self = SelfAttention(c)
-        self.output = AttentionOutput(c)
-        self.num_heads = c.num_attention_heads
-        self.scale = (c.hidden_size // c.num_attention_heads) ** -0.5
-        self.qkv: FusedIndex8Linear | None = None
-
-    def prepare(self, plan: InferencePlan) -> None:
-        parts = [self.self.query, self.self.key, self.self.value]
-        if plan.fuse_qkv:  # Q, K and V read the same x: one GEMM (one activation cast/quantization)
-            self.qkv = FusedIndex8Linear(parts, plan)
-            for part in parts:
-                part.kernel, part.fused_into = self.qkv.kernel, "qkv"
-        else:
-            self.qkv = None
-            for part in parts:
-                part.prepare(plan)
-        self.output.dense.prepare(plan)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, packing: Packing | None = None) -> torch.Tensor:
-        """``x`` [B, S, H] with ``mask``, or packed [T, H] with ``packing`` (then ``mask`` is unused)."""
-        lead, hidden = x.shape[:-1], x.shape[-1]
-        if self.qkv is not None:
-            qkv = self.qkv(x).view(*lead, 3, self.num_heads, -1)  # [..., 3, heads, d]
-            parts = qkv.unbind(-3)
-        else:
-            s = self.self
-            parts = [t(x).view(*lead, self.num_heads, -1) for t in (s.query, s.key, s.value)]
-            qkv = None
-        if packing is not None:
-            ctx = packing.attention(qkv if qkv is not None else torch.stack(parts, dim=1), self.scale)
-        else:
-            # [B, S, heads, d] -> [B, heads, S, d] strided views (SDPA takes strided inputs)
-            q, k, v = (t.transpose(1, 2) for t in parts)
-            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-            ctx = ctx.transpose(1, 2).reshape(*lead, hidden)
-        return self.output.LayerNorm(_residual(self.output.dense(ctx), x))
-
-
-class Intermediate(nn.Module):
-    def __init__(self, c: SensiMixConfig, mixed: bool) -> None:
-        super().__init__()
-        # a mixed layer's intermediate returns sign(h) directly: its activation is skipped exactly
-        self.dense = BinaryLinear(c.hidden_size, c.intermediate_size, sign_output=True) if mixed \
-            else Index8Linear(c.hidden_size, c.intermediate_size)
-        self.act = c.hidden_act
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.dense, BinaryLinear):
-            return self.dense(x)
-        return self.dense.forward_act(x, self.act)  # a kernel may apply it in its GEMM epilogue
-
-
-class Output(nn.Module):
-    def __init__(self, c: SensiMixConfig, mixed: bool) -> None:
-        super().__init__()
-        self.dense = BinaryLinear(c.intermediate_size, c.hidden_size) if mixed \
-            else Index8Linear(c.intermediate_size, c.hidden_size)
-        self.LayerNorm = LayerNorm(c.hidden_size, c.layer_norm_eps)
-
-    def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(_residual(self.dense(h), x))
-
-
-class Layer(nn.Module):
-    def __init__(self, c: SensiMixConfig, n: int) -> None:
-        super().__init__()
-        mixed = n >= c.num_8bit_layers
-        self.attention = Attention(c)
-        self.intermediate = Intermediate(c, mixed)
-        self.output = Output(c, mixed)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, packing: Packing | None = None) -> torch.Tensor:
-        x = self.attention(x, mask, packing)
-        return self.output(self.intermediate(x), x)  # the FFN works token by token: any leading shape
-
-
-class Encoder(nn.Module):
-    def __init__(self, c: SensiMixConfig) -> None:
-        super().__init__()
-        self.layer = nn.ModuleList(Layer(c, n) for n in range(c.num_hidden_layers))
-
-
-class Pooler(nn.Module):
-    def __init__(self, c: SensiMixConfig) -> None:
-        super().__init__()
-        self.dense = Linear(c.hidden_size, c.hidden_size)
-
-
-class SensiMixModel(nn.Module):
-    def __init__(self, c: SensiMixConfig) -> None:
-        super().__init__()
-        self.embeddings = Embeddings(c)
-        self.encoder = Encoder(c)
-        self.pooler = Pooler(c)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -391,7 +242,7 @@ class SensiMixForSequenceClassification(PreTrainedModel):
         if used:
             raise ValueError(f"{type(self).__name__} does not support {used}: it takes input_ids, attention_mask, "
                              f"token_type_ids (and labels)")
-        _check_inputs(self, input_ids, attention_mask, token_type_ids, packing)
+        check_inputs(self, input_ids, attention_mask, token_type_ids, packing)
         if packing is None and self.plan.skip_padding and attention_mask is not None:
             packing = Packing.of(attention_mask)
         bert = self.bert
@@ -417,7 +268,7 @@ class SensiMixForSequenceClassification(PreTrainedModel):
 
 
 # ---------------------------------------------------------------------------------------------------
-# helpers
+# loader arguments
 # ---------------------------------------------------------------------------------------------------
 _IGNORED_LOADER_KWARGS = ("_from_auto", "_from_pipeline", "trust_remote_code", "revision", "cache_dir",
                           "local_files_only", "token", "force_download", "subfolder", "low_cpu_mem_usage",
@@ -462,55 +313,3 @@ def _local_folder(name: str | os.PathLike) -> Path:
     except Exception as exc:  # noqa: BLE001 - offline, unknown repo, ...: say what was looked for
         raise FileNotFoundError(f"{name} is not a local folder, and the hub did not give it "
                                 f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
-
-
-def _check_inputs(model: SensiMixForSequenceClassification, input_ids: Any, attention_mask: Any,
-                  token_type_ids: Any, packing: Packing | None) -> None:
-    """Shapes, dtypes and devices always; value ranges when ``model.check_inputs`` (a host sync on CUDA)."""
-    cfg = model.config
-    if not isinstance(input_ids, torch.Tensor):
-        raise ValueError(f"input_ids must be a tensor of token ids [batch, seq_len], got {type(input_ids).__name__}")
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be a [batch, seq_len] tensor, got shape {list(input_ids.shape)}")
-    if input_ids.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"input_ids must be int64 or int32 token ids, got {input_ids.dtype}")
-    batch, seq = input_ids.shape
-    if batch == 0:
-        raise ValueError("input_ids is an empty batch (shape [0, L]): nothing to classify")
-    limit = cfg.max_position_embeddings
-    if not 0 < seq <= limit:
-        raise ValueError(f"sequence length {seq} is outside [1, max_position_embeddings={limit}] of this model: "
-                         f"truncate the inputs (e.g. --max-seq-length {limit})")
-    if input_ids.device != model.device:
-        raise ValueError(f"input_ids are on {input_ids.device} but the model is on {model.device}: move them with "
-                         f".to(model.device)")
-    for name, t, dtypes in (("attention_mask", attention_mask, None),
-                            ("token_type_ids", token_type_ids, (torch.int64, torch.int32))):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a tensor like input_ids, got {type(t).__name__}")
-        if tuple(t.shape) != tuple(input_ids.shape):
-            raise ValueError(f"{name} has shape {list(t.shape)}, expected {list(input_ids.shape)} like input_ids")
-        if t.device != input_ids.device:
-            raise ValueError(f"{name} is on {t.device}, input_ids on {input_ids.device}")
-        if dtypes is not None and t.dtype not in dtypes:
-            raise ValueError(f"{name} must be int64 or int32 segment ids, got {t.dtype}")
-        if t.dtype.is_complex:
-            raise ValueError(f"{name} must be a real tensor, got {t.dtype}")
-    if packing is not None and (packing.batch_shape != tuple(input_ids.shape) or packing.device != input_ids.device):
-        raise ValueError(f"packing was made for a {list(packing.batch_shape)} mask on {packing.device}, but the "
-                         f"inputs are {list(input_ids.shape)} on {input_ids.device}")
-    if not model.check_inputs:
-        return
-    for name, t, limit, field in (("input_ids", input_ids, cfg.vocab_size, "vocab_size"),
-                                  ("token_type_ids", token_type_ids, cfg.type_vocab_size, "type_vocab_size")):
-        if t is None:
-            continue
-        lo, hi = (int(v) for v in torch.aminmax(t))
-        if lo < 0 or hi >= limit:
-            raise ValueError(f"{name} must lie in [0, {limit}) ({field} of this model), got values in [{lo}, {hi}]; "
-                             f"were the inputs made with this model's tokenizer?")
-    if attention_mask is not None and not attention_mask.dtype == torch.bool:
-        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-            raise ValueError("attention_mask must hold only 0 and 1 (1 = attend)")

@@ -1,0 +1,62 @@
+"""Checks of a forward's inputs: shapes, dtypes and devices always; value ranges when asked (a host sync on CUDA).
+Bad input is one ``ValueError`` naming it, never an error from inside a kernel."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .packing import Packing
+
+
+def check_inputs(model: Any, input_ids: Any, attention_mask: Any, token_type_ids: Any,
+                 packing: Packing | None) -> None:
+    """Shapes, dtypes and devices always; value ranges when ``model.check_inputs`` (a host sync on CUDA)."""
+    cfg = model.config
+    if not isinstance(input_ids, torch.Tensor):
+        raise ValueError(f"input_ids must be a tensor of token ids [batch, seq_len], got {type(input_ids).__name__}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be a [batch, seq_len] tensor, got shape {list(input_ids.shape)}")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"input_ids must be int64 or int32 token ids, got {input_ids.dtype}")
+    batch, seq = input_ids.shape
+    if batch == 0:
+        raise ValueError("input_ids is an empty batch (shape [0, L]): nothing to classify")
+    limit = cfg.max_position_embeddings
+    if not 0 < seq <= limit:
+        raise ValueError(f"sequence length {seq} is outside [1, max_position_embeddings={limit}] of this model: "
+                         f"truncate the inputs (e.g. --max-seq-length {limit})")
+    if input_ids.device != model.device:
+        raise ValueError(f"input_ids are on {input_ids.device} but the model is on {model.device}: move them with "
+                         f".to(model.device)")
+    for name, t, dtypes in (("attention_mask", attention_mask, None),
+                            ("token_type_ids", token_type_ids, (torch.int64, torch.int32))):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor like input_ids, got {type(t).__name__}")
+        if tuple(t.shape) != tuple(input_ids.shape):
+            raise ValueError(f"{name} has shape {list(t.shape)}, expected {list(input_ids.shape)} like input_ids")
+        if t.device != input_ids.device:
+            raise ValueError(f"{name} is on {t.device}, input_ids on {input_ids.device}")
+        if dtypes is not None and t.dtype not in dtypes:
+            raise ValueError(f"{name} must be int64 or int32 segment ids, got {t.dtype}")
+        if t.dtype.is_complex:
+            raise ValueError(f"{name} must be a real tensor, got {t.dtype}")
+    if packing is not None and (packing.batch_shape != tuple(input_ids.shape) or packing.device != input_ids.device):
+        raise ValueError(f"packing was made for a {list(packing.batch_shape)} mask on {packing.device}, but the "
+                         f"inputs are {list(input_ids.shape)} on {input_ids.device}")
+    if not model.check_inputs:
+        return
+    for name, t, limit, field in (("input_ids", input_ids, cfg.vocab_size, "vocab_size"),
+                                  ("token_type_ids", token_type_ids, cfg.type_vocab_size, "type_vocab_size")):
+        if t is None:
+            continue
+        lo, hi = (int(v) for v in torch.aminmax(t))
+        if lo < 0 or hi >= limit:
+            raise ValueError(f"{name} must lie in [0, {limit}) ({field} of this model), got values in [{lo}, {hi}]; "
+                             f"were the inputs made with this model's tokenizer?")
+    if attention_mask is not None and not attention_mask.dtype == torch.bool:
+        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError("attention_mask must hold only 0 and 1 (1 = attend)")
