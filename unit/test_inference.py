@@ -84,7 +84,7 @@ def run(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------
 # the same computation as the QAT model
 # ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("binary_kernel", ["int8", "float", "fp8", "reference"])
+@pytest.mark.parametrize("binary_kernel", ["int8", "fbgemm", "float", "fp8", "reference"])
 @pytest.mark.parametrize("index8_kernel", ["dense", "dequant"])
 def test_fp32_logits_equal_qat_eval(packed, binary_kernel: str, index8_kernel: str) -> None:
     qat, folder = packed

@@ -137,6 +137,7 @@ class BinaryLinear(PackedModule):
         self.register_buffer("bias", torch.empty(out_features, dtype=torch.float16))
         self.kernel: kernels.BinaryKernel | None = None
         self.dtype = torch.float32
+        self._opaque = None
 
     @staticmethod
     def pack(weight: torch.Tensor, bias: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -144,14 +145,21 @@ class BinaryLinear(PackedModule):
 
     def prepare(self, plan: InferencePlan) -> None:
         self.kernel, self.dtype = kernels.BINARY_KERNELS[plan.binary_kernel], plan.dtype
-        self._operand("op_weight", self.kernel.prepare_weight(self.weight_bits, self.in_features))
+        weight = self.kernel.prepare_weight(self.weight_bits, self.in_features)
+        tensor = isinstance(weight, torch.Tensor)
+        self._operand("op_weight", weight if tensor else None)
+        self._opaque = None if tensor else weight  # e.g. fbgemm's prepacked ±1 weight: CPU only
         self._operand("op_bias", self.bias.float())  # fp32: the exact integer + bias rounds once
         self._operand("op_sign_bias", self.kernel.prepare_sign_bias(self.op_bias) if self.sign_output else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self._opaque if self._opaque is not None else self.op_weight
         if self.sign_output:
-            return self.kernel.linear_sign(x, self.op_weight, self.op_sign_bias, self.in_features)
-        return self.kernel.linear(x, self.op_weight, self.op_bias, self.in_features, self.dtype)
+            return self.kernel.linear_sign(x, w, self.op_sign_bias, self.in_features)
+        return self.kernel.linear(x, w, self.op_bias, self.in_features, self.dtype)
+
+    def opaque_bytes(self) -> int:
+        return 0 if self._opaque is None else int(getattr(self._opaque, "nbytes", 0))
 
     def extra_repr(self) -> str:
         kernel = self.kernel.name if self.kernel else "unprepared"

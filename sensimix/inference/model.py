@@ -28,7 +28,7 @@ from .. import checkpoint
 from ..config import SensiMixConfig
 from .encoder import Attention, SensiMixModel
 from .inputs import check_inputs
-from .layers import Index8Linear, Linear, PackedModule
+from .layers import Linear, PackedModule
 from .packing import Packing
 from .plan import InferencePlan, make_plan
 
@@ -213,7 +213,7 @@ class SensiMixForSequenceClassification(PreTrainedModel):
 
     def weight_bytes(self) -> int:
         """Bytes held by the model's weights: stored tensors, kernel operands and opaque prepacked operands."""
-        opaque = sum(m.opaque_bytes() for m in self.modules() if isinstance(m, Index8Linear))
+        opaque = sum(m.opaque_bytes() for m in self.modules() if hasattr(m, "opaque_bytes"))
         return sum(t.numel() * t.element_size() for t in self.buffers()) + opaque
 
     def get_input_embeddings(self) -> nn.Module:

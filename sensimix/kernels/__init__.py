@@ -11,7 +11,8 @@ name          compute                                                 default wh
 ============= ======================================================= ======================================
 ``fp8``       ±1 e4m3, ``torch._scaled_mm`` (fp32 accumulation)        CUDA sm_89+ (Ada, Hopper)
 ``int8``      ±1 int8 (activations as {0,1} bits), ``torch._int_mm``   CUDA sm_80-86; CPUs with VNNI/AMX
-``float``     ±1 fp32, dense GEMM                                     other CPUs (``_int_mm`` is a slow loop there)
+``fbgemm``    {0,1} x ±1 on fbgemm's int8 GEMM, rounded back           other x86 CPUs (``_int_mm`` is a slow loop)
+``float``     ±1 fp32, dense GEMM                                     fallback
 ``xnor``      packed bits, Triton XNOR-popcount                       (opt-in; needs triton)
 ``reference`` ±1 int64 matmul                                         tests
 ============= ======================================================= ======================================
@@ -30,7 +31,7 @@ import torch
 
 from .base import BinaryKernel, Index8Kernel, Prepared
 from .cuda import Fp8BinaryKernel, fp8_supported
-from .fbgemm import FbgemmIndex8Kernel, quantized_engine
+from .fbgemm import FbgemmBinaryKernel, FbgemmIndex8Kernel, quantized_engine
 from .onednn import Bf16Index8Kernel
 from .torch_ops import (
     DenseIndex8Kernel,
@@ -50,14 +51,14 @@ __all__ = [
 ]
 
 BINARY_KERNELS: dict[str, BinaryKernel] = {
-    k.name: k for k in (Fp8BinaryKernel(), Int8BinaryKernel(), FloatBinaryKernel(), XnorBinaryKernel(),
-                        ReferenceBinaryKernel())
+    k.name: k for k in (Fp8BinaryKernel(), Int8BinaryKernel(), FbgemmBinaryKernel(), FloatBinaryKernel(),
+                        XnorBinaryKernel(), ReferenceBinaryKernel())
 }
 INDEX8_KERNELS: dict[str, Index8Kernel] = {
     k.name: k for k in (DenseIndex8Kernel(), DequantIndex8Kernel(), DynamicInt8Index8Kernel(), FbgemmIndex8Kernel(),
                         Bf16Index8Kernel(), ReferenceIndex8Kernel())
 }
-_BINARY_PREFERENCE = ("fp8", "int8", "float")  # exact kernels, fastest first where each is fast
+_BINARY_PREFERENCE = ("fp8", "int8", "fbgemm", "float")  # exact kernels, fastest first where each is fast
 
 
 def default_binary_kernel(device: torch.device | str) -> str:
