@@ -31,7 +31,8 @@ def vv_settings(config: pytest.Config) -> VVSettings:
             settings = VVSettings(
                 device=opt("--kotca-device"), examples=opt("--kotca-examples"), trials=opt("--kotca-trials"),
                 warmup_batches=opt("--kotca-warmup-batches"), sensimix_precision=opt("--kotca-sensimix-precision"),
-                fp16_max_ratio=opt("--kotca-fp16-max-ratio"), glue_dir=opt("--glue-dir"),
+                fp16_max_ratio=opt("--kotca-fp16-max-ratio"), gate_fp16=opt("--kotca-gate-fp16"),
+                glue_dir=opt("--glue-dir"),
                 accuracy=accuracy_settings_from(opt, "auto"), progress=False).resolved()
         except (ValueError, FileNotFoundError) as exc:
             raise pytest.UsageError(str(exc)) from exc

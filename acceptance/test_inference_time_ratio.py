@@ -81,8 +81,14 @@ def test_inference_time_ratio(vv_run):
 
 @pytest.mark.gpu
 def test_inference_time_ratio_vs_fp16(vv_run):
+    """A goal beside the certificate (SensiMix <= 20% of the fp16 BERT users deploy): measured and reported
+    always, a failing test only with --kotca-gate-fp16."""
     _skip_unless_cuda(vv_run)
     timing = vv_run.time_all([BERT_FP16, SENSIMIX])
-    c = fp16_time_criterion(timing, vv_run.s.fp16_max_ratio)
-    assert c.passed, (f"{c.title} on {timing.device}: {c.format_value()} > {c.format_value(c.threshold)} "
-                      f"({_trial_table(timing, BERT_FP16)})")
+    c = fp16_time_criterion(timing, vv_run.s.fp16_max_ratio, gated=vv_run.s.gate_fp16)
+    assert len(timing.ratios(SENSIMIX, BERT_FP16)) == vv_run.s.trials
+    message = (f"{c.title} on {timing.device}: {c.format_value()} > {c.format_value(c.threshold)} "
+               f"({_trial_table(timing, BERT_FP16)})")
+    if not c.passed and not c.gated:
+        pytest.xfail(f"goal missed (not gated; pass --kotca-gate-fp16 to gate): {message}")
+    assert c.passed, message

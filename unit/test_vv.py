@@ -425,3 +425,16 @@ def test_verify_refuses_bad_options_before_any_work(tmp_path, capsys):
             main(_verify_args(tmp_path / "out", *args))
         assert exc.value.code == 2
     assert not (tmp_path / "out").exists()
+
+
+def test_the_fp16_goal_is_reported_and_gated_only_when_asked():
+    t = _timing()
+    for trial, ms in zip(t.trials, (100.0, 200.0, 400.0)):  # SensiMix / BERT fp16 = 100%, 50%, 75%
+        trial[procedure.BERT_FP16] = ms
+    missed = criteria.fp16_time_criterion(t)
+    assert missed.passed is False and not missed.gated and missed.status == "Fail (goal, not gated)"
+    report_ = _report(timing=t)
+    report_.criteria[2] = missed
+    assert report_.exit_code == 0 and "Fail (goal, not gated)" in report.render_markdown(report_)
+    report_.criteria[2] = criteria.fp16_time_criterion(t, gated=True)
+    assert report_.exit_code == 1 and [c.id for c in report_.failed] == ["inference_time_ratio_fp16"]

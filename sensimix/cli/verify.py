@@ -26,8 +26,9 @@ Reproduce the certified V&V of SensiMix (KOTCA KST-21-049) on this machine and j
     sizes. Models run interleaved within each trial so machine drift cancels. BERT runs in fp32 as certified;
     SensiMix in its inference precision (--sensimix-precision: fp16 on CUDA as in the paper, the runtime's
     'fast' recipe on CPU; the accuracy criterion uses the same). On CUDA the default is the certified 104,743
-    examples and an fp16 BERT is timed too (criterion 3, beyond the certificate); on CPU a small default keeps
-    the run to minutes: judge ratios, never absolute times.
+    examples and an fp16 BERT (transformers SDPA, padded, as users run it) is timed too (criterion 3, beyond
+    the certificate: a goal of <= 20%, reported; it fails the run only with --gate-fp16); on CPU a small
+    default keeps the run to minutes: judge ratios, never absolute times.
  4. Accuracy (beyond the certificate, which measured untrained models): the packaged MiniLM-L6 (or
     --accuracy-pretrained) fine-tuned on SST-2 (fp32 reference) vs SensiMix (3+3) trained from it; the gap in
     points must be <= --accuracy-max-gap and SensiMix's accuracy >= --accuracy-min (far above chance).
@@ -85,7 +86,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="untimed batches per model before its first trial (default: 3 on CUDA, 1 on CPU)")
     g.add_argument("--no-fp16", action="store_true", help="on CUDA, do not time the fp16 BERT baseline")
     g.add_argument("--fp16-max-ratio", type=finite_float(0, open_low=True), default=0.20,
-                   help="threshold of SensiMix / BERT fp16 on CUDA (default: %(default)s)")
+                   help="goal of SensiMix / BERT fp16 SDPA on CUDA (default: %(default)s); reported, not gated")
+    g.add_argument("--gate-fp16", action="store_true",
+                   help="fail the run when SensiMix / BERT fp16 misses --fp16-max-ratio (default: report only)")
     g.add_argument("--sensimix-precision", choices=["auto", *SENSIMIX_PRECISIONS], default="auto",
                    help="SensiMix's inference precision, for timing and accuracy (default: auto = fp16 on CUDA, "
                         "the paper's; on CPU 'fast'; fp32 = the exact path)")
@@ -112,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
     settings = VVSettings(
         device=args.device, examples=args.examples, trials=args.trials, warmup_batches=args.warmup_batches,
         batch_size=args.batch_size, max_seq_length=args.max_seq_length, sensimix_precision=args.sensimix_precision,
-        fp16_baseline=not args.no_fp16, fp16_max_ratio=args.fp16_max_ratio, glue_dir=args.glue_dir,
+        fp16_baseline=not args.no_fp16, fp16_max_ratio=args.fp16_max_ratio, gate_fp16=args.gate_fp16,
+        glue_dir=args.glue_dir,
         hub=args.hub_data, bert=args.bert, sensimix=args.sensimix, layers=args.layers,
         eightbit_layers=args.eightbit_layers, seed=args.seed, keep_models=args.keep_models, overwrite=args.overwrite,
         accuracy=accuracy, accuracy_skip_reason="skipped with --skip-accuracy" if args.skip_accuracy else None,

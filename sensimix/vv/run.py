@@ -54,6 +54,7 @@ class VVSettings:
     sensimix_precision: str = "auto"
     fp16_baseline: bool = True           # on CUDA, also time BERT in fp16 (criterion 3)
     fp16_max_ratio: float = 0.20
+    gate_fp16: bool = False              # a missed fp16 goal fails the run only when asked
     glue_dir: str | os.PathLike | None = None
     hub: bool = False
     bert: str = "random:bert-base"       # a BERT folder (measured as it is) or random:<geometry> (built)
@@ -260,7 +261,7 @@ class VVRun:
         acc_reason = self.accuracy_reason or not_run
         acc_settings = s.accuracy or AccuracySettings()
         criteria = [size_criterion(self._sizes, reason=not_run), time_criterion(timing, reason=not_run),
-                    fp16_time_criterion(timing, s.fp16_max_ratio, reason=fp16_reason),
+                    fp16_time_criterion(timing, s.fp16_max_ratio, reason=fp16_reason, gated=s.gate_fp16),
                     *accuracy_criteria(self.accuracy, max_gap=acc_settings.max_gap,
                                        min_accuracy=acc_settings.min_accuracy, reason=acc_reason),
                     agreement_criterion(self.accuracy, reason=acc_reason)]
