@@ -50,8 +50,17 @@ import torch.nn.functional as F
 from sensimix import kernels
 from sensimix.quant import index8_quantize, pack_signs
 from sensimix.vv import BERT_FP16, BERT_FP32, ModelTimer, VVRun, VVSettings
-from sensimix.vv.peers import BUCKETS, ModelSpec, build_small_bert_folder, export_onnx, load_model, ort_missing, \
-    quiet, weight_memory
+from sensimix.vv.peers import (
+    BUCKETS,
+    ModelSpec,
+    build_small_bert_folder,
+    export_onnx,
+    load_model,
+    ort_missing,
+    quiet,
+    start_memory_server,
+    weight_memory,
+)
 from sensimix.vv.sizes import build_sensimix_folder
 from sensimix.vv.timing import time_models
 
@@ -180,6 +189,8 @@ def logits_of(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.
 # the run
 # ---------------------------------------------------------------------------------------------------
 def run_models(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    if not args.no_memory:
+        start_memory_server()  # its imports overlap the folder building below
     bert_source = str(build_small_bert_folder(root / "small-bert", seed=args.seed)) if args.quick else args.bert
     settings = VVSettings(device=args.device, examples=args.examples, trials=args.rounds,
                           warmup_batches=args.warmup, batch_size=args.batch_size, max_seq_length=args.seq_len,

@@ -395,6 +395,21 @@ def _measure_one(spec: ModelSpec, device: str, threads: int, example: dict[str, 
     return result
 
 
+def start_memory_server():
+    """The multiprocessing context of :func:`weight_memory`; starts its fork server now (it imports torch,
+    transformers, sensimix and onnxruntime: seconds that can overlap other work)."""
+    import multiprocessing as mp
+
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    from multiprocessing import forkserver
+
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(list(RUNTIME_MODULES) + ([] if ort_missing() else ["onnxruntime"]))
+    forkserver.ensure_running()
+    return ctx
+
+
 def weight_memory(specs: Sequence[ModelSpec], example: dict[str, torch.Tensor], *, device: str = "cpu",
                   threads: int | None = None, workers: int = 2) -> dict[str, dict[str, Any]]:
     """Per spec key, what a fresh process holds more after loading the model:
@@ -413,15 +428,11 @@ def weight_memory(specs: Sequence[ModelSpec], example: dict[str, torch.Tensor], 
     Where there is no fork server, each process is spawned (same figures, slower). Skipped specs are left out; a
     bucketed row gets the figures of its padded twin (``same_model_as``).
     """
-    import multiprocessing as mp
     import sys
     from concurrent.futures import ProcessPoolExecutor
 
     threads = threads or torch.get_num_threads()
-    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
-    ctx = mp.get_context(method)
-    if method == "forkserver":
-        ctx.set_forkserver_preload(list(RUNTIME_MODULES) + ([] if ort_missing() else ["onnxruntime"]))
+    ctx = start_memory_server()
     first: dict[tuple, ModelSpec] = {}  # a bucketed row holds the model of its padded twin: measured once
     for spec in specs:
         if not spec.skipped:
