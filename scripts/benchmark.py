@@ -17,13 +17,13 @@ synthetic QNLI-shaped pairs; padded to ``--seq-len`` like the certified features
 
 Timing: ``sensimix.vv.timing.time_models``, the V&V's interleaved trials: every model runs over the same batches
 once per round, models one after another within a round, and the median round is reported, so that load from
-other processes hits all models alike; compare the ratios within one run, not absolute times. Weight memory: the
-RSS growth of a fresh process while it loads the model (``sensimix.vv.peers.weight_memory``).
+other processes hits all models alike; compare the ratios within one run, not absolute times. Weight memory: what
+a fresh process holds more once it has loaded the model, one process per model (``sensimix.vv.peers.weight_memory``).
 
 Usage::
 
     python scripts/benchmark.py --json benchmarks/benchmark-cpu-<machine>.json   # issue 10's table (CPU)
-    python scripts/benchmark.py --quick --json /tmp/quick.json                   # every row, small model, seconds
+    python scripts/benchmark.py --quick --json /tmp/quick.json                   # every row, small model, ~1 min
     python scripts/benchmark.py --device cuda --gemm --json benchmark-h100.json
 
 On CPU, ``THP_MEM_ALLOC_ENABLE=1`` (a PyTorch setting: 2 MB transparent huge pages for large CPU tensors) removes
@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 from sensimix import kernels
 from sensimix.quant import index8_quantize, pack_signs
+from sensimix.sources import bert_config
 from sensimix.vv import BERT_FP16, BERT_FP32, ModelTimer, VVRun, VVSettings
 from sensimix.vv.peers import (
     BUCKETS,
@@ -70,8 +71,8 @@ SCHEMA = "sensimix-benchmark/2"
 SMALL_LAYERS = 3           # the peers' small geometry: the first 3 layers, as many as SensiMix (2+1) keeps
 SENSIMIX_MODELS = ((3, 2), (6, 3))  # (layers, 8-bit layers): (2+1) in every precision, (3+3) exact and fast
 GAP_EXAMPLES = 8           # logit gaps on the first examples of the first batch (predictions: every example)
-QUICK = dict(batch_size=8, examples=8, seq_len=32, rounds=2)
-DEFAULTS = dict(batch_size=64, examples=64, seq_len=128, rounds=3)  # issue 10: the first 64 QNLI dev pairs
+QUICK = {"batch_size": 8, "examples": 8, "seq_len": 32, "rounds": 2}
+DEFAULTS = {"batch_size": 64, "examples": 64, "seq_len": 128, "rounds": 3}  # issue 10: the first 64 QNLI dev pairs
 # issue 10's goals, computed from this run's rows: (id, model, against, at most, what)
 GOALS = (("fast_time_vs_best_peer", "sensimix-2+1-fast", "best peer", 0.75, "time"),
          ("exact_time_vs_bert_fp32", "sensimix-2+1-fp32", BERT_FP32, 0.12, "time"),
@@ -188,9 +189,9 @@ def logits_of(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.
 # ---------------------------------------------------------------------------------------------------
 # the run
 # ---------------------------------------------------------------------------------------------------
-def run_models(args: argparse.Namespace, root: Path) -> dict[str, Any]:
-    if not args.no_memory:
-        start_memory_server()  # its imports overlap the folder building below
+def build(args: argparse.Namespace, root: Path) -> tuple[VVRun, dict[tuple[int, int], Path], dict[str, Any]]:
+    """The V&V run (its BERT and SensiMix (2+1) folders, batches and environment record), the SensiMix (3+3)
+    folder made from the same BERT, and the ONNX files of the peers."""
     bert_source = str(build_small_bert_folder(root / "small-bert", seed=args.seed)) if args.quick else args.bert
     settings = VVSettings(device=args.device, examples=args.examples, trials=args.rounds,
                           warmup_batches=args.warmup, batch_size=args.batch_size, max_seq_length=args.seq_len,
@@ -198,31 +199,38 @@ def run_models(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                           eightbit_layers=SENSIMIX_MODELS[0][1], seed=args.seed, keep_models=args.keep_models,
                           overwrite=True, accuracy=None, progress=not args.no_progress)
     run = VVRun(settings, root)
-    s, device = run.s, run.s.device
+    s, out = run.s, Path(run.s.keep_models or root)
     bert, sensimix21 = run.folders
     sensimix = {SENSIMIX_MODELS[0]: sensimix21}
     for layers, eightbit in SENSIMIX_MODELS[1:]:
         sensimix[(layers, eightbit)] = build_sensimix_folder(
-            bert, Path(s.keep_models or root) / f"sensimix-{eightbit}+{layers - eightbit}", layers=layers,
-            eightbit_layers=eightbit, seed=s.seed, overwrite=True)
+            bert, out / f"sensimix-{eightbit}+{layers - eightbit}", layers=layers, eightbit_layers=eightbit,
+            seed=s.seed, overwrite=True)
+    _ = run.batches  # staged and checked against the model before the slow exports
+    onnx = {}
+    if ort_missing():
+        log.warning("ONNX Runtime rows skipped: %s", ort_missing())
+    elif not s.device.startswith("cuda"):
+        onnx = export_peers(bert, out, s.max_seq_length, fuse=not args.no_ort_fusion)
+    return run, sensimix, onnx
+
+
+def run_models(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    if not args.no_memory:
+        start_memory_server()  # its imports overlap the building below
+    run, sensimix, onnx = build(args, root)
+    s, device = run.s, run.s.device
+    bert = run.folders[0]
     batches, data = run.batches
-    from sensimix.sources import bert_config
-
-    label = geometry_label(bert_config(bert, allow_qat=False))
-    ort_reason = ort_missing()
-    onnx = {} if ort_reason or device.startswith("cuda") else export_peers(
-        bert, Path(s.keep_models or root), s.max_seq_length, fuse=not args.no_ort_fusion)
-    if ort_reason:
-        log.warning("ONNX Runtime rows skipped: %s", ort_reason)
-    specs = model_specs(bert, label, sensimix, onnx, ort_reason, device, args.buckets)
+    specs = model_specs(bert, geometry_label(bert_config(bert, allow_qat=False)), sensimix, onnx, ort_missing(),
+                        device, args.buckets)
     runnable = [sp for sp in specs if not sp.skipped]
-
     memory = {}
     if not args.no_memory:
         log.info("weight memory: each model loaded in a fresh process")
         memory = weight_memory(runnable, first_examples(batches[0], 1), device=device)
 
-    shared: dict[str, torch.nn.Module] = {}
+    shared: dict[str, torch.nn.Module] = {}  # ONNX Runtime sessions, one per file
     timers = []
     for spec in runnable:
         with quiet():
@@ -242,16 +250,15 @@ def run_models(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         report = time_models({}, batches, trials=s.trials, device=device, timers=timers, data=data,
                              warmup_batches=s.warmup_batches, max_seq_length=s.max_seq_length,
                              progress=s.progress)
-    rows = make_rows(specs, {t.name: t for t in timers}, report.trials, len(batches), logits, memory, device)
-    for spec in specs:
+    by_key = {t.name: t for t in timers}
+    rows = make_rows(specs, by_key, report.trials, len(batches), logits, memory, device)
+    for row, spec in zip(rows, specs):
         if spec.runtime == "ort" and not spec.skipped:
-            row = next(r for r in rows if r["key"] == spec.key)
             export = onnx[spec.key.split("-ort-")[0]]
             row.update(model_file=spec.path, onnx_fused=export.fused, onnx_note=export.note,
                        int8_ops=export.int8_ops if spec.precision == "int8" else {})
-    for row, spec in zip(rows, specs):
-        if spec.runtime == "sensimix" and not spec.skipped:
-            model = next(t.model for t in timers if t.name == spec.key)
+        elif spec.runtime == "sensimix" and not spec.skipped:
+            model = by_key[spec.key].model
             row.update(plan=model.plan.describe(), kernels={"binary": model.binary_kernel,
                                                             "index8": model.index8_kernel})
     run.release_models()
@@ -392,7 +399,7 @@ def run_gemms(args: argparse.Namespace, device: str) -> list[dict]:
         rows.append({"kernel": "fp16 cuBLAS" if cuda else "fp32 GEMM", "m": m, "k": k, "n": n, "ms": base_s * 1e3,
                      "tops": flops / base_s / 1e12, "speedup": 1.0})
         bits = pack_signs(w).to(device)
-        for name, kern in kernels.BINARY_KERNELS.items():  # noqa: B007
+        for name, kern in kernels.BINARY_KERNELS.items():
             # the reference is for tests; fp8 on CPU is oneDNN emulation (seconds per call)
             if name == "reference" or kern.unavailable(dev) or (name == "fp8" and not cuda):
                 continue
