@@ -51,8 +51,7 @@ def ort_missing() -> str | None:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
     except ImportError as exc:
-        return (f"onnxruntime/onnx not installed ({exc.name} missing): pip install 'sensimix[bench]' for the ONNX "
-                f"Runtime peers")
+        return f"{exc.name or 'onnxruntime'} is not installed: pip install 'sensimix[bench]' for the ONNX Runtime peers"
     return None
 
 
@@ -134,7 +133,7 @@ def export_onnx(folder: str | os.PathLike, out_dir: str | os.PathLike, name: str
     config = model.config
     raw, fp32, int8 = out / f"{name}.export.onnx", out / f"{name}.onnx", out / f"{name}.int8.onnx"
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, 2000, (2, seq_len), generator=g)
+    ids = torch.randint(0, config.vocab_size, (2, seq_len), generator=g)
     mask = torch.ones_like(ids)
     mask[1, seq_len // 2:] = 0  # padding in the example: the traced mask path is the general one
     dynamic = {k: {0: "batch", 1: "sequence"} for k in INPUT_NAMES}
@@ -177,7 +176,9 @@ def int8_op_counts(path: str | os.PathLike) -> dict[str, int]:
 
 class OrtClassifier(nn.Module):
     """An ONNX Runtime session (CPU) behind the ``model(input_ids, attention_mask, token_type_ids)`` call of the
-    measurement helpers; returns the logits as a torch tensor. Threads: torch's (the same cores as every row)."""
+    measurement helpers; returns the logits as a torch tensor. Threads: torch's (the same cores as every row).
+    A fused graph takes the attention mask as a length per sequence: masks must be right-padded, as tokenizers
+    make them."""
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
         import onnxruntime as ort
