@@ -24,7 +24,7 @@ Usage::
 
     python scripts/benchmark.py --json benchmarks/benchmark-cpu-<machine>.json   # issue 10's table (CPU)
     python scripts/benchmark.py --quick --json /tmp/quick.json                   # every row, small model, ~1 min
-    python scripts/benchmark.py --device cuda --gemm --json benchmark-h100.json
+    python scripts/benchmark.py --device cuda --json benchmark-h100.json         # + per-kernel GEMMs
 
 On CPU, ``THP_MEM_ALLOC_ENABLE=1`` (a PyTorch setting: 2 MB transparent huge pages for large CPU tensors) removes
 most page-fault cost of large temporaries for every torch model in the process; the JSON records whether it was
@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from sensimix import kernels
+from sensimix.devices import resolve_device
 from sensimix.quant import index8_quantize, pack_signs
 from sensimix.sources import bert_config
 from sensimix.vv import BERT_FP16, BERT_FP32, ModelTimer, VVRun, VVSettings
@@ -71,8 +72,9 @@ SCHEMA = "sensimix-benchmark/2"
 SMALL_LAYERS = 3           # the peers' small geometry: the first 3 layers, as many as SensiMix (2+1) keeps
 SENSIMIX_MODELS = ((3, 2), (6, 3))  # (layers, 8-bit layers): (2+1) in every precision, (3+3) exact and fast
 GAP_EXAMPLES = 8           # logit gaps on the first examples of the first batch (predictions: every example)
-QUICK = {"batch_size": 8, "examples": 8, "seq_len": 32, "rounds": 2}
-DEFAULTS = {"batch_size": 64, "examples": 64, "seq_len": 128, "rounds": 3}  # issue 10: the first 64 QNLI dev pairs
+QUICK = {"batch_size": 8, "seq_len": 32, "rounds": 2}      # and one batch
+DEFAULTS = {"batch_size": 64, "seq_len": 128, "rounds": 3}  # and one batch on CPU (issue 10: the first 64 QNLI
+                                                             # dev pairs), 20 batches on CUDA
 # issue 10's goals, computed from this run's rows: (id, model, against, at most, what)
 GOALS = (("fast_time_vs_best_peer", "sensimix-2+1-fast", "best peer", 0.75, "time"),
          ("exact_time_vs_bert_fp32", "sensimix-2+1-fp32", BERT_FP32, 0.12, "time"),
@@ -87,7 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the BERT every row starts from: random:<geometry> or a BERT folder (default: %(default)s)")
     p.add_argument("--quick", action="store_true",
                    help="a 6-layer BERT of bert-tiny's width, batch 8 x 32, 2 rounds: every row in seconds (tests)")
-    p.add_argument("--examples", type=int, default=None, help="examples per round (default: 64; quick: 8)")
+    p.add_argument("--examples", type=int, default=None,
+                   help="examples per round (default: one batch on CPU, 20 batches on CUDA)")
     p.add_argument("--batch-size", type=int, default=None, help="default: 64 (quick: 8)")
     p.add_argument("--seq-len", type=int, default=None, help="padded sequence length (default: 128; quick: 32)")
     p.add_argument("--rounds", type=int, default=None,
@@ -101,7 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-memory", action="store_true", help="skip the weight-memory measurement")
     p.add_argument("--keep-models", default=None, metavar="DIR", help="build the folders and ONNX files here, keep them")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--gemm", action="store_true", help="also time each kernel's GEMM at the BERT shapes")
+    p.add_argument("--gemm", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time each kernel's GEMM at the BERT shapes (default: on CUDA only)")
     p.add_argument("--gemm-m", type=int, default=16384, help="rows of the GEMM benchmark (default: 128 x 128)")
     p.add_argument("--gemm-reps", type=int, default=None, help="timed calls per GEMM (default: 2 CPU, 50 CUDA)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -110,6 +114,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, value in (QUICK if args.quick else DEFAULTS).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    try:
+        cuda = resolve_device(args.device).startswith("cuda")
+    except ValueError as exc:
+        p.error(str(exc))
+    if args.examples is None:  # on CUDA a batch takes milliseconds: 20 per round
+        args.examples = args.batch_size * (20 if cuda and not args.quick else 1)
+    if args.gemm is None:
+        args.gemm = cuda and not args.quick
     if args.buckets < 1:
         p.error(f"--buckets must be >= 1, got {args.buckets}")
     return args
