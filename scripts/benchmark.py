@@ -1,32 +1,34 @@
 #!/usr/bin/env python
-"""Inference benchmark (not a test): BERT-base vs SensiMix on one device, in one process.
+"""Inference benchmark (not a test): SensiMix beside the certified baseline and beside what a CPU user deploys
+instead, timed in one interleaved run. See docs/benchmark.md for how to read the table.
 
-Models (batch 128 x seq 128 by default, random weights, synthetic QNLI-shaped inputs):
+Rows (random weights; SensiMix compressed from the same BERT without training):
 
-* BERT-base fp32 (``BertConfig()``, eager attention, TF32 off): the certified baseline;
-* BERT-base fp16 + SDPA (CUDA only): what a user would run instead;
-* SensiMix (2+1) and (3+3), built with ``sensimix.qat.from_bert("random:bert-base", ...)``, exported with
-  ``sensimix.export.export_checkpoint`` and loaded with ``sensimix.SensiMixForSequenceClassification``: the exact
-  path (fp32), the ``fast`` precision, ``fast`` with padding kept (the kernels' share of the gain), and other
-  approximate variants, each with its logit gap against the exact runtime on the first batch;
-* on CPU, a like-for-like baseline for the padding skip: BERT-base's FLOPs through the same runtime with padded
-  tokens skipped (a (12+0) checkpoint, i.e. 12 layers of 8-bit weights dequantized to fp32 at load: dense fp32
-  GEMMs of BERT-base's shapes), so ``ratio_vs_bert_fp32_skip_padding`` shows what the kernels alone buy.
+* BERT-base fp32, transformers, eager attention: the certified baseline (the V&V run's folder and loader);
+* peers of BERT-base and of its first 3 layers (the geometry of SensiMix (2+1)): transformers fp32 (SDPA; the
+  3-layer one only), PyTorch dynamic int8, ONNX Runtime fp32 and int8 (fused by ONNX Runtime's BERT optimizer,
+  dynamic int8 quantization), each ONNX Runtime model fed padded batches and length-bucketed ones (4 buckets by
+  attended length, each cut to its longest); on CUDA BERT fp16 + SDPA instead of the CPU-only runtimes;
+* SensiMix (2+1) in every precision (fp32 exact, fast, fast with padding kept, bf16; fp16 on CUDA) and SensiMix
+  (3+3) fp32 and fast, each with its logit gap and prediction agreement against its exact path.
 
-Timing: every model is timed over the same batches in each of ``--rounds`` rounds, models interleaved within a
-round (A, B, C, A, B, C, ...), and the median round is reported, so that load from other processes on a shared
-machine hits all models alike; compare the ratios, not the absolute times. Times use
-``sensimix.vv.measure.run_inference`` (model work only, warm-up excluded, device synchronized).
+Data: the first ``--examples`` QNLI dev pairs when $GLUE_DIR (or ``--glue-dir``) holds QNLI/dev.tsv, else
+synthetic QNLI-shaped pairs; padded to ``--seq-len`` like the certified features.
 
-Then per-kernel GEMM throughput for M=16384 tokens and the BERT shapes (K, N) in {768, 3072}, against fp32 GEMM
-(CPU) or fp16 cuBLAS (CUDA). Usage::
+Timing: ``sensimix.vv.timing.time_models``, the V&V's interleaved trials: every model runs over the same batches
+once per round, models one after another within a round, and the median round is reported, so that load from
+other processes hits all models alike; compare the ratios within one run, not absolute times. Weight memory: what
+a fresh process holds more once it has loaded the model, one process per model (``sensimix.vv.peers.weight_memory``).
 
-    python scripts/benchmark.py                     # CPU: 3 rounds of 1 batch per model, ~5 minutes on 2 cores
-    python scripts/benchmark.py --device cuda --json benchmark-h100.json
+Usage::
 
-On CPU, large temporaries are fresh mmap'd memory by default and page faults cost a sizeable share of every
-memory-bound op; ``THP_MEM_ALLOC_ENABLE=1`` (a PyTorch setting: 2 MB transparent huge pages for large CPU
-tensors) removes most of that for every model in the process. The JSON records whether it was set.
+    python scripts/benchmark.py --json benchmarks/benchmark-cpu-<machine>.json   # issue 10's table (CPU)
+    python scripts/benchmark.py --quick --json /tmp/quick.json                   # every row, small model, ~1 min
+    python scripts/benchmark.py --device cuda --json benchmark-h100.json         # + per-kernel GEMMs
+
+On CPU, ``THP_MEM_ALLOC_ENABLE=1`` (a PyTorch setting: 2 MB transparent huge pages for large CPU tensors) removes
+most page-fault cost of large temporaries for every torch model in the process; the JSON records whether it was
+set. The ONNX Runtime rows need ``pip install 'sensimix[bench]'``; without it they are listed as skipped.
 """
 
 from __future__ import annotations
@@ -34,163 +36,347 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import platform
+import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from sensimix import SensiMixForSequenceClassification, kernels
-from sensimix.devices import certified_fp32, device_name, resolve_device
+from sensimix import kernels
+from sensimix.devices import resolve_device
 from sensimix.quant import index8_quantize, pack_signs
-from sensimix.vv.measure import make_batches, run_inference, synthetic_inputs
+from sensimix.sources import bert_config
+from sensimix.vv import BERT_FP16, BERT_FP32, ModelTimer, VVRun, VVSettings
+from sensimix.vv.peers import (
+    BUCKETS,
+    ModelSpec,
+    build_small_bert_folder,
+    export_onnx,
+    load_model,
+    ort_missing,
+    quiet,
+    start_memory_server,
+    weight_memory,
+)
+from sensimix.vv.sizes import build_sensimix_folder
+from sensimix.vv.timing import time_models
 
 log = logging.getLogger("benchmark")
+
+SCHEMA = "sensimix-benchmark/2"
+SMALL_LAYERS = 3           # the peers' small geometry: the first 3 layers, as many as SensiMix (2+1) keeps
+SENSIMIX_MODELS = ((3, 2), (6, 3))  # (layers, 8-bit layers): (2+1) in every precision, (3+3) exact and fast
+GAP_EXAMPLES = 8           # logit gaps on the first examples of the first batch (predictions: every example)
+QUICK = {"batch_size": 8, "seq_len": 32, "rounds": 2}      # and one batch
+DEFAULTS = {"batch_size": 64, "seq_len": 128, "rounds": 3}  # and one batch on CPU (issue 10: the first 64 QNLI
+                                                             # dev pairs), 20 batches on CUDA
+# issue 10's goals, computed from this run's rows: (id, model, against, at most, what)
+GOALS = (("fast_time_vs_best_peer", "sensimix-2+1-fast", "best peer", 0.75, "time"),
+         ("exact_time_vs_bert_fp32", "sensimix-2+1-fp32", BERT_FP32, 0.12, "time"),
+         ("fast_weight_memory_vs_bert_fp32", "sensimix-2+1-fast", BERT_FP32, 0.15, "memory"),
+         ("exact_weight_memory_vs_bert_fp32", "sensimix-2+1-fp32", BERT_FP32, 0.15, "memory"))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N]")
-    p.add_argument("--batches", type=int, default=None,
-                   help="timed batches per model and round (default: 1 CPU, 20 CUDA)")
-    p.add_argument("--rounds", type=int, default=3,
-                   help="interleaved timing rounds; the median is reported (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed batches per model (default: 1 CPU, 5 CUDA)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--bert", default="random:bert-base",
+                   help="the BERT every row starts from: random:<geometry> or a BERT folder (default: %(default)s)")
+    p.add_argument("--quick", action="store_true",
+                   help="a 6-layer BERT of bert-tiny's width, batch 8 x 32, 2 rounds: every row in seconds (tests)")
+    p.add_argument("--examples", type=int, default=None,
+                   help="examples per round (default: one batch on CPU, 20 batches on CUDA)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 64 (quick: 8)")
+    p.add_argument("--seq-len", type=int, default=None, help="padded sequence length (default: 128; quick: 32)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="interleaved timing rounds; the median is reported (default: 3; quick: 2)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed batches per model (default: 1 CPU, 3 CUDA)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads, also ONNX Runtime's threads")
+    p.add_argument("--glue-dir", default=None, help="glue_data folder with QNLI/dev.tsv (default: $GLUE_DIR)")
+    p.add_argument("--buckets", type=int, default=BUCKETS, help="length buckets of the bucketed rows (default: 4)")
+    p.add_argument("--no-ort-fusion", action="store_true",
+                   help="time the plain ONNX export (no ONNX Runtime BERT fusion) for the ORT rows")
+    p.add_argument("--no-memory", action="store_true", help="skip the weight-memory measurement")
+    p.add_argument("--keep-models", default=None, metavar="DIR", help="build the folders and ONNX files here, keep them")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gemm", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time each kernel's GEMM at the BERT shapes (default: on CUDA only)")
     p.add_argument("--gemm-m", type=int, default=16384, help="rows of the GEMM benchmark (default: 128 x 128)")
     p.add_argument("--gemm-reps", type=int, default=None, help="timed calls per GEMM (default: 2 CPU, 50 CUDA)")
-    p.add_argument("--skip-gemm", action="store_true", help="model timings only")
-    p.add_argument("--skip-models", action="store_true", help="GEMM timings only")
-    p.add_argument("--json", default=None, metavar="PATH", help="write all results as JSON")
-    return p.parse_args(argv)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", default=None, metavar="PATH", help="write every row, the machine and the settings")
+    args = p.parse_args(argv)
+    for name, value in (QUICK if args.quick else DEFAULTS).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    try:
+        cuda = resolve_device(args.device).startswith("cuda")
+    except ValueError as exc:
+        p.error(str(exc))
+    if args.examples is None:  # on CUDA a batch takes milliseconds: 20 per round
+        args.examples = args.batch_size * (20 if cuda and not args.quick else 1)
+    if args.gemm is None:
+        args.gemm = cuda and not args.quick
+    if args.buckets < 1:
+        p.error(f"--buckets must be >= 1, got {args.buckets}")
+    return args
 
 
 # ---------------------------------------------------------------------------------------------------
-# models
+# the rows
 # ---------------------------------------------------------------------------------------------------
-LIKE_FOR_LIKE = "BERT-base fp32, padding skipped (runtime)"
+def geometry_label(config: Any) -> str:
+    if (config.num_hidden_layers, config.hidden_size) == (12, 768):
+        return "BERT-base"
+    return f"BERT {config.num_hidden_layers}L/{config.hidden_size}H"
 
 
-def bert_base(device: str, half: bool) -> torch.nn.Module:
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    config = BertConfig()
-    model = BertForSequenceClassification(config, attn_implementation="sdpa" if half else "eager")  # eager: certified
-    if half:
-        model = model.half()
-    return model.to(device).eval()
-
-
-def export_sensimix(layers: int, eightbit: int, root: Path) -> Path:
-    from sensimix.export import export_checkpoint
-    from sensimix.qat import from_bert
-
-    qat = from_bert("random:bert-base", num_hidden_layers=layers, num_8bit_layers=eightbit, seed=0)
-    qat.set_binarized_layers(qat.config.mixed_layers)
-    return export_checkpoint(qat, root / f"sensimix-{eightbit}+{layers - eightbit}")
-
-
-def model_bytes(model: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-
-
-def time_once(model: torch.nn.Module, batches, device: str) -> float:
-    """ms per batch of one timed pass (warm-up done by the caller)."""
-    result = run_inference(model, batches, warmup_batches=0, device=device)
-    return result.duration_ms / len(batches)
-
-
-def logit_gap(model: torch.nn.Module, exact: torch.nn.Module, batch: dict) -> dict:
-    with torch.inference_mode():
-        args = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-        got, want = model(*args).logits.float(), exact(*args).logits.float()
-    gap = (got - want).abs().max().item()
-    return {"max_abs_logit_gap": gap, "max_abs_logit": want.abs().max().item(),
-            "relative_gap": gap / max(want.abs().max().item(), 1e-12),
-            "argmax_agreement": (got.argmax(-1) == want.argmax(-1)).double().mean().item()}
-
-
-def sensimix_variants(cuda: bool) -> list[tuple[str, dict]]:
-    """(label, from_pretrained kwargs) for SensiMix (2+1); the first is the exact reference of the logit gaps."""
-    if cuda:
-        return [("fp32 (exact vs QAT)", dict(precision="fp32")),
-                ("fp16", dict(precision="fp16")),
-                ("fp16, 1-bit int8", dict(precision="fp16", binary_kernel="int8")),
-                ("fp16, 8-bit int8 act. (approx.)", dict(precision="fp16", index8_kernel="int8"))]
-    return [("fp32 (exact)", dict(precision="fp32")),
-            ("fast", dict(precision="fast")),
-            ("fast, padding kept", dict(precision="fast", skip_padding=False)),
-            ("fast, 8-bit fbgemm", dict(precision="fast", index8_kernel="fbgemm")),
-            ("bf16 (approx.)", dict(precision="bf16"))]
-
-
-def run_models(args: argparse.Namespace, device: str) -> list[dict]:
+def model_specs(bert: Path, label: str, sensimix: dict[tuple[int, int], Path], onnx: dict[str, Any],
+                ort_reason: str | None, device: str, buckets: int) -> list[ModelSpec]:
+    """Every row, baseline first, then the peers (full geometry, then 3 layers), then SensiMix."""
     cuda = device.startswith("cuda")
-    n_batches = args.batches or (20 if cuda else 1)
-    warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
-    inputs = synthetic_inputs(args.batch_size * n_batches, max_seq_length=args.seq_len, seed=0)
-    batches = make_batches(inputs, batch_size=args.batch_size, device=device)
-    fill = float(inputs["attention_mask"].float().mean())
-    log.info("%d batch(es) of %d x %d, %.0f%% of the tokens attended (the rest is padding)", n_batches,
-             args.batch_size, args.seq_len, 100 * fill)
-    certified_fp32(device)
-    models: list[tuple[str, torch.nn.Module, dict]] = [("BERT-base fp32", bert_base(device, half=False), {})]
+    cpu_only = "a CPU runtime: timed in CPU runs" if cuda else None
+    specs = [ModelSpec(BERT_FP32, f"{label} fp32 (certified baseline)", "baseline", "certified", str(bert),
+                       attention="eager")]
     if cuda:
-        models.append(("BERT-base fp16+SDPA", bert_base(device, half=True), {}))
-    with tempfile.TemporaryDirectory() as tmp:  # the loaded models keep their weights in memory
-        if not cuda:
-            folder = export_sensimix(12, 12, Path(tmp))
-            models.append((LIKE_FOR_LIKE, SensiMixForSequenceClassification.from_pretrained(
-                folder, device=device, precision="fp32", skip_padding=True), {}))
-        for layers, eightbit in ((3, 2), (6, 3)):
-            folder = export_sensimix(layers, eightbit, Path(tmp))
-            variants = sensimix_variants(cuda)
-            exact = None
-            for label, kw in variants if (layers, eightbit) == (3, 2) else variants[:2]:
-                model = SensiMixForSequenceClassification.from_pretrained(folder, device=device, **kw)
-                if exact is None:
-                    exact = model
-                info = {"kernels": {"binary": model.binary_kernel, "index8": model.index8_kernel},
-                        "dtype": str(model.dtype).removeprefix("torch."), "precision": model.precision,
-                        "skip_padding": model.skip_padding, "plan": model.plan.describe(),
-                        **logit_gap(model, exact, batches[0])}
-                models.append((f"SensiMix ({eightbit}+{layers - eightbit}) {label}", model, info))
-    for name, model, _ in models:
-        run_inference(model, batches[:1], warmup_batches=warmup, device=device)  # warm-up, untimed
-    times: dict[str, list[float]] = {name: [] for name, _, _ in models}
-    for r in range(args.rounds):
-        for name, model, _ in models:
-            times[name].append(time_once(model, batches, device))
-            log.info("round %d  %-44s %10.1f ms/batch", r + 1, name, times[name][-1])
+        specs.append(ModelSpec(BERT_FP16, f"{label} fp16 + SDPA", "peer", "certified", str(bert), "fp16",
+                               reference=BERT_FP32))
+    for prefix, name, layers in (("bert", label, None), (f"bert{SMALL_LAYERS}", f"{SMALL_LAYERS}-layer BERT",
+                                                         SMALL_LAYERS)):
+        ref = BERT_FP32 if layers is None else f"{prefix}-fp32"
+        if layers is not None:
+            specs.append(ModelSpec(ref, f"{name} fp32 (transformers)", "peer", "transformers", str(bert),
+                                   layers=layers))
+            if cuda:
+                specs.append(ModelSpec(f"{prefix}-fp16", f"{name} fp16 (transformers)", "peer", "transformers",
+                                       str(bert), "fp16", layers=layers, reference=ref))
+        specs.append(ModelSpec(f"{prefix}-torch-int8", f"{name} torch dynamic int8", "peer", "torch-int8", str(bert),
+                               "int8", layers=layers, reference=ref, skipped=cpu_only))
+        for precision in ("fp32", "int8"):
+            path = getattr(onnx[prefix], precision) if prefix in onnx else ""
+            for bucketed in (False, True):
+                specs.append(ModelSpec(
+                    f"{prefix}-ort-{precision}" + ("-bucketed" if bucketed else ""),
+                    f"{name} ORT {precision}, " + (f"{buckets} length buckets" if bucketed else "padded"), "peer",
+                    "ort", path, precision, layers=layers, buckets=buckets if bucketed else None, reference=ref,
+                    skipped=cpu_only or ort_reason))
+    for (layers, eightbit), folder in sensimix.items():
+        prefix, name = f"sensimix-{eightbit}+{layers - eightbit}", f"SensiMix ({eightbit}+{layers - eightbit})"
+        variants = [("fp32", "fp32 (exact)", "fp32", None), ("fast", "fast", "fast", None)]
+        if (layers, eightbit) == SENSIMIX_MODELS[0]:
+            variants += [("fast-padded", "fast, padding kept", "fast", False), ("bf16", "bf16", "bf16", None)]
+            variants += [("fp16", "fp16", "fp16", None)] if cuda else []
+        for key, what, precision, skip in variants:
+            specs.append(ModelSpec(f"{prefix}-{key}", f"{name} {what}", "sensimix", "sensimix", str(folder),
+                                   precision, skip_padding=skip, reference=None if key == "fp32" else f"{prefix}-fp32"))
+    return specs
+
+
+def export_peers(bert: Path, root: Path, seq_len: int, fuse: bool) -> dict[str, Any]:
+    """The ONNX files of the full and the 3-layer geometry (fp32, int8)."""
+    exports = {}
+    for prefix, layers in (("bert", None), (f"bert{SMALL_LAYERS}", SMALL_LAYERS)):
+        start = time.perf_counter()
+        exports[prefix] = export_onnx(bert, root / "onnx", prefix, layers=layers, seq_len=seq_len, fuse=fuse)
+        log.info("ONNX %s: %s; int8 operators %s (%.0f s)", prefix, exports[prefix].note, exports[prefix].int8_ops,
+                 time.perf_counter() - start)
+    return exports
+
+
+def first_examples(batch: dict[str, Any], n: int) -> dict[str, torch.Tensor]:
+    return {k: batch[k][:n] for k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def logits_of(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.inference_mode():
+        out = model(**inputs)
+    return (out.logits if hasattr(out, "logits") else out).float().cpu()
+
+
+# ---------------------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------------------
+def build(args: argparse.Namespace, root: Path) -> tuple[VVRun, dict[tuple[int, int], Path], dict[str, Any]]:
+    """The V&V run (its BERT and SensiMix (2+1) folders, batches and environment record), the SensiMix (3+3)
+    folder made from the same BERT, and the ONNX files of the peers."""
+    bert_source = str(build_small_bert_folder(root / "small-bert", seed=args.seed)) if args.quick else args.bert
+    settings = VVSettings(device=args.device, examples=args.examples, trials=args.rounds,
+                          warmup_batches=args.warmup, batch_size=args.batch_size, max_seq_length=args.seq_len,
+                          glue_dir=args.glue_dir, bert=bert_source, layers=SENSIMIX_MODELS[0][0],
+                          eightbit_layers=SENSIMIX_MODELS[0][1], seed=args.seed, keep_models=args.keep_models,
+                          overwrite=True, accuracy=None, progress=not args.no_progress)
+    run = VVRun(settings, root)
+    s, out = run.s, Path(run.s.keep_models or root)
+    bert, sensimix21 = run.folders
+    sensimix = {SENSIMIX_MODELS[0]: sensimix21}
+    for layers, eightbit in SENSIMIX_MODELS[1:]:
+        sensimix[(layers, eightbit)] = build_sensimix_folder(
+            bert, out / f"sensimix-{eightbit}+{layers - eightbit}", layers=layers, eightbit_layers=eightbit,
+            seed=s.seed, overwrite=True)
+    _ = run.batches  # staged and checked against the model before the slow exports
+    onnx = {}
+    if ort_missing():
+        log.warning("ONNX Runtime rows skipped: %s", ort_missing())
+    elif not s.device.startswith("cuda"):
+        onnx = export_peers(bert, out, s.max_seq_length, fuse=not args.no_ort_fusion)
+    return run, sensimix, onnx
+
+
+def run_models(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    if not args.no_memory:
+        start_memory_server()  # its imports overlap the building below
+    run, sensimix, onnx = build(args, root)
+    s, device = run.s, run.s.device
+    bert = run.folders[0]
+    batches, data = run.batches
+    specs = model_specs(bert, geometry_label(bert_config(bert, allow_qat=False)), sensimix, onnx, ort_missing(),
+                        device, args.buckets)
+    runnable = [sp for sp in specs if not sp.skipped]
+    memory = {}
+    if not args.no_memory:
+        log.info("weight memory: each model loaded in a fresh process")
+        memory = weight_memory(runnable, first_examples(batches[0], 1), device=device)
+
+    shared: dict[str, torch.nn.Module] = {}  # ONNX Runtime sessions, one per file
+    timers = []
+    for spec in runnable:
+        with quiet():
+            if spec.key in (BERT_FP32, BERT_FP16):
+                timers.append(run.timer(spec.key))  # the V&V run's own model, loaded as `sensimix verify` loads it
+            else:
+                timers.append(ModelTimer(spec.key, load_model(spec, device, shared=shared), batches, device=device,
+                                         warmup_batches=s.warmup_batches, precision=spec.precision))
+        log.info("loaded %s", spec.name)
+    gap_inputs = first_examples(batches[0], GAP_EXAMPLES)
+    logits = {t.name: logits_of(t.model, gap_inputs) for t in timers}
+    fill = float(torch.cat([b["attention_mask"].float().flatten() for b in batches]).mean())
+    log.info("timing %d models: %d round(s) of %d batch(es) of %d x %d (%s; %.1f%% of tokens attended)",
+             len(timers), s.trials, len(batches), s.batch_size, s.max_seq_length, data, 100 * fill)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notices
+        report = time_models({}, batches, trials=s.trials, device=device, timers=timers, data=data,
+                             warmup_batches=s.warmup_batches, max_seq_length=s.max_seq_length,
+                             progress=s.progress)
+    by_key = {t.name: t for t in timers}
+    rows = make_rows(specs, by_key, report.trials, len(batches), logits, memory, device)
+    for row, spec in zip(rows, specs):
+        if spec.runtime == "ort" and not spec.skipped:
+            export = onnx[spec.key.split("-ort-")[0]]
+            row.update(model_file=spec.path, onnx_fused=export.fused, onnx_note=export.note,
+                       int8_ops=export.int8_ops if spec.precision == "int8" else {})
+        elif spec.runtime == "sensimix" and not spec.skipped:
+            model = by_key[spec.key].model
+            row.update(plan=model.plan.describe(), kernels={"binary": model.binary_kernel,
+                                                            "index8": model.index8_kernel})
+    run.release_models()
+    best = best_peer(rows)
+    return {"environment": run.environment, "data": data, "attended_fraction": fill, "rows": rows,
+            "best_peer": best, "goals": goals(rows, best), "timing_trials_ms": report.trials,
+            "onnx": {k: v.to_dict() for k, v in onnx.items()}, "vv_settings": _plain(vars(s))}
+
+
+def make_rows(specs: list[ModelSpec], timers: dict[str, ModelTimer], trials: list[dict[str, float]], n_batches: int,
+              logits: dict[str, torch.Tensor], memory: dict[str, dict], device: str) -> list[dict[str, Any]]:
+    base = [t[BERT_FP32] for t in trials]
+    mem_key = "cuda_allocated_bytes" if device.startswith("cuda") else "weight_memory_bytes"
+    base_mem = memory.get(BERT_FP32, {}).get(mem_key)
     rows = []
-    for name, model, info in models:
-        ms = sorted(times[name])[len(times[name]) // 2]
-        weight_bytes = model.weight_bytes() if hasattr(model, "weight_bytes") else model_bytes(model)
-        rows.append({"name": name, "ms_per_batch": ms, "ms_per_round": times[name], "batches": len(batches),
-                     "weight_bytes": weight_bytes, **info})
-    base = rows[0]
-    fp16 = next((r for r in rows if r["name"] == "BERT-base fp16+SDPA"), None)
-    skip = next((r for r in rows if r["name"] == LIKE_FOR_LIKE), None)
-    for r in rows:
-        r["ratio_vs_bert_fp32"] = r["ms_per_batch"] / base["ms_per_batch"]
-        # the same ratio per round (each round's models ran back to back): its spread shows the noise
-        r["ratio_per_round"] = [a / b for a, b in zip(r["ms_per_round"], base["ms_per_round"])]
-        r["weight_ratio_vs_bert_fp32"] = r["weight_bytes"] / base["weight_bytes"]
-        if fp16:
-            r["ratio_vs_bert_fp16"] = r["ms_per_batch"] / fp16["ms_per_batch"]
-        if skip:
-            r["ratio_vs_bert_fp32_skip_padding"] = r["ms_per_batch"] / skip["ms_per_batch"]
+    for spec in specs:
+        row: dict[str, Any] = {"key": spec.key, "name": spec.name, "group": spec.group, "runtime": spec.runtime,
+                               "precision": spec.precision, "layers": spec.layers, "buckets": spec.buckets,
+                               "reference": spec.reference}
+        if spec.skip_padding is not None:
+            row["skip_padding"] = spec.skip_padding
+        if spec.skipped:
+            rows.append({**row, "skipped": spec.skipped})
+            continue
+        per_round = [t[spec.key] / n_batches for t in trials]
+        row.update(ms_per_batch=statistics.median(per_round), ms_per_round=per_round,
+                   ratio_vs_bert_fp32=statistics.median(t[spec.key] for t in trials) / statistics.median(base),
+                   ratio_per_round=[t[spec.key] / b for t, b in zip(trials, base)],
+                   accuracy=timers[spec.key].accuracy)
+        mem = memory.get(spec.key, {})
+        row.update(mem)
+        if base_mem and isinstance(mem.get(mem_key), int):
+            row["weight_memory_ratio_vs_bert_fp32"] = mem[mem_key] / base_mem
+        if spec.reference:
+            got, want = logits[spec.key], logits[spec.reference]
+            preds, ref_preds = (timers[k].results[-1].predictions for k in (spec.key, spec.reference))
+            gap = (got - want).abs().max().item()
+            row.update(max_abs_logit_gap=gap, relative_logit_gap=gap / max(want.abs().max().item(), 1e-12),
+                       prediction_agreement=(preds == ref_preds).double().mean().item())
+        rows.append(row)
     return rows
 
 
+def best_peer(rows: list[dict[str, Any]]) -> str | None:
+    """The fastest non-SensiMix row; every timed row gets its ratio to it, median and per round."""
+    peers = [r for r in rows if r["group"] != "sensimix" and "ms_per_batch" in r]
+    if not peers:
+        return None
+    best = min(peers, key=lambda r: r["ms_per_batch"])
+    for r in rows:
+        if "ms_per_batch" in r:
+            r["ratio_vs_best_peer"] = r["ms_per_batch"] / best["ms_per_batch"]
+            r["ratio_vs_best_peer_per_round"] = [a / b for a, b in zip(r["ms_per_round"], best["ms_per_round"])]
+    return best["key"]
+
+
+def goals(rows: list[dict[str, Any]], best: str | None) -> list[dict[str, Any]]:
+    """Issue 10's goals, from this run (informative: the V&V criteria are judged by `sensimix verify`)."""
+    by_key = {r["key"]: r for r in rows}
+    out = []
+    for goal, model, against, limit, what in GOALS:
+        row, ref = by_key.get(model, {}), by_key.get(best if against == "best peer" else against, {})
+        field = "ms_per_batch" if what == "time" else next(
+            (k for k in ("cuda_allocated_bytes", "weight_memory_bytes") if k in row and k in ref), None)
+        value = row[field] / ref[field] if field and field in row and ref.get(field) else None
+        out.append({"id": goal, "model": model, "against": ref.get("key", against), "what": what,
+                    "max_ratio": limit, "ratio": value, "met": None if value is None else value <= limit})
+    return out
+
+
+def _plain(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in d.items() if k != "accuracy"}
+
+
 # ---------------------------------------------------------------------------------------------------
-# GEMMs
+# the table
+# ---------------------------------------------------------------------------------------------------
+def print_table(results: dict[str, Any]) -> None:
+    rows = results["rows"]
+    width = max(len(r["name"]) for r in rows) + 2
+    print(f"\n{results['data']}; {100 * results['attended_fraction']:.1f}% of tokens attended")
+    print(f"{'model':<{width}}{'ms/batch':>10}{'% BERT fp32':>13}{'x best peer':>13}{'% per round':>24}"
+          f"{'memory MiB':>12}{'% mem':>8}{'logit gap':>11}{'agree':>8}")
+    for r in rows:
+        if "skipped" in r:
+            print(f"{r['name']:<{width}}skipped: {r['skipped']}")
+            continue
+        mem = r.get("cuda_allocated_bytes", r.get("weight_memory_bytes"))
+        mem_ratio = r.get("weight_memory_ratio_vs_bert_fp32")
+        line = (f"{r['name']:<{width}}{r['ms_per_batch']:>10.1f}{100 * r['ratio_vs_bert_fp32']:>12.1f}%"
+                f"{r.get('ratio_vs_best_peer', float('nan')):>13.2f}"
+                f"{' / '.join(f'{100 * x:.1f}' for x in r['ratio_per_round']):>24}"
+                f"{'' if mem is None else f'{mem / 2**20:.1f}':>12}"
+                f"{'' if mem_ratio is None else f'{100 * mem_ratio:.1f}%':>8}")
+        if "relative_logit_gap" in r:
+            line += f"{r['relative_logit_gap']:>11.1e}{100 * r['prediction_agreement']:>7.1f}%"
+        print(line)
+    print(f"best peer: {next((r['name'] for r in rows if r['key'] == results['best_peer']), 'none')}")
+    for g in results["goals"]:
+        value = "n/a" if g["ratio"] is None else f"{g['ratio']:.3f}"
+        verdict = {True: "met", False: "NOT met", None: "not measured"}[g["met"]]
+        print(f"goal {g['id']}: {g['model']} / {g['against']} = {value} (<= {g['max_ratio']}): {verdict}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# GEMMs (--gemm)
 # ---------------------------------------------------------------------------------------------------
 def time_call(fn, reps: int, device: str) -> float:
     """Seconds per call (one warm-up call, device synchronized)."""
@@ -206,6 +392,7 @@ def time_call(fn, reps: int, device: str) -> float:
 
 
 def run_gemms(args: argparse.Namespace, device: str) -> list[dict]:
+    """Per-kernel GEMM throughput for M tokens and the BERT shapes (K, N), against fp32 GEMM (CPU) or fp16 cuBLAS."""
     cuda = device.startswith("cuda")
     reps = args.gemm_reps or (50 if cuda else 2)
     dtype = torch.float16 if cuda else torch.float32
@@ -221,11 +408,10 @@ def run_gemms(args: argparse.Namespace, device: str) -> list[dict]:
         flops = 2 * m * k * n
         dense = w.to(device, dtype)
         base_s = time_call(lambda: F.linear(x, dense, bias), reps, device)
-        base_name = "fp16 cuBLAS" if cuda else "fp32 GEMM"
-        rows.append({"kernel": base_name, "m": m, "k": k, "n": n, "ms": base_s * 1e3, "tops": flops / base_s / 1e12,
-                     "speedup": 1.0})
+        rows.append({"kernel": "fp16 cuBLAS" if cuda else "fp32 GEMM", "m": m, "k": k, "n": n, "ms": base_s * 1e3,
+                     "tops": flops / base_s / 1e12, "speedup": 1.0})
         bits = pack_signs(w).to(device)
-        for name, kern in kernels.BINARY_KERNELS.items():  # noqa: B007
+        for name, kern in kernels.BINARY_KERNELS.items():
             # the reference is for tests; fp8 on CPU is oneDNN emulation (seconds per call)
             if name == "reference" or kern.unavailable(dev) or (name == "fp8" and not cuda):
                 continue
@@ -251,56 +437,32 @@ def run_gemms(args: argparse.Namespace, device: str) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------------
-def environment(device: str) -> dict:
-    from sensimix.devices import cpu_features
-
-    env = {"device": device, "device_name": device_name(device), "cpu_flags": sorted(cpu_features()),
-           "torch": torch.__version__,
-           "cuda": torch.version.cuda, "python": platform.python_version(), "threads": torch.get_num_threads(),
-           "cpu_count": os.cpu_count(), "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
-           "quantized_engine": str(kernels.quantized_engine())}
-    if hasattr(os, "getloadavg"):
-        env["load_average_at_start"] = os.getloadavg()
-    if device.startswith("cuda"):
-        env["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
-    return env
-
-
-def print_table(rows: list[dict]) -> None:
-    has_fp16 = any("ratio_vs_bert_fp16" in r for r in rows)
-    has_skip = any("ratio_vs_bert_fp32_skip_padding" in r for r in rows)
-    head = f"{'model':<48}{'ms/batch':>11}{'vs fp32 BERT':>14}" + (f"{'vs fp16 BERT':>14}" if has_fp16 else "")
-    head += f"{'vs fp32 skip':>14}" if has_skip else ""
-    print(head + f"{'per round':>22}{'weights':>10}{'logit gap':>11}")
-    for r in rows:
-        line = f"{r['name']:<48}{r['ms_per_batch']:>11.1f}{100 * r['ratio_vs_bert_fp32']:>13.1f}%"
-        if has_fp16:
-            line += f"{100 * r.get('ratio_vs_bert_fp16', float('nan')):>13.1f}%"
-        if has_skip:
-            line += f"{100 * r.get('ratio_vs_bert_fp32_skip_padding', float('nan')):>13.1f}%"
-        line += f"{' / '.join(f'{100 * x:.1f}' for x in r['ratio_per_round']):>22}"
-        gap = r.get("relative_gap")
-        line += f"{100 * r['weight_ratio_vs_bert_fp32']:>9.1f}%" + (f"{gap:>11.1e}" if gap is not None else f"{'':>11}")
-        print(line)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    results: dict = {"environment": environment(device), "batch_size": args.batch_size, "seq_len": args.seq_len}
-    if not device.startswith("cuda"):
-        results["caveat"] = ("CPU timings on a shared machine: other processes may compete for the cores "
-                             "(see load_average_at_start); models are interleaved per round and ratios within "
-                             "one run are the meaningful numbers")
-    if not args.skip_models:
-        results["models"] = run_models(args, device)
-        print_table(results["models"])
-    if not args.skip_gemm:
-        results["gemm"] = run_gemms(args, device)
-    results["environment"]["load_average_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    start, load_start = time.perf_counter(), os.getloadavg() if hasattr(os, "getloadavg") else None
+    with tempfile.TemporaryDirectory(prefix="sensimix-benchmark-") as tmp:
+        results: dict[str, Any] = {"schema": SCHEMA, **run_models(args, Path(tmp))}
+    env = results["environment"]
+    env.update(THP_MEM_ALLOC_ENABLE=os.environ.get("THP_MEM_ALLOC_ENABLE"),
+               quantized_engine=str(kernels.quantized_engine()), load_average_at_start=load_start)
+    if not ort_missing():
+        import onnx
+        import onnxruntime
+
+        env.update(onnxruntime=onnxruntime.__version__, onnx=onnx.__version__)
+    results["settings"] = {k: v for k, v in vars(args).items() if k != "json"}
+    if not env["device"].startswith("cuda"):
+        results["caveat"] = ("CPU timings on a shared machine: other processes may compete for the cores (see the "
+                             "load averages); models are interleaved per round and ratios within one run are the "
+                             "meaningful numbers")
+    print_table(results)
+    if args.gemm:
+        results["gemm"] = run_gemms(args, env["device"])
+    env["load_average_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    results["wall_s"] = time.perf_counter() - start
     if args.json:
         from sensimix.io import write_json
 

