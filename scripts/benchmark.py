@@ -18,7 +18,7 @@ synthetic QNLI-shaped pairs; padded to ``--seq-len`` like the certified features
 Timing: ``sensimix.vv.timing.time_models``, the V&V's interleaved trials: every model runs over the same batches
 once per round, models one after another within a round, and the median round is reported, so that load from
 other processes hits all models alike; compare the ratios within one run, not absolute times. Weight memory: what
-a fresh process holds more once it has loaded the model, one process per model (``sensimix.vv.peers.weight_memory``).
+a fresh process holds more once it has loaded the model, one process per model (``sensimix.vv.memory.weight_memory``).
 
 Usage::
 
@@ -52,17 +52,8 @@ from sensimix.devices import resolve_device
 from sensimix.quant import index8_quantize, pack_signs
 from sensimix.sources import bert_config
 from sensimix.vv import BERT_FP16, BERT_FP32, ModelTimer, VVRun, VVSettings
-from sensimix.vv.peers import (
-    BUCKETS,
-    ModelSpec,
-    build_small_bert_folder,
-    export_onnx,
-    load_model,
-    ort_missing,
-    quiet,
-    start_memory_server,
-    weight_memory,
-)
+from sensimix.vv.memory import start_memory_server, weight_memory
+from sensimix.vv.peers import BUCKETS, ModelSpec, export_onnx, load_model, ort_missing, quiet
 from sensimix.vv.sizes import build_sensimix_folder
 from sensimix.vv.timing import time_models
 
@@ -204,7 +195,7 @@ def logits_of(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.
 def build(args: argparse.Namespace, root: Path) -> tuple[VVRun, dict[tuple[int, int], Path], dict[str, Any]]:
     """The V&V run (its BERT and SensiMix (2+1) folders, batches and environment record), the SensiMix (3+3)
     folder made from the same BERT, and the ONNX files of the peers."""
-    bert_source = str(build_small_bert_folder(root / "small-bert", seed=args.seed)) if args.quick else args.bert
+    bert_source = "random:bert-tiny6" if args.quick else args.bert
     settings = VVSettings(device=args.device, examples=args.examples, trials=args.rounds,
                           warmup_batches=args.warmup, batch_size=args.batch_size, max_seq_length=args.seq_len,
                           glue_dir=args.glue_dir, bert=bert_source, layers=SENSIMIX_MODELS[0][0],

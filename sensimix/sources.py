@@ -21,6 +21,8 @@ RANDOM_GEOMETRIES: dict[str, dict[str, int]] = {
     "bert-base": dict(),
     "bert-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
     "bert-tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512),
+    # bert-tiny's width with 6 layers: enough for SensiMix (3+3) in seconds (the benchmark's quick mode, tests)
+    "bert-tiny6": dict(hidden_size=128, num_hidden_layers=6, num_attention_heads=2, intermediate_size=512),
 }
 PRETRAINED_ENV = "SENSIMIX_PRETRAINED"  # an offline pre-trained BERT folder instead of the packaged MiniLM-L6
 
