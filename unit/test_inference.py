@@ -108,7 +108,7 @@ def test_padding_skip_and_qkv_fusion_change_only_the_work(packed, skip_padding: 
 def test_defaults_without_mask_or_token_types(packed) -> None:
     qat, folder = packed
     model = Packed.from_pretrained(folder)
-    assert (model.index8_kernel, model.dtype, model.precision) == ("dense", torch.float32, "fp32")
+    assert (model.index8_kernel, model.dtype, model.precision) == ("dequant", torch.float32, "fp32")
     assert model.binary_kernel == kernels.default_binary_kernel("cpu")
     ids = batch()["input_ids"]
     assert (run(model, {"input_ids": ids}) - qat_logits(qat, {"input_ids": ids})).abs().max().item() <= 1e-5
@@ -158,7 +158,7 @@ def test_labels_give_the_cross_entropy_loss(packed) -> None:
 # ---------------------------------------------------------------------------------------------------
 def test_weights_stay_packed(packed) -> None:
     qat, folder = packed
-    model = Packed.from_pretrained(folder, index8_kernel="dequant", binary_kernel="int8")
+    model = Packed.from_pretrained(folder, binary_kernel="int8")
     emb = model.bert.embeddings
     assert emb.word_embeddings.weight_q.dtype == emb.position_embeddings.weight_q.dtype == torch.int8
     layer0, layer3 = model.bert.encoder.layer[0], model.bert.encoder.layer[3]
@@ -168,6 +168,8 @@ def test_weights_stay_packed(packed) -> None:
     assert layer3.intermediate.dense.weight_bits.dtype == torch.uint8
     fp32_params = sum(p.numel() * 4 for p in qat.parameters())
     assert model.weight_bytes() < 0.45 * fp32_params
+    dense = Packed.from_pretrained(folder, index8_kernel="dense")
+    assert dense.weight_bytes() > model.weight_bytes() + 0.5 * fp32_params  # dense fp32 copies of every 8-bit weight
     big = [n for n, t in model.named_buffers() if t.is_floating_point() and t.numel() >= 100 * 64]
     assert not big, f"fp tensors as large as the embedding table: {big}"
 
@@ -423,9 +425,9 @@ def test_bad_load_options(packed) -> None:
 
 
 def test_fuse_qkv_needs_a_fusable_kernel(packed) -> None:
-    with pytest.raises(ValueError, match="fuse_qkv=True, but the index8 kernel 'dequant' cannot fuse"):
-        Packed.from_pretrained(packed[1], index8_kernel="dequant", fuse_qkv=True)
-    assert not Packed.from_pretrained(packed[1], index8_kernel="dequant").plan.fuse_qkv
+    with pytest.raises(ValueError, match="fuse_qkv=True, but the index8 kernel 'int8' cannot fuse"):
+        Packed.from_pretrained(packed[1], index8_kernel="int8", fuse_qkv=True)
+    assert not Packed.from_pretrained(packed[1], index8_kernel="int8").plan.fuse_qkv
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -435,7 +437,7 @@ def test_fast_precision_wiring(packed) -> None:
     model = Packed.from_pretrained(packed[1], precision="fast")
     assert model.precision == "fast" and model.dtype == torch.float32 and model.skip_padding
     assert model.index8_kernel == plan.fast_index8_kernel("cpu")
-    assert model.exact == (model.index8_kernel == "dense")
+    assert model.exact == (model.index8_kernel in ("dense", "dequant"))
     assert all(layer.attention.qkv is not None for layer in model.bert.encoder.layer)
 
 
@@ -524,7 +526,7 @@ def test_fast_index8_choice_follows_the_cpu(monkeypatch, caplog) -> None:
     assert plan.fast_index8_kernel("cpu") == "bf16"
     monkeypatch.setattr(plan, "cpu_has_bf16", lambda: False)
     with caplog.at_level("INFO", logger="sensimix.inference.plan"):
-        assert plan.fast_index8_kernel("cpu") == "dense"
+        assert plan.fast_index8_kernel("cpu") == "dequant"
     assert "no native bf16 GEMM" in caplog.text
 
 
@@ -532,7 +534,7 @@ def test_fast_without_bf16_is_the_exact_path(packed, monkeypatch) -> None:
     monkeypatch.setattr(plan, "cpu_has_bf16", lambda: False)
     qat, folder = packed
     model = Packed.from_pretrained(folder, precision="fast")
-    assert model.index8_kernel == "dense" and model.exact
+    assert model.index8_kernel == "dequant" and model.exact
     assert (run(model, ragged_batch()) - qat_logits(qat, ragged_batch())).abs().max().item() <= 1e-5
 
 
@@ -542,7 +544,7 @@ def test_fbgemm_weights_are_counted(packed) -> None:
     if kernels.INDEX8_KERNELS["fbgemm"].unavailable(torch.device("cpu")):
         pytest.skip("fbgemm unavailable")
     fbgemm = Packed.from_pretrained(packed[1], precision="fast", index8_kernel="fbgemm")
-    dense = Packed.from_pretrained(packed[1])
+    dense = Packed.from_pretrained(packed[1], index8_kernel="dense")
     opaque = sum(m.opaque_bytes() for m in fbgemm.modules() if hasattr(m, "opaque_bytes"))
     stored = sum(t.numel() * t.element_size() for t in fbgemm.state_dict().values())
     assert opaque > 0 and fbgemm.weight_bytes() > stored
@@ -552,5 +554,5 @@ def test_fbgemm_weights_are_counted(packed) -> None:
 def test_make_plan_defaults() -> None:
     p = make_plan("cpu")
     assert (p.precision, p.dtype, p.index8_kernel, p.fuse_qkv, p.skip_padding, p.exact) == \
-        ("fp32", torch.float32, "dense", True, True, True)
+        ("fp32", torch.float32, "dequant", True, True, True)
     assert "exact" in p.describe()

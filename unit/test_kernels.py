@@ -199,12 +199,16 @@ def test_index8_constant_tensor() -> None:
 def test_cpu_defaults_are_exact_fast_paths(monkeypatch) -> None:
     from sensimix.kernels import torch_ops
 
-    assert kernels.default_index8_kernel("cpu") == "dense" and kernels.index8_kernel("auto", "cpu").exact
+    assert kernels.default_index8_kernel("cpu") == "dequant" and kernels.index8_kernel("auto", "cpu").exact
     # torch._int_mm is a real int8 GEMM only with VNNI/AMX; elsewhere it is a slow loop and fp32 +-1 wins
     monkeypatch.setattr(torch_ops, "cpu_has_vnni", lambda: True)
     assert kernels.default_binary_kernel("cpu") == "int8" and kernels.binary_kernel(None, "cpu").name == "int8"
+    from sensimix import devices
+
     monkeypatch.setattr(torch_ops, "cpu_has_vnni", lambda: False)
-    assert kernels.default_binary_kernel("cpu") == "float"
+    monkeypatch.setattr(devices, "cpu_has_vnni", lambda: False)
+    fbgemm_ok = kernels.quantized_engine().engine is not None
+    assert kernels.default_binary_kernel("cpu") == ("fbgemm" if fbgemm_ok else "float")
     assert all(k.exact for k in kernels.BINARY_KERNELS.values())
 
 
@@ -309,7 +313,7 @@ def test_fbgemm_rounds_only_the_activations() -> None:
     torch.testing.assert_close(kern.linear(x, p), want, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["fbgemm", "bf16", "dense"])
+@pytest.mark.parametrize("name", ["fbgemm", "bf16", "dense", "dequant"])
 def test_fused_index8_equals_its_parts(name: str) -> None:
     # Q, K, V fused into one GEMM: each part keeps its own range (per-row scales for fbgemm)
     kern = kernels.INDEX8_KERNELS[name]
@@ -330,14 +334,14 @@ def test_fused_index8_equals_its_parts(name: str) -> None:
     elif name == "bf16":
         bound = torch.cat([bf16_bound(x, q, r, bias, y) for (q, r, bias), y in
                            zip(parts, want.split([20, 12, 9], dim=1))], dim=1)
-    else:
+    else:  # exact kernels: the same dequantized weights, one fp32 GEMM
         bound = 1e-5 * want.abs() + 1e-5
     assert ((got - want).abs() <= bound).all()
 
 
 def test_unfusable_kernels_say_so() -> None:
     x, q, weight_range, bias = index8_problem(3, 8, 4)
-    for name in ("dequant", "int8", "reference"):
+    for name in ("int8", "reference"):
         assert not kernels.INDEX8_KERNELS[name].fusable
         with pytest.raises(ValueError, match=f"'{name}' cannot fuse"):
             kernels.INDEX8_KERNELS[name].prepare([(q, weight_range, bias)] * 2, torch.float32)

@@ -17,9 +17,9 @@ name          compute                                                 default wh
 ``reference`` ±1 int64 matmul                                         tests
 ============= ======================================================= ======================================
 
-8-bit index linear (``x @ W_hat^T + b``): ``dense`` (dequantize once at load to the model dtype; exact; the
-default everywhere: fp32 on CPU, fp16 on CUDA as in the paper), ``dequant`` (int8 in memory, dequantized per
-call; exact; for when weight memory matters more than time), ``int8`` (dynamic per-row int8 activations through
+8-bit index linear (``x @ W_hat^T + b``): ``dequant`` (int8 in memory, dequantized per call into a reused
+buffer; exact; the CPU default), ``dense`` (dequantized once at load to the model dtype; exact; the CUDA default:
+fp16 weights, as in the paper), ``int8`` (dynamic per-row int8 activations through
 ``torch._int_mm``; APPROXIMATE), ``fbgemm`` (torch's quantized dynamic linear, per-tensor int8 activations;
 APPROXIMATE; CPU), ``bf16`` (bf16 weights and activations, bias/GELU in oneDNN's GEMM epilogue; APPROXIMATE),
 ``reference``. Approximate kernels are never a default; they serve the runtime's ``fast`` precision.
@@ -72,8 +72,10 @@ def default_binary_kernel(device: torch.device | str) -> str:
 
 
 def default_index8_kernel(device: torch.device | str) -> str:
-    """``dense``: dequantized once at load (exact, and the fastest exact 8-bit kernel on CPU and CUDA)."""
-    return "dense"
+    """The exact 8-bit kernel for ``device``: ``dequant`` on CPU (int8 weight memory, dequantized per call at
+    ~1-2% of the GEMM's time), ``dense`` on CUDA (dequantized once at load: GEMMs are too fast there for a pass
+    over the weights per call)."""
+    return "dequant" if torch.device(device).type == "cpu" else "dense"
 
 
 def _resolve(kind: str, table: dict, name: str | None, device: torch.device | str, default):

@@ -157,22 +157,50 @@ class DenseIndex8Kernel(Index8Kernel):
         return F.linear(x, p.weight, p.bias)
 
 
+_SCRATCH: dict[torch.device, torch.Tensor] = {}
+
+
+def _scratch(numel: int, device: torch.device) -> torch.Tensor:
+    """A reused fp32 buffer of at least ``numel`` elements per device: per-call dequantization then allocates
+    nothing (a fresh multi-MB tensor per call costs its page faults every time on CPU). Not for concurrent use
+    from several threads."""
+    buf = _SCRATCH.get(device)
+    if buf is None or buf.numel() < numel:
+        buf = _SCRATCH[device] = torch.empty(numel, dtype=torch.float32, device=device)
+    return buf[:numel]
+
+
 class DequantIndex8Kernel(Index8Kernel):
-    """Keep int8 Q, dequantize per call in fp32 then cast (exact; int8 weight memory, where memory matters)."""
+    """Keep int8 Q; per call, dequantize it exactly as :func:`sensimix.quant.index8_dequantize` does,
+    ``(Q + 128) * s + lo`` in fp32, into a reused scratch buffer, then one GEMM. Exact, with the weight memory of
+    int8 (a quarter of a dense fp32 weight). The CPU default: with hundreds of token rows per call the
+    dequantization pass is ~1-2% of the GEMM's time. On CUDA a GEMM is so fast that the pass is not (``dense`` is
+    the default there). Fusable: Q, K and V keep their own ranges, one (s, lo) pair per output row."""
 
     name = "dequant"
+    fusable = True
 
     def fast_on(self, device):
-        return False  # a dequantization pass over every weight per call
+        return torch.device(device).type == "cpu"
 
     def prepare_one(self, q, weight_range, dtype):
         lo, hi = weight_range.float()
         return q.contiguous(), torch.stack([index8_step(lo, hi), lo])  # params = [s, lo], computed once
 
+    def prepare(self, parts, dtype):
+        prepared = [self.prepare_one(q, r, dtype) for q, r, _ in parts]
+        rows = torch.tensor([q.shape[0] for q, _, _ in parts], device=parts[0][0].device)
+        params = torch.repeat_interleave(torch.stack([p for _, p in prepared]), rows, dim=0)  # [N, 2]: s, lo
+        biases = [b for _, _, b in parts]
+        bias = None if any(b is None for b in biases) else torch.cat(biases).to(dtype)
+        q = prepared[0][0] if len(parts) == 1 else torch.cat([w for w, _ in prepared])
+        return Prepared(q, params, bias, q.shape[1], q.shape[0])
+
     def linear(self, x, p):
-        # (Q + 128) * s + lo in fp32, the same operations as quant.index8_dequantize, in place to save launches
-        w_hat = p.weight.to(torch.float32).add_(-QMIN).mul_(p.params[0]).add_(p.params[1])
-        return F.linear(x, w_hat.to(x.dtype), p.bias)
+        w_hat = _scratch(p.weight.numel(), p.weight.device).view(p.weight.shape)
+        # (Q + 128) * s + lo in fp32: the same operations, in the same order, as quant.index8_dequantize
+        w_hat.copy_(p.weight).add_(-QMIN).mul_(p.params[:, :1]).add_(p.params[:, 1:])
+        return F.linear(x, w_hat if x.dtype == torch.float32 else w_hat.to(x.dtype), p.bias)
 
 
 class DynamicInt8Index8Kernel(Index8Kernel):
