@@ -363,8 +363,12 @@ def run_step(name: str, argv: list[str], limit_s: int, cap_s: int, env: dict[str
         say(f"=== {name}: SKIPPED, no time left before the deadline ===")
         return StepResult(name, None, 0.0, limit_s, cap_s, timed_out=True, last_line="skipped: no time left")
     t0 = time.monotonic()
-    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            errors="replace", bufsize=1, start_new_session=True)
+    try:
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                errors="replace", bufsize=1, start_new_session=True)
+    except OSError as exc:
+        say(f"=== {name}: could not start: {exc} ===")
+        return StepResult(name, 127, 0.0, limit_s, cap_s, last_line=f"could not start: {exc}")
     seen: list[str] = []
 
     def pump() -> None:
