@@ -24,15 +24,16 @@ trial BERT fp32 ~59 s, fp16 ~7 s, SensiMix (2+1) ~2 s: ~205 s for 3 trials, plus
 SensiMix folders and stage the batches, ~40 s for the accuracy training (MiniLM, 1,000 SST-2 examples).
 
 A step's limit is min(its cap, time left to the deadline minus the minimum kept for the steps after it). At the limit
-minus 15 s it gets SIGINT (pytest then still writes its JSON and the report with what it measured), at the limit
-SIGKILL. A failed step does not stop the later ones; a failed preflight stops everything (within seconds),
+minus 15 s it gets SIGINT (pytest then still writes its JSON and the report with what it measured: the acceptance
+step loads this file as a pytest plugin, ``-p gpu_check``, that drops a benchmark cut before its first round, which
+would otherwise make pytest-benchmark fail writing anything), at the limit SIGKILL. A failed step does not stop the later ones; a failed preflight stops everything (within seconds),
 printing one ``MISSING:`` line per missing thing.
 
 What comes back in ``$OUT`` (7 files, at most 8 come back, one folder deep), named by the card
 (:func:`sensimix.devices.card_slug`, as in .github/workflows/gpu-acceptance.yml)::
 
     gpu-check-<card>.log           everything printed
-    summary-<card>.json            mode, card, versions, each step's exit status, seconds and limit, the criteria
+    summary-<card>.json            mode, card, versions and preflight findings, each step's exit, seconds and limit
     acceptance-<card>.json         pytest-benchmark JSON of the acceptance session ("kotca" key: the whole report)
     benchmark-<card>.json          scripts/benchmark.py --json
     report-<card>/report.{json,md,png}   the acceptance session's KOTCA report
@@ -42,7 +43,7 @@ Settings (environment): MODE=full|short, DEVICE (cuda), OUT ($OUT, else ./gpu-ou
 BENCH_ARGS (extra arguments, shell-quoted), DEADLINE_S, CAP_SCALE (caps, reserves and deadline times this, for
 dry runs on a slow CPU), PY (the python that runs the steps).
 
-Dry run on a CPU machine (the plumbing, not the GPU; ~3 minutes on 2 cores)::
+Dry run on a CPU machine (the plumbing, not the GPU; ~1 minute on 2 cores)::
 
     DEVICE=cpu MODE=short CAP_SCALE=3 KOTCA_EXAMPLES=8 OUT=/tmp/gpu-dry PY=.venv/bin/python \\
       BENCH_ARGS="--skip-gemm --rounds 1 --batches 1 --batch-size 8 --seq-len 32" nice bash scripts/gpu_check.sh
