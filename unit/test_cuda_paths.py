@@ -23,6 +23,7 @@ the QAT model.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import re
@@ -269,12 +270,19 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> int:
     return int((a.contiguous().view(ints) == b.contiguous().view(ints)).sum())
 
 
+@functools.lru_cache(maxsize=8)
+def table_reference(m: int, k: int, n: int, bias: bool) -> torch.Tensor:
+    """The reference's fp32 ``sign(x) sign(W)^T + b`` of :func:`table_problem` (int64 GEMM on the CPU: computed once)."""
+    x, bits, b = table_problem(m, k, n)
+    return reference.binary_linear(x, bits, k, b if bias else None)
+
+
 def fp8_exactness(device: str, m: int, k: int, n: int, out: torch.dtype, bias: bool = True) -> tuple[int, int]:
     """(outputs of the FP8 kernel's ``linear`` equal bit for bit to the reference rounded once to ``out``, outputs)."""
     kern = kernels.binary_kernel("fp8", device)
     x, bits, b = table_problem(m, k, n)
     b = b if bias else None
-    want = reference.binary_linear(x, bits, k, b).to(out)
+    want = table_reference(m, k, n, bias).to(out)
     got = kern.linear(x.to(device), kern.prepare_weight(bits.to(device), k), None if b is None else b.to(device), k,
                       out).cpu()
     assert got.dtype == out and got.shape == (m, n)
