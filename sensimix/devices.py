@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import platform
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -84,6 +85,14 @@ def device_name(device: str) -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def card_slug(device: str) -> str:
+    """The card's name as a file-name part: ``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3`` (lower case,
+    every run of other characters one ``-``). The one naming of result files and benchmark histories per card
+    (scripts/gpu_check.py, .github/workflows/gpu-acceptance.yml); on CPU, the CPU model's slug."""
+    slug = re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+    return slug or "unknown-device"
 
 
 # x86 flags that decide which CPU kernels are fast (names as /proc/cpuinfo spells them)
