@@ -158,14 +158,32 @@ def model_specs(bert: Path, label: str, sensimix: dict[tuple[int, int], Path], o
                     skipped=cpu_only or ort_reason))
     for (layers, eightbit), folder in sensimix.items():
         prefix, name = f"sensimix-{eightbit}+{layers - eightbit}", f"SensiMix ({eightbit}+{layers - eightbit})"
-        variants = [("fp32", "fp32 (exact)", "fp32", None), ("fast", "fast", "fast", None)]
+        variants = [("fp32", "fp32 (exact)", "fp32", None, (None, None)), ("fast", "fast", "fast", None, (None, None))]
         if (layers, eightbit) == SENSIMIX_MODELS[0]:
-            variants += [("fast-padded", "fast, padding kept", "fast", False), ("bf16", "bf16", "bf16", None)]
-            variants += [("fp16", "fp16", "fp16", None)] if cuda else []
-        for key, what, precision, skip in variants:
+            variants += [("fast-padded", "fast, padding kept", "fast", False, (None, None)),
+                         ("bf16", "bf16", "bf16", None, (None, None))]
+            variants += kernel_variants(device)
+        for key, what, precision, skip, chosen in variants:
             specs.append(ModelSpec(f"{prefix}-{key}", f"{name} {what}", "sensimix", "sensimix", str(folder),
-                                   precision, skip_padding=skip, reference=None if key == "fp32" else f"{prefix}-fp32"))
+                                   precision, skip_padding=skip, kernels=chosen,
+                                   reference=None if key == "fp32" else f"{prefix}-fp32"))
     return specs
+
+
+def kernel_variants(device: str) -> list[tuple[str, str, str, bool | None, tuple[str | None, str | None]]]:
+    """SensiMix (2+1) on each other kernel the device can run (the default plan's are timed already): on CUDA
+    fp16 with every 1-bit kernel and both exact 8-bit kernels; on CPU the exact path's alternatives."""
+    dev = torch.device(device)
+    runnable = [n for n, k in kernels.BINARY_KERNELS.items() if n != "reference" and k.unavailable(dev) is None
+                and (k.fast_on(dev) or n == "float")]
+    default_binary, default_index8 = kernels.default_binary_kernel(dev), kernels.default_index8_kernel(dev)
+    precision = "fp16" if dev.type == "cuda" else "fp32"
+    out = [(f"{precision}-{precision}", precision, precision, None, (None, None))] if dev.type == "cuda" else []
+    out += [(f"{precision}-1bit-{n}", f"{precision}, 1-bit {n}", precision, None, (n, None))
+            for n in runnable if n != default_binary]
+    other = "dequant" if default_index8 == "dense" else "dense"
+    out.append((f"{precision}-8bit-{other}", f"{precision}, 8-bit {other}", precision, None, (None, other)))
+    return out
 
 
 def export_peers(bert: Path, root: Path, seq_len: int, fuse: bool) -> dict[str, Any]:

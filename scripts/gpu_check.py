@@ -94,7 +94,7 @@ MODE_SETTINGS = {
     "short": Mode(deadline_s=180, caps={"preflight": 20, "unit": 45, "acceptance": 75, "benchmark": 40},
                   reserve={"unit": 15, "acceptance": 40, "benchmark": 25}, examples=8192, trials=2,
                   acceptance_args=["-m", "not accuracy"],
-                  bench_args=["--rounds", "2", "--batches", "5", "--gemm-reps", "10"]),
+                  bench_args=["--rounds", "2", "--examples", "320", "--gemm-reps", "10", "--no-memory"]),
 }
 
 

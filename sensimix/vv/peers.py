@@ -261,6 +261,7 @@ class ModelSpec:
     layers: int | None = None       # first encoder layers of the BERT folder (None: all)
     attention: str = "sdpa"         # transformers rows
     skip_padding: bool | None = None  # SensiMix rows (None: the plan's choice)
+    kernels: tuple[str | None, str | None] = (None, None)  # SensiMix rows: (1-bit, 8-bit) kernel; None: the plan's
     buckets: int | None = None
     reference: str | None = None
     skipped: str | None = None      # why this row cannot run here (then it is reported, not timed)
@@ -271,7 +272,7 @@ class ModelSpec:
 
     def loads(self) -> tuple:
         """What :func:`load_model` loads, whatever the row's name and bucketing."""
-        return self.runtime, self.path, self.precision, self.layers, self.attention, self.skip_padding
+        return self.runtime, self.path, self.precision, self.layers, self.attention, self.skip_padding, self.kernels
 
 
 def load_model(spec: ModelSpec, device: str = "cpu", *, shared: dict[str, nn.Module] | None = None) -> nn.Module:
@@ -301,8 +302,9 @@ def load_model(spec: ModelSpec, device: str = "cpu", *, shared: dict[str, nn.Mod
     else:
         from ..inference import SensiMixForSequenceClassification
 
-        model = SensiMixForSequenceClassification.from_pretrained(spec.path, device=device, precision=spec.precision,
-                                                                  skip_padding=spec.skip_padding)
+        model = SensiMixForSequenceClassification.from_pretrained(
+            spec.path, device=device, precision=spec.precision, skip_padding=spec.skip_padding,
+            binary_kernel=spec.kernels[0], index8_kernel=spec.kernels[1])
         model.check_inputs = False  # the batches were checked against the model when staged (as in the V&V run)
     if spec.buckets:
         model = LengthBuckets(model, spec.buckets)
