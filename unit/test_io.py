@@ -360,3 +360,29 @@ def test_locks_are_released_when_the_writer_fails(tmp_path):
     with reserve_output(target):  # free at once
         pass
     assert time.monotonic() - start < 5
+
+
+# ---------------------------------------------------------------------------------------------------
+# commands: a refused run writes nothing
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("out", ["..", "../work", "./"])
+def test_compress_into_the_current_folder_is_refused_before_any_work(tmp_path, monkeypatch, caplog, out):
+    from sensimix.cli import main
+
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    assert main(["compress", "--bert", "random:bert-tiny", "--max-steps", "0", "--out", out, "--overwrite"]) == 2
+    assert "is the current folder or one above it" in caplog.text
+    assert listing(tmp_path) == ["work"] and listing(tmp_path / "work") == []
+
+
+def test_a_refused_verify_creates_no_report_folder(tmp_path, monkeypatch, caplog):
+    from sensimix.cli import main
+
+    monkeypatch.delenv("GLUE_DIR", raising=False)
+    keep = tmp_path / "keep"
+    make_version(keep / "bert", "precious")
+    code = main(["verify", "--out", str(tmp_path / "report"), "--bert", "random:bert-tiny", "--keep-models",
+                 str(keep), "--device", "cpu", "--skip-accuracy", "--no-progress"])
+    assert code == 2 and "DIR/bert" in caplog.text and "already exists; pass --overwrite" in caplog.text
+    assert listing(tmp_path) == ["keep"] and (keep / "bert" / "config.json").read_text() == "precious"

@@ -285,3 +285,10 @@ def test_vv_example_count_is_kept_or_refused_never_replaced(examples):
             settings_.resolved()
     else:
         assert settings_.resolved().examples == (256 if examples is None else examples)
+
+
+@pytest.mark.parametrize("content", [b"sentence\tlabel\rgood\t1\rbad\t0\r", b"sentence\tlabel\ngo\rod\t1\n"])
+def test_a_carriage_return_inside_a_line_is_named_as_such(content):
+    result, path = read_tsv("sst-2", content)
+    assert isinstance(result, ValueError) and "carriage return (CR) inside the line" in str(result)
+    assert str(result).startswith(path + ":")
