@@ -188,20 +188,26 @@ def _write(path: Path, state: dict) -> None:
         save_file(state, str(path))
 
 
-@pytest.mark.parametrize("edit", sorted(STATE_EDITS) + [f"bin: {k}" for k in sorted(BIN_ONLY_EDITS)])
-@pytest.mark.parametrize("weights", [WEIGHTS_SAFETENSORS, WEIGHTS_BIN])
-def test_edited_state_dict_is_refused(original, tmp_path, weights, edit):
-    folder, _ = original
-    if edit.startswith("bin: ") and weights != WEIGHTS_BIN:
-        pytest.skip("safetensors holds named dense tensors only")
+def _refused(folder: Path, weights: str, edit: Callable[[dict], None], tmp_path: Path) -> None:
     from sensimix.checkpoint import load_weight_file
 
     state = {k: v.clone() for k, v in load_weight_file(folder / weights).items()}
-    (BIN_ONLY_EDITS[edit[5:]] if edit.startswith("bin: ") else STATE_EDITS[edit])(state)
+    edit(state)
     case_dir = Path(shutil.copytree(folder, tmp_path / "case"))
     _write(case_dir / weights, state)
     with pytest.raises(CheckpointError, match=weights.replace(".", r"\.")):
         Packed.from_pretrained(case_dir, weights=weights)
+
+
+@pytest.mark.parametrize("edit", sorted(STATE_EDITS))
+@pytest.mark.parametrize("weights", [WEIGHTS_SAFETENSORS, WEIGHTS_BIN])
+def test_edited_state_dict_is_refused(original, tmp_path, weights, edit):
+    _refused(original[0], weights, STATE_EDITS[edit], tmp_path)
+
+
+@pytest.mark.parametrize("edit", sorted(BIN_ONLY_EDITS))
+def test_odd_objects_in_pytorch_model_bin_are_refused(original, tmp_path, edit):
+    _refused(original[0], WEIGHTS_BIN, BIN_ONLY_EDITS[edit], tmp_path)
 
 
 def test_deleted_weight_file_is_file_not_found(original, tmp_path):
@@ -313,3 +319,49 @@ def test_each_model_field_mutation_is_refused(original, tmp_path, field: str, mu
     (case_dir / "config.json").write_text(json.dumps(raw))
     with pytest.raises(CheckpointError, match="config.json"):
         Packed.from_pretrained(case_dir)
+
+
+# ---------------------------------------------------------------------------------------------------
+# hostile or incomplete folders: a pickle that runs code, a BERT folder without a tokenizer
+# ---------------------------------------------------------------------------------------------------
+class RunsCode:
+    """Unpickling this would create the file named ``marker``: weights_only=True must refuse it unrun."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_poisoned_pickle_in_a_packed_folder_is_refused_unrun(original, tmp_path):
+    folder, _ = original
+    case_dir = Path(shutil.copytree(folder, tmp_path / "case"))
+    torch.save({"classifier.bias": RunsCode(tmp_path / "ran")}, case_dir / WEIGHTS_BIN)
+    with pytest.raises(CheckpointError, match="pytorch_model.bin: cannot load it with torch.load\\(weights_only=True"):
+        Packed.from_pretrained(case_dir, weights=WEIGHTS_BIN)
+    assert not (tmp_path / "ran").exists()
+
+
+def test_a_poisoned_pickle_in_a_bert_folder_is_one_source_error_unrun(tiny_bert_dir, tmp_path):
+    from sensimix.qat import from_bert as build
+    from sensimix.sources import SourceError, load_bert_classifier
+
+    bert = Path(shutil.copytree(tiny_bert_dir, tmp_path / "bert"))
+    (bert / "model.safetensors").unlink()
+    torch.save({"bert.embeddings.word_embeddings.weight": RunsCode(tmp_path / "ran")}, bert / WEIGHTS_BIN)
+    with pytest.raises(SourceError, match="pytorch_model.bin cannot be loaded safely"):
+        load_bert_classifier(bert, 2)
+    with pytest.raises(SourceError, match="cannot load its weights .*unsafe to unpickle"):
+        build(bert, num_hidden_layers=2, num_8bit_layers=1)
+    assert not (tmp_path / "ran").exists()
+
+
+def test_a_model_folder_without_tokenizer_files_is_named(tiny_bert_dir, tmp_path):
+    from sensimix.sources import SourceError, load_tokenizer
+
+    bert = Path(shutil.copytree(tiny_bert_dir, tmp_path / "bert"))
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (bert / name).unlink(missing_ok=True)
+    with pytest.raises(SourceError, match="has no tokenizer files .*pass --tokenizer"):
+        load_tokenizer(bert)
