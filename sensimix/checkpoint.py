@@ -172,6 +172,12 @@ def load_weight_file(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                 for k, v in tensors.items()):
         raise CheckpointError(f"{path} does not hold a state dict of named tensors")
+    # weights_only still rebuilds sparse and quantized tensors; every check and kernel here expects dense ones
+    odd = sorted(k for k, v in tensors.items() if v.layout != torch.strided or v.is_quantized)
+    if odd:
+        first = tensors[odd[0]]
+        raise CheckpointError(f"{path}: tensor(s) {_listing(odd)} are not dense ({first.layout}, {first.dtype}); "
+                              f"weight files hold dense tensors only. Re-export it")
     return tensors
 
 

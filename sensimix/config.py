@@ -33,6 +33,38 @@ def _positive_int(name: str, value: Any, limit: int) -> int:
     return value
 
 
+def _label_maps(kwargs: dict[str, Any]) -> None:
+    """id2label / label2id must be JSON objects (transformers calls .items() on them)."""
+    for name in ("id2label", "label2id"):
+        value = kwargs.get(name)
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"{name} must be an object mapping label ids and names, got {type(value).__name__}")
+
+
+def validate_geometry(config: Any, layers: str = "num_hidden_layers") -> None:
+    """Raise ``ValueError`` naming the first field of a BERT config (sizes, depth, LayerNorm epsilon, dropout)
+    outside its allowed range, before any tensor is allocated. ``layers`` is how the depth is named."""
+    n = _positive_int(layers, config.num_hidden_layers, MAX_LAYERS)
+    h = _positive_int("hidden_size", config.hidden_size, MAX_DIM)
+    heads = _positive_int("num_attention_heads", config.num_attention_heads, MAX_DIM)
+    if h % heads:
+        raise ValueError(f"hidden_size ({h}) must be a multiple of num_attention_heads ({heads})")
+    inter = _positive_int("intermediate_size", config.intermediate_size, MAX_DIM)
+    vocab = _positive_int("vocab_size", config.vocab_size, MAX_VOCAB)
+    positions = _positive_int("max_position_embeddings", config.max_position_embeddings, MAX_DIM)
+    types = _positive_int("type_vocab_size", config.type_vocab_size, MAX_DIM)
+    eps = config.layer_norm_eps
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or not 0 < eps < 1:
+        raise ValueError(f"layer_norm_eps must be a finite number in (0, 1), got {eps!r}")
+    for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+        p = getattr(config, name, 0.0)
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+            raise ValueError(f"{name} must be a number in [0, 1), got {p!r}")
+    params = vocab * h + positions * h + types * h + n * (4 * h * h + 2 * h * inter)
+    if params > MAX_PARAMETERS:
+        raise ValueError(f"this geometry has {params:,} weights (> {MAX_PARAMETERS:,}): a typo in config.json?")
+
+
 class SensiMixConfig(BertConfig):
     """A :class:`~transformers.BertConfig` that also says which layers are 8-bit and which are mixed.
 
@@ -46,6 +78,7 @@ class SensiMixConfig(BertConfig):
 
     def __init__(self, num_8bit_layers: int = 2, **kwargs: Any) -> None:
         kwargs.setdefault("num_hidden_layers", 3)
+        _label_maps(kwargs)
         try:
             super().__init__(**kwargs)
         except Exception as exc:  # noqa: BLE001 - transformers' own field checks (huggingface_hub's strict
@@ -68,32 +101,15 @@ class SensiMixConfig(BertConfig):
             raise ValueError(
                 f"num_hidden_layers (N = a + b) must be in [1, {teacher_layers}] (the pre-trained BERT's depth), "
                 f"got {n}: SensiMix keeps the first N layers of the teacher")
-        h = _positive_int("hidden_size", self.hidden_size, MAX_DIM)
-        heads = _positive_int("num_attention_heads", self.num_attention_heads, MAX_DIM)
-        if h % heads:
-            raise ValueError(f"hidden_size ({h}) must be a multiple of num_attention_heads ({heads})")
-        inter = _positive_int("intermediate_size", self.intermediate_size, MAX_DIM)
-        vocab = _positive_int("vocab_size", self.vocab_size, MAX_VOCAB)
-        positions = _positive_int("max_position_embeddings", self.max_position_embeddings, MAX_DIM)
-        types = _positive_int("type_vocab_size", self.type_vocab_size, MAX_DIM)
-        eps = self.layer_norm_eps
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or not 0 < eps < 1:
-            raise ValueError(f"layer_norm_eps must be a finite number in (0, 1), got {eps!r}")
+        validate_geometry(self, layers="num_hidden_layers (N = a + b)")
         act = self.hidden_act
         if not isinstance(act, str) or act not in SIGN_PRESERVING_ACTS:
             raise ValueError(f"hidden_act {act!r} is not supported; SensiMix needs an activation f with f(z) > 0 "
                              f"iff z > 0 (so the 1-bit FFN can skip it exactly): {', '.join(sorted(SIGN_PRESERVING_ACTS))}")
-        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
-            p = getattr(self, name, 0.0)
-            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
-                raise ValueError(f"{name} must be a number in [0, 1), got {p!r}")
         kind = getattr(self, "position_embedding_type", "absolute")
         if kind != "absolute":
             raise ValueError(f"position_embedding_type {kind!r} is not supported: SensiMix (like bert-base) uses "
                              f"absolute position embeddings")
-        params = vocab * h + positions * h + types * h + n * (4 * h * h + 2 * h * inter)
-        if params > MAX_PARAMETERS:
-            raise ValueError(f"this geometry has {params:,} weights (> {MAX_PARAMETERS:,}): a typo in config.json?")
 
     # -- layer roles ------------------------------------------------------------------------------
     @property

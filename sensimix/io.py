@@ -79,12 +79,19 @@ def read_config_json(folder: str | os.PathLike, *, expected: str, error: type[Ex
 # ---------------------------------------------------------------------------------------------------
 # output folders
 # ---------------------------------------------------------------------------------------------------
+def _absolute(path: str | os.PathLike) -> Path:
+    """``path`` made absolute and normalized ("a/../b" -> "b"): one spelling per folder, for locks and renames."""
+    return Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+
+
 def check_output_dir(out: str | os.PathLike, *, overwrite: bool = False, what: str = "--out") -> Path:
     """Validate an output folder before any work: returns its absolute path or raises :class:`OutputError` /
-    ``FileExistsError`` with the fix. Probes the parent for writability by creating (and removing) a temp folder."""
-    out = Path(out).expanduser().absolute()
-    cwd = Path.cwd().absolute()
-    if out == Path(out.anchor) or out == cwd or out in cwd.parents:
+    ``FileExistsError`` with the fix. Probes the parent (or its nearest existing ancestor) for writability by
+    creating and removing a temp folder; nothing else is created."""
+    out = _absolute(out)
+    cwd = Path.cwd().resolve()
+    real = out.resolve()  # "..", "./", a symlink to the current folder: the same folder
+    if real == Path(real.anchor) or real == cwd or real in cwd.parents:
         raise OutputError(f"{what} {out} is the current folder or one above it; name a new folder for the output "
                           f"(e.g. {what} out/model)")
     if out.exists() and not out.is_dir():
@@ -92,8 +99,11 @@ def check_output_dir(out: str | os.PathLike, *, overwrite: bool = False, what: s
     if out.exists() and not overwrite:
         raise FileExistsError(f"{what} {out} already exists; pass --overwrite to replace it, or choose another {what}")
     parent = out.parent
+    while not parent.exists():  # probe the nearest folder that exists: a refused job creates nothing
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"cannot write {what} {out}: {parent} is not a folder")
     try:
-        parent.mkdir(parents=True, exist_ok=True)
         probe = tempfile.mkdtemp(prefix=f".{out.name}.probe.", dir=parent)
         os.rmdir(probe)
     except OSError as exc:
@@ -113,7 +123,7 @@ def _lock_path(out: Path) -> Path:
 def reserve_output(out: str | os.PathLike) -> Iterator[Path]:
     """Hold an exclusive lock on ``out`` (a ``.<name>.lock`` file beside it) for the block; re-entrant within a
     process. Another process holding it: :class:`OutputError` at once (never a wait)."""
-    out = Path(out).expanduser().absolute()
+    out = _absolute(out)
     with _HELD_GUARD:
         if out in _HELD:
             fd, depth = _HELD[out]
@@ -181,32 +191,77 @@ def _old_versions(out: Path) -> list[Path]:
 
 
 def recover_interrupted(out: str | os.PathLike) -> Path | None:
-    """Restore ``out`` from the hidden copy an interrupted overwrite left (fallback path only); returns it."""
-    out = Path(out).absolute()
+    """Restore ``out`` from the hidden copy an interrupted overwrite left (fallback path only) and remove the
+    stale hidden folders; returns ``out`` when it was restored. Call it holding :func:`reserve_output`."""
+    out = _absolute(out)
     olds = _old_versions(out)
-    if out.exists() or not olds:
-        return None
-    os.replace(olds[-1] / out.name, out)
-    shutil.rmtree(olds[-1], ignore_errors=True)
-    return out
+    restored = None
+    if not out.exists():
+        kept = [p for p in olds if (p / out.name).exists()]
+        if kept:  # the process died between the two renames: the previous version is whole in there
+            os.replace(max(kept, key=lambda p: p.stat().st_mtime) / out.name, out)
+            restored = out
+    for old in olds:  # the target exists now, so these are empty or a superseded version
+        shutil.rmtree(old, ignore_errors=True)
+    return restored
+
+
+def _remove_stale_temps(out: Path) -> None:
+    """Temp folders of ``out`` left by a writer that was killed (SIGKILL, power loss): only the lock holder
+    writes them, and the caller holds the lock."""
+    for tmp in out.parent.glob(f".{out.name}.tmp.*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM back for the block and deliver them right after it, so a Ctrl-C or a kill never
+    splits the renames of a commit (main thread only: Python runs signal handlers there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: h for s, h in old.items() if h is not None}  # None: a handler set outside Python, left alone
+    for s in old:
+        signal.signal(s, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(pending):
+            signal.raise_signal(s)
 
 
 def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
+    with _signals_deferred():
+        _rename_into_place(tmp, out, overwrite)
+
+
+def _rename_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    appeared = f"{out} appeared while it was being written (another program?); nothing was replaced"
     if not out.exists():
-        if _renameat2(tmp, out, _RENAME_NOREPLACE):
-            return
+        try:
+            if _renameat2(tmp, out, _RENAME_NOREPLACE):
+                return
+        except FileExistsError:
+            raise FileExistsError(appeared) from None
         if out.exists():  # no NOREPLACE here: check as late as possible
-            raise FileExistsError(f"{out} appeared while it was being written; nothing was replaced")
+            raise FileExistsError(appeared)
         os.rename(tmp, out)
         return
     if not overwrite:
-        raise FileExistsError(f"{out} appeared while it was being written (another process?); nothing was "
-                              f"replaced: pass --overwrite to replace it")
+        raise FileExistsError(f"{appeared}: pass --overwrite to replace it")
     if _renameat2(tmp, out, _RENAME_EXCHANGE):
         shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old version
         return
     trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-    os.replace(out, trash / out.name)
+    try:
+        os.replace(out, trash / out.name)
+    except BaseException:
+        os.rmdir(trash)  # nothing was moved
+        raise
     try:
         os.replace(tmp, out)
     except BaseException:
@@ -243,6 +298,7 @@ def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterat
     out = check_output_dir(out_dir, overwrite=True, what="output folder")
     with reserve_output(out), raise_on_sigterm():
         recover_interrupted(out)
+        _remove_stale_temps(out)
         if out.exists() and not overwrite:
             raise FileExistsError(f"{out} already exists; pass --overwrite (overwrite=True) or choose another "
                                   f"output folder")

@@ -67,10 +67,11 @@ def bert_config(source: str | os.PathLike | Any, *, allow_qat: bool = True):
     name = os.fspath(source)
     if not _looks_local(name):
         try:  # a hub id (online users)
-            return BertConfig.from_pretrained(name)
+            config = BertConfig.from_pretrained(name)
         except OSError as exc:
             raise SourceError(f"could not load a BERT config from {name!r}: not a local folder, and not a hub id "
                               f"this machine can reach ({str(exc).splitlines()[0]})") from exc
+        return _checked(config, name)
     raw = _read_local_config(Path(name).expanduser())
     if "sensimix_format" in raw:
         raise SourceError(f"{name} is a packed SensiMix checkpoint ({raw['sensimix_format']}), not a BERT: it holds "
@@ -81,10 +82,26 @@ def bert_config(source: str | os.PathLike | Any, *, allow_qat: bool = True):
         raise SourceError(f"{name}: model_type {kind!r} is not a BERT (config.json); SensiMix needs a BERT checkpoint")
     fields = {k: v for k, v in raw.items() if k not in ("model_type", "num_8bit_layers", "architectures",
                                                            "transformers_version")}
+    for key in ("id2label", "label2id"):  # transformers calls .items() on them
+        if fields.get(key) is not None and not isinstance(fields[key], dict):
+            raise SourceError(f"{name}/config.json: {key} must be an object, got {type(fields[key]).__name__}")
     try:
-        return BertConfig(**fields)
-    except (TypeError, ValueError) as exc:
+        config = BertConfig(**fields)
+    except Exception as exc:  # noqa: BLE001 - transformers' strict field checks raise their own error types
         raise SourceError(f"{name}/config.json: {' '.join(str(exc).split())}") from exc
+    return _checked(config, f"{name}/config.json")
+
+
+def _checked(config, where: str):
+    """``config`` once its sizes, depth and epsilon are sane: a tampered config.json fails here, in
+    milliseconds, not after building a million layers or with NaN logits."""
+    from .config import validate_geometry
+
+    try:
+        validate_geometry(config)
+    except ValueError as exc:
+        raise SourceError(f"{where}: {exc}") from exc
+    return config
 
 
 def load_bert_classifier(source: str | os.PathLike, num_labels: int, *, dtype=None, attn_implementation=None,

@@ -98,8 +98,8 @@ def run(args: argparse.Namespace) -> int:
     model = load_for_inference(args.model, device=device, precision=args.precision,
                                binary_kernel=args.binary_kernel, index8_kernel=args.index8_kernel)
     if args.synthetic:
-        inputs = synthetic_inputs(args.examples or 5463, max_seq_length=args.max_seq_length,
-                                  vocab_size=model.config.vocab_size)
+        count = 5463 if args.examples is None else args.examples  # QNLI dev's size
+        inputs = synthetic_inputs(count, max_seq_length=args.max_seq_length, vocab_size=model.config.vocab_size)
         data = "synthetic"
     else:
         tokenizer = load_tokenizer(args.tokenizer or args.model)

@@ -121,10 +121,11 @@ def run(args: argparse.Namespace) -> int:
         eightbit_layers=args.eightbit_layers, seed=args.seed, keep_models=args.keep_models, overwrite=args.overwrite,
         accuracy=accuracy, accuracy_skip_reason="skipped with --skip-accuracy" if args.skip_accuracy else None,
         progress=not args.no_progress)
+    run = VVRun(settings, out)  # checks every option and folder: a refused run creates nothing
     out.mkdir(parents=True, exist_ok=True)
     # The model folders are ~0.9 GB (BERT .bin + .safetensors): a temp folder unless asked to keep them.
     with tempfile.TemporaryDirectory(prefix=".verify-work-", dir=out) as tmp:
-        run = VVRun(settings, tmp)
+        run.workdir = Path(tmp)
         env = run.environment
         log.info("verifying on %s (%s), torch %s, CUDA %s; report in %s", run.s.device, env["device_name"],
                  env["torch"], env["cuda"], out)

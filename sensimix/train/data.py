@@ -134,6 +134,9 @@ def _rows(path: Path) -> Iterator[tuple[int, list[str]]]:
             if len(line) > MAX_FIELD_BYTES:
                 raise ValueError(f"{path}:{lineno}: a line of {len(line):,} characters (limit "
                                  f"{MAX_FIELD_BYTES:,}); is this a GLUE file?")
+            if "\r" in line.rstrip("\r\n"):  # csv would say "new-line character seen in unquoted field"
+                raise ValueError(f"{path}:{lineno}: a carriage return (CR) inside the line: the file has old Mac "
+                                 f"(CR-only) line endings or a stray CR in a sentence; save it with LF line endings")
             try:
                 row = next(csv.reader(io.StringIO(line), delimiter="\t", quoting=csv.QUOTE_NONE))
             except StopIteration:

@@ -74,7 +74,7 @@ class VVSettings:
 
         device = resolve_device(self.device)
         s = dataclasses.replace(
-            self, device=device, examples=self.examples or default_examples(device),
+            self, device=device, examples=default_examples(device) if self.examples is None else self.examples,
             warmup_batches=default_warmup_batches(device) if self.warmup_batches is None else self.warmup_batches,
             sensimix_precision=sensimix_precision(self.sensimix_precision, device),
             glue_dir=resolve_glue_dir(self.glue_dir))
