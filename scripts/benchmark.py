@@ -174,11 +174,15 @@ def kernel_variants(device: str) -> list[tuple[str, str, str, bool | None, tuple
     """SensiMix (2+1) on each other kernel the device can run (the default plan's are timed already): on CUDA
     fp16 with every 1-bit kernel and both exact 8-bit kernels; on CPU the exact path's alternatives."""
     dev = torch.device(device)
-    runnable = [n for n, k in kernels.BINARY_KERNELS.items() if n != "reference" and k.unavailable(dev) is None
-                and (k.fast_on(dev) or n == "float")]
-    default_binary, default_index8 = kernels.default_binary_kernel(dev), kernels.default_index8_kernel(dev)
+    if dev.type == "cuda" and not torch.cuda.is_available():  # listing the rows of a CUDA run (tests)
+        runnable, default_binary = ["fp8", "int8", "float", "xnor"], "fp8"
+    else:
+        runnable = [n for n, k in kernels.BINARY_KERNELS.items() if n != "reference" and k.unavailable(dev) is None
+                    and (k.fast_on(dev) or n == "float")]
+        default_binary = kernels.default_binary_kernel(dev)
+    default_index8 = kernels.default_index8_kernel(dev)
     precision = "fp16" if dev.type == "cuda" else "fp32"
-    out = [(f"{precision}-{precision}", precision, precision, None, (None, None))] if dev.type == "cuda" else []
+    out = [("fp16", "fp16", "fp16", None, (None, None))] if dev.type == "cuda" else []
     out += [(f"{precision}-1bit-{n}", f"{precision}, 1-bit {n}", precision, None, (n, None))
             for n in runnable if n != default_binary]
     other = "dequant" if default_index8 == "dense" else "dense"

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from .config import SensiMixConfig
-from .io import atomic_dir, read_config_json, save_tokenizer, write_json
+from .io import atomic_dir, brief, read_config_json, save_tokenizer, write_json
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def load_weight_file(path: Path) -> dict[str, torch.Tensor]:
         tensors = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError, RuntimeError, EOFError: truncated, corrupt or not weights-only
         raise CheckpointError(f"{path}: cannot load it with torch.load(weights_only=True) ({type(exc).__name__}: "
-                              f"{' '.join(str(exc).split())[:300]}); it is truncated, corrupt or holds more than "
+                              f"{brief(exc)}); it is truncated, corrupt or holds more than "
                               f"tensors. Re-export it") from exc
     if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                 for k, v in tensors.items()):

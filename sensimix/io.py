@@ -32,6 +32,12 @@ MAX_JSON_BYTES = 8 << 20  # config.json and friends are a few KB; refuse to pars
 TOKENIZER_FILES = ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 
 
+def brief(exc: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's text, cut to ``limit`` characters (torch's messages run to paragraphs)."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return first if len(first) <= limit else first[:limit] + "..."
+
+
 class OutputError(ValueError):
     """An output location that cannot be written as asked; the message says why and what to do."""
 
@@ -98,6 +104,8 @@ def check_output_dir(out: str | os.PathLike, *, overwrite: bool = False, what: s
         raise OutputError(f"{what} {out} exists and is not a folder; choose another {what}")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{what} {out} already exists; pass --overwrite to replace it, or choose another {what}")
+    if out.exists():
+        check_replaceable(out, what)
     parent = out.parent
     while not parent.exists():  # probe the nearest folder that exists: a refused job creates nothing
         parent = parent.parent
@@ -109,6 +117,15 @@ def check_output_dir(out: str | os.PathLike, *, overwrite: bool = False, what: s
     except OSError as exc:
         raise OutputError(f"cannot write {what} {out}: {exc.strerror or exc} in {parent}") from exc
     return out
+
+
+def check_replaceable(out: Path, what: str = "--out") -> None:
+    """``--overwrite`` replaces a model folder (one with a config.json) or an empty folder, nothing else: a typo
+    such as ``--out ~ --overwrite`` must not delete a home folder."""
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise OutputError(f"refusing to replace {what} {out}: it is not empty and holds no config.json, so it is not "
+                          f"a model folder; --overwrite replaces model folders only. Remove it yourself or choose "
+                          f"another {what}")
 
 
 _HELD: dict[Path, tuple[int, int]] = {}  # target -> (lock fd, depth): re-entrant within one process
@@ -295,13 +312,17 @@ def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterat
 
     Without ``overwrite`` an existing target (also one that appears while the block runs) is never replaced.
     """
-    out = check_output_dir(out_dir, overwrite=True, what="output folder")
+    out = _absolute(out_dir)
+    if overwrite or not out.exists():  # the location checks; whether it may replace is decided under the lock
+        check_output_dir(out, overwrite=True, what="output folder")
     with reserve_output(out), raise_on_sigterm():
         recover_interrupted(out)
         _remove_stale_temps(out)
         if out.exists() and not overwrite:
             raise FileExistsError(f"{out} already exists; pass --overwrite (overwrite=True) or choose another "
                                   f"output folder")
+        if out.exists():
+            check_replaceable(out, "output folder")
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp.", dir=out.parent))
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like any new folder
         try:

@@ -86,7 +86,7 @@ def pack_signs(x: torch.Tensor) -> torch.Tensor:
     pad = (-k) % 8
     if pad:
         bits = torch.nn.functional.pad(bits, (0, pad))
-    bits = bits.reshape(*bits.shape[:-1], -1, 8)
+    bits = bits.reshape(*bits.shape[:-1], (k + pad) // 8, 8)  # explicit: -1 cannot be inferred for 0 rows
     weights = (1 << torch.arange(8, dtype=torch.uint8, device=x.device))
     return (bits * weights).sum(dim=-1, dtype=torch.uint8)
 

