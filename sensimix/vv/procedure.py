@@ -46,10 +46,9 @@ def default_warmup_batches(device: str) -> int:
 
 def sensimix_precision(requested: str | None, device: str) -> str:
     """SensiMix's inference precision. ``auto``: on CUDA the paper's inference (dequantized weights, fp16 GEMMs);
-    on CPU the runtime's ``fast`` recipe (bf16 GEMMs for the 8-bit layers where the CPU has them, exact 1-bit
-    FFNs, padded tokens skipped). The accuracy criterion evaluates SensiMix with the same precision, and the
-    fast-vs-exact agreement on trained models is a criterion of its own. BERT is always timed in fp32
-    (certified) and, on CUDA, in fp16 beside it."""
+    on CPU the runtime's ``fast`` recipe (there: the exact path's fastest kernels, padded tokens skipped). The
+    accuracy criterion evaluates SensiMix with the same precision, and the fast-vs-exact agreement on trained
+    models is a criterion of its own. BERT is always timed in fp32 (certified) and, on CUDA, in fp16 beside it."""
     if requested in (None, "auto"):
         return "fp16" if str(device).startswith("cuda") else "fast"
     if requested not in SENSIMIX_PRECISIONS:
