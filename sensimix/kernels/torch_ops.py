@@ -171,9 +171,9 @@ def _scratch(numel: int, device: torch.device) -> torch.Tensor:
 
 
 class DequantIndex8Kernel(Index8Kernel):
-    """Keep int8 Q; per call, dequantize it exactly as :func:`sensimix.quant.index8_dequantize` does,
-    ``(Q + 128) * s + lo`` in fp32, into a reused scratch buffer, then one GEMM. Exact, with the weight memory of
-    int8 (a quarter of a dense fp32 weight). The CPU default: with hundreds of token rows per call the
+    """Keep 8-bit indices (as U = Q + 128, uint8); per call, dequantize them exactly as
+    :func:`sensimix.quant.index8_dequantize` does, ``(Q + 128) * s + lo`` in fp32, into a reused scratch buffer,
+    then one GEMM. Exact, with 8-bit weight memory (a quarter of a dense fp32 weight). The CPU default: with hundreds of token rows per call the
     dequantization pass is ~1-2% of the GEMM's time. On CUDA a GEMM is so fast that the pass is not (``dense`` is
     the default there). Fusable: Q, K and V keep their own ranges, one (s, lo) pair per output row."""
 
@@ -185,7 +185,10 @@ class DequantIndex8Kernel(Index8Kernel):
 
     def prepare_one(self, q, weight_range, dtype):
         lo, hi = weight_range.float()
-        return q.contiguous(), torch.stack([index8_step(lo, hi), lo])  # params = [s, lo], computed once
+        # U = Q + 128 in [0, 255] as uint8: then W_hat = U * s + lo is one mixed-dtype multiply (the conversion
+        # of U to fp32 is exact) and one add, bitwise (Q + 128) * s + lo, instead of four passes
+        u = (q.to(torch.int16) - QMIN).to(torch.uint8).contiguous()
+        return u, torch.stack([index8_step(lo, hi), lo])  # params = [s, lo], computed once
 
     def prepare(self, parts, dtype):
         prepared = [self.prepare_one(q, r, dtype) for q, r, _ in parts]
@@ -199,7 +202,7 @@ class DequantIndex8Kernel(Index8Kernel):
     def linear(self, x, p):
         w_hat = _scratch(p.weight.numel(), p.weight.device).view(p.weight.shape)
         # (Q + 128) * s + lo in fp32: the same operations, in the same order, as quant.index8_dequantize
-        w_hat.copy_(p.weight).add_(-QMIN).mul_(p.params[:, :1]).add_(p.params[:, 1:])
+        torch.mul(p.weight, p.params[:, :1], out=w_hat).add_(p.params[:, 1:])
         return F.linear(x, w_hat if x.dtype == torch.float32 else w_hat.to(x.dtype), p.bias)
 
 
