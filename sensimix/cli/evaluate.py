@@ -29,10 +29,10 @@ an error (exit 2), never a score.
 
 Precision: fp32 is the certified baseline math (BERT: eager attention; CUDA: TF32 disabled) and, for SensiMix,
 the quantization-aware model's arithmetic (exact). fp16 uses SDPA attention for BERT and fp16 GEMMs for
-SensiMix. bf16 runs all activations in bf16 (approximate). fast (SensiMix only; approximate) is the fastest
-measured recipe for the device (see sensimix.inference.plan); its agreement with fp32 on trained models is a
-V&V criterion. SensiMix skips padded tokens in every precision (they cannot change the logits). The BERT
-baseline has no fast mode: time it in fp32, as certified.
+SensiMix. bf16 runs all activations in bf16 (approximate). fast (SensiMix only) is the fastest recipe whose
+predictions agree with fp32 on trained models (a V&V criterion): on CPU the exact path itself, on CUDA fp16 (see
+sensimix.inference.plan). SensiMix skips padded tokens in every precision (they cannot change the logits). The
+BERT baseline has no fast mode: time it in fp32, as certified.
 """
 
 PRECISIONS = ("fp32", "fp16", "bf16", "fast")  # sensimix.inference.PRECISIONS (not imported: --help stays light)
@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="activation precision (default: %(default)s, the certified math; 'fast': SensiMix's "
-                        "fastest recipe, approximate; see above)")
+                        "fastest recipe within the agreement bar; see above)")
     p.add_argument("--warmup-batches", type=int_at_least(0), default=2,
                    help="untimed batches before timing (default: %(default)s)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the --model folder)")

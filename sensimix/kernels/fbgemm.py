@@ -92,7 +92,7 @@ def quantized_engine() -> QuantizedEngine:
     """The x86/fbgemm engine for the ``fbgemm`` kernel and its ``reduce_range``, checked once per process.
 
     Never raises: a torch without quantized ops (they are deprecated), without an fbgemm engine, or whose
-    probe fails gives ``engine=None`` and the reason (the ``fast`` precision then falls back to ``bf16``).
+    probe fails gives ``engine=None`` and the reason (the 1-bit default then falls back to ``float``).
     """
     if not hasattr(torch.ops.quantized, "linear_dynamic") or not hasattr(torch, "_make_per_tensor_quantized_tensor"):
         return QuantizedEngine(None, reason=f"torch {torch.__version__} has no quantized linear_dynamic ops")

@@ -37,7 +37,7 @@ def onednn_linear_ok() -> bool:
 class Bf16Index8Kernel(Index8Kernel):
     """APPROXIMATE: ``W_hat`` dequantized once in fp32 and rounded to bf16; bf16 GEMM (fp32 accumulation).
 
-    Returns bf16 whatever the input dtype: in the ``fast`` model the next op (SDPA, GELU, the next bf16 linear)
+    Returns bf16 whatever the input dtype: in a bf16-kernel model the next op (SDPA, GELU, the next bf16 linear)
     runs in bf16 too, and the residual add promotes back to fp32 before the LayerNorm. Rounding both operands to
     bf16 (8 significant bits) gives a relative error of about 2^-9 per product, i.e. ~2^-9 * |x| |w| * sqrt(K)
     on an output (random-sign rounding errors add up as a random walk). Fast only on CPUs with native bf16

@@ -118,7 +118,7 @@ class Agreement:
     agreement: float                    # fraction of dev predictions equal
     exact_accuracy: float
     fast_accuracy: float
-    fast_plan: str                      # what fast ran here (kernels), e.g. "bf16 8-bit GEMMs" or the exact ones
+    fast_plan: str                      # what fast ran here (the plan: precision, kernels, fusion, padding skip)
 
     @property
     def accuracy_delta_points(self) -> float:
