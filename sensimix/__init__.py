@@ -2,16 +2,44 @@
 
 ``import sensimix`` registers the packed model with transformers' Auto classes, so that
 ``AutoModelForSequenceClassification.from_pretrained(folder)`` and ``pipeline("text-classification", model=folder)``
-load a packed SensiMix folder.
+load a packed SensiMix folder. The model module itself is imported on first use (``sensimix --help`` stays light).
 """
+
+from typing import Any
 
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from .config import SensiMixConfig
-from .inference import SensiMixForSequenceClassification
-
-AutoConfig.register(SensiMixConfig.model_type, SensiMixConfig, exist_ok=True)
-AutoModelForSequenceClassification.register(SensiMixConfig, SensiMixForSequenceClassification, exist_ok=True)
 
 __all__ = ["SensiMixConfig", "SensiMixForSequenceClassification", "__version__"]
 __version__ = "0.2.0"
+
+
+class _AutoEntry:
+    """What the Auto classes call for a ``sensimix`` config: the real class, imported on first use."""
+
+    config_class = SensiMixConfig
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        from .inference import SensiMixForSequenceClassification
+
+        return SensiMixForSequenceClassification.from_pretrained(*args, **kwargs)
+
+    @classmethod
+    def from_config(cls, config: SensiMixConfig, **kwargs: Any) -> Any:
+        from .inference import SensiMixForSequenceClassification
+
+        return SensiMixForSequenceClassification(config, **kwargs)
+
+
+AutoConfig.register(SensiMixConfig.model_type, SensiMixConfig, exist_ok=True)
+AutoModelForSequenceClassification.register(SensiMixConfig, _AutoEntry, exist_ok=True)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SensiMixForSequenceClassification":
+        from .inference import SensiMixForSequenceClassification
+
+        return SensiMixForSequenceClassification
+    raise AttributeError(f"module 'sensimix' has no attribute {name!r}")
