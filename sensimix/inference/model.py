@@ -71,12 +71,15 @@ class SensiMixForSequenceClassification(PreTrainedModel):
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
     def from_state_dict(cls, config: SensiMixConfig, tensors: dict[str, torch.Tensor],
-                        plan: InferencePlan | None = None, *, source: str = "state dict") -> SensiMixForSequenceClassification:
-        """The model holding ``tensors`` (checked against ``config``), prepared for ``plan`` (None: not prepared)."""
+                        plan: InferencePlan | None = None, *, source: str = "state dict",
+                        check: bool = True) -> SensiMixForSequenceClassification:
+        """The model holding ``tensors`` (checked against ``config`` unless the caller did), prepared for ``plan``
+        (None: not prepared)."""
         with torch.device("meta"):
             model = cls(config)
-        spec = {name: (t.dtype, tuple(t.shape)) for name, t in model.state_dict().items()}
-        checkpoint.check_tensors(tensors, spec, source, cls._geometry(config))
+        if check:
+            spec = {name: (t.dtype, tuple(t.shape)) for name, t in model.state_dict().items()}
+            checkpoint.check_tensors(tensors, spec, source, cls._geometry(config))
         model.load_state_dict({k: v.cpu() for k, v in tensors.items()}, strict=True, assign=True)
         model.eval()
         if plan is not None:
@@ -96,9 +99,9 @@ class SensiMixForSequenceClassification(PreTrainedModel):
             pretrained_model_name_or_path: a folder written by ``sensimix compress`` / ``export_checkpoint``, or a
                 hub id (online users).
             device: ``cpu`` or ``cuda[:i]`` (transformers' ``device_map`` is accepted too); default cpu.
-            precision: ``fp32`` (exact, CPU default), ``fp16`` (CUDA default), ``bf16`` or ``fast`` (approximate,
-                the fastest measured recipe); see :mod:`sensimix.inference.plan`. transformers' ``dtype`` /
-                ``torch_dtype`` is accepted too.
+            precision: ``fp32`` (exact, CPU default), ``fp16`` (CUDA default), ``bf16`` or ``fast`` (the fastest
+                recipe that keeps trained-model predictions: the exact path on CPU, fp16 on CUDA); see
+                :mod:`sensimix.inference.plan`. transformers' ``dtype`` / ``torch_dtype`` is accepted too.
             binary_kernel / index8_kernel: kernel names (:mod:`sensimix.kernels`); None = the plan's choice.
             fuse_qkv / skip_padding: None = the plan's choice (both on when the kernel allows).
             check_inputs: validate input values in every forward (token ids in range: one host sync on CUDA).
@@ -121,7 +124,7 @@ class SensiMixForSequenceClassification(PreTrainedModel):
         config = checkpoint.config_from_raw(raw, folder / "config.json")
         tensors, source = checkpoint.read_tensors(folder, cls.checkpoint_spec(config), raw, cls._geometry(config),
                                                   weights=weights, verify_all=verify_all_files)
-        model = cls.from_state_dict(config, tensors, plan, source=str(source))
+        model = cls.from_state_dict(config, tensors, plan, source=str(source), check=False)  # read_tensors checked
         model.check_inputs = check_inputs
         model.config._name_or_path = str(folder)
         model.source_file = source
