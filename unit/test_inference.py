@@ -547,3 +547,15 @@ def test_make_plan_defaults() -> None:
     assert (p.precision, p.dtype, p.index8_kernel, p.fuse_qkv, p.skip_padding, p.exact) == \
         ("fp32", torch.float32, "dequant", True, True, True)
     assert "exact" in p.describe()
+
+
+@pytest.mark.slow
+def test_compiled_forward_gives_the_same_logits(packed) -> None:
+    """from_pretrained(compile=True): torch.compile of the forward (dynamic shapes: the packed token count varies)
+    gives the eager logits; the compile runs in the first calls."""
+    qat, folder = packed
+    eager = Packed.from_pretrained(folder)
+    compiled = Packed.from_pretrained(folder, compile=True)
+    assert not compiled.check_inputs  # value checks would split the graph: inputs must come checked
+    for inputs in (batch(), ragged_batch()):
+        torch.testing.assert_close(run(compiled, inputs), run(eager, inputs), rtol=1e-5, atol=1e-6)

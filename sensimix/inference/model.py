@@ -91,7 +91,7 @@ class SensiMixForSequenceClassification(PreTrainedModel):
                         device: torch.device | str | None = None, precision: str | torch.dtype | None = None,
                         binary_kernel: str | None = None, index8_kernel: str | None = None,
                         fuse_qkv: bool | None = None, skip_padding: bool | None = None, check_inputs: bool = True,
-                        weights: str = "auto", verify_all_files: bool = False,
+                        weights: str = "auto", verify_all_files: bool = False, compile: bool = False,
                         **kwargs: Any) -> SensiMixForSequenceClassification:
         """Load a packed checkpoint folder (model.safetensors preferred, else pytorch_model.bin).
 
@@ -107,6 +107,9 @@ class SensiMixForSequenceClassification(PreTrainedModel):
             check_inputs: validate input values in every forward (token ids in range: one host sync on CUDA).
             weights: ``auto``, ``model.safetensors`` or ``pytorch_model.bin``: the file to load.
             verify_all_files: also prove the other weight file holds the same tensors.
+            compile: ``torch.compile`` the forward (``dynamic=True``: the packed token count varies per batch).
+                The first calls compile (seconds to minutes): run them before any timing. Input value checks are
+                turned off (their host reads would split the graph); give checked inputs.
         """
         if model_args:
             raise TypeError(f"{cls.__name__}.from_pretrained takes no positional arguments after the path, got "
@@ -125,7 +128,9 @@ class SensiMixForSequenceClassification(PreTrainedModel):
         tensors, source = checkpoint.read_tensors(folder, cls.checkpoint_spec(config), raw, cls._geometry(config),
                                                   weights=weights, verify_all=verify_all_files)
         model = cls.from_state_dict(config, tensors, plan, source=str(source), check=False)  # read_tensors checked
-        model.check_inputs = check_inputs
+        model.check_inputs = check_inputs and not compile
+        if compile:
+            model.compile(dynamic=True)
         model.config._name_or_path = str(folder)
         model.source_file = source
         log.info("loaded %s from %s on %s (%s)", config.describe(), source, plan.device, plan.describe())

@@ -262,6 +262,7 @@ class ModelSpec:
     attention: str = "sdpa"         # transformers rows
     skip_padding: bool | None = None  # SensiMix rows (None: the plan's choice)
     kernels: tuple[str | None, str | None] = (None, None)  # SensiMix rows: (1-bit, 8-bit) kernel; None: the plan's
+    compiled: bool = False          # SensiMix rows: torch.compile the forward
     buckets: int | None = None
     reference: str | None = None
     skipped: str | None = None      # why this row cannot run here (then it is reported, not timed)
@@ -271,7 +272,7 @@ class ModelSpec:
             raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
 
     def loads(self) -> tuple:
-        """What :func:`load_model` loads, whatever the row's name and bucketing."""
+        """What :func:`load_model` loads (the weights it holds), whatever the row's name, bucketing or compilation."""
         return self.runtime, self.path, self.precision, self.layers, self.attention, self.skip_padding, self.kernels
 
 
@@ -304,7 +305,7 @@ def load_model(spec: ModelSpec, device: str = "cpu", *, shared: dict[str, nn.Mod
 
         model = SensiMixForSequenceClassification.from_pretrained(
             spec.path, device=device, precision=spec.precision, skip_padding=spec.skip_padding,
-            binary_kernel=spec.kernels[0], index8_kernel=spec.kernels[1])
+            binary_kernel=spec.kernels[0], index8_kernel=spec.kernels[1], compile=spec.compiled)
         model.check_inputs = False  # the batches were checked against the model when staged (as in the V&V run)
     if spec.buckets:
         model = LengthBuckets(model, spec.buckets)
