@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -140,6 +141,31 @@ def test_exact_index8_kernels_equal_reference(name: str, m: int, k: int, n: int)
     assert kern.exact
     p = kern.prepare([(q, weight_range, bias)], torch.float32)
     assert torch.equal(kern.linear(x, p), reference.index8_linear(x, q, weight_range, bias))
+
+
+def test_dequant_kernel_is_exact_across_inference_mode_grad_and_threads() -> None:
+    """The per-call kernel reuses a scratch buffer: a buffer made under inference_mode must not be written
+    outside it, two threads must not share one, and a weight autograd saved must not be overwritten."""
+    kern = kernels.index8_kernel("dequant", "cpu")
+    problems = [index8_problem(m, k, n) for m, k, n in ((9, 64, 48), (3, 48, 64))]
+    prepared = [kern.prepare([(q, r, b)], torch.float32) for _, q, r, b in problems]
+    want = [reference.index8_linear(x, q, r, b) for x, q, r, b in problems]
+    with torch.inference_mode():
+        assert torch.equal(kern.linear(problems[0][0], prepared[0]), want[0])
+    with torch.no_grad():
+        assert torch.equal(kern.linear(problems[0][0], prepared[0]), want[0])
+    x = problems[0][0].clone().requires_grad_()
+    out = kern.linear(x, prepared[0])
+    kern.linear(problems[1][0], prepared[1])  # a later call must not change the weight saved for backward
+    out.sum().backward()
+    w_hat = reference.index8_linear(torch.eye(64), *problems[0][1:3], None)  # rows = columns of W^T
+    assert torch.allclose(x.grad, torch.ones(9, 48) @ w_hat.T, atol=1e-5)
+
+    def work(i: int) -> bool:
+        with torch.inference_mode():
+            return all(torch.equal(kern.linear(problems[i % 2][0], prepared[i % 2]), want[i % 2]) for _ in range(50))
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(work, range(8)))
 
 
 @pytest.mark.parametrize("m,k,n", SHAPES)
