@@ -26,7 +26,7 @@ def cpu_rows() -> list[str]:
     """Every CPU row in order; the (2+1) kernel variants depend on what this CPU runs fast."""
     variants = [f"sensimix-2+1-{key}" for key, *_ in load_script().kernel_variants("cpu")]
     return ["bert-fp32", "bert-torch-int8", *ORT_ROWS[:4], "bert3-fp32", "bert3-torch-int8", *ORT_ROWS[4:],
-            "sensimix-2+1-fp32", "sensimix-2+1-fast", "sensimix-2+1-fast-padded", "sensimix-2+1-bf16", *variants,
+            "bert-runtime-fp32-skip", "sensimix-2+1-fp32", "sensimix-2+1-fast", "sensimix-2+1-fast-padded", "sensimix-2+1-bf16", *variants,
             "sensimix-3+3-fp32", "sensimix-3+3-fast"]
 
 
@@ -189,12 +189,12 @@ def test_length_buckets_keep_the_logits_and_cut_the_padding(tiny_bert_config, bu
 
 def test_row_list_without_onnxruntime_and_on_cuda():
     bench = load_script()
-    sensimix = {(3, 2): Path("sm21"), (6, 3): Path("sm33")}
+    sensimix = {bench.LIKE_FOR_LIKE: Path("bert-packed"), (3, 2): Path("sm21"), (6, 3): Path("sm33")}
     specs = bench.model_specs(Path("bert"), "BERT-base", sensimix, {}, "onnxruntime/onnx not installed", "cpu", 4)
     assert [s.key for s in specs] == cpu_rows()
     assert "sensimix-2+1-fp32-8bit-dense" in cpu_rows()  # the exact path's other 8-bit kernel, on every CPU
     assert all(bool(s.skipped) == (s.key in ORT_ROWS) for s in specs)
     cuda = {s.key: s for s in bench.model_specs(Path("bert"), "BERT-base", sensimix, {}, None, "cuda", 4)}
-    assert {"bert-fp16", "bert3-fp16", "sensimix-2+1-fp16"} <= set(cuda)
+    assert {"bert-fp16", "bert3-fp16", "bert-runtime-fp16-skip", "sensimix-2+1-fp16"} <= set(cuda)
     assert all(cuda[k].skipped for k in [*ORT_ROWS, "bert-torch-int8", "bert3-torch-int8"])
     assert not any(s.skipped for k, s in cuda.items() if k not in [*ORT_ROWS, "bert-torch-int8", "bert3-torch-int8"])
