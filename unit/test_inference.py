@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -527,6 +528,25 @@ def test_fast_is_the_exact_path_on_cpu(packed) -> None:
     model = Packed.from_pretrained(folder, precision="fast")
     assert model.index8_kernel == kernels.default_index8_kernel("cpu") and model.exact
     assert (run(model, ragged_batch()) - qat_logits(qat, ragged_batch())).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fast"])
+def test_one_model_in_every_grad_mode_and_in_threads_gives_the_same_logits(packed, precision: str) -> None:
+    """Kernels keep per-call scratch state: a model used under inference_mode, then outside it, and by several
+    threads at once (a web server's workers) must compute what it computes alone."""
+    model = Packed.from_pretrained(packed[1], precision=precision)
+    batches = [batch(), ragged_batch()]
+    with torch.inference_mode():
+        want = [model(**b).logits for b in batches]
+    with torch.no_grad():
+        assert all(torch.equal(model(**b).logits, w) for b, w in zip(batches, want))
+    assert all(torch.equal(model(**b).logits.detach(), w) for b, w in zip(batches, want))
+
+    def work(i: int) -> bool:
+        with torch.inference_mode():
+            return all(torch.equal(model(**batches[i % 2]).logits, want[i % 2]) for _ in range(20))
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(work, range(8)))
 
 
 def test_fbgemm_weights_are_counted(packed) -> None:
