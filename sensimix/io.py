@@ -148,7 +148,12 @@ def reserve_output(out: str | os.PathLike) -> Iterator[Path]:
             acquired = False
         else:
             acquired = True
+    made: list[Path] = []  # the parent folders this hold creates: removed again if the job writes nothing
     if acquired:
+        parent = out.parent
+        while not parent.exists():
+            made.append(parent)
+            parent = parent.parent
         out.parent.mkdir(parents=True, exist_ok=True)
         lock = _lock_path(out)
         while True:
@@ -181,6 +186,10 @@ def reserve_output(out: str | os.PathLike) -> Iterator[Path]:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(_lock_path(out))
             os.close(fd)  # releases the flock
+            if not out.exists():  # a refused or failed job leaves no empty parent folders behind
+                for folder in made:  # deepest first; rmdir fails (and keeps it) once anything else is inside
+                    with contextlib.suppress(OSError):
+                        os.rmdir(folder)
 
 
 # renameat2(2) flags (Linux >= 3.15); file systems without them answer EINVAL

@@ -325,6 +325,17 @@ def test_checking_an_output_folder_creates_nothing(tmp_path):
     assert out == tmp_path / "a" / "b" / "c" and listing(tmp_path) == []
 
 
+def test_a_failed_job_leaves_no_parent_folders_it_made(tmp_path):
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(RuntimeError), sio.reserve_output(tmp_path / "kept" / "a" / "b" / "out"):
+        assert (tmp_path / "kept" / "a" / "b").is_dir()  # made for the lock file
+        raise RuntimeError("refused after the lock was taken")
+    assert listing(tmp_path) == ["kept"] and listing(tmp_path / "kept") == []
+    with sio.reserve_output(tmp_path / "x" / "out") as out:  # a job that writes keeps its parents
+        out.mkdir()
+    assert (tmp_path / "x" / "out").is_dir() and listing(tmp_path / "x") == ["out"]
+
+
 def test_an_output_under_a_file_is_refused(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(OutputError, match="file is not a folder"):

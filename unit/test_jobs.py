@@ -97,13 +97,14 @@ def test_refusals_come_before_training(tiny_bert_dir, tiny_glue_dir, tmp_path, m
     packed = export_checkpoint(from_bert(tiny_bert_dir, num_hidden_layers=2, num_8bit_layers=1), tmp_path / "packed")
     run = dict(glue_dir=tiny_glue_dir, settings=_settings())
     with pytest.raises(SourceError, match="packed SensiMix checkpoint"):
-        compress(packed, "sst-2", tmp_path / "a", **run)
+        compress(packed, "sst-2", tmp_path / "new" / "deeper" / "a", **run)  # missing parents: none made
     with pytest.raises(SourceError, match="packed SensiMix checkpoint"):
         compress(tiny_bert_dir, "sst-2", tmp_path / "a", teacher=packed, **run)
     with pytest.raises(SourceError, match="packed SensiMix checkpoint"):
         finetune(packed, "sst-2", tmp_path / "a", **run)
     with pytest.raises(ValueError, match="--max-seq-length 600 is longer than the position table"):
-        compress(tiny_bert_dir, "sst-2", tmp_path / "a", glue_dir=tiny_glue_dir, settings=_settings(max_seq_length=600))
+        compress(tiny_bert_dir, "sst-2", tmp_path / "new" / "a", glue_dir=tiny_glue_dir,
+                 settings=_settings(max_seq_length=600))
     with pytest.raises(FileNotFoundError, match="MRPC/train.tsv not found"):
         compress(tiny_bert_dir, "mrpc", tmp_path / "a", **run)
     (tmp_path / "file").write_text("x")
