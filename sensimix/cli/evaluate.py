@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 
 from .common import add_data_arguments, int_at_least
@@ -107,6 +108,10 @@ def run(args: argparse.Namespace) -> int:
                              max_seq_length=args.max_seq_length, hub=args.hub_data)
         data = f"{args.task} {args.split}"
     check_inputs_fit(inputs, model.config, f"{data} tokenized for {args.model}")
+    available = len(inputs["input_ids"])
+    if args.examples is not None and args.examples > available:
+        logging.getLogger("sensimix.evaluate").info("%s holds %s examples: cycling through it to run %s (the accuracy counts each repeat)", data,
+                 f"{available:,}", f"{args.examples:,}")
     batches = make_batches(inputs, batch_size=args.batch_size, num_examples=args.examples, device=device,
                            packing=kind == "sensimix" and device.startswith("cuda"))
     result = run_inference(model, batches, warmup_batches=args.warmup_batches, device=device)
