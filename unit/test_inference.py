@@ -404,6 +404,11 @@ def test_bad_inputs_raise_before_any_kernel(packed) -> None:
         (dict(input_ids=torch.zeros(0, 8, dtype=torch.long)), "empty batch"),
         (dict(input_ids=ids.tolist()), "input_ids must be a tensor"),
         (dict(input_ids=ids, output_attentions=True), "does not support \\['output_attentions'\\]"),
+        (dict(input_ids=ids, labels=torch.full((5,), 0.5)), "labels must be integer class ids in \\[0, 2\\)"),
+        (dict(input_ids=ids, labels=torch.tensor([0, 1, 1, 0, 2])), "labels must lie in \\[0, 2\\)"),
+        (dict(input_ids=ids, labels=torch.tensor([0, 1, -1, 0, 1])), "labels must lie in \\[0, 2\\)"),
+        (dict(input_ids=ids, labels=torch.tensor([0, 1])), "labels has 2 value\\(s\\) .* \\[5\\]"),
+        (dict(input_ids=ids, labels=[0, 1, 1, 0, 1]), "labels must be a tensor"),
     ]
     for inputs, match in cases:
         with pytest.raises(ValueError, match=match):

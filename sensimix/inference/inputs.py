@@ -60,3 +60,21 @@ def check_inputs(model: Any, input_ids: Any, attention_mask: Any, token_type_ids
     if attention_mask is not None and not attention_mask.dtype == torch.bool:
         if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
             raise ValueError("attention_mask must hold only 0 and 1 (1 = attend)")
+
+
+def check_labels(model: Any, labels: Any, batch: int) -> None:
+    """Class ids [batch] in [0, num_labels): a SensiMix model classifies (no regression head)."""
+    num_labels = model.config.num_labels
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError(f"labels must be a tensor of class ids [batch], got {type(labels).__name__}")
+    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise ValueError(f"labels must be integer class ids in [0, {num_labels}), got {labels.dtype} (a SensiMix "
+                         f"model classifies; it has no regression head)")
+    if labels.numel() != batch:
+        raise ValueError(f"labels has {labels.numel()} value(s) (shape {list(labels.shape)}), expected one class id "
+                         f"per example: [{batch}]")
+    if model.check_inputs:
+        lo, hi = (int(v) for v in torch.aminmax(labels))
+        if lo < 0 or hi >= num_labels:
+            raise ValueError(f"labels must lie in [0, {num_labels}) (num_labels of this model), got values in "
+                             f"[{lo}, {hi}]")

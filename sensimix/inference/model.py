@@ -27,7 +27,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from .. import checkpoint
 from ..config import SensiMixConfig
 from .encoder import Attention, SensiMixModel
-from .inputs import check_inputs
+from .inputs import check_inputs, check_labels
 from .layers import Linear, PackedModule
 from .packing import Packing
 from .plan import InferencePlan, make_plan
@@ -251,6 +251,8 @@ class SensiMixForSequenceClassification(PreTrainedModel):
             raise ValueError(f"{type(self).__name__} does not support {used}: it takes input_ids, attention_mask, "
                              f"token_type_ids (and labels)")
         check_inputs(self, input_ids, attention_mask, token_type_ids, packing)
+        if labels is not None:
+            check_labels(self, labels, input_ids.shape[0])
         if packing is None and self.plan.skip_padding and attention_mask is not None:
             packing = Packing.of(attention_mask)
         bert = self.bert
