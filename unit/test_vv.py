@@ -420,14 +420,21 @@ def test_verify_measures_a_given_bert_folder_as_it_is(tmp_path, small_folders, m
     assert main(_verify_args(out, "--bert", str(sm))) == 2  # a packed folder is not a BERT baseline
 
 
-def test_verify_refuses_bad_options_before_any_work(tmp_path, capsys):
+def test_verify_refuses_bad_options_before_any_work(tmp_path, caplog):
     from sensimix.cli import main
 
     for args in (["--examples", "0"], ["--trials", "-1"], ["--max-seq-length", "abc"]):
         with pytest.raises(SystemExit) as exc:
             main(_verify_args(tmp_path / "out", *args))
         assert exc.value.code == 2
+    assert main(_verify_args(tmp_path / "out", "--examples", str(10**12))) == 2  # would not fit in memory
+    assert "would stage" in caplog.text
     assert not (tmp_path / "out").exists()
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    assert main(_verify_args(model)) == 2  # the report never goes into a model folder
+    assert "is a model folder" in caplog.text and sorted(p.name for p in model.iterdir()) == ["config.json"]
 
 
 def test_the_fp16_goal_is_reported_and_gated_only_when_asked():

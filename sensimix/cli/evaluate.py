@@ -83,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     from ..devices import device_name, resolve_device
     from ..sources import load_tokenizer
     from ..vv.measure import (
+        check_examples_fit,
         check_inputs_fit,
         is_sensimix_folder,
         load_for_inference,
@@ -94,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.json:
         _check_json_target(args.json)  # before the run, not after it
+    if args.examples is not None:
+        check_examples_fit(args.examples, args.max_seq_length)
     device = resolve_device(args.device)
     kind = "sensimix" if is_sensimix_folder(args.model) else "bert"
     model = load_for_inference(args.model, device=device, precision=args.precision,

@@ -109,6 +109,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
+    if (out / "config.json").exists():
+        raise ValueError(f"--out {out} is a model folder (it holds config.json); the report goes in a folder of its "
+                         f"own, e.g. --out verify-out")
     if not out.exists():
         check_output_dir(out, what="--out")  # a writable location, found now rather than after the run
     accuracy = None if args.skip_accuracy else accuracy_settings_from(lambda dest: getattr(args, dest), args.device)

@@ -92,6 +92,36 @@ def task_inputs(task: str, tokenizer: Any, glue_dir: str | os.PathLike | None = 
     return {k: torch.tensor(features.columns[k], dtype=torch.long) for k in (*INPUT_KEYS, "labels")}
 
 
+STAGED_BYTES_PER_EXAMPLE_TOKEN = 2 * 3 * 8  # ids, mask, token types as int64; the inputs and their staged batches
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the kernel says is available now (MemAvailable), or None where it cannot say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_examples_fit(num_examples: int, max_seq_length: int, what: str = "--examples") -> None:
+    """The timed examples are tokenized and staged as tensors before the clock starts: refuse, before any work, a
+    count whose tensors would take more than half of the memory available."""
+    need = num_examples * max_seq_length * STAGED_BYTES_PER_EXAMPLE_TOKEN
+    avail = available_memory_bytes()
+    if avail is not None and need > avail // 2:
+        fit = avail // 2 // (max_seq_length * STAGED_BYTES_PER_EXAMPLE_TOKEN)
+        raise ValueError(f"{what} {num_examples:,} would stage {need / 2**30:,.1f} GiB of input tensors, more than "
+                         f"half of the {avail / 2**30:,.1f} GiB of memory available; use {what} {fit:,} or fewer "
+                         f"(the certified run used 104,743)")
+
+
 def synthetic_inputs(num_examples: int, max_seq_length: int = 128, vocab_size: int = 30522,
                      seed: int = 0) -> dict[str, torch.Tensor]:
     """Random QNLI-shaped pairs ``[CLS] a [SEP] b [SEP]`` padded to ``max_seq_length``, with random labels.

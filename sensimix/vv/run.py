@@ -25,7 +25,7 @@ from .criteria import (
     size_criterion,
     time_criterion,
 )
-from .measure import is_sensimix_folder, load_for_inference
+from .measure import check_examples_fit, is_sensimix_folder, load_for_inference
 from .procedure import (
     BERT_FP16,
     BERT_FP32,
@@ -84,6 +84,7 @@ class VVSettings:
                 raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
         if not 5 <= s.max_seq_length <= 512:
             raise ValueError(f"--max-seq-length must be in [5, 512], got {s.max_seq_length}")
+        check_examples_fit(s.examples, s.max_seq_length)
         if s.warmup_batches < 0:
             raise ValueError(f"--warmup-batches must be >= 0, got {s.warmup_batches}")
         if not 0 <= s.eightbit_layers <= s.layers:
