@@ -273,6 +273,15 @@ def test_accuracy_data_reasons(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------------
 # `sensimix verify`
 # ---------------------------------------------------------------------------------------------------
+def test_version(capsys):
+    import sensimix
+    from sensimix.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"sensimix {sensimix.__version__}"
+
+
 def test_verify_help_teaches_the_criteria():
     import argparse
 

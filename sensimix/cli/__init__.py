@@ -16,6 +16,8 @@ import signal
 import sys
 import threading
 
+from .. import __version__
+
 COMMANDS = {
     "compress": "sensimix.cli.compress",
     "finetune": "sensimix.cli.finetune",
@@ -35,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'sensimix <command> --help' for a command's options.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"sensimix {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(module_name)
