@@ -113,8 +113,9 @@ def run(args: argparse.Namespace) -> int:
     check_inputs_fit(inputs, model.config, f"{data} tokenized for {args.model}")
     available = len(inputs["input_ids"])
     if args.examples is not None and args.examples > available:
-        logging.getLogger("sensimix.evaluate").info("%s holds %s examples: cycling through it to run %s (the accuracy counts each repeat)", data,
-                 f"{available:,}", f"{args.examples:,}")
+        logging.getLogger("sensimix.evaluate").info(
+            "%s holds %s examples: cycling through it to run %s (the accuracy counts each repeat)", data,
+            f"{available:,}", f"{args.examples:,}")
     batches = make_batches(inputs, batch_size=args.batch_size, num_examples=args.examples, device=device,
                            packing=kind == "sensimix" and device.startswith("cuda"))
     result = run_inference(model, batches, warmup_batches=args.warmup_batches, device=device)
