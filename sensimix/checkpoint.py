@@ -272,5 +272,6 @@ def write_folder(out: str | os.PathLike, config: SensiMixConfig, tensors: dict[s
         for name, data in (extra_json or {}).items():
             write_json(tmp / name, data)
     out = Path(out)
-    log.info("wrote %s (%s, %.1f MB pytorch_model.bin)", out, config.describe(), (out / WEIGHTS_BIN).stat().st_size / 1e6)
+    log.info("wrote %s (%s, %.1f MB pytorch_model.bin)", out, config.describe(),
+             (out / WEIGHTS_BIN).stat().st_size / 1e6)
     return out

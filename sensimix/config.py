@@ -105,7 +105,8 @@ class SensiMixConfig(BertConfig):
         act = self.hidden_act
         if not isinstance(act, str) or act not in SIGN_PRESERVING_ACTS:
             raise ValueError(f"hidden_act {act!r} is not supported; SensiMix needs an activation f with f(z) > 0 "
-                             f"iff z > 0 (so the 1-bit FFN can skip it exactly): {', '.join(sorted(SIGN_PRESERVING_ACTS))}")
+                             f"iff z > 0 (so the 1-bit FFN can skip it exactly): "
+                             f"{', '.join(sorted(SIGN_PRESERVING_ACTS))}")
         kind = getattr(self, "position_embedding_type", "absolute")
         if kind != "absolute":
             raise ValueError(f"position_embedding_type {kind!r} is not supported: SensiMix (like bert-base) uses "

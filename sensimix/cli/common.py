@@ -67,7 +67,8 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
                    help="train on a seeded random subset of K training examples")
     g.add_argument("--eval-limit", type=int_at_least(1), default=None, metavar="K",
                    help="evaluate on the first K dev examples")
-    g.add_argument("--batch-size", type=int_at_least(1), default=16, help="per-device batch size (default: %(default)s)")
+    g.add_argument("--batch-size", type=int_at_least(1), default=16,
+                   help="per-device batch size (default: %(default)s)")
     g.add_argument("--lr", type=finite_float(0, open_low=True, high=1.0), default=2.5e-5,
                    help="AdamW learning rate, linear decay (default: %(default)s)")
     g.add_argument("--warmup-ratio", type=finite_float(0, high=0.999), default=0.0,

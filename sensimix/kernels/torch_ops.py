@@ -181,9 +181,10 @@ def _scratch(numel: int, x: torch.Tensor) -> torch.Tensor:
 class DequantIndex8Kernel(Index8Kernel):
     """Keep the int8 indices (the checkpoint's own tensor: no copy); per call, dequantize them exactly as
     :func:`sensimix.quant.index8_dequantize` does, ``(Q + 128) * s + lo`` in fp32, into a reused scratch buffer,
-    then one GEMM. Exact, with 8-bit weight memory (a quarter of a dense fp32 weight). The CPU default: with hundreds of token rows per call the
-    dequantization pass is ~1-2% of the GEMM's time. On CUDA a GEMM is so fast that the pass is not (``dense`` is
-    the default there). Fusable: Q, K and V keep their own ranges, one (s, lo) pair per output row."""
+    then one GEMM. Exact, with 8-bit weight memory (a quarter of a dense fp32 weight). The CPU default: with
+    hundreds of token rows per call the dequantization pass is ~1-2% of the GEMM's time. On CUDA a GEMM is so fast
+    that the pass is not (``dense`` is the default there). Fusable: Q, K and V keep their own ranges, one (s, lo)
+    pair per output row."""
 
     name = "dequant"
     fusable = True

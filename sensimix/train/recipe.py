@@ -133,7 +133,8 @@ class ILFCallback(TrainerCallback):
         self.model.set_binarized_layers(layers)
         self.history.append((epoch, layers))
         fp = [i for i in self.model.config.mixed_layers if i not in layers]
-        log.info("epoch %d: 1-bit FFN binarized in layers %s; full-precision FFN weights in %s", epoch, layers or "none", fp or "none")
+        log.info("epoch %d: 1-bit FFN binarized in layers %s; full-precision FFN weights in %s", epoch,
+                 layers or "none", fp or "none")
         return layers
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -167,7 +168,8 @@ class SensiMixTrainer(Trainer):
         core = model.module if hasattr(model, "module") else model
         if self.teacher is not None:
             with torch.no_grad():
-                t_out = self.teacher(**{k: v for k, v in inputs.items() if k != "labels"}, output_hidden_states=want_hidden)
+                t_out = self.teacher(**{k: v for k, v in inputs.items() if k != "labels"},
+                                     output_hidden_states=want_hidden)
             loss = (1 - self.settings.distill_alpha) * loss + self.settings.distill_alpha * distillation_loss(
                 outputs.logits, t_out.logits, self.settings.distill_temperature)
             if want_hidden:
@@ -203,7 +205,9 @@ def training_arguments(settings: TrainSettings, output_dir: str | os.PathLike, *
         raise ValueError("--device cuda was requested but CUDA is not available; use --device cpu or auto")
     # transformers 5 folded warmup_ratio into warmup_steps (a float < 1 is a ratio); 4.x has both.
     fields = inspect.signature(TrainingArguments.__init__).parameters
-    warmup = {"warmup_ratio": settings.warmup_ratio} if "warmup_ratio" in fields else {"warmup_steps": settings.warmup_ratio}
+    # transformers 5 dropped warmup_ratio: there a float in [0, 1) as warmup_steps is the ratio
+    warmup = ({"warmup_ratio": settings.warmup_ratio} if "warmup_ratio" in fields
+              else {"warmup_steps": settings.warmup_ratio})
     return TrainingArguments(
         **warmup,
         output_dir=str(output_dir),
