@@ -26,8 +26,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--kotca-warmup-batches", type=int, default=None,
                 help="untimed batches per model before its first trial (default: 3 on CUDA, 1 on CPU)")
     g.addoption("--kotca-sensimix-precision", default="auto",
-                help="SensiMix inference precision for timing and accuracy: auto (fp16 on CUDA, the paper's; 'fast' "
-                     "on CPU, the runtime's bf16/int8 recipe with exact 1-bit FFNs), fp32 (exact), fp16, bf16, fast")
+                help="SensiMix inference precision for timing and accuracy: auto ('fast': the exact path's fastest "
+                     "kernels), fp32 (exact), fp16 (the paper's GPU inference, approximate), bf16, fast")
     g.addoption("--kotca-fp16-max-ratio", type=float, default=0.20,
                 help="goal of the SensiMix / fp16 BERT time ratio on CUDA (default: 0.20); reported, gated only with "
                      "--kotca-gate-fp16")

@@ -20,8 +20,9 @@ matplotlib); nothing is installed or downloaded (``datasets`` is not needed, the
 
 Budget, from H200 figures (ms per 128 x 128 batch: BERT-base fp32 eager 65.5, fp16 SDPA 7.37, a 3-layer fp16
 BERT 1.99; the H100 has the same SMs and slower memory, so ~10% is added): 104,743 examples = 819 batches, per
-trial BERT fp32 ~59 s, fp16 ~7 s, SensiMix (2+1) ~2 s: ~205 s for 3 trials, plus ~25 s to build the BERT-base and
-SensiMix folders and stage the batches, ~40 s for the accuracy training (MiniLM, 1,000 SST-2 examples).
+trial BERT fp32 ~59 s, fp16 ~7 s, SensiMix (2+1) exact fp32 ~5 s (an estimate: ~220 GFLOP per batch at ~50
+TFLOP/s): ~215 s for 3 trials, plus ~25 s to build the BERT-base and SensiMix folders and stage the batches, ~40 s
+for the accuracy training (MiniLM, 1,000 SST-2 examples).
 
 A step's limit is min(its cap, time left to the deadline minus the minimum kept for the steps after it). At the limit
 minus 15 s it gets SIGINT (pytest then still writes its JSON and the report with what it measured: the acceptance

@@ -126,14 +126,17 @@ def pretend_cuda(monkeypatch, capability: tuple[int, int]) -> None:
 @pytest.mark.parametrize("capability,binary", [((9, 0), "fp8"), ((8, 9), "fp8"), ((8, 0), "int8"), ((7, 5), "float")])
 def test_what_a_cuda_device_gets_and_its_cpu_twin(monkeypatch, capability, binary: str) -> None:
     pretend_cuda(monkeypatch, capability)
-    plan = make_plan("cuda")
+    plan, half = make_plan("cuda"), make_plan("cuda", "fp16")
     assert plan.device == torch.device("cuda", 0)
-    assert plan_fields(plan) == ("fp16", torch.float16, binary, "dense", True, True)
-    assert plan_fields(make_plan("cuda", "fast"))[1:] == plan_fields(plan)[1:]  # `fast` on CUDA: the fp16 recipe
-    assert sensimix_precision("auto", "cuda") == "fp16"  # what VVRun / the acceptance suite time on CUDA
+    assert plan_fields(plan) == ("fp32", torch.float32, binary, "dense", True, True) and plan.exact
+    # `fast` on CUDA is the exact path too: fp16 flips too many trained-model predictions (plan.fast_index8_kernel)
+    assert plan_fields(make_plan("cuda", "fast"))[1:] == plan_fields(plan)[1:]
+    assert plan_fields(half) == ("fp16", torch.float16, binary, "dense", True, True) and not half.exact
+    assert sensimix_precision("auto", "cuda") == "fast"  # what VVRun / the acceptance suite time on CUDA
     monkeypatch.undo()
-    twin = make_plan("cpu", "fp16", binary_kernel=binary, index8_kernel="dense")  # dense: CUDA's 8-bit default
-    assert plan_fields(twin) == plan_fields(plan) and twin.device == CPU
+    for cuda_plan, precision in ((plan, "fp32"), (half, "fp16")):  # dense: CUDA's 8-bit default
+        twin = make_plan("cpu", precision, binary_kernel=binary, index8_kernel="dense")
+        assert plan_fields(twin) == plan_fields(cuda_plan) and twin.device == CPU
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -246,6 +249,15 @@ def test_cuda_plan_fp8_from_pretrained_with_staged_packing(qat_model, tmp_path) 
         b = staged[0]
         kwargs = {k: b[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
         assert torch.equal(model(**kwargs, packing=b["packing"]).logits, model(**kwargs).logits)
+    # the CUDA default (and `fast`) plan on its CPU twin: exact, within fp32 reordering of the QAT model's logits
+    default = Packed.from_pretrained(folder, device="cpu", precision="fp32", binary_kernel="fp8", index8_kernel="dense")
+    assert default.exact
+    got = run_inference(default, staged, warmup_batches=0)
+    assert torch.equal(got.predictions, exact.predictions)
+    with torch.inference_mode():
+        want = qat(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+        logits = default(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+    assert (logits - want).abs().max().item() <= 1e-5
 
 
 # ---------------------------------------------------------------------------------------------------

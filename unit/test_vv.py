@@ -240,7 +240,7 @@ def test_sizes_are_read_from_small_real_folders(tmp_path, tiny_bert_dir):
 # environment and data
 # ---------------------------------------------------------------------------------------------------
 def test_sensimix_precision_defaults_to_the_runtimes():
-    assert procedure.sensimix_precision("auto", "cuda") == "fp16" and procedure.sensimix_precision(None, "cpu") == "fast"
+    assert procedure.sensimix_precision("auto", "cuda") == "fast" and procedure.sensimix_precision(None, "cpu") == "fast"
     assert procedure.sensimix_precision("fp32", "cpu") == "fp32"
     with pytest.raises(ValueError, match="precision"):
         procedure.sensimix_precision("int4", "cpu")

@@ -31,9 +31,9 @@ an error (exit 2), never a score.
 Precision: fp32 is the certified baseline math (BERT: eager attention; CUDA: TF32 disabled) and, for SensiMix,
 the quantization-aware model's arithmetic (exact). fp16 uses SDPA attention for BERT and fp16 GEMMs for
 SensiMix. bf16 runs all activations in bf16 (approximate). fast (SensiMix only) is the fastest recipe whose
-predictions agree with fp32 on trained models (a V&V criterion): on CPU the exact path itself, on CUDA fp16 (see
-sensimix.inference.plan). SensiMix skips padded tokens in every precision (they cannot change the logits). The
-BERT baseline has no fast mode: time it in fp32, as certified.
+predictions agree with fp32 on trained models (a V&V criterion): today the exact path itself on CPU and CUDA
+(fp16 flips too many; see sensimix.inference.plan). SensiMix skips padded tokens in every precision (they cannot
+change the logits). The BERT baseline has no fast mode: time it in fp32, as certified.
 """
 
 PRECISIONS = ("fp32", "fp16", "bf16", "fast")  # sensimix.inference.PRECISIONS (not imported: --help stays light)

@@ -24,11 +24,11 @@ Reproduce the certified V&V of SensiMix (KOTCA KST-21-049) on this machine and j
     over batches already on the device, device synchronized, warm-up batches excluded (tokenization and
     host-to-device copies are not timed); both models are loaded from the pytorch_model.bin that criterion 1
     sizes. Models run interleaved within each trial so machine drift cancels. BERT runs in fp32 as certified;
-    SensiMix in its inference precision (--sensimix-precision: fp16 on CUDA as in the paper, the runtime's
-    'fast' recipe on CPU; the accuracy criterion uses the same). On CUDA the default is the certified 104,743
-    examples and an fp16 BERT (transformers SDPA, padded, as users run it) is timed too (criterion 3, beyond
-    the certificate: a goal of <= 20%, reported; it fails the run only with --gate-fp16); on CPU a small
-    default keeps the run to minutes: judge ratios, never absolute times.
+    SensiMix in its inference precision (--sensimix-precision: the runtime's 'fast' recipe, which is the exact
+    path's fastest kernels; fp16, the paper's GPU inference, by name; the accuracy criterion uses the same). On
+    CUDA the default is the certified 104,743 examples and an fp16 BERT (transformers SDPA, padded, as users run
+    it) is timed too (criterion 3, beyond the certificate: a goal of <= 20%, reported; it fails the run only with
+    --gate-fp16); on CPU a small default keeps the run to minutes: judge ratios, never absolute times.
  4. Accuracy (beyond the certificate, which measured untrained models): the packaged MiniLM-L6 (or
     --accuracy-pretrained) fine-tuned on SST-2 (fp32 reference) vs SensiMix (3+3) trained from it; the gap in
     points must be <= --accuracy-max-gap and SensiMix's accuracy >= --accuracy-min (far above chance).
@@ -90,8 +90,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gate-fp16", action="store_true",
                    help="fail the run when SensiMix / BERT fp16 misses --fp16-max-ratio (default: report only)")
     g.add_argument("--sensimix-precision", choices=["auto", *SENSIMIX_PRECISIONS], default="auto",
-                   help="SensiMix's inference precision, for timing and accuracy (default: auto = fp16 on CUDA, "
-                        "the paper's; on CPU 'fast'; fp32 = the exact path)")
+                   help="SensiMix's inference precision, for timing and accuracy (default: auto = 'fast', the "
+                        "exact path's fastest kernels; fp16 = the paper's GPU inference, approximate)")
     g = p.add_argument_group("accuracy (criteria 4 and 5; need SST-2 data)")
     g.add_argument("--skip-accuracy", action="store_true", help="do not train/evaluate for the accuracy criteria")
     add_accuracy_options(g.add_argument)

@@ -99,8 +99,8 @@ class SensiMixForSequenceClassification(PreTrainedModel):
             pretrained_model_name_or_path: a folder written by ``sensimix compress`` / ``export_checkpoint``, or a
                 hub id (online users).
             device: ``cpu`` or ``cuda[:i]`` (transformers' ``device_map`` is accepted too); default cpu.
-            precision: ``fp32`` (exact, CPU default), ``fp16`` (CUDA default), ``bf16`` or ``fast`` (the fastest
-                recipe that keeps trained-model predictions: the exact path on CPU, fp16 on CUDA); see
+            precision: ``fp32`` (exact, the default), ``fp16`` (the paper's GPU inference), ``bf16`` or ``fast``
+                (the fastest recipe that keeps trained-model predictions: today the exact path's fastest kernels); see
                 :mod:`sensimix.inference.plan`. transformers' ``dtype`` / ``torch_dtype`` is accepted too.
             binary_kernel / index8_kernel: kernel names (:mod:`sensimix.kernels`); None = the plan's choice.
             fuse_qkv / skip_padding: None = the plan's choice (both on when the kernel allows).

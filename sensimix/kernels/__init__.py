@@ -19,7 +19,7 @@ name          compute                                                 default wh
 
 8-bit index linear (``x @ W_hat^T + b``): ``dequant`` (int8 in memory, dequantized per call into a reused
 buffer; exact; the CPU default), ``dense`` (dequantized once at load to the model dtype; exact; the CUDA default:
-fp16 weights, as in the paper), ``int8`` (dynamic per-row int8 activations through
+fp32 weights, or fp16 ones as in the paper with precision fp16), ``int8`` (dynamic per-row int8 activations through
 ``torch._int_mm``; APPROXIMATE), ``fbgemm`` (torch's quantized dynamic linear, per-tensor int8 activations;
 APPROXIMATE; CPU), ``bf16`` (bf16 weights and activations, bias/GELU in oneDNN's GEMM epilogue; APPROXIMATE),
 ``reference``. Approximate kernels are never a default; they serve the runtime's ``fast`` precision.

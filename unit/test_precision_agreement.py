@@ -1,0 +1,33 @@
+"""scripts/precision_agreement.py: the measurement behind `fast` being the exact path, on a tiny folder."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from sensimix.export import export_checkpoint
+from sensimix.qat import from_bert
+from sensimix.sources import load_tokenizer
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "precision_agreement.py"
+
+
+def test_each_precision_is_compared_with_the_exact_path(tiny_bert_dir, tiny_glue_dir, tmp_path):
+    spec = importlib.util.spec_from_file_location("precision_agreement", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    folder = export_checkpoint(from_bert(tiny_bert_dir, num_hidden_layers=2, num_8bit_layers=1), tmp_path / "sm",
+                               load_tokenizer(tiny_bert_dir))
+    out = tmp_path / "agreement.json"
+    assert script.main([str(folder), "--glue-dir", str(tiny_glue_dir), "--max-seq-length", "16",
+                        "--precisions", "fp32", "bf16", "fast", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = {r["precision"]: r for r in result["rows"]}
+    assert list(rows) == ["fp32", "bf16", "fast"] and result["environment"]["torch"]
+    n = rows["fp32"]["examples"]
+    assert n > 0 and all(r["examples"] == n for r in rows.values())
+    # the exact path against itself, and fast (the exact path's kernels): every prediction equal
+    assert rows["fp32"]["predictions_equal"] == rows["fast"]["predictions_equal"] == n
+    assert rows["fast"]["accuracy"] == rows["fp32"]["exact_accuracy"]
+    assert "approximate" in rows["bf16"]["plan"] and 0 <= rows["bf16"]["predictions_equal"] <= n
