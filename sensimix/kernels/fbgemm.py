@@ -114,20 +114,26 @@ def quantized_engine() -> QuantizedEngine:
                                         f"(relative error {err:.3f} even with reduce_range=True)")
 
 
-@dataclass(frozen=True, eq=False)  # holds a script object and maybe a tensor
-class PackedIndex8:
-    """8-bit weights prepacked for fbgemm: ``W_hat = s*Q + c`` with Q, s (and the bias) inside ``packed``."""
+@dataclass(frozen=True, eq=False)  # holds a script object
+class Prepacked:
+    """An int8 weight prepacked for fbgemm's dynamic linear, with what the kernel needs to call it."""
 
     packed: Any  # torch's LinearPackedParamsBase (a script object, not a tensor)
-    c: float | torch.Tensor  # c = 128*s + lo, added as c * rowsum(x); a [N] vector for fused (per-row) weights
     reduce_range: bool
     out_features: int
     in_features: int
 
     @property
     def nbytes(self) -> int:
-        # int8 Q plus fbgemm's int32 column offsets and the fp32 bias (an estimate: the packed layout is opaque)
+        # int8 weight plus fbgemm's int32 column offsets and the fp32 bias (an estimate: the layout is opaque)
         return self.out_features * (self.in_features + 8)
+
+
+@dataclass(frozen=True, eq=False)
+class PackedIndex8(Prepacked):
+    """8-bit weights prepacked for fbgemm: ``W_hat = s*Q + c`` with Q, s (and the bias) inside ``packed``."""
+
+    c: float | torch.Tensor  # c = 128*s + lo, added as c * rowsum(x); a [N] vector for fused (per-row) weights
 
 
 class FbgemmIndex8Kernel(Index8Kernel):
@@ -171,7 +177,7 @@ class FbgemmIndex8Kernel(Index8Kernel):
             scale = torch.repeat_interleave(torch.stack(scales), n)
             c = torch.repeat_interleave(torch.stack(offsets), n)
         packed = _prepack(q, scale, bias, qe.engine)  # the bias is added in fbgemm's epilogue
-        weight = PackedIndex8(packed, c, qe.reduce_range, *q.shape)
+        weight = PackedIndex8(packed, qe.reduce_range, *q.shape, c=c)
         return Prepared(weight, params.squeeze(0), None, q.shape[1], q.shape[0])
 
     def linear(self, x, p):
@@ -192,18 +198,10 @@ class FbgemmIndex8Kernel(Index8Kernel):
 # the 1-bit linear on fbgemm: exact
 # ---------------------------------------------------------------------------------------------------
 @dataclass(frozen=True, eq=False)
-class PackedSigns:
+class PackedSigns(Prepacked):
     """±1 weights prepacked for fbgemm (a qint8 weight with scale 1), and their row sums."""
 
-    packed: Any
     rowsum: torch.Tensor  # [N] fp32: sum of each ±1 row (an integer)
-    reduce_range: bool
-    out_features: int
-    in_features: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.out_features * (self.in_features + 8)
 
 
 class FbgemmBinaryKernel(BinaryKernel):
@@ -237,8 +235,8 @@ class FbgemmBinaryKernel(BinaryKernel):
         if qe.engine is None:
             raise RuntimeError(f"binary kernel 'fbgemm' is unavailable: {qe.reason}")
         signs = unpack_signs(bits.cpu(), k, torch.int8).contiguous()
-        return PackedSigns(_prepack(signs, 1.0, None, qe.engine), signs.sum(dim=1, dtype=torch.int32).float(),
-                           qe.reduce_range, signs.shape[0], k)
+        return PackedSigns(_prepack(signs, 1.0, None, qe.engine), qe.reduce_range, signs.shape[0], k,
+                           rowsum=signs.sum(dim=1, dtype=torch.int32).float())
 
     def binarize(self, x, k):
         return self.from_mask(x > 0)  # {0, 1} operands are their own mask: always binarize
