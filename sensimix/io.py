@@ -90,6 +90,15 @@ def _absolute(path: str | os.PathLike) -> Path:
     return Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
 
 
+def _missing_parents(out: Path) -> list[Path]:
+    """The folders above ``out`` that do not exist yet, deepest first."""
+    missing, parent = [], out.parent
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    return missing
+
+
 def check_output_dir(out: str | os.PathLike, *, overwrite: bool = False, what: str = "--out") -> Path:
     """Validate an output folder before any work: returns its absolute path or raises :class:`OutputError` /
     ``FileExistsError`` with the fix. Probes the parent (or its nearest existing ancestor) for writability by
@@ -106,9 +115,7 @@ def check_output_dir(out: str | os.PathLike, *, overwrite: bool = False, what: s
         raise FileExistsError(f"{what} {out} already exists; pass --overwrite to replace it, or choose another {what}")
     if out.exists():
         check_replaceable(out, what)
-    parent = out.parent
-    while not parent.exists():  # probe the nearest folder that exists: a refused job creates nothing
-        parent = parent.parent
+    parent = (_missing_parents(out) or [out])[-1].parent  # the nearest folder that exists: probe it, create nothing
     if not parent.is_dir():
         raise OutputError(f"cannot write {what} {out}: {parent} is not a folder")
     try:
@@ -150,10 +157,7 @@ def reserve_output(out: str | os.PathLike) -> Iterator[Path]:
             acquired = True
     made: list[Path] = []  # the parent folders this hold creates: removed again if the job writes nothing
     if acquired:
-        parent = out.parent
-        while not parent.exists():
-            made.append(parent)
-            parent = parent.parent
+        made = _missing_parents(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         lock = _lock_path(out)
         while True:
