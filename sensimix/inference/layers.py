@@ -36,6 +36,16 @@ class PackedModule(nn.Module):
     def _operand(self, name: str, t: torch.Tensor | None) -> None:
         self.register_buffer(name, t, persistent=False)
 
+    def _hold_weight(self, weight: object) -> None:
+        """A tensor weight operand is a non-persistent buffer (it moves with ``.to()``); an opaque one (e.g.
+        fbgemm's prepacked weight: CPU only, never moved) a plain attribute."""
+        tensor = isinstance(weight, torch.Tensor)
+        self._operand("op_weight", weight if tensor else None)
+        self._opaque = None if tensor else weight
+
+    def _weight(self) -> object:
+        return self._opaque if self._opaque is not None else self.op_weight
+
 
 class Index8Embedding(PackedModule):
     """An int8-index embedding table: rows are gathered as int8, then only those rows dequantized."""
@@ -86,16 +96,13 @@ class Index8Linear(PackedModule):
         self._hold(self.kernel.prepare([self.part()], plan.dtype))
 
     def _hold(self, p: Prepared) -> None:
-        tensor = isinstance(p.weight, torch.Tensor)
-        self._operand("op_weight", p.weight if tensor else None)
+        self._hold_weight(p.weight)
         self._operand("op_params", p.params)
         self._operand("op_bias", p.bias)
-        self._opaque = None if tensor else p.weight  # e.g. fbgemm's prepacked weight: CPU only, never moved
         self.fused_into = None
 
     def operands(self) -> Prepared:
-        weight = self._opaque if self._opaque is not None else self.op_weight
-        return Prepared(weight, self.op_params, self.op_bias, self.in_features, self.out_features)
+        return Prepared(self._weight(), self.op_params, self.op_bias, self.in_features, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernel.linear(x, self.operands())
@@ -145,15 +152,12 @@ class BinaryLinear(PackedModule):
 
     def prepare(self, plan: InferencePlan) -> None:
         self.kernel, self.dtype = kernels.BINARY_KERNELS[plan.binary_kernel], plan.dtype
-        weight = self.kernel.prepare_weight(self.weight_bits, self.in_features)
-        tensor = isinstance(weight, torch.Tensor)
-        self._operand("op_weight", weight if tensor else None)
-        self._opaque = None if tensor else weight  # e.g. fbgemm's prepacked ±1 weight: CPU only
+        self._hold_weight(self.kernel.prepare_weight(self.weight_bits, self.in_features))
         self._operand("op_bias", self.bias.float())  # fp32: the exact integer + bias rounds once
         self._operand("op_sign_bias", self.kernel.prepare_sign_bias(self.op_bias) if self.sign_output else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self._opaque if self._opaque is not None else self.op_weight
+        w = self._weight()
         if self.sign_output:
             return self.kernel.linear_sign(x, w, self.op_sign_bias, self.in_features)
         return self.kernel.linear(x, w, self.op_bias, self.in_features, self.dtype)
