@@ -10,6 +10,12 @@ import torch
 from .packing import Packing
 
 
+def _outside(t: torch.Tensor, limit: int) -> tuple[int, int] | None:
+    """(min, max) of ``t`` when a value lies outside [0, limit), else None (one host sync on CUDA)."""
+    lo, hi = (int(v) for v in torch.aminmax(t))
+    return (lo, hi) if lo < 0 or hi >= limit else None
+
+
 def check_inputs(model: Any, input_ids: Any, attention_mask: Any, token_type_ids: Any,
                  packing: Packing | None) -> None:
     """Shapes, dtypes and devices always; value ranges when ``model.check_inputs`` (a host sync on CUDA)."""
@@ -51,12 +57,9 @@ def check_inputs(model: Any, input_ids: Any, attention_mask: Any, token_type_ids
         return
     for name, t, limit, field in (("input_ids", input_ids, cfg.vocab_size, "vocab_size"),
                                   ("token_type_ids", token_type_ids, cfg.type_vocab_size, "type_vocab_size")):
-        if t is None:
-            continue
-        lo, hi = (int(v) for v in torch.aminmax(t))
-        if lo < 0 or hi >= limit:
-            raise ValueError(f"{name} must lie in [0, {limit}) ({field} of this model), got values in [{lo}, {hi}]; "
-                             f"were the inputs made with this model's tokenizer?")
+        if t is not None and (bad := _outside(t, limit)):
+            raise ValueError(f"{name} must lie in [0, {limit}) ({field} of this model), got values in "
+                             f"[{bad[0]}, {bad[1]}]; were the inputs made with this model's tokenizer?")
     if attention_mask is not None and not attention_mask.dtype == torch.bool:
         if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
             raise ValueError("attention_mask must hold only 0 and 1 (1 = attend)")
@@ -73,8 +76,6 @@ def check_labels(model: Any, labels: Any, batch: int) -> None:
     if labels.numel() != batch:
         raise ValueError(f"labels has {labels.numel()} value(s) (shape {list(labels.shape)}), expected one class id "
                          f"per example: [{batch}]")
-    if model.check_inputs:
-        lo, hi = (int(v) for v in torch.aminmax(labels))
-        if lo < 0 or hi >= num_labels:
-            raise ValueError(f"labels must lie in [0, {num_labels}) (num_labels of this model), got values in "
-                             f"[{lo}, {hi}]")
+    if model.check_inputs and (bad := _outside(labels, num_labels)):
+        raise ValueError(f"labels must lie in [0, {num_labels}) (num_labels of this model), got values in "
+                         f"[{bad[0]}, {bad[1]}]")
