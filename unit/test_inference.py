@@ -85,10 +85,13 @@ def run(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------
 # the same computation as the QAT model
 # ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("binary_kernel", ["int8", "fbgemm", "float", "fp8", "reference"])
+@pytest.mark.parametrize("binary_kernel", ["int8", "popcount", "fbgemm", "float", "fp8", "reference"])
 @pytest.mark.parametrize("index8_kernel", ["dense", "dequant"])
 def test_fp32_logits_equal_qat_eval(packed, binary_kernel: str, index8_kernel: str) -> None:
     qat, folder = packed
+    reason = kernels.BINARY_KERNELS[binary_kernel].unavailable(torch.device("cpu"))
+    if reason and binary_kernel == "popcount":
+        pytest.skip(reason)
     model = Packed.from_pretrained(folder, binary_kernel=binary_kernel, index8_kernel=index8_kernel)
     assert model.exact
     for inputs in (batch(), ragged_batch()):

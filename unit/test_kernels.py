@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -233,8 +234,11 @@ def test_cpu_defaults_are_exact_fast_paths(monkeypatch) -> None:
 
     monkeypatch.setattr(torch_ops, "cpu_has_vnni", lambda: False)
     monkeypatch.setattr(devices, "cpu_has_vnni", lambda: False)
+    popcount_ok = kernels.BINARY_KERNELS["popcount"].unavailable(torch.device("cpu")) is None
     fbgemm_ok = kernels.quantized_engine().engine is not None
-    assert kernels.default_binary_kernel("cpu") == ("fbgemm" if fbgemm_ok else "float")
+    assert kernels.default_binary_kernel("cpu") == ("popcount" if popcount_ok else "fbgemm" if fbgemm_ok else "float")
+    if "avx2" in devices.cpu_features() and shutil.which("cc") or shutil.which("gcc"):
+        assert popcount_ok, "an AVX2 CPU with a C compiler must run the popcount kernel"
     assert all(k.exact for k in kernels.BINARY_KERNELS.values())
 
 
@@ -484,3 +488,106 @@ def test_dispatch_lists_the_new_kernels() -> None:
     assert not kernels.INDEX8_KERNELS["fbgemm"].exact and not kernels.INDEX8_KERNELS["bf16"].exact
     if CUDA:
         assert "CPU only" in kernels.INDEX8_KERNELS["fbgemm"].unavailable(torch.device("cuda"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the AVX2 XNOR-popcount kernel (C, built on first use) and the native build behind it
+# ---------------------------------------------------------------------------------------------------
+POPCOUNT_REASON = kernels.BINARY_KERNELS["popcount"].unavailable(torch.device("cpu"))
+needs_popcount = pytest.mark.skipif(POPCOUNT_REASON is not None, reason=f"popcount kernel: {POPCOUNT_REASON}")
+
+
+@needs_popcount
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("m,k,n", [(1, 9000, 5), (4, 256, 8), (9, 8000, 17), (130, 257, 33), (0, 64, 3)])
+def test_popcount_kernel_row_splits_and_long_rows(threads: int, m: int, k: int, n: int) -> None:
+    # rows split between threads in blocks of 4 (plus a zero-padded tail block), and rows longer than 31 vectors
+    # (7,936 bits), where the byte counters are folded before they can overflow
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check_binary_kernel("popcount", torch.device("cpu"), m, k, n)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_popcount
+def test_popcount_packing_is_the_checkpoint_bit_order() -> None:
+    from sensimix.kernels.popcount import pack_rows, row_bytes
+
+    x = torch.tensor([[1.0, -1.0, 0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e-45, 2.0, 3.0, -4.0]])
+    got = pack_rows(x, 11)
+    assert got.shape == (1, row_bytes(11)) == (1, 32)
+    want = pack_signs(x)  # bit = x > 0 (NaN, 0 and -0 are -1), 8 per byte, little-endian
+    assert torch.equal(got[:, :2], want) and not got[:, 2:].any(), "padding bytes are zero"
+    strided = torch.randn(6, 40)[:, ::2]  # non-contiguous rows are packed as their values
+    assert torch.equal(pack_rows(strided, 20)[:, :3], pack_signs(strided))
+
+
+@needs_popcount
+def test_popcount_refuses_operands_of_another_layout() -> None:
+    kern = kernels.BINARY_KERNELS["popcount"]
+    w = kern.prepare_weight(pack_signs(torch.randn(4, 300)), 300)
+    with pytest.raises(ValueError, match="packed sign bits with 64 bytes per row"):
+        kern.dot(torch.zeros(2, 32, dtype=torch.uint8), w, 300)
+
+
+@needs_popcount
+def test_popcount_kernel_in_threads_is_exact() -> None:
+    kern = kernels.BINARY_KERNELS["popcount"]
+    x, bits, bias = problem(67, 768, 300)
+    w = kern.prepare_weight(bits, 768)
+    want = reference.binary_linear(x, bits, 768, bias)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: kern.linear(x, w, bias, 768, torch.float32), range(16)))
+    assert all(torch.equal(r, want) for r in results)
+
+
+def test_native_build_without_a_compiler_says_why(monkeypatch, tmp_path) -> None:
+    from sensimix.kernels import native
+
+    monkeypatch.setenv("SENSIMIX_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with pytest.raises(native.NativeBuildError, match="could not run"):
+        native.load.__wrapped__("popcount.c", ("-mavx2",))
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.so"))
+
+
+@pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="no C compiler")
+def test_native_compile_error_names_the_line_and_leaves_nothing(monkeypatch, tmp_path) -> None:
+    from sensimix.kernels import native
+
+    broken = tmp_path / "broken.c"
+    broken.write_text("int f(void) { return undeclared_name; }\n")
+    monkeypatch.setenv("SENSIMIX_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(native.NativeBuildError, match="compiling .*broken.c failed.*undeclared_name"):
+        native.load.__wrapped__(str(broken), ())
+    assert list((tmp_path / "cache" / "kernels").iterdir()) == [], "no library and no temporary file is left"
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX permissions")
+def test_native_cache_writable_by_others_is_refused(monkeypatch, tmp_path) -> None:
+    from sensimix.kernels import native
+
+    cache = tmp_path / "cache"
+    (cache / "kernels").mkdir(parents=True)
+    (cache / "kernels").chmod(0o777)
+    monkeypatch.setenv("SENSIMIX_CACHE_DIR", str(cache))
+    with pytest.raises(native.NativeBuildError, match=r"writable by other users \(mode 777\).*chmod go-w"):
+        native.load.__wrapped__("popcount.c", ("-mavx2",))
+
+
+@needs_popcount
+def test_native_builds_race_to_one_library(tmp_path) -> None:
+    # four processes build the same kernel into an empty cache at once: every one loads a whole library, and the
+    # cache ends with that one file (compiled to a temporary name, renamed into place)
+    code = ("import torch; from sensimix.kernels import popcount as p; assert p.unavailable_reason() is None;"
+            "x = torch.randn(5, 100); w = p.PopcountBinaryKernel().prepare_weight(p.pack_rows(x, 100)[:, :13], 100);"
+            "print(int(p.PopcountBinaryKernel().dot(p.pack_rows(x, 100), w, 100).diagonal().sum()))")
+    env = {**os.environ, "SENSIMIX_CACHE_DIR": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
+    assert {out.strip() for out, _ in outs} == {"500"}  # each row agrees with itself: 5 rows x 100
+    assert [f.suffix for f in (tmp_path / "kernels").iterdir()] == [".so"]

@@ -11,6 +11,7 @@ name          compute                                                 default wh
 ============= ======================================================= ======================================
 ``fp8``       ±1 e4m3, ``torch._scaled_mm`` (fp32 accumulation)        CUDA sm_89+ (Ada, Hopper)
 ``int8``      ±1 int8 (activations as {0,1} bits), ``torch._int_mm``   CUDA sm_80-86; CPUs with VNNI/AMX
+``popcount``  packed bits, AVX2 XNOR-popcount (C, built on first use)   other x86 CPUs with AVX2 and a C compiler
 ``fbgemm``    {0,1} x ±1 on fbgemm's int8 GEMM, rounded back           other x86 CPUs (``_int_mm`` is a slow loop)
 ``float``     ±1 fp32, dense GEMM                                     fallback
 ``xnor``      packed bits, Triton XNOR-popcount                       (opt-in; needs triton)
@@ -33,6 +34,7 @@ from .base import BinaryKernel, Index8Kernel, Prepared
 from .cuda import Fp8BinaryKernel, fp8_supported
 from .fbgemm import FbgemmBinaryKernel, FbgemmIndex8Kernel, quantized_engine
 from .onednn import Bf16Index8Kernel
+from .popcount import PopcountBinaryKernel
 from .torch_ops import (
     DenseIndex8Kernel,
     DequantIndex8Kernel,
@@ -51,14 +53,14 @@ __all__ = [
 ]
 
 BINARY_KERNELS: dict[str, BinaryKernel] = {
-    k.name: k for k in (Fp8BinaryKernel(), Int8BinaryKernel(), FbgemmBinaryKernel(), FloatBinaryKernel(),
-                        XnorBinaryKernel(), ReferenceBinaryKernel())
+    k.name: k for k in (Fp8BinaryKernel(), Int8BinaryKernel(), PopcountBinaryKernel(), FbgemmBinaryKernel(),
+                        FloatBinaryKernel(), XnorBinaryKernel(), ReferenceBinaryKernel())
 }
 INDEX8_KERNELS: dict[str, Index8Kernel] = {
     k.name: k for k in (DenseIndex8Kernel(), DequantIndex8Kernel(), DynamicInt8Index8Kernel(), FbgemmIndex8Kernel(),
                         Bf16Index8Kernel(), ReferenceIndex8Kernel())
 }
-_BINARY_PREFERENCE = ("fp8", "int8", "fbgemm", "float")  # exact kernels, fastest first where each is fast
+_BINARY_PREFERENCE = ("fp8", "int8", "popcount", "fbgemm", "float")  # exact kernels, fastest first where each is fast
 
 
 def default_binary_kernel(device: torch.device | str) -> str:

@@ -76,13 +76,14 @@ class BinaryKernel:
         y = acc.to(torch.float32)
         if bias is not None:
             y = y.add_(bias)
-        return y.to(out_dtype).view(*lead, -1)
+        return y.to(out_dtype).view(*lead, y.shape[-1])
 
     def linear_sign(self, x: torch.Tensor, w: torch.Tensor, sign_bias: torch.Tensor, k: int) -> torch.Tensor:
         """The operand of ``sign(sign(x) @ sign(W)^T + b)`` (``sign_bias`` from ``prepare_sign_bias``)."""
         lead = x.shape[:-1]
         acc = self.dot(self.binarize(x.reshape(-1, x.shape[-1]), k), w, k)
-        return self.from_mask(acc > sign_bias).view(*lead, -1)
+        out = self.from_mask(acc > sign_bias)
+        return out.view(*lead, out.shape[-1])
 
 
 @dataclass(frozen=True, eq=False)  # holds tensors (and maybe an opaque prepacked object): identity equality

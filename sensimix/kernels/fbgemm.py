@@ -256,4 +256,4 @@ class FbgemmBinaryKernel(BinaryKernel):
         lead = x.shape[:-1]
         acc01 = self._acc01(self.binarize(x.reshape(-1, x.shape[-1]), k), w)
         threshold = torch.div(sign_bias.float() + w.rowsum, 2, rounding_mode="floor")
-        return self.from_mask(acc01 > threshold).view(*lead, -1)
+        return self.from_mask(acc01 > threshold).view(*lead, acc01.shape[-1])

@@ -78,5 +78,5 @@ class Bf16Index8Kernel(Index8Kernel):
             attr, algorithm = self.ACTIVATIONS[act] if act else ("none", "")
             lead = x.shape[:-1]
             y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), p.weight, p.bias, attr, [], algorithm)
-            return y.view(*lead, -1)
+            return y.view(*lead, y.shape[-1])
         return F.linear(x, p.weight, p.bias)

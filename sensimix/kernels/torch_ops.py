@@ -116,7 +116,7 @@ class Int8BinaryKernel(BinaryKernel):
         lead = x.shape[:-1]
         acc01 = int_mm(self.binarize(x.reshape(-1, x.shape[-1]), k), w.t())
         threshold = torch.div(sign_bias + self._wsum(w), 2, rounding_mode="floor")
-        return self.from_mask(acc01 > threshold).view(*lead, -1)
+        return self.from_mask(acc01 > threshold).view(*lead, acc01.shape[-1])
 
 
 class FloatBinaryKernel(BinaryKernel):
@@ -251,7 +251,7 @@ class DynamicInt8Index8Kernel(Index8Kernel):
         y = acc.to(torch.float32).mul_(sx * p.params[0]).add_(x2.sum(dim=1, keepdim=True) * p.params[1])
         if p.bias is not None:
             y = y.add_(p.bias)
-        return y.to(x.dtype).view(*lead, -1)
+        return y.to(x.dtype).view(*lead, y.shape[-1])
 
 
 class ReferenceIndex8Kernel(Index8Kernel):
