@@ -591,3 +591,18 @@ def test_native_builds_race_to_one_library(tmp_path) -> None:
     assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
     assert {out.strip() for out, _ in outs} == {"500"}  # each row agrees with itself: 5 rows x 100
     assert [f.suffix for f in (tmp_path / "kernels").iterdir()] == [".so"]
+
+
+@pytest.mark.parametrize("act", ["gelu", "relu", "gelu_new"])
+def test_linear_act_in_place_is_the_activation_module(act: str) -> None:
+    from transformers.activations import ACT2FN
+
+    kern = kernels.index8_kernel("dequant", "cpu")
+    g = torch.Generator().manual_seed(0)
+    q, lo, hi = index8_quantize(torch.randn(24, 40, generator=g))
+    p = kern.prepare([(q, torch.stack([lo, hi]).half(), torch.randn(24, generator=g))], torch.float32)
+    x = torch.randn(7, 40, generator=g)
+    assert torch.equal(kern.linear_act(x, p, act), ACT2FN[act](kern.linear(x, p)))
+    xg = x.clone().requires_grad_(True)  # autograd keeps the pre-activation: never overwritten in place
+    kern.linear_act(xg, p, act).sum().backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()

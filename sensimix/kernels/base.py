@@ -22,6 +22,9 @@ from typing import Any, ClassVar
 import torch
 from transformers.activations import ACT2FN
 
+# ACT2FN names whose in-place op computes exactly what ACT2FN's module does (transformers' "gelu" is the erf GELU)
+_INPLACE_ACTS = {"gelu": torch.ops.aten.gelu_, "relu": torch.ops.aten.relu_}
+
 # (int8 indices Q [N, K], fp16 range [lo, hi], bias [N] or None): one stored 8-bit linear
 Index8Part = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
 
@@ -143,8 +146,13 @@ class Index8Kernel:
         return False
 
     def linear_act(self, x: torch.Tensor, p: Prepared, act: str) -> torch.Tensor:
-        """``act(x @ W_hat^T + b)``; the default applies ``act`` after :meth:`linear`."""
-        return ACT2FN[act](self.linear(x, p))
+        """``act(x @ W_hat^T + b)``; the default applies ``act`` after :meth:`linear`, in place where it can (the
+        FFN intermediate is the forward's largest tensor: a second one costs its page faults too)."""
+        y = self.linear(x, p)
+        inplace = _INPLACE_ACTS.get(act)
+        if inplace is not None and not (torch.is_grad_enabled() and y.requires_grad):
+            return inplace(y)
+        return ACT2FN[act](y)
 
     def weight_bytes(self, p: Prepared) -> int:
         """Memory of an opaque weight operand (tensor operands are counted as module buffers)."""
