@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,8 @@ from ..devices import cpu_features
 from ..quant import pack_signs, unpack_signs
 from .base import BinaryKernel
 from .native import NativeBuildError, load
+
+log = logging.getLogger(__name__)
 
 VECTOR_BYTES = 32  # one AVX2 register
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
@@ -53,6 +56,8 @@ def unavailable_reason() -> str | None:
     try:
         _library()
     except NativeBuildError as exc:
+        # an AVX2 CPU that cannot build it runs the 1-bit FFN on the next exact kernel, slower: say so once
+        log.warning("the popcount 1-bit kernel is unavailable, the next exact kernel runs instead: %s", exc)
         return str(exc)
     return None
 
