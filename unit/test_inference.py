@@ -587,3 +587,33 @@ def test_compiled_forward_gives_the_same_logits(packed) -> None:
     assert not compiled.check_inputs  # value checks would split the graph: inputs must come checked
     for inputs in (batch(), ragged_batch()):
         torch.testing.assert_close(run(compiled, inputs), run(eager, inputs), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("skip_padding", [True, False])
+@pytest.mark.parametrize("span_step", [4, 32])
+def test_the_last_layer_runs_for_the_pooled_token_only(packed, monkeypatch, skip_padding: bool,
+                                                       span_step: int) -> None:
+    # the pooler reads each sequence's first token: the last layer's attention output and FFN run on one row per
+    # sequence, and that row is what the full layer computes for it (keys and values of every token)
+    monkeypatch.setattr(Packing, "SPAN_STEP", span_step)
+    model = Packed.from_pretrained(packed[1], skip_padding=skip_padding)
+    last = model.bert.encoder.layer[-1]
+    entering, ffn_rows = [], []
+    hooks = [last.register_forward_pre_hook(lambda mod, args, kwargs: entering.append((args, kwargs)),
+                                            with_kwargs=True),
+             last.output.dense.register_forward_pre_hook(lambda mod, args: ffn_rows.append(args[0].shape[0]))]
+    inputs = ragged_batch()
+    try:
+        run(model, inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    bsz = inputs["input_ids"].shape[0]
+    assert ffn_rows == [bsz] and entering[0][1] == {"first_only": True}
+    x, mask, packing = entering[0][0]
+    with torch.inference_mode():
+        full = last(x, mask, packing)
+        first = last(x, mask, packing, first_only=True)
+    want = full.index_select(0, packing.cls) if skip_padding else full[:, 0]
+    assert first.shape == (bsz, GEOMETRY["hidden_size"])
+    assert (first - want).abs().max().item() <= 1e-5

@@ -74,8 +74,11 @@ class Attention(nn.Module):
                 part.prepare(plan)
         self.output.dense.prepare(plan)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, packing: Packing | None = None) -> torch.Tensor:
-        """``x`` [B, S, H] with ``mask``, or packed [T, H] with ``packing`` (then ``mask`` is unused)."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, packing: Packing | None = None,
+                first_only: bool = False) -> torch.Tensor:
+        """``x`` [B, S, H] with ``mask``, or packed [T, H] with ``packing`` (then ``mask`` is unused). With
+        ``first_only``, the output of each sequence's first token only, [B, H]: keys and values of every token,
+        the query of the first."""
         lead, hidden = x.shape[:-1], x.shape[-1]
         if self.qkv is not None:
             qkv = self.qkv(x).view(*lead, 3, self.num_heads, -1)  # [..., 3, heads, d]
@@ -85,10 +88,14 @@ class Attention(nn.Module):
             parts = [t(x).view(*lead, self.num_heads, -1) for t in (s.query, s.key, s.value)]
             qkv = None
         if packing is not None:
-            ctx = packing.attention(qkv if qkv is not None else torch.stack(parts, dim=1), self.scale)
+            ctx = packing.attention(qkv if qkv is not None else torch.stack(parts, dim=1), self.scale, first_only)
+            if first_only:
+                x = x.index_select(0, packing.cls)
         else:
             # [B, S, heads, d] -> [B, heads, S, d] strided views (SDPA takes strided inputs)
             q, k, v = (t.transpose(1, 2) for t in parts)
+            if first_only:
+                q, x, lead = q[:, :, :1], x[:, 0], lead[:1]
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
             ctx = ctx.transpose(1, 2).reshape(*lead, hidden)
         return self.output.LayerNorm(_residual(self.output.dense(ctx), x))
@@ -127,8 +134,10 @@ class Layer(nn.Module):
         self.intermediate = Intermediate(c, mixed)
         self.output = Output(c, mixed)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, packing: Packing | None = None) -> torch.Tensor:
-        x = self.attention(x, mask, packing)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, packing: Packing | None = None,
+                first_only: bool = False) -> torch.Tensor:
+        """The layer's output for every token, or with ``first_only`` for each sequence's first token, [B, H]."""
+        x = self.attention(x, mask, packing, first_only)
         return self.output(self.intermediate(x), x)  # the FFN works token by token: any leading shape
 
 

@@ -255,19 +255,19 @@ class SensiMixForSequenceClassification(PreTrainedModel):
             check_labels(self, labels, input_ids.shape[0])
         if packing is None and self.plan.skip_padding and attention_mask is not None:
             packing = Packing.of(attention_mask)
-        bert = self.bert
+        bert, mask = self.bert, None
         if packing is not None:
             types = None if token_type_ids is None else packing.tokens(token_type_ids)
             x = bert.embeddings(packing.tokens(input_ids), types, positions=packing.positions)
-            for layer in bert.encoder.layer:
-                x = layer(x, None, packing)
-            cls_rows = x.index_select(0, packing.cls)
         else:
             mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
             x = bert.embeddings(input_ids, token_type_ids)
-            for layer in bert.encoder.layer:
-                x = layer(x, mask)
-            cls_rows = x[:, 0]
+        *layers, last = bert.encoder.layer
+        for layer in layers:
+            x = layer(x, mask, packing)
+        # the pooler reads each sequence's first token only: the last layer runs its query, attention output and
+        # FFN for that token alone (the same numbers for it; the other tokens' last outputs were never used)
+        cls_rows = last(x, mask, packing, first_only=True)
         logits = self.classifier(torch.tanh(bert.pooler.dense(cls_rows)))
         loss = None
         if labels is not None:
