@@ -388,8 +388,10 @@ def _plain(d: dict[str, Any]) -> dict[str, Any]:
 def print_table(results: dict[str, Any]) -> None:
     rows = results["rows"]
     width = max(len(r["name"]) for r in rows) + 2
+    rounds = {r["key"]: " / ".join(f"{100 * x:.1f}" for x in r.get("ratio_per_round", ())) for r in rows}
+    rw = max(24, max(len(v) for v in rounds.values()) + 2)  # as wide as the most rounds need
     print(f"\n{results['data']}; {100 * results['attended_fraction']:.1f}% of tokens attended")
-    print(f"{'model':<{width}}{'ms/batch':>10}{'% BERT fp32':>13}{'x best peer':>13}{'% per round':>24}"
+    print(f"{'model':<{width}}{'ms/batch':>10}{'% BERT fp32':>13}{'x best peer':>13}{'% per round':>{rw}}"
           f"{'memory MiB':>12}{'% mem':>8}{'logit gap':>11}{'agree':>8}")
     for r in rows:
         if "skipped" in r:
@@ -399,7 +401,7 @@ def print_table(results: dict[str, Any]) -> None:
         mem_ratio = r.get("weight_memory_ratio_vs_bert_fp32")
         line = (f"{r['name']:<{width}}{r['ms_per_batch']:>10.1f}{100 * r['ratio_vs_bert_fp32']:>12.1f}%"
                 f"{r.get('ratio_vs_best_peer', float('nan')):>13.2f}"
-                f"{' / '.join(f'{100 * x:.1f}' for x in r['ratio_per_round']):>24}"
+                f"{rounds[r['key']]:>{rw}}"
                 f"{'' if mem is None else f'{mem / 2**20:.1f}':>12}"
                 f"{'' if mem_ratio is None else f'{100 * mem_ratio:.1f}%':>8}")
         if "relative_logit_gap" in r:
