@@ -606,3 +606,14 @@ def test_linear_act_in_place_is_the_activation_module(act: str) -> None:
     xg = x.clone().requires_grad_(True)  # autograd keeps the pre-activation: never overwritten in place
     kern.linear_act(xg, p, act).sum().backward()
     assert xg.grad is not None and torch.isfinite(xg.grad).all()
+
+
+def test_native_cache_that_cannot_be_made_is_a_build_error(monkeypatch, tmp_path) -> None:
+    # a cache path under a regular file (or on a full or read-only disk): the kernel is unavailable with the
+    # reason, never an OSError out of the kernel choice
+    from sensimix.kernels import native
+
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("SENSIMIX_CACHE_DIR", str(tmp_path / "a-file" / "cache"))
+    with pytest.raises(native.NativeBuildError, match="building popcount.c failed: NotADirectoryError"):
+        native.load.__wrapped__("popcount.c", ("-mavx2",))

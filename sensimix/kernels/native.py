@@ -77,8 +77,18 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
 def load(source: str, flags: tuple[str, ...]) -> ctypes.CDLL:
     """The shared library built from ``csrc/<source>`` with ``flags`` (compiled on first use, then cached).
 
-    Raises :class:`NativeBuildError` with the reason (no compiler, a compile error, an unusable cache folder).
+    Raises :class:`NativeBuildError` with the reason (no compiler, a compile error, an unusable cache folder, a
+    full disk, a missing source file): never another exception, so a caller can fall back on it.
     """
+    try:
+        return _load(source, flags)
+    except (OSError, RuntimeError) as exc:  # RuntimeError: Path.home() without a home; NativeBuildError passes
+        if isinstance(exc, NativeBuildError):
+            raise
+        raise NativeBuildError(f"building {source} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _load(source: str, flags: tuple[str, ...]) -> ctypes.CDLL:
     cc = compiler()
     if cc is None:
         raise NativeBuildError("no C compiler found (looked for $CC, cc, gcc): install gcc or clang")
