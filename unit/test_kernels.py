@@ -530,6 +530,8 @@ def test_popcount_refuses_operands_of_another_layout() -> None:
     w = kern.prepare_weight(pack_signs(torch.randn(4, 300)), 300)
     with pytest.raises(ValueError, match="packed sign bits with 64 bytes per row"):
         kern.dot(torch.zeros(2, 32, dtype=torch.uint8), w, 300)
+    with pytest.raises(ValueError, match=r"expected activations \[M, 300\], got \[2, 600\]"):
+        kern.linear(torch.randn(2, 600), w, None, 300, torch.float32)  # never reinterpreted as 4 rows of 300
 
 
 @needs_popcount

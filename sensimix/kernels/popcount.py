@@ -64,6 +64,8 @@ def unavailable_reason() -> str | None:
 
 def pack_rows(x: torch.Tensor, k: int) -> torch.Tensor:
     """Float rows [M, k] -> sign bits [M, row_bytes(k)] (bit = x > 0; NaN and 0 give -1, as ``sign``)."""
+    if x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"popcount kernel: expected activations [M, {k}], got [{', '.join(map(str, x.shape))}]")
     x = x.float().contiguous()
     out = torch.empty((x.shape[0], row_bytes(k)), dtype=torch.uint8)
     _library().sensimix_pack_signs(x.data_ptr(), x.shape[0], k, k, out.data_ptr(), out.shape[1])
@@ -110,7 +112,7 @@ class PopcountBinaryKernel(BinaryKernel):
     def binarize(self, x, k):
         if x.dtype == self.operand_dtype:
             return x
-        return pack_rows(x.reshape(-1, k), k)
+        return pack_rows(x.reshape(-1, x.shape[-1]), k)
 
     def from_mask(self, mask):
         words = pack_signs(mask)
