@@ -14,11 +14,14 @@ from .plan import InferencePlan
 
 
 def _residual(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``out + x`` in x's dtype: a bf16 kernel output is cast first, in one pass, then added in place (torch's
-    mixed-dtype add promotes elementwise and measured ~1.8x slower)."""
-    if out.dtype == x.dtype:
+    """``out + x`` in x's dtype, into ``out`` (a linear's fresh output: no new [tokens, H] tensor) unless autograd
+    needs it; a bf16 kernel output is cast first, in one pass (torch's mixed-dtype add promotes elementwise and
+    measured ~1.8x slower)."""
+    if out.dtype != x.dtype:
+        return out.to(x.dtype).add_(x)
+    if torch.is_grad_enabled() and (out.requires_grad or x.requires_grad):
         return out + x
-    return out.to(x.dtype).add_(x)
+    return out.add_(x)
 
 
 class Embeddings(nn.Module):
