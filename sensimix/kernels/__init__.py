@@ -2,7 +2,8 @@
 
 One module per backend family: :mod:`.base` (the interfaces), :mod:`.reference` (pure-torch definitions every
 kernel is tested against), :mod:`.torch_ops` (plain torch ops, CPU and CUDA), :mod:`.onednn` (bf16 GEMMs with
-fused epilogues), :mod:`.fbgemm` (torch's quantized engine), :mod:`.cuda` (FP8 tensor cores), :mod:`.triton_kernels`.
+fused epilogues), :mod:`.fbgemm` (torch's quantized engine), :mod:`.popcount` (C, AVX2; built by :mod:`.native`),
+:mod:`.cuda` (FP8 tensor cores), :mod:`.triton_kernels`.
 
 1-bit linear (``sign(x) @ sign(W)^T + b``, exact in every kernel):
 
@@ -12,7 +13,7 @@ name          compute                                                 default wh
 ``fp8``       ±1 e4m3, ``torch._scaled_mm`` (fp32 accumulation)        CUDA sm_89+ (Ada, Hopper)
 ``int8``      ±1 int8 (activations as {0,1} bits), ``torch._int_mm``   CUDA sm_80-86; CPUs with VNNI/AMX
 ``popcount``  packed bits, AVX2 XNOR-popcount (C, built on first use)   other x86 CPUs with AVX2 and a C compiler
-``fbgemm``    {0,1} x ±1 on fbgemm's int8 GEMM, rounded back           other x86 CPUs (``_int_mm`` is a slow loop)
+``fbgemm``    {0,1} x ±1 on fbgemm's int8 GEMM, rounded back           x86 CPUs where ``popcount`` cannot run
 ``float``     ±1 fp32, dense GEMM                                     fallback
 ``xnor``      packed bits, Triton XNOR-popcount                       (opt-in; needs triton)
 ``reference`` ±1 int64 matmul                                         tests

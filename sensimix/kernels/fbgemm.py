@@ -210,8 +210,9 @@ class FbgemmBinaryKernel(BinaryKernel):
     ±1 int8 with scale 1, sums are int32. The fp32 result is that integer times fbgemm's scale product, within
     1e-6 relative of it, so rounding it gives the integer back; sign(x) @ W^T = 2 (b @ W^T) - rowsum(W).
 
-    The 1-bit default on CPUs without VNNI/AMX, where ``torch._int_mm`` is a slow loop: measured 1.5-1.8x an fp32
-    GEMM of the same shape on a 2-core AVX2 EPYC (no saturation: pair sums of u8 x ±1 stay far below 2^15).
+    The 1-bit default on x86 CPUs without VNNI/AMX (where ``torch._int_mm`` is a slow loop) that cannot run
+    ``popcount`` (no AVX2, or no C compiler): measured 1.5-1.8x an fp32 GEMM of the same shape on a 2-core AVX2
+    EPYC, where ``popcount`` is another 3-4x (no saturation: pair sums of u8 x ±1 stay far below 2^15).
     """
 
     name = "fbgemm"
