@@ -446,7 +446,9 @@ def test_fast_precision_wiring(packed) -> None:
     model = Packed.from_pretrained(packed[1], precision="fast")
     assert model.precision == "fast" and model.dtype == torch.float32 and model.skip_padding
     assert model.index8_kernel == plan.fast_index8_kernel("cpu") and model.exact
-    assert all(layer.attention.qkv is not None for layer in model.bert.encoder.layer)
+    *layers, last = model.bert.encoder.layer
+    assert all(layer.attention.qkv is not None for layer in layers)
+    assert last.attention.kv is not None, "the last layer fuses K and V (its Q runs for the pooled tokens only)"
 
 
 @pytest.mark.parametrize("index8_kernel", ["bf16", "fbgemm"])
@@ -589,31 +591,38 @@ def test_compiled_forward_gives_the_same_logits(packed) -> None:
         torch.testing.assert_close(run(compiled, inputs), run(eager, inputs), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("fuse_qkv", [True, False])
 @pytest.mark.parametrize("skip_padding", [True, False])
 @pytest.mark.parametrize("span_step", [4, 32])
-def test_the_last_layer_runs_for_the_pooled_token_only(packed, monkeypatch, skip_padding: bool,
-                                                       span_step: int) -> None:
-    # the pooler reads each sequence's first token: the last layer's attention output and FFN run on one row per
-    # sequence, and that row is what the full layer computes for it (keys and values of every token)
+def test_the_last_layer_runs_for_the_pooled_token_only(packed, monkeypatch, skip_padding: bool, span_step: int,
+                                                       fuse_qkv: bool) -> None:
+    # the pooler reads each sequence's first token: the last layer's query, attention output and FFN run on one row
+    # per sequence (keys and values on every token, fused when Q/K/V are), and that row is what the full layer
+    # computes for it
     monkeypatch.setattr(Packing, "SPAN_STEP", span_step)
-    model = Packed.from_pretrained(packed[1], skip_padding=skip_padding)
-    last = model.bert.encoder.layer[-1]
-    entering, ffn_rows = [], []
+    model = Packed.from_pretrained(packed[1], skip_padding=skip_padding, fuse_qkv=fuse_qkv)
+    first_layer, last = model.bert.encoder.layer[0], model.bert.encoder.layer[-1]
+    assert (last.attention.kv is not None, last.attention.qkv) == (fuse_qkv, None)
+    assert (first_layer.attention.qkv is not None, first_layer.attention.kv) == (fuse_qkv, None)
+    entering, query_rows, ffn_rows = [], [], []
     hooks = [last.register_forward_pre_hook(lambda mod, args, kwargs: entering.append((args, kwargs)),
                                             with_kwargs=True),
+             last.attention.self.query.register_forward_pre_hook(lambda mod, args: query_rows.append(args[0].shape[0])),
              last.output.dense.register_forward_pre_hook(lambda mod, args: ffn_rows.append(args[0].shape[0]))]
     inputs = ragged_batch()
     try:
-        run(model, inputs)
+        logits = run(model, inputs)
     finally:
         for h in hooks:
             h.remove()
     bsz = inputs["input_ids"].shape[0]
-    assert ffn_rows == [bsz] and entering[0][1] == {"first_only": True}
+    assert query_rows == [bsz] and ffn_rows == [bsz] and entering[0][1] == {"first_only": True}
     x, mask, packing = entering[0][0]
     with torch.inference_mode():
-        full = last(x, mask, packing)
-        first = last(x, mask, packing, first_only=True)
-    want = full.index_select(0, packing.cls) if skip_padding else full[:, 0]
-    assert first.shape == (bsz, GEOMETRY["hidden_size"])
-    assert (first - want).abs().max().item() <= 1e-5
+        for layer in (last, first_layer):  # Q apart (the last layer's plan), and Q fused with K and V
+            full = layer(x, mask, packing)
+            first = layer(x, mask, packing, first_only=True)
+            want = full.index_select(0, packing.cls) if skip_padding else full[:, 0]
+            assert first.shape == (bsz, GEOMETRY["hidden_size"])
+            assert (first - want).abs().max().item() <= 1e-5
+    assert (logits - qat_logits(packed[0], inputs)).abs().max().item() <= 1e-5

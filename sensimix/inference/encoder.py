@@ -63,44 +63,78 @@ class Attention(nn.Module):
         self.output = AttentionOutput(c)
         self.num_heads = c.num_attention_heads
         self.scale = (c.hidden_size // c.num_attention_heads) ** -0.5
-        self.qkv: FusedIndex8Linear | None = None
+        self.qkv: FusedIndex8Linear | None = None  # Q, K and V as one GEMM
+        self.kv: FusedIndex8Linear | None = None  # K and V as one GEMM, Q apart (the last layer)
 
-    def prepare(self, plan: InferencePlan) -> None:
-        parts = [self.self.query, self.self.key, self.self.value]
-        if plan.fuse_qkv:  # Q, K and V read the same x: one GEMM (one activation cast/quantization)
-            self.qkv = FusedIndex8Linear(parts, plan)
-            for part in parts:
+    def prepare(self, plan: InferencePlan, query_apart: bool = False) -> None:
+        """Kernel operands for ``plan``. Linears that read the same x run as one GEMM where the plan fuses (one
+        activation pass): Q, K and V, or with ``query_apart`` (the last layer, which needs queries of the pooled
+        tokens only) K and V, with Q on its own."""
+        s = self.self
+        self.qkv = self.kv = None
+        if plan.fuse_qkv and query_apart:
+            self.kv = FusedIndex8Linear([s.key, s.value], plan)
+            for part in (s.key, s.value):
+                part.kernel, part.fused_into = self.kv.kernel, "kv"
+            s.query.prepare(plan)
+        elif plan.fuse_qkv:
+            self.qkv = FusedIndex8Linear([s.query, s.key, s.value], plan)
+            for part in (s.query, s.key, s.value):
                 part.kernel, part.fused_into = self.qkv.kernel, "qkv"
         else:
-            self.qkv = None
-            for part in parts:
+            for part in (s.query, s.key, s.value):
                 part.prepare(plan)
         self.output.dense.prepare(plan)
+
+    def _heads(self, t: torch.Tensor, lead: torch.Size, n: int) -> torch.Tensor:
+        return t.view(*lead, n, self.num_heads, -1)  # [..., n, heads, d]
+
+    def _kv(self, x: torch.Tensor) -> torch.Tensor:
+        """Keys and values of every token: [..., 2, heads, d]."""
+        lead, s = x.shape[:-1], self.self
+        if self.kv is not None:
+            return self._heads(self.kv(x), lead, 2)
+        if self.qkv is not None:
+            return self._heads(self.qkv(x), lead, 3)[..., 1:, :, :]
+        return torch.cat([self._heads(s.key(x), lead, 1), self._heads(s.value(x), lead, 1)], dim=-3)
+
+    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """Queries, keys and values of every token: [..., 3, heads, d]."""
+        lead = x.shape[:-1]
+        if self.qkv is not None:
+            return self._heads(self.qkv(x), lead, 3)
+        return torch.cat([self._heads(self.self.query(x), lead, 1), self._kv(x)], dim=-3)
+
+    def _first_token(self, x: torch.Tensor, mask: torch.Tensor | None,
+                     packing: Packing | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, attention output) of each sequence's first token, [B, H] each: its query against every key."""
+        first = x.index_select(0, packing.cls) if packing is not None else x[:, 0]
+        if self.qkv is not None:  # Q fused with K and V (a layer not prepared as the last): all rows, then select
+            qkv = self._qkv(x)
+            q = qkv.index_select(0, packing.cls)[:, 0] if packing is not None else qkv[:, 0, 0]
+            kv = qkv[..., 1:, :, :]
+        else:
+            q, kv = self._heads(self.self.query(first), first.shape[:-1], 1)[:, 0], self._kv(x)
+        if packing is not None:
+            return first, packing.attention_first(q, kv, self.scale)
+        k, v = (t.transpose(1, 2) for t in kv.unbind(-3))  # [B, heads, S, d] strided views
+        ctx = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=self.scale)
+        return first, ctx.reshape(first.shape)  # [B, heads, 1, d] -> [B, H]
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, packing: Packing | None = None,
                 first_only: bool = False) -> torch.Tensor:
         """``x`` [B, S, H] with ``mask``, or packed [T, H] with ``packing`` (then ``mask`` is unused). With
         ``first_only``, the output of each sequence's first token only, [B, H]: keys and values of every token,
         the query of the first."""
-        lead, hidden = x.shape[:-1], x.shape[-1]
-        if self.qkv is not None:
-            qkv = self.qkv(x).view(*lead, 3, self.num_heads, -1)  # [..., 3, heads, d]
-            parts = qkv.unbind(-3)
-        else:
-            s = self.self
-            parts = [t(x).view(*lead, self.num_heads, -1) for t in (s.query, s.key, s.value)]
-            qkv = None
-        if packing is not None:
-            ctx = packing.attention(qkv if qkv is not None else torch.stack(parts, dim=1), self.scale, first_only)
-            if first_only:
-                x = x.index_select(0, packing.cls)
+        if first_only:
+            x, ctx = self._first_token(x, mask, packing)
+        elif packing is not None:
+            ctx = packing.attention(self._qkv(x), self.scale)
         else:
             # [B, S, heads, d] -> [B, heads, S, d] strided views (SDPA takes strided inputs)
-            q, k, v = (t.transpose(1, 2) for t in parts)
-            if first_only:
-                q, x, lead = q[:, :, :1], x[:, 0], lead[:1]
+            q, k, v = (t.transpose(1, 2) for t in self._qkv(x).unbind(-3))
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-            ctx = ctx.transpose(1, 2).reshape(*lead, hidden)
+            ctx = ctx.transpose(1, 2).reshape(x.shape)
         return self.output.LayerNorm(_residual(self.output.dense(ctx), x))
 
 

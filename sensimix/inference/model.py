@@ -142,11 +142,12 @@ class SensiMixForSequenceClassification(PreTrainedModel):
             owner, attr = name.rsplit(".", 1)
             self.get_submodule(owner)._buffers[attr] = t.to(plan.device)
         done: set[int] = set()
+        last = self.bert.encoder.layer[-1].attention  # runs queries for the pooled tokens only (see forward)
         for module in self.modules():
             if isinstance(module, Attention):  # Q, K, V (fused or not) and the output projection
-                module.prepare(plan)
+                module.prepare(plan, query_apart=module is last)
                 s = module.self
-                done |= {id(m) for m in (s.query, s.key, s.value, module.output.dense, module.qkv)}
+                done |= {id(m) for m in (s.query, s.key, s.value, module.output.dense, module.qkv, module.kv)}
         for module in self.modules():
             if isinstance(module, PackedModule) and id(module) not in done:
                 module.prepare(plan)
@@ -266,7 +267,8 @@ class SensiMixForSequenceClassification(PreTrainedModel):
         for layer in layers:
             x = layer(x, mask, packing)
         # the pooler reads each sequence's first token only: the last layer runs its query, attention output and
-        # FFN for that token alone (the same numbers for it; the other tokens' last outputs were never used)
+        # FFN for that token alone (the same numbers for it; the other tokens' last outputs were never used); its
+        # keys and values run for every token, as one GEMM (prepare: query_apart)
         cls_rows = last(x, mask, packing, first_only=True)
         logits = self.classifier(torch.tanh(bert.pooler.dense(cls_rows)))
         loss = None

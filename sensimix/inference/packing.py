@@ -53,7 +53,7 @@ class Packing:
     positions: torch.Tensor  # [T] their positions s
     cls: torch.Tensor  # [B] packed row of each sequence's first token ([CLS], pooled), in batch order
     groups: tuple[_SpanGroup, ...]
-    group_rank: torch.Tensor  # [B] each sequence's place in group order (the groups' layout rows, concatenated)
+    group_order: torch.Tensor  # [B] the sequences (batch indices) in group order: each group's layout rows
     batch_shape: tuple[int, int] = (0, 0)  # [B, S] of the mask it was made from (checked against the inputs)
 
     @classmethod
@@ -86,17 +86,15 @@ class Packing:
         flat_index = torch.cat(index)
         where = torch.empty(bsz * seq, dtype=torch.long, device=m.device)
         where[flat_index] = torch.arange(len(flat_index), device=m.device)
-        rank = torch.empty(bsz, dtype=torch.long, device=m.device)
-        rank[order] = torch.arange(bsz, device=m.device)  # the groups take the sequences in `order`
         return cls(index=flat_index, positions=flat_index % seq, cls=where[torch.arange(bsz, device=m.device) * seq],
-                   groups=tuple(groups), group_rank=rank, batch_shape=(bsz, seq))
+                   groups=tuple(groups), group_order=order, batch_shape=(bsz, seq))
 
     def to(self, device: torch.device | str) -> Packing:
         """The same packing with its index tensors on ``device`` (e.g. computed from a CPU mask, then staged)."""
         groups = tuple(replace(g, **{f.name: getattr(g, f.name).to(device) for f in fields(g)
                                      if isinstance(getattr(g, f.name), torch.Tensor)}) for g in self.groups)
         return Packing(index=self.index.to(device), positions=self.positions.to(device), cls=self.cls.to(device),
-                       groups=groups, group_rank=self.group_rank.to(device), batch_shape=self.batch_shape)
+                       groups=groups, group_order=self.group_order.to(device), batch_shape=self.batch_shape)
 
     @property
     def device(self) -> torch.device:
@@ -106,25 +104,35 @@ class Packing:
         """The attended entries of a [B, S] input (ids, token types), packed: [T]."""
         return t.reshape(-1).index_select(0, self.index)
 
-    def attention(self, qkv: torch.Tensor, scale: float, first_only: bool = False) -> torch.Tensor:
-        """SDPA of packed [T, 3, heads, d] Q/K/V, one call per span group; returns packed [T, heads * d], or with
-        ``first_only`` the output of each sequence's first token alone, [B, heads * d] in batch order (its query
-        against all of its keys: what the last layer owes the pooler)."""
+    def attention(self, qkv: torch.Tensor, scale: float) -> torch.Tensor:
+        """SDPA of packed [T, 3, heads, d] Q/K/V, one call per span group; returns packed [T, heads * d]."""
         tokens, heads = qkv.shape[0], qkv.shape[2]
         flat = qkv.reshape(tokens, -1)
-        out = flat.new_empty(len(self.group_rank) if first_only else tokens, flat.shape[1] // 3)
-        row = 0
+        out = flat.new_empty(tokens, flat.shape[1] // 3)
         for g in self.groups:
             layout = flat.index_select(0, g.gather).view(g.rows, g.span, 3, heads, -1)
             q, k, v = (t.transpose(1, 2) for t in layout.unbind(2))
-            if first_only:  # slot 0 of every layout row is its sequence's first token (always attended)
-                ctx = F.scaled_dot_product_attention(q[:, :, :1], k, v, attn_mask=g.mask, scale=scale)
-                out[row:row + g.rows] = ctx.reshape(g.rows, -1)  # [rows, heads, 1, d]: one row per sequence
-                row += g.rows
-                continue
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask, scale=scale)
             # [rows, heads, span, d] -> [rows * span, heads * d]: a view when SDPA's output is stored
             # [rows, span, heads, d] (the CPU kernels do), so the gather below is the only pass
             ctx = ctx.transpose(1, 2).reshape(g.rows * g.span, -1)
             torch.index_select(ctx, 0, g.slots, out=out[g.start:g.start + g.count])
-        return out.index_select(0, self.group_rank) if first_only else out
+        return out
+
+    def attention_first(self, q: torch.Tensor, kv: torch.Tensor, scale: float) -> torch.Tensor:
+        """Attention for each sequence's first token only (what the last layer owes the pooler): its query
+        [B, heads, d] (batch order) against the sequence's packed keys and values [T, 2, heads, d]; returns
+        [B, heads * d] in batch order."""
+        tokens, heads = kv.shape[0], kv.shape[2]
+        flat = kv.reshape(tokens, -1)
+        out = flat.new_empty(q.shape[0], flat.shape[1] // 2)
+        row = 0
+        for g in self.groups:
+            seqs = self.group_order[row:row + g.rows]
+            row += g.rows
+            layout = flat.index_select(0, g.gather).view(g.rows, g.span, 2, heads, -1)
+            k, v = (t.transpose(1, 2) for t in layout.unbind(2))
+            ctx = F.scaled_dot_product_attention(q.index_select(0, seqs).unsqueeze(2), k, v, attn_mask=g.mask,
+                                                 scale=scale)  # [rows, heads, 1, d]
+            out.index_copy_(0, seqs, ctx.reshape(g.rows, -1))
+        return out
