@@ -90,12 +90,10 @@ class Attention(nn.Module):
         return t.view(*lead, n, self.num_heads, -1)  # [..., n, heads, d]
 
     def _kv(self, x: torch.Tensor) -> torch.Tensor:
-        """Keys and values of every token: [..., 2, heads, d]."""
+        """Keys and values of every token, [..., 2, heads, d], where K and V are not fused with Q."""
         lead, s = x.shape[:-1], self.self
         if self.kv is not None:
             return self._heads(self.kv(x), lead, 2)
-        if self.qkv is not None:
-            return self._heads(self.qkv(x), lead, 3)[..., 1:, :, :]
         return torch.cat([self._heads(s.key(x), lead, 1), self._heads(s.value(x), lead, 1)], dim=-3)
 
     def _qkv(self, x: torch.Tensor) -> torch.Tensor:
