@@ -30,6 +30,7 @@ class _SpanGroup:
     gather: torch.Tensor  # [rows * span] packed row of every layout slot (a finite stand-in for padded slots)
     slots: torch.Tensor  # [count] layout slots of the attended tokens, in packed order
     mask: torch.Tensor  # [rows, 1, 1, span] bool, for SDPA
+    seqs: torch.Tensor  # [rows] the batch index of each layout row
 
 
 @dataclass(frozen=True, eq=False)
@@ -53,7 +54,6 @@ class Packing:
     positions: torch.Tensor  # [T] their positions s
     cls: torch.Tensor  # [B] packed row of each sequence's first token ([CLS], pooled), in batch order
     groups: tuple[_SpanGroup, ...]
-    group_order: torch.Tensor  # [B] the sequences (batch indices) in group order: each group's layout rows
     batch_shape: tuple[int, int] = (0, 0)  # [B, S] of the mask it was made from (checked against the inputs)
 
     @classmethod
@@ -80,21 +80,21 @@ class Packing:
             index.append(rows[slots // width] * seq + slots % width)
             gather = torch.where(flat, flat.cumsum(0) - 1 + start, start)  # padded -> the group's first token
             groups.append(_SpanGroup(start=start, count=len(slots), rows=len(rows), span=width, gather=gather,
-                                     slots=slots, mask=mg[:, None, None, :]))
+                                     slots=slots, mask=mg[:, None, None, :], seqs=rows))
             start += len(slots)
             first = last
         flat_index = torch.cat(index)
         where = torch.empty(bsz * seq, dtype=torch.long, device=m.device)
         where[flat_index] = torch.arange(len(flat_index), device=m.device)
         return cls(index=flat_index, positions=flat_index % seq, cls=where[torch.arange(bsz, device=m.device) * seq],
-                   groups=tuple(groups), group_order=order, batch_shape=(bsz, seq))
+                   groups=tuple(groups), batch_shape=(bsz, seq))
 
     def to(self, device: torch.device | str) -> Packing:
         """The same packing with its index tensors on ``device`` (e.g. computed from a CPU mask, then staged)."""
         groups = tuple(replace(g, **{f.name: getattr(g, f.name).to(device) for f in fields(g)
                                      if isinstance(getattr(g, f.name), torch.Tensor)}) for g in self.groups)
         return Packing(index=self.index.to(device), positions=self.positions.to(device), cls=self.cls.to(device),
-                       groups=groups, group_order=self.group_order.to(device), batch_shape=self.batch_shape)
+                       groups=groups, batch_shape=self.batch_shape)
 
     @property
     def device(self) -> torch.device:
@@ -126,13 +126,10 @@ class Packing:
         tokens, heads = kv.shape[0], kv.shape[2]
         flat = kv.reshape(tokens, -1)
         out = flat.new_empty(q.shape[0], flat.shape[1] // 2)
-        row = 0
         for g in self.groups:
-            seqs = self.group_order[row:row + g.rows]
-            row += g.rows
             layout = flat.index_select(0, g.gather).view(g.rows, g.span, 2, heads, -1)
             k, v = (t.transpose(1, 2) for t in layout.unbind(2))
-            ctx = F.scaled_dot_product_attention(q.index_select(0, seqs).unsqueeze(2), k, v, attn_mask=g.mask,
+            ctx = F.scaled_dot_product_attention(q.index_select(0, g.seqs).unsqueeze(2), k, v, attn_mask=g.mask,
                                                  scale=scale)  # [rows, heads, 1, d]
-            out.index_copy_(0, seqs, ctx.reshape(g.rows, -1))
+            out.index_copy_(0, g.seqs, ctx.reshape(g.rows, -1))
         return out
