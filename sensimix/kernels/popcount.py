@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..devices import cpu_features
-from ..quant import pack_signs, unpack_signs
+from ..quant import pack_signs, unpack_bits
 from .base import BinaryKernel
 from .native import NativeBuildError, load
 
@@ -108,8 +108,7 @@ class PopcountBinaryKernel(BinaryKernel):
 
     def prepare_weight(self, bits, k):
         # re-packed so every padding bit is 0 whatever the file holds (the activations' padding bits are 0 too)
-        words = pack_signs(unpack_signs(bits.cpu(), k, torch.int8))
-        return F.pad(words, (0, row_bytes(k) - words.shape[1])).contiguous()
+        return self.from_mask(unpack_bits(bits.cpu(), k).bool()).contiguous()
 
     def binarize(self, x, k):
         if x.dtype == self.operand_dtype:
