@@ -27,11 +27,17 @@ class _AutoEntry:
         return SensiMixForSequenceClassification.from_pretrained(*args, **kwargs)
 
     @classmethod
-    def from_config(cls, config: SensiMixConfig, **kwargs: Any) -> Any:
-        from .inference import SensiMixForSequenceClassification
+    def _from_config(cls, config: SensiMixConfig, **kwargs: Any) -> Any:
+        # AutoModel*.from_config: a packed model's buffers are int8 indices and sign bits that only an export fills
+        raise ValueError("a packed SensiMix model cannot be built from a config alone (its int8 indices and sign bits "
+                         "come from a trained model): load a folder with from_pretrained, or export a "
+                         "quantization-aware model (sensimix.export.convert)")
 
-        return SensiMixForSequenceClassification(config, **kwargs)
+    from_config = _from_config
 
+
+# pipeline() checks the model's class name against the registered classes' names
+_AutoEntry.__name__ = _AutoEntry.__qualname__ = "SensiMixForSequenceClassification"
 
 AutoConfig.register(SensiMixConfig.model_type, SensiMixConfig, exist_ok=True)
 AutoModelForSequenceClassification.register(SensiMixConfig, _AutoEntry, exist_ok=True)

@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -249,11 +250,32 @@ def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
                          f"Nothing was written; lower the learning rate (--lr) or check the data")
 
 
+# files of a replaced folder that are never carried into its new version: weights the new one does not hold
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx")
+
+
+def _carry_other_files(old: Path, new: Path) -> None:
+    """Copy what ``old`` (the folder being replaced, if any) holds beside the files just written into ``new``."""
+    if not old.is_dir():
+        return
+    for entry in old.iterdir():
+        if (new / entry.name).exists() or entry.name.endswith(_WEIGHT_SUFFIXES):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, new / entry.name, symlinks=True)
+        else:
+            shutil.copy2(entry, new / entry.name, follow_symlinks=False)
+
+
 def write_folder(out: str | os.PathLike, config: SensiMixConfig, tensors: dict[str, torch.Tensor], *,
                  tokenizer: Any = None, overwrite: bool = False,
-                 extra_json: dict[str, object] | None = None) -> Path:
+                 extra_json: dict[str, object] | None = None, keep_other_files: bool = False) -> Path:
     """Write a packed-v1 folder atomically: config.json (with the checksum), both weight files, the tokenizer
-    files and ``extra_json``. NaN/inf tensors are refused before anything is written."""
+    files and ``extra_json``. NaN/inf tensors are refused before anything is written.
+
+    ``keep_other_files`` (``save_pretrained``'s overwrite): the files of the folder being replaced that this write
+    does not produce (tokenizer, notes, ...) are carried into the new version, except other weight files.
+    """
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
@@ -271,6 +293,8 @@ def write_folder(out: str | os.PathLike, config: SensiMixConfig, tensors: dict[s
             save_tokenizer(tokenizer, tmp)
         for name, data in (extra_json or {}).items():
             write_json(tmp / name, data)
+        if keep_other_files:
+            _carry_other_files(Path(out), tmp)
     out = Path(out)
     log.info("wrote %s (%s, %.1f MB pytorch_model.bin)", out, config.describe(),
              (out / WEIGHTS_BIN).stat().st_size / 1e6)

@@ -243,6 +243,86 @@ def test_to_another_device_or_dtype(packed) -> None:
             model.to("cuda")
 
 
+def test_casts_and_training_are_refused(packed) -> None:
+    model = Packed.from_pretrained(packed[1])
+    with pytest.raises(ValueError, match="cannot be cast to torch.float64"):
+        model.double()
+    with pytest.raises(ValueError, match="cannot be cast with .type\\(torch.float64\\)"):
+        model.type(torch.float64)  # nn.Module.type would cast the int8 indices and sign bits too
+    with pytest.raises(ValueError, match="inference-only.*sensimix.qat"):
+        model.train()
+    assert model.eval() is model and not model.training
+
+
+def test_to_a_device_keeps_the_kernels_asked_for(packed) -> None:
+    model = Packed.from_pretrained(packed[1], binary_kernel="reference", index8_kernel="reference")
+    before = run(model, batch())
+    model.to("cpu:0")  # another device name: the kernels are prepared anew, with the same request
+    assert (model.binary_kernel, model.index8_kernel) == ("reference", "reference")
+    assert torch.equal(run(model, batch()), before)
+
+
+def test_stored_tensors_are_what_runs_and_what_is_saved(packed, tmp_path) -> None:
+    model = Packed.from_pretrained(packed[1])
+    before = run(model, batch())
+    state = model.state_dict()
+    state["classifier.weight"] = torch.zeros_like(state["classifier.weight"])
+    model.load_state_dict(state)  # re-prepares: the forward computes with what was loaded
+    after = run(model, batch())
+    assert not torch.equal(after, before)
+    assert torch.equal(after, after[:1].expand_as(after)), "a zero classifier gives its bias for every row"
+    assert torch.equal(run(Packed.from_pretrained(model.save_pretrained(tmp_path / "zeroed")), batch()), after)
+    # an in-place edit or a model-field edit is not what runs: saving it is refused, nothing written
+    model = Packed.from_pretrained(packed[1])
+    model.classifier.bias.add_(1)
+    with pytest.raises(ValueError, match="stored tensors changed after the kernels were prepared"):
+        model.save_pretrained(tmp_path / "edited")
+    model.prepare(model.plan)  # now it runs with the edit, and may be saved
+    model.save_pretrained(tmp_path / "edited")
+    model = Packed.from_pretrained(packed[1])
+    model.config.layer_norm_eps = 1e-2
+    with pytest.raises(ValueError, match="model fields \\(config\\) changed"):
+        model.save_pretrained(tmp_path / "eps")
+    assert not (tmp_path / "eps").exists()
+
+
+def test_save_pretrained_overwrite_keeps_the_folders_other_files(packed, tmp_path) -> None:
+    folder = Path(shutil.copytree(packed[1], tmp_path / "model"))
+    (folder / "NOTES.md").write_text("mine")
+    (folder / "extra.bin").write_bytes(b"old weights")  # another weight file is not carried over
+    before = sorted(p.name for p in folder.iterdir())
+    Packed.from_pretrained(folder).save_pretrained(folder, overwrite=True)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(set(before) - {"extra.bin"})
+    assert (folder / "NOTES.md").read_text() == "mine"
+    assert torch.equal(run(Packed.from_pretrained(folder), batch()), run(Packed.from_pretrained(packed[1]), batch()))
+
+
+def test_auto_class_arguments_are_applied_or_refused(packed) -> None:
+    from transformers import AutoModelForSequenceClassification as Auto
+
+    folder = packed[1]
+    assert isinstance(Auto.from_pretrained(folder, return_dict=False)(**batch()), tuple)
+    assert Auto.from_pretrained(folder, id2label={0: "neg", 1: "pos"}).config.id2label == {0: "neg", 1: "pos"}
+    with pytest.raises(ValueError, match="id2label names 3 labels, but the classifier has 2 outputs"):
+        Auto.from_pretrained(folder, num_labels=3)
+    with pytest.raises(ValueError, match="cannot be changed at load time.*output_hidden_states=True"):
+        Auto.from_pretrained(folder, output_hidden_states=True)
+    with pytest.raises(ValueError, match="cannot be built from a config alone"):
+        Auto.from_config(Packed.from_pretrained(folder).config)
+    assert Packed.from_pretrained(folder.parent, subfolder=folder.name).config.num_hidden_layers == 4
+
+
+def test_pipeline_classifies_and_logs_no_error(copy_of, tiny_vocab, caplog) -> None:
+    from transformers import BertTokenizer, pipeline
+
+    BertTokenizer(tiny_vocab).save_pretrained(copy_of)  # words of the tiny vocab have ids < GEOMETRY's 100
+    with caplog.at_level("ERROR"):  # before: "The model 'SensiMixForSequenceClassification' is not supported ..."
+        classify = pipeline("text-classification", model=str(copy_of))
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+    out = classify(["the movie was good", "what a bad film"])
+    assert len(out) == 2 and all(o["label"] in ("LABEL_0", "LABEL_1") and 0.5 <= o["score"] <= 1 for o in out)
+
+
 # ---------------------------------------------------------------------------------------------------
 # bad files
 # ---------------------------------------------------------------------------------------------------
@@ -402,6 +482,11 @@ def test_bad_inputs_raise_before_any_kernel(packed) -> None:
         (dict(input_ids=ids, token_type_ids=torch.zeros(ids.shape)), "token_type_ids must be int64 or int32"),
         (dict(input_ids=ids, attention_mask=torch.ones(5, 3, dtype=torch.long)), "attention_mask has shape \\[5, 3\\]"),
         (dict(input_ids=ids, attention_mask=torch.full_like(ids, 2)), "attention_mask must hold only 0 and 1"),
+        (dict(input_ids=ids, attention_mask=torch.ones_like(ids).index_fill_(0, torch.tensor([1, 3]), 0)),
+         "attention_mask row\\(s\\) \\[1, 3\\] attend no token"),
+        (dict(input_ids=ids, attention_mask=torch.zeros_like(ids, dtype=torch.bool)), "row\\(s\\) \\[0, 1, 2, 3, 4\\]"),
+        (dict(input_ids=ids, attention_mask=torch.ones_like(ids).index_fill_(1, torch.tensor([0]), 0)),
+         "masks the first token of sequence\\(s\\) \\[0, 1, 2, 3, 4\\].*padding_side='right'"),
         (dict(input_ids=ids[0]), "input_ids must be a \\[batch, seq_len\\] tensor"),
         (dict(input_ids=ids.float()), "int64 or int32 token ids"),
         (dict(input_ids=torch.zeros(0, 8, dtype=torch.long)), "empty batch"),
@@ -523,9 +608,10 @@ def test_packing_layout() -> None:
 
 
 def test_skip_padding_falls_back_without_a_cls_token(packed) -> None:
-    # a left-padded row has no attended first token: the model keeps the padded path, same logits
-    padded = Packed.from_pretrained(packed[1], skip_padding=False)
-    skipped = Packed.from_pretrained(packed[1])
+    # a left-padded row has no attended first token (refused when inputs are checked): unchecked, the model keeps
+    # the padded path, same logits
+    padded = Packed.from_pretrained(packed[1], skip_padding=False, check_inputs=False)
+    skipped = Packed.from_pretrained(packed[1], check_inputs=False)
     inputs = batch()
     inputs["attention_mask"][2, :3] = 0
     assert torch.equal(run(skipped, inputs), run(padded, inputs))

@@ -63,6 +63,22 @@ def check_inputs(model: Any, input_ids: Any, attention_mask: Any, token_type_ids
     if attention_mask is not None and not attention_mask.dtype == torch.bool:
         if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
             raise ValueError("attention_mask must hold only 0 and 1 (1 = attend)")
+    if attention_mask is not None:
+        attended = attention_mask.bool()
+        if rows := _rows(~attended.any(dim=1)):
+            raise ValueError(f"attention_mask row(s) {rows} attend no token: such a sequence holds no input to "
+                             f"classify (its logits would mean nothing); drop it from the batch, or attend at least "
+                             f"its [CLS] token")
+        if rows := _rows(~attended[:, 0]):
+            raise ValueError(f"attention_mask masks the first token of sequence(s) {rows}: BERT classifies from each "
+                             f"sequence's first token ([CLS]), so it must be attended; pad on the right (the "
+                             f"tokenizer's padding_side='right', BERT's default)")
+
+
+def _rows(flags: torch.Tensor) -> str:
+    """The flagged rows of a [B] bool tensor, as '[i, j, ...]' (the first five), or '' when none is."""
+    rows = flags.nonzero().squeeze(1).tolist()
+    return f"{rows[:5]}{' ...' if len(rows) > 5 else ''}" if rows else ""
 
 
 def check_labels(model: Any, labels: Any, batch: int) -> None:

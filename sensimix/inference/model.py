@@ -116,18 +116,25 @@ class SensiMixForSequenceClassification(PreTrainedModel):
                             f"{len(model_args)}")
         device = _pop_device(kwargs, device)
         precision = _pop_precision(kwargs, precision)
+        override = kwargs.pop("config", None)  # the Auto classes pass the folder's config with their kwargs applied
+        subfolder = kwargs.pop("subfolder", None) or ""
+        hub = {k: v for k in _HUB_KWARGS if (v := kwargs.pop(k, None)) is not None}
         _drop_loader_kwargs(kwargs)
         if kwargs:
             raise TypeError(f"{cls.__name__}.from_pretrained got unexpected argument(s) {sorted(kwargs)}; a packed "
                             f"checkpoint's config cannot be changed at load time")
-        plan = make_plan(device or "cpu", precision, binary_kernel=binary_kernel, index8_kernel=index8_kernel,
-                         fuse_qkv=fuse_qkv, skip_padding=skip_padding)
-        folder = _local_folder(pretrained_model_name_or_path)
+        request = dict(precision=precision, binary_kernel=binary_kernel, index8_kernel=index8_kernel,
+                       fuse_qkv=fuse_qkv, skip_padding=skip_padding)
+        plan = make_plan(device or "cpu", **request)
+        folder = _local_folder(pretrained_model_name_or_path, subfolder, hub)
         raw = checkpoint.read_raw_config(folder)
         config = checkpoint.config_from_raw(raw, folder / "config.json")
+        if override is not None:
+            _apply_config_override(config, override, folder)
         tensors, source = checkpoint.read_tensors(folder, cls.checkpoint_spec(config), raw, cls._geometry(config),
                                                   weights=weights, verify_all=verify_all_files)
         model = cls.from_state_dict(config, tensors, plan, source=str(source), check=False)  # read_tensors checked
+        model.plan_request = request
         model.check_inputs = check_inputs and not compile
         if compile:
             model.compile(dynamic=True)
@@ -137,7 +144,13 @@ class SensiMixForSequenceClassification(PreTrainedModel):
         return model
 
     def prepare(self, plan: InferencePlan) -> None:
-        """Move the stored tensors to ``plan.device`` and build every kernel operand for ``plan``."""
+        """Move the stored tensors to ``plan.device`` and build every kernel operand for ``plan``.
+
+        The kernels compute with operands built here: a stored tensor edited in place afterwards changes nothing
+        until the next ``prepare`` (``load_state_dict`` and ``.to(device)`` call it), and ``save_pretrained``
+        refuses to write tensors or model fields other than those the model computes with.
+        """
+        self._prepared_from = self._digests()
         for name, t in list(self.state_dict().items()):
             owner, attr = name.rsplit(".", 1)
             self.get_submodule(owner)._buffers[attr] = t.to(plan.device)
@@ -153,15 +166,40 @@ class SensiMixForSequenceClassification(PreTrainedModel):
                 module.prepare(plan)
         self.plan = plan
 
+    def _digests(self) -> tuple[str, str]:
+        """Checksums of the model fields and of the stored tensors (those of the checkpoint format)."""
+        fields = {**self.config.to_dict(), "num_labels": self.config.num_labels, **checkpoint.FORMAT_FIELDS}
+        return checkpoint.config_digest(fields), checkpoint.tensors_digest(self.state_dict())
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Load stored tensors; a prepared model rebuilds its kernel operands from them (see :meth:`prepare`)."""
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if self.plan is not None:
+            self.prepare(self.plan)
+        return result
+
     def save_pretrained(self, save_directory: str | os.PathLike, *, tokenizer: Any = None, overwrite: bool = False,
                         extra_json: dict[str, object] | None = None, **kwargs: Any) -> Path:
-        """Write the packed-v1 folder (atomically; see :func:`sensimix.checkpoint.write_folder`)."""
+        """Write the packed-v1 folder (atomically; see :func:`sensimix.checkpoint.write_folder`).
+
+        ``overwrite=True`` replaces a packed folder's weights and config and keeps its other files (tokenizer,
+        notes), as transformers does. A model whose stored tensors or model fields (``config.json``'s
+        ``layer_norm_eps``, ``hidden_act``, ...) were changed after its kernels were prepared is refused: it would
+        write a model other than the one that runs.
+        """
         kwargs.pop("safe_serialization", None)
         kwargs.pop("is_main_process", None)
         if kwargs.pop("push_to_hub", False) or kwargs:
             raise TypeError(f"save_pretrained: unsupported argument(s) {sorted(kwargs) or ['push_to_hub']}")
+        prepared = getattr(self, "_prepared_from", None)
+        if prepared is not None and (now := self._digests()) != prepared:
+            what = " and ".join(w for w, a, b in zip(("its model fields (config)", "its stored tensors"), now, prepared)
+                                if a != b)
+            raise ValueError(f"save_pretrained: {what} changed after the kernels were prepared, so this model still "
+                             f"computes with the old ones; saving would write a model other than the one that runs. "
+                             f"Call model.prepare(model.plan) to compute with the change (and check it), or reload")
         return checkpoint.write_folder(save_directory, self.config, self.state_dict(), tokenizer=tokenizer,
-                                       overwrite=overwrite, extra_json=extra_json)
+                                       overwrite=overwrite, extra_json=extra_json, keep_other_files=True)
 
     # -- devices -------------------------------------------------------------------------------------
     @property
@@ -200,8 +238,12 @@ class SensiMixForSequenceClassification(PreTrainedModel):
             raise ValueError(f"a packed SensiMix model cannot be cast to {dtype} with .to(); load it with "
                              f"from_pretrained(..., precision='fp16'|'bf16'|'fp32'|'fast')")
         if device is not None and self.plan is not None and torch.device(device) != self.plan.device:
+            # the same request on the new device: kernels named at load stay (or fail clearly there), defaults are
+            # the new device's defaults
             p = self.plan
-            self.prepare(make_plan(device, p.precision, fuse_qkv=p.fuse_qkv, skip_padding=p.skip_padding))
+            request = getattr(self, "plan_request", None) or dict(precision=p.precision, fuse_qkv=p.fuse_qkv,
+                                                                   skip_padding=p.skip_padding)
+            self.prepare(make_plan(device, **request))
         return self
 
     def cuda(self, device: Any = None) -> SensiMixForSequenceClassification:
@@ -219,6 +261,22 @@ class SensiMixForSequenceClassification(PreTrainedModel):
 
     def bfloat16(self, *args: Any) -> SensiMixForSequenceClassification:
         return self.to(dtype=torch.bfloat16)
+
+    def double(self, *args: Any) -> SensiMixForSequenceClassification:
+        return self.to(dtype=torch.float64)
+
+    def type(self, dst_type: Any) -> SensiMixForSequenceClassification:
+        # nn.Module.type casts every buffer, int8 indices and sign bits included: never a valid packed model
+        raise ValueError(f"a packed SensiMix model cannot be cast with .type({dst_type}); load it with "
+                         f"from_pretrained(..., precision='fp16'|'bf16'|'fp32'|'fast')")
+
+    def train(self, mode: bool = True) -> SensiMixForSequenceClassification:
+        """Eval only (``train(False)`` / ``eval()``): a packed model holds no trainable weights."""
+        if mode:
+            raise ValueError("a packed SensiMix model is inference-only (int8 indices and sign bits, no trainable "
+                             "weights): train the quantization-aware model (sensimix.qat.from_bert, or sensimix "
+                             "compress) and export it")
+        return super().train(False)
 
     def weight_bytes(self) -> int:
         """Bytes held by the model's weights: stored tensors, kernel operands and opaque prepacked operands."""
@@ -274,7 +332,7 @@ class SensiMixForSequenceClassification(PreTrainedModel):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.float(), labels.to(logits.device).view(-1))
-        if return_dict is False:
+        if return_dict is False or (return_dict is None and getattr(self.config, "return_dict", True) is False):
             return (logits,) if loss is None else (loss, logits)
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
@@ -282,17 +340,45 @@ class SensiMixForSequenceClassification(PreTrainedModel):
 # ---------------------------------------------------------------------------------------------------
 # loader arguments
 # ---------------------------------------------------------------------------------------------------
-_IGNORED_LOADER_KWARGS = ("_from_auto", "_from_pipeline", "trust_remote_code", "revision", "cache_dir",
-                          "local_files_only", "token", "force_download", "subfolder", "low_cpu_mem_usage",
-                          "attn_implementation", "use_safetensors", "proxies", "_commit_hash", "code_revision",
-                          "adapter_kwargs", "config")
+_IGNORED_LOADER_KWARGS = ("_from_auto", "_from_pipeline", "trust_remote_code", "low_cpu_mem_usage",
+                          "attn_implementation", "use_safetensors", "_commit_hash", "code_revision", "adapter_kwargs",
+                          "proxies")
+# transformers' hub options, passed on to the download of a hub id
+_HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token", "force_download")
+# config fields a caller may set at load time: they change what forward returns or how labels are named, never the
+# computation (the label count must stay the classifier's)
+_SETTABLE_FIELDS = ("return_dict", "id2label", "label2id")
+_IGNORED_FIELDS = ("_name_or_path", "dtype", "torch_dtype", "transformers_version")
 
 
 def _drop_loader_kwargs(kwargs: dict[str, Any]) -> None:
-    """transformers' loader options that do not apply to a local packed folder (the Auto classes and
-    ``pipeline`` pass some of them); ``config`` is read from the folder itself."""
+    """transformers' loader options that do not apply to a packed folder (the Auto classes and ``pipeline`` pass
+    some of them)."""
     for key in _IGNORED_LOADER_KWARGS:
         kwargs.pop(key, None)
+
+
+def _apply_config_override(config: SensiMixConfig, override: Any, folder: Path) -> None:
+    """Apply a ``config=`` argument (what the Auto classes make of their config kwargs, e.g. ``num_labels=3``) to
+    the folder's config: settable fields are taken, any other difference is refused (never silently dropped)."""
+    if not hasattr(override, "to_dict"):
+        raise ValueError(f"config must be a SensiMixConfig, got {type(override).__name__}")
+    ours, theirs = config.to_dict(), override.to_dict()
+    # the format fields and the checksum are the file's, not model fields
+    ignored = {*_IGNORED_FIELDS, *checkpoint.FORMAT_FIELDS, checkpoint.CHECKSUM_KEY, "architectures"}
+    changed = sorted(k for k in set(ours) | set(theirs) if k not in ignored and ours.get(k) != theirs.get(k))
+    fixed = [k for k in changed if k not in _SETTABLE_FIELDS]
+    if fixed:
+        shown = ", ".join(f"{k}={theirs.get(k)!r} (config.json: {ours.get(k)!r})" for k in fixed[:4])
+        raise ValueError(f"{folder}: a packed checkpoint's config cannot be changed at load time, but the config "
+                         f"asked for differs from its config.json in {shown}{' ...' if len(fixed) > 4 else ''}; load "
+                         f"it without these arguments (only {', '.join(_SETTABLE_FIELDS)} may be set)")
+    labels = len(theirs.get("id2label") or {})
+    if labels != config.num_labels:
+        raise ValueError(f"{folder}: id2label names {labels} labels, but the classifier has {config.num_labels} "
+                         f"outputs; give one name per output")
+    for key in changed:
+        setattr(config, key, theirs[key])
 
 
 def _pop_device(kwargs: dict[str, Any], device: Any) -> Any:
@@ -312,16 +398,20 @@ def _pop_precision(kwargs: dict[str, Any], precision: Any) -> Any:
     return None if precision == "auto" else precision
 
 
-def _local_folder(name: str | os.PathLike) -> Path:
-    """A local folder, or a hub snapshot of the packed files (online users)."""
+def _local_folder(name: str | os.PathLike, subfolder: str = "", hub: dict[str, Any] | None = None) -> Path:
+    """A local folder (``subfolder`` inside it), or a hub snapshot of the packed files (online users; ``hub``:
+    transformers' revision, token, cache_dir, ... options)."""
     path = Path(name).expanduser()
     if path.exists() or os.path.isabs(os.fspath(name)) or str(name).startswith((".", "~")) or \
             str(name).count("/") != 1:
-        return path
+        return path / subfolder
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(str(name), allow_patterns=["*.json", "*.safetensors", "*.txt"]))
+        root = snapshot_download(str(name), allow_patterns=[f"{prefix}*.json", f"{prefix}*.safetensors",
+                                                            f"{prefix}*.txt"], **(hub or {}))
+        return Path(root) / subfolder
     except Exception as exc:  # noqa: BLE001 - offline, unknown repo, ...: say what was looked for
         raise FileNotFoundError(f"{name} is not a local folder, and the hub did not give it "
                                 f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
