@@ -61,7 +61,10 @@ def convert(model: SensiMixQATForSequenceClassification, device: torch.device | 
     :meth:`SensiMixForSequenceClassification.from_pretrained`; ``device=None`` leaves it unprepared).
 
     Every 1-bit FFN is converted binarized, whatever the training schedule reached; a warning says so when the
-    model was not fully binarized (its eval accuracy then differs from the packed model's).
+    model was not fully binarized (its eval accuracy then differs from the packed model's). Biases, LayerNorms,
+    pooler and classifier are stored in fp16, so the packed model computes what ``model`` computes after
+    ``model.round_float_tensors_to_fp16_()`` (logits within 1e-5); before that they differ by the fp16 rounding
+    (~1e-4 of the logits, more on a model with large biases).
     """
     check_finite(dict(model.state_dict()), f"the {model.config.describe()} to convert")
     mixed = model.config.mixed_layers

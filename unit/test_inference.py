@@ -491,6 +491,10 @@ def test_bad_inputs_raise_before_any_kernel(packed) -> None:
         (dict(input_ids=ids.float()), "int64 or int32 token ids"),
         (dict(input_ids=torch.zeros(0, 8, dtype=torch.long)), "empty batch"),
         (dict(input_ids=ids.tolist()), "input_ids must be a tensor"),
+        (dict(input_ids=ids, packing="packing"), "packing must be a Packing"),
+        (dict(input_ids=ids, packing=Packing.of(batch()["attention_mask"])), "packing was given without the attention"),
+        (dict(input_ids=ids, attention_mask=torch.ones_like(ids).index_fill_(1, torch.tensor([7]), 0),
+              packing=Packing.of(batch()["attention_mask"])), "packing was made from another attention mask"),
         (dict(input_ids=ids, output_attentions=True), "does not support \\['output_attentions'\\]"),
         (dict(input_ids=ids, labels=torch.full((5,), 0.5)), "labels must be integer class ids in \\[0, 2\\)"),
         (dict(input_ids=ids, labels=torch.tensor([0, 1, 1, 0, 2])), "labels must lie in \\[0, 2\\)"),
@@ -501,6 +505,10 @@ def test_bad_inputs_raise_before_any_kernel(packed) -> None:
     for inputs, match in cases:
         with pytest.raises(ValueError, match=match):
             model(**inputs)
+    with pytest.raises(ValueError, match="got a dict of \\['attention_mask', 'input_ids', 'token_type_ids'\\]: .*"
+                                         "model\\(\\*\\*inputs\\)"):
+        model(batch())  # the tokenizer's output passed whole
+    model(**batch(), output_attentions=0, output_hidden_states=False)  # "not asked for", however it is spelled
 
 
 def test_bad_load_options(packed) -> None:
@@ -513,6 +521,12 @@ def test_bad_load_options(packed) -> None:
         Packed.from_pretrained(folder, precision="int4")
     with pytest.raises(TypeError, match="unexpected argument\\(s\\) \\['num_labels'\\]"):
         Packed.from_pretrained(folder, num_labels=3)
+    with pytest.raises(ValueError, match="precision='fp32', torch_dtype=torch.float16 ask for different precisions"):
+        Packed.from_pretrained(folder, precision="fp32", torch_dtype=torch.float16)
+    assert Packed.from_pretrained(folder, precision="fp16", dtype=torch.float16, torch_dtype="auto").precision == "fp16"
+    with pytest.raises(ValueError, match="device='cpu' and device_map='cuda' name different devices"):
+        Packed.from_pretrained(folder, device="cpu", device_map="cuda")
+    assert Packed.from_pretrained(folder, device="cpu", device_map="auto").device.type == "cpu"
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             Packed.from_pretrained(folder, device="cuda")

@@ -3,6 +3,7 @@ Bad input is one ``ValueError`` naming it, never an error from inside a kernel."
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -20,6 +21,9 @@ def check_inputs(model: Any, input_ids: Any, attention_mask: Any, token_type_ids
                  packing: Packing | None) -> None:
     """Shapes, dtypes and devices always; value ranges when ``model.check_inputs`` (a host sync on CUDA)."""
     cfg = model.config
+    if isinstance(input_ids, Mapping):  # model(tokenizer(...)) instead of model(**tokenizer(...))
+        raise ValueError(f"input_ids must be a tensor of token ids [batch, seq_len], got a {type(input_ids).__name__} "
+                         f"of {sorted(input_ids)[:4]}: pass the tokenizer's output unpacked, model(**inputs)")
     if not isinstance(input_ids, torch.Tensor):
         raise ValueError(f"input_ids must be a tensor of token ids [batch, seq_len], got {type(input_ids).__name__}")
     if input_ids.dim() != 2:
@@ -32,7 +36,8 @@ def check_inputs(model: Any, input_ids: Any, attention_mask: Any, token_type_ids
     limit = cfg.max_position_embeddings
     if not 0 < seq <= limit:
         raise ValueError(f"sequence length {seq} is outside [1, max_position_embeddings={limit}] of this model: "
-                         f"truncate the inputs (e.g. --max-seq-length {limit})")
+                         f"truncate the inputs (tokenizer(..., truncation=True, max_length={limit}); "
+                         f"--max-seq-length {limit} on the command line)")
     if input_ids.device != model.device:
         raise ValueError(f"input_ids are on {input_ids.device} but the model is on {model.device}: move them with "
                          f".to(model.device)")
@@ -50,9 +55,13 @@ def check_inputs(model: Any, input_ids: Any, attention_mask: Any, token_type_ids
             raise ValueError(f"{name} must be int64 or int32 segment ids, got {t.dtype}")
         if t.dtype.is_complex:
             raise ValueError(f"{name} must be a real tensor, got {t.dtype}")
+    if packing is not None and not isinstance(packing, Packing):
+        raise ValueError(f"packing must be a Packing (Packing.of(attention_mask)), got {type(packing).__name__}")
     if packing is not None and (packing.batch_shape != tuple(input_ids.shape) or packing.device != input_ids.device):
         raise ValueError(f"packing was made for a {list(packing.batch_shape)} mask on {packing.device}, but the "
                          f"inputs are {list(input_ids.shape)} on {input_ids.device}")
+    if packing is not None and attention_mask is None:
+        raise ValueError("packing was given without the attention_mask it was made from: pass both")
     if not model.check_inputs:
         return
     for name, t, limit, field in (("input_ids", input_ids, cfg.vocab_size, "vocab_size"),
@@ -73,6 +82,10 @@ def check_inputs(model: Any, input_ids: Any, attention_mask: Any, token_type_ids
             raise ValueError(f"attention_mask masks the first token of sequence(s) {rows}: BERT classifies from each "
                              f"sequence's first token ([CLS]), so it must be attended; pad on the right (the "
                              f"tokenizer's padding_side='right', BERT's default)")
+        if packing is not None and not (packing.index.numel() == int(attended.sum())
+                                        and bool(attended.reshape(-1)[packing.index].all())):
+            raise ValueError("packing was made from another attention mask than this batch's (same shape, other "
+                             "tokens attended): make it with Packing.of(attention_mask) of these inputs")
 
 
 def _rows(flags: torch.Tensor) -> str:

@@ -305,7 +305,7 @@ class SensiMixForSequenceClassification(PreTrainedModel):
         if self.plan is None:
             raise RuntimeError("this model is not prepared for a device: load it with from_pretrained, or call "
                                "prepare(make_plan(...))")
-        used = [k for k, v in unsupported.items() if v is not None and v is not False]
+        used = [k for k, v in unsupported.items() if v is not None and not (isinstance(v, (bool, int)) and not v)]
         if used:
             raise ValueError(f"{type(self).__name__} does not support {used}: it takes input_ids, attention_mask, "
                              f"token_type_ids (and labels)")
@@ -383,19 +383,34 @@ def _apply_config_override(config: SensiMixConfig, override: Any, folder: Path) 
 
 def _pop_device(kwargs: dict[str, Any], device: Any) -> Any:
     device_map = kwargs.pop("device_map", None)
-    if device is None and device_map is not None:
-        if isinstance(device_map, dict):
-            raise ValueError("device_map as a dict is not supported: a packed SensiMix model runs on one device")
-        device = f"cuda:{device_map}" if isinstance(device_map, int) else device_map
-    return device
+    if device_map is None:
+        return device
+    if isinstance(device_map, dict):
+        raise ValueError("device_map as a dict is not supported: a packed SensiMix model runs on one device")
+    mapped = f"cuda:{device_map}" if isinstance(device_map, int) else device_map
+    if device is not None and mapped != "auto" and str(device) != str(mapped):
+        raise ValueError(f"device={device!r} and device_map={device_map!r} name different devices; give one of them")
+    return device if device is not None else mapped
 
 
 def _pop_precision(kwargs: dict[str, Any], precision: Any) -> Any:
-    dtype = kwargs.pop("dtype", None)
-    torch_dtype = kwargs.pop("torch_dtype", None)
-    if precision is None:
-        precision = dtype if dtype is not None else torch_dtype
-    return None if precision == "auto" else precision
+    """``precision``, or transformers' ``dtype`` / ``torch_dtype``; two that disagree are an error."""
+    given = {k: v for k, v in (("precision", precision), ("dtype", kwargs.pop("dtype", None)),
+                               ("torch_dtype", kwargs.pop("torch_dtype", None))) if v is not None and v != "auto"}
+    names = {k: _precision_name(v) for k, v in given.items()}
+    if len(set(names.values())) > 1:
+        raise ValueError(f"{', '.join(f'{k}={v!r}' for k, v in given.items())} ask for different precisions; give one "
+                         f"(precision='fp32'|'fp16'|'bf16'|'fast')")
+    return next(iter(given.values()), None)
+
+
+def _precision_name(value: Any) -> str:
+    """fp32 / fp16 / bf16 / fast for a precision name or a dtype (unknown values pass as they are, for make_plan
+    to refuse)."""
+    from ..devices import dtype_name
+
+    name = dtype_name(value) if isinstance(value, torch.dtype) else str(value).removeprefix("torch.")
+    return {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float": "fp32", "half": "fp16"}.get(name, name)
 
 
 def _local_folder(name: str | os.PathLike, subfolder: str = "", hub: dict[str, Any] | None = None) -> Path:
