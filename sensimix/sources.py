@@ -38,7 +38,10 @@ def is_random(source: object) -> bool:
 
 
 def _looks_local(name: str) -> bool:
-    return os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name) or name.count("/") > 1
+    # "org/name" is a hub id unless "org" is a local folder (then a missing "org/name" is a local mistake, said at
+    # once instead of after the hub's retries)
+    return (os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name) or name.count("/") > 1
+            or ("/" in name and os.path.isdir(name.split("/", 1)[0])))
 
 
 def _read_local_config(path: Path) -> dict[str, Any]:
@@ -106,13 +109,30 @@ def _checked(config, where: str):
     return config
 
 
+# weights a BERT checkpoint may hold that BertForSequenceClassification does not use: the pre-training heads and a
+# constant buffer older transformers versions saved
+_UNUSED_BERT_WEIGHTS = ("cls.", "bert.embeddings.position_ids", "embeddings.position_ids")
+# weights a pre-trained (not fine-tuned) BERT lacks: a new classifier head starts from random values
+_NEW_HEAD = ("classifier.", "bert.pooler.")
+
+
 def load_bert_classifier(source: str | os.PathLike, num_labels: int, *, dtype=None, attn_implementation=None,
-                         use_safetensors: bool | None = None):
-    """``BertForSequenceClassification`` from a plain BERT folder or hub id, with clear errors (see module doc)."""
+                         use_safetensors: bool | None = None, trained_head: bool = False):
+    """``BertForSequenceClassification`` from a plain BERT folder, a hub id or ``random:<geometry>``, with clear
+    errors (see module doc).
+
+    Every encoder weight must come from the file: a config.json that names more layers, or weights of another
+    shape, would otherwise run with random values silently. The classifier head may be new (fine-tuning starts
+    from a pre-trained BERT) unless ``trained_head`` (a teacher), when a missing head is an error too.
+    """
     from transformers import BertForSequenceClassification
 
-    bert_config(source, allow_qat=False)  # refuses packed SensiMix folders and other model types first
-    kwargs: dict[str, Any] = {"num_labels": num_labels}
+    config = bert_config(source, allow_qat=False)  # refuses packed SensiMix folders and other model types first
+    if is_random(source):
+        config.num_labels = num_labels
+        model = BertForSequenceClassification(config)
+        return model if dtype is None else model.to(dtype)
+    kwargs: dict[str, Any] = {"num_labels": num_labels, "output_loading_info": True}
     if dtype is not None:
         kwargs["dtype"] = dtype
     if attn_implementation is not None:
@@ -120,7 +140,7 @@ def load_bert_classifier(source: str | os.PathLike, num_labels: int, *, dtype=No
     if use_safetensors is not None:
         kwargs["use_safetensors"] = use_safetensors
     try:
-        return BertForSequenceClassification.from_pretrained(os.fspath(source), **kwargs)
+        model, info = BertForSequenceClassification.from_pretrained(os.fspath(source), **kwargs)
     except (pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueError) as exc:
         first = brief(exc)
         if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc) or "Weights only" in str(exc):
@@ -129,6 +149,19 @@ def load_bert_classifier(source: str | os.PathLike, num_labels: int, *, dtype=No
                               f"folder with model.safetensors, or re-save the model from a trusted copy") from exc
         raise SourceError(f"{source}: cannot load the BERT weights ({type(exc).__name__}: {first}); the weight "
                           f"files are missing, truncated or do not match config.json") from exc
+    missing = [k for k in info.get("missing_keys", ()) if trained_head or not k.startswith(_NEW_HEAD)]
+    unexpected = [k for k in info.get("unexpected_keys", ()) if not k.startswith(_UNUSED_BERT_WEIGHTS)]
+    mismatched = [k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys", ())]
+    if missing or unexpected or mismatched:
+        parts = [f"{what} {', '.join(sorted(keys)[:3])}{' ...' if len(keys) > 3 else ''}"
+                 for what, keys in (("missing", missing), ("not in the model", unexpected),
+                                    ("of another shape", mismatched)) if keys]
+        raise SourceError(f"{source}: its weights do not match its config.json ({config.num_hidden_layers} layers, "
+                          f"hidden {config.hidden_size}): {'; '.join(parts)}. The model would run with random values "
+                          f"there; fix config.json or re-save the model")
+    if any(k.startswith("classifier.") for k in info.get("missing_keys", ())):
+        log.info("%s has no classifier weights: the %d-label head starts from random values", source, num_labels)
+    return model
 
 
 def offline_bert() -> str | None:

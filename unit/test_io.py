@@ -393,7 +393,7 @@ def test_a_refused_verify_creates_no_report_folder(tmp_path, monkeypatch, caplog
     monkeypatch.delenv("GLUE_DIR", raising=False)
     keep = tmp_path / "keep"
     make_version(keep / "bert", "precious")
-    code = main(["verify", "--out", str(tmp_path / "report"), "--bert", "random:bert-tiny", "--keep-models",
-                 str(keep), "--device", "cpu", "--skip-accuracy", "--no-progress"])
+    code = main(["verify", "--out", str(tmp_path / "report"), "--bert", "random:bert-tiny", "--layers", "2",
+                 "--keep-models", str(keep), "--device", "cpu", "--skip-accuracy", "--no-progress"])
     assert code == 2 and "DIR/bert" in caplog.text and "already exists; pass --overwrite" in caplog.text
     assert listing(tmp_path) == ["keep"] and (keep / "bert" / "config.json").read_text() == "precious"

@@ -4,7 +4,9 @@ both model kinds, the certified log lines."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 from pathlib import Path
 
 import pytest
@@ -264,6 +266,15 @@ def test_cli_errors_are_clear(sensimix_dir, glue_dir, tmp_path, caplog) -> None:
     assert "max_position_embeddings=40" in caplog.text
     assert cli.main([*args, "--model", str(sensimix_dir), "--json", str(tmp_path / "no" / "x.json")]) == 2
     assert "does not exist; create it first" in caplog.text
+    # an existing target that is not a regular file: a rename over it would replace it (/dev/null, a symlink)
+    fifo, link, real = tmp_path / "fifo", tmp_path / "link.json", tmp_path / "real.json"
+    os.mkfifo(fifo)
+    real.write_text("{}")
+    link.symlink_to(real)
+    for target, message in ((fifo, "is not a regular file"), (link, "is a symbolic link"), (tmp_path, "is a folder")):
+        assert cli.main([*args, "--model", str(sensimix_dir), "--json", str(target)]) == 2
+        assert message in caplog.text
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and link.is_symlink() and real.read_text() == "{}"
 
 
 class NaNModel(nn.Module):

@@ -231,7 +231,8 @@ def test_any_bytes_are_examples_or_one_clear_error(task, content):
     assert set(result.labels) <= set(range(len(spec.labels)))
 
 
-sentences = st.text(st.characters(blacklist_characters="\t\n\r", blacklist_categories=("Cs",)), max_size=40)
+sentences = st.text(st.characters(blacklist_characters="\t\n\r", blacklist_categories=("Cs",)), min_size=1,
+                    max_size=40).filter(str.strip)  # an empty or blank sentence is refused (below)
 
 
 @settings(PROPERTY, max_examples=TSV_EXAMPLES)
@@ -245,6 +246,12 @@ def test_valid_rows_are_read_back_exactly(rows, crlf):
     assert not isinstance(result, Exception), result
     assert result.text_a == [a for a, _, _ in rows] and result.text_b == [b for _, b, _ in rows]
     assert result.labels == [0 if y else 1 for _, _, y in rows]
+
+
+def test_an_empty_sentence_is_refused_with_its_line():
+    for blank in ("", "   ", "\u3000"):
+        result, path = read_tsv("qnli", f"index\tquestion\tsentence\tlabel\n0\twhy?\t{blank}\tentailment\n".encode())
+        assert isinstance(result, ValueError) and f"{path}:2: the 'sentence' field is empty" in str(result)
 
 
 @settings(PROPERTY, max_examples=10)  # every one of the 5 x 2 combinations

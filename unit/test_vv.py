@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import types
 from pathlib import Path
 
@@ -291,7 +292,7 @@ def test_verify_help_teaches_the_criteria():
     verify.add_arguments(p)
     args = p.parse_args([])
     assert args.out == "verify-out" and args.bert == "random:bert-base" and args.examples is None
-    assert (args.layers, args.eightbit_layers, args.trials, args.batch_size) == (3, 2, 3, 128)
+    assert (args.layers, args.eightbit_layers, args.trials, args.batch_size) == (None, None, 3, 128)  # None: 3, 2
     for words in ("Compression ratio <= 10%", "Inference time ratio <= 20%", "What is timed", "synthetic"):
         assert words in verify.DESCRIPTION
     # the --accuracy-* options (shared with pytest's) round-trip into AccuracySettings
@@ -319,6 +320,12 @@ def test_verify_end_to_end_fails_on_a_bad_ratio(tmp_path, monkeypatch, capsys):
     assert by_id["accuracy_gap"]["pass"] is None and "--skip-accuracy" in by_id["accuracy_gap"]["reason"]
     assert len(data["timing"]["trials"]) == 2 and data["timing"]["num_examples"] == 8
     assert data["timing"]["data"].startswith("synthetic")
+    assert data["timing"]["deviations_from_certified"] == [
+        "examples per trial 8 (certified 104,743)", "trials 2 (certified 3)", "batch size 4 (certified 128)",
+        "max_seq_length 16 (certified 128)", "synthetic batches (certified: QNLI)"]
+    assert data["timing"]["ran"]["bert-fp32"] == "BertForSequenceClassification (float32)"
+    assert data["timing"]["ran"]["sensimix"].startswith("precision fast (exact), 1-bit kernel ")
+    assert "Not the certified workload: examples per trial 8" in (out / "report.md").read_text()
     assert (out / "report.md").is_file() and (out / "report.png").read_bytes()[:8] == PNG_MAGIC
     assert len(report.load_history(out)) == 1
     assert not [p for p in out.iterdir() if p.name.startswith(".verify-")]  # temp model folders removed
@@ -377,6 +384,94 @@ def test_a_bin_with_other_tensors_than_the_safetensors_is_refused(small_folders)
         sizes.measure_sizes(bert, sm)
 
 
+def test_a_bert_file_that_is_not_its_fp32_model_is_refused(small_folders):
+    bert, sm = small_folders
+    path = bert / "pytorch_model.bin"
+    good = torch.load(path, weights_only=True)
+    (bert / WEIGHTS_SAFETENSORS).unlink()  # only the sized .bin is at stake here
+    cases = [(lambda s: s.update(junk=torch.zeros(1000)), "not in the model junk"),  # inflates the BERT's size
+             (lambda s: s.pop("classifier.weight"), "missing classifier.weight"),   # timed with a random one
+             (lambda s: s.update({k: v.double() for k, v in s.items() if v.is_floating_point()}),
+              "the baseline must be fp32 .* torch.float64")]                         # doubles the BERT's size
+    for change, match in cases:
+        state = dict(good)
+        change(state)
+        torch.save(state, path)
+        with pytest.raises(CheckpointError, match=match):
+            sizes.measure_sizes(bert, sm)
+    torch.save(good, path)
+    config = json.loads((bert / "config.json").read_text())
+    (bert / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 8}))  # timed: 8 layers, 4 random
+    with pytest.raises(CheckpointError, match="\\(8 layers, hidden 32\\): missing bert.encoder.layer.4"):
+        sizes.measure_sizes(bert, sm)
+    (bert / "config.json").write_text(json.dumps(config))
+    sizes.measure_sizes(bert, sm)
+
+
+def test_a_sensimix_not_made_from_the_bert_is_refused(tmp_path, small_folders):
+    bert, sm = small_folders
+    other = sizes.build_bert_folder(tmp_path / "other", "random:bert-tiny")
+    with pytest.raises(ValueError, match="was not made from --bert .*: vocab_size 120 vs 30522; hidden_size 32 vs 128"):
+        sizes.measure_sizes(other, sm)  # a SensiMix of a tiny BERT would be ~1% of a big one's size
+
+
+def test_verify_refuses_mismatches_and_bad_targets_before_any_work(tmp_path, small_folders, caplog, monkeypatch):
+    from sensimix.cli import main
+
+    monkeypatch.delenv("GLUE_DIR", raising=False)
+    bert, sm = small_folders
+    out = tmp_path / "out"
+    refused = [(["--bert", "random:bert-tiny", "--sensimix", str(sm)], "was not made from --bert random:bert-tiny"),
+               (["--bert", "random:bert-tiny", "--layers", "3"], "--layers 3 is more than the 2 layers"),
+               (["--bert", str(bert), "--sensimix", str(sm), "--layers", "2"], "--sensimix .* is judged as it is"),
+               (["--accuracy-min", "70"], "--accuracy-min must be a finite number in \\[0, 1\\]"),
+               (["--accuracy-epochs", "nan"], "--accuracy-epochs must be a finite number > 0")]
+    for extra, match in refused:
+        caplog.clear()
+        assert main(_verify_args(out, *extra)) == 2
+        assert re.search(match, caplog.text), caplog.text
+    assert main(_verify_args("")) == 2 and "--out is empty" in caplog.text
+    assert main(_verify_args(sm / "report", "--bert", str(bert), "--sensimix", str(sm))) == 2
+    assert "is inside the --sensimix folder" in caplog.text and not (sm / "report").exists()
+    glue = tmp_path / "glue"
+    (glue / "QNLI").mkdir(parents=True)
+    (glue / "QNLI" / "dev.tsv").write_text("index\tquestion\tsentence\tlabel\n")
+    assert main(_verify_args(out, "--glue-dir", str(glue))) == 2 and "has no examples" in caplog.text
+    assert not out.exists()
+    out.mkdir()
+    os.mkfifo(out / "history.jsonl")  # a rename over it (or an append into it) would not be a report
+    assert main(_verify_args(out)) == 2 and "history.jsonl exists and is not a regular file" in caplog.text
+    (out / "history.jsonl").unlink()
+    out.rmdir()
+
+    def broken(self):
+        raise ValueError("broken after the report folder was made")
+
+    monkeypatch.setattr("sensimix.vv.run.VVRun.sizes", broken)
+    assert main(_verify_args(out, "--bert", str(bert), "--sensimix", str(sm))) == 2
+    assert not out.exists(), "a failed run leaves no empty report folder"
+
+
+def test_two_verify_runs_into_one_report_folder_are_refused(tmp_path, caplog):
+    import subprocess
+    import sys
+
+    from sensimix.cli import main
+
+    out = tmp_path / "out"
+    holder = subprocess.Popen(  # another process holds the report folder, as a running verify does
+        [sys.executable, "-c", "import sys, time\nfrom sensimix.io import reserve_output\n"
+                               f"with reserve_output({str(out)!r}):\n    print('held', flush=True)\n"
+                               "    time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(_verify_args(out, "--bert", "random:bert-tiny")) == 2
+        assert "another process is writing" in caplog.text and not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_agreement_criterion():
     a = accuracy.Agreement("3+3", 872, 870 / 872, 0.86, 0.861, "fast")
     b = accuracy.Agreement("2+1", 872, 868 / 872, 0.84, 0.836, "fast")
@@ -393,9 +488,9 @@ def test_agreement_criterion():
 
 
 def _verify_args(out, *extra):
-    return ["verify", "--layers", "2", "--8bit-layers", "1", "--out", str(out), "--device", "cpu", "--examples",
-            "4", "--batch-size", "4", "--max-seq-length", "16", "--trials", "1", "--skip-accuracy", "--no-progress",
-            *extra]
+    shape = [] if "--sensimix" in extra or "--layers" in extra else ["--layers", "2", "--8bit-layers", "1"]
+    return ["verify", *shape, "--out", str(out), "--device", "cpu", "--examples", "4", "--batch-size", "4",
+            "--max-seq-length", "16", "--trials", "1", "--skip-accuracy", "--no-progress", *extra]
 
 
 def test_verify_keep_models_never_replaces_without_overwrite(tmp_path, monkeypatch):

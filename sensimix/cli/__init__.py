@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sensimix",
         description="SensiMix: compress BERT with 8-bit index / 1-bit value mixed precision, evaluate it, "
-                    "and verify the KOTCA criteria (size ratio <= 10%%, inference time ratio <= 20%%).",
+                    "and verify the KOTCA criteria (size ratio <= 10%, inference time ratio <= 20%).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run 'sensimix <command> --help' for a command's options.",
     )

@@ -26,7 +26,8 @@ examples:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bert", required=True,
-                   help="BERT to compress: a local folder (fp32 weights), a hub id (online), or random:bert-base")
+                   help="BERT to compress: a local folder (fp32 weights), a hub id (online), or random weights of a "
+                        "geometry: random:bert-base | bert-large | bert-tiny | bert-tiny6 (sizes and speed only)")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--layers", type=int_at_least(1), default=3,

@@ -34,6 +34,11 @@ SensiMix. bf16 runs all activations in bf16 (approximate). fast (SensiMix only) 
 predictions agree with fp32 on trained models (a V&V criterion): today the exact path itself on CPU and CUDA
 (fp16 flips too many; see sensimix.inference.plan). SensiMix skips padded tokens in every precision (they cannot
 change the logits). The BERT baseline has no fast mode: time it in fp32, as certified.
+
+examples:
+  sensimix evaluate --model out/sst2-3+3 --task sst-2 --glue-dir glue_data            # accuracy + time, SST-2 dev
+  sensimix evaluate --model out/size-2+1 --synthetic --examples 256 --precision fast  # time only, no data needed
+  sensimix evaluate --model bert-folder --task qnli --glue-dir glue_data --examples 104743   # the certified count
 """
 
 PRECISIONS = ("fp32", "fp16", "bf16", "fast")  # sensimix.inference.PRECISIONS (not imported: --help stays light)
@@ -44,7 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_data_arguments(p, default_task="qnli")
     p.add_argument("--split", default="dev", choices=["dev", "train"], help="default: %(default)s")
     p.add_argument("--examples", type=int_at_least(1), default=None, metavar="N",
-                   help="examples to run; more than the split cycles through it (certified: 104743)")
+                   help="examples to run (default: the whole split; with --synthetic 5,463, QNLI dev's size); "
+                        "more than the split cycles through it (certified: 104743)")
     p.add_argument("--batch-size", type=int_at_least(1), default=128, help="default: %(default)s (certified)")
     p.add_argument("--max-seq-length", type=int_at_least(5), default=128,
                    help="pad/truncate to this many tokens (default: %(default)s)")
@@ -56,7 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="untimed batches before timing (default: %(default)s)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the --model folder)")
     p.add_argument("--synthetic", action="store_true",
-                   help="random QNLI-shaped inputs instead of GLUE data (times only; accuracy is meaningless)")
+                   help="random QNLI-shaped inputs instead of GLUE data (times only; accuracy is meaningless; "
+                        "default: GLUE data)")
     p.add_argument("--binary-kernel", default=None,
                    help="SensiMix 1-bit kernel (default: the device's fastest exact one)")
     p.add_argument("--index8-kernel", default=None,
@@ -66,15 +73,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _check_json_target(path: str) -> None:
-    from pathlib import Path
+    from ..io import check_file_target
 
-    target = Path(path)
-    if target.exists() and target.is_dir():
-        raise ValueError(f"--json {path} is a folder; give a file name")
-    if not target.parent.is_dir():
-        raise FileNotFoundError(f"--json {path}: the folder {target.parent} does not exist; create it first")
-    if not os.access(target.parent, os.W_OK):
-        raise PermissionError(f"--json {path}: cannot write into {target.parent}")
+    check_file_target(path, "--json")
 
 
 def run(args: argparse.Namespace) -> int:

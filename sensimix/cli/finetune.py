@@ -20,7 +20,8 @@ example:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bert", required=True, help="pre-trained BERT: a local folder or a hub id (online)")
+    p.add_argument("--bert", required=True, help="pre-trained BERT: a local folder, a hub id (online), or "
+                                                  "random:<geometry> (random:bert-tiny, ...: for trying the command)")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     add_data_arguments(p)

@@ -7,7 +7,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .common import add_glue_arguments, finite_float, int_at_least
+from .common import SEED, add_glue_arguments, finite_float, int_at_least
 
 HELP = "run the KOTCA V&V end to end (size ratio, inference time ratio, accuracy) and write the report"
 DESCRIPTION = """\
@@ -17,8 +17,9 @@ Reproduce the certified V&V of SensiMix (KOTCA KST-21-049) on this machine and j
     The BERT folder is BertForSequenceClassification with bert-base-uncased's geometry (random weights unless
     --bert names a folder, which is measured as it is); the SensiMix folder is `sensimix compress --max-steps 0`
     of it (quantized and packed, not trained: the size does not depend on training), unless --sensimix names
-    one. Each folder's pytorch_model.bin is first proven to hold the same tensors as its model.safetensors;
-    the safetensors ratio is reported too.
+    one. First proven: the BERT's pytorch_model.bin holds exactly the fp32 model of its config.json, the
+    SensiMix was made from that BERT (same vocabulary, widths, heads, positions, labels; no more layers), and
+    each folder's pytorch_model.bin holds the same tensors as its model.safetensors (whose ratio is reported too).
  2. Inference time ratio <= 20%: SensiMix time / BERT fp32 time over the same QNLI examples (batch 128,
     max_seq_length 128), 3 trials, mean of the per-trial ratios. What is timed: the models' forward passes
     over batches already on the device, device synchronized, warm-up batches excluded (tokenization and
@@ -26,9 +27,11 @@ Reproduce the certified V&V of SensiMix (KOTCA KST-21-049) on this machine and j
     sizes. Models run interleaved within each trial so machine drift cancels. BERT runs in fp32 as certified;
     SensiMix in its inference precision (--sensimix-precision: the runtime's 'fast' recipe, which is the exact
     path's fastest kernels; fp16, the paper's GPU inference, by name; the accuracy criterion uses the same). On
-    CUDA the default is the certified 104,743 examples and an fp16 BERT (transformers SDPA, padded, as users run
-    it) is timed too (criterion 3, beyond the certificate: a goal of <= 20%, reported; it fails the run only with
-    --gate-fp16); on CPU a small default keeps the run to minutes: judge ratios, never absolute times.
+    CUDA the default is the certified 104,743 examples; on CPU a small default keeps the run to minutes: judge
+    ratios, never absolute times.
+ 3. fp16 time ratio (CUDA only, beyond the certificate): SensiMix / an fp16 BERT (transformers SDPA, padded, as
+    users run it), timed in the same trials; a goal of <= --fp16-max-ratio, reported; it fails the run only with
+    --gate-fp16.
  4. Accuracy (beyond the certificate, which measured untrained models): the packaged MiniLM-L6 (or
     --accuracy-pretrained) fine-tuned on SST-2 (fp32 reference) vs SensiMix (3+3) trained from it; the gap in
     points must be <= --accuracy-max-gap and SensiMix's accuracy >= --accuracy-min (far above chance).
@@ -64,18 +67,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("models")
     g.add_argument("--bert", default="random:bert-base",
                    help="the BERT baseline: a local BERT folder with pytorch_model.bin (measured as it is), or "
-                        "random:bert-base (default: %(default)s)")
+                        "random weights of a geometry: random:bert-base (certified) | bert-large | bert-tiny | "
+                        "bert-tiny6 (default: %(default)s)")
     g.add_argument("--sensimix", default=None,
                    help="an existing compressed SensiMix folder to judge (default: compress --bert now, no training)")
-    g.add_argument("--layers", type=int_at_least(1), default=3,
-                   help="N = a+b layers of the SensiMix built here (default: 3)")
-    g.add_argument("--8bit-layers", dest="eightbit_layers", type=int_at_least(0), default=2,
-                   help="a = fully 8-bit layers (default: 2, the certified (2+1))")
+    g.add_argument("--layers", type=int_at_least(1), default=None,
+                   help="N = a+b layers of the SensiMix built here (default: 3; not with --sensimix)")
+    g.add_argument("--8bit-layers", dest="eightbit_layers", type=int_at_least(0), default=None,
+                   help="a = fully 8-bit layers (default: 2, the certified (2+1); not with --sensimix)")
     g.add_argument("--keep-models", default=None, metavar="DIR",
                    help="write the folders built here to DIR/bert and DIR/sensimix and keep them (default: a temp "
                         "folder); existing ones are refused unless --overwrite")
     g.add_argument("--overwrite", action="store_true", help="allow --keep-models to replace DIR/bert, DIR/sensimix")
-    g.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the random weights and synthetic data")
+    g.add_argument("--seed", type=SEED, default=0, help="seed of the random weights and synthetic data")
     g = p.add_argument_group("timing (criteria 2 and 3)")
     g.add_argument("--examples", type=int_at_least(1), default=None,
                    help="examples per trial (default: 104,743 on CUDA as certified, 256 on CPU)")
@@ -101,43 +105,68 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import logging
 
-    from ..io import check_output_dir
+    from ..io import check_file_target, check_output_dir, reserve_output
     from ..vv import VVRun, VVSettings, render_markdown, write_report
     from ..vv.accuracy import accuracy_settings_from
+    from ..vv.report import REPORT_FILES
 
     log = logging.getLogger("sensimix.verify")
+    if not args.out.strip():
+        raise ValueError("--out is empty; name the report folder, e.g. --out verify-out")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
     if (out / "config.json").exists():
         raise ValueError(f"--out {out} is a model folder (it holds config.json); the report goes in a folder of its "
                          f"own, e.g. --out verify-out")
-    if not out.exists():
+    for flag, folder in (("--bert", args.bert), ("--sensimix", args.sensimix)):
+        if folder and Path(folder).is_dir() and out.resolve().is_relative_to(Path(folder).resolve()):
+            raise ValueError(f"--out {out} is inside the {flag} folder {folder}, which verify measures and never "
+                             f"writes; put the report elsewhere, e.g. --out verify-out")
+    if out.exists():
+        for name in REPORT_FILES:  # found now rather than after the run
+            check_file_target(out / name, "--out")
+    else:
         check_output_dir(out, what="--out")  # a writable location, found now rather than after the run
-    accuracy = None if args.skip_accuracy else accuracy_settings_from(lambda dest: getattr(args, dest), args.device)
+    if args.sensimix and (args.layers is not None or args.eightbit_layers is not None):
+        raise ValueError(f"--layers and --8bit-layers shape the SensiMix verify builds; --sensimix {args.sensimix} "
+                         f"is judged as it is (its config.json fixes its (a+b)): drop them")
+    accuracy = accuracy_settings_from(lambda dest: getattr(args, dest), args.device)  # checked even when skipped
+    if args.skip_accuracy:
+        accuracy = None
     settings = VVSettings(
         device=args.device, examples=args.examples, trials=args.trials, warmup_batches=args.warmup_batches,
         batch_size=args.batch_size, max_seq_length=args.max_seq_length, sensimix_precision=args.sensimix_precision,
         fp16_baseline=not args.no_fp16, fp16_max_ratio=args.fp16_max_ratio, gate_fp16=args.gate_fp16,
         glue_dir=args.glue_dir,
-        hub=args.hub_data, bert=args.bert, sensimix=args.sensimix, layers=args.layers,
-        eightbit_layers=args.eightbit_layers, seed=args.seed, keep_models=args.keep_models, overwrite=args.overwrite,
+        hub=args.hub_data, bert=args.bert, sensimix=args.sensimix,
+        layers=3 if args.layers is None else args.layers,
+        eightbit_layers=2 if args.eightbit_layers is None else args.eightbit_layers,
+        seed=args.seed, keep_models=args.keep_models, overwrite=args.overwrite,
         accuracy=accuracy, accuracy_skip_reason="skipped with --skip-accuracy" if args.skip_accuracy else None,
         progress=not args.no_progress)
     run = VVRun(settings, out)  # checks every option and folder: a refused run creates nothing
-    out.mkdir(parents=True, exist_ok=True)
-    # The model folders are ~0.9 GB (BERT .bin + .safetensors): a temp folder unless asked to keep them.
-    with tempfile.TemporaryDirectory(prefix=".verify-work-", dir=out) as tmp:
-        run.workdir = Path(tmp)
-        env = run.environment
-        log.info("verifying on %s (%s), torch %s, CUDA %s; report in %s", run.s.device, env["device_name"],
-                 env["torch"], env["cuda"], out)
-        run.sizes()
-        run.time_all()
-        run.release_models()
-        run.measure_accuracy()
-        report = run.report()
-    files = write_report(report, out)
+    created = not out.exists()
+    # one verify per report folder at a time (two would also time each other on the same cores)
+    with reserve_output(out):
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            # The model folders are ~0.9 GB (BERT .bin + .safetensors): a temp folder unless asked to keep them.
+            with tempfile.TemporaryDirectory(prefix=".verify-work-", dir=out) as tmp:
+                run.workdir = Path(tmp)
+                env = run.environment
+                log.info("verifying on %s (%s), torch %s, CUDA %s; report in %s", run.s.device, env["device_name"],
+                         env["torch"], env["cuda"], out)
+                run.sizes()
+                run.time_all()
+                run.release_models()
+                run.measure_accuracy()
+                report = run.report()
+            files = write_report(report, out)
+        except BaseException:
+            if created and not any(out.iterdir()):
+                out.rmdir()  # a run that failed leaves no empty report folder behind
+            raise
     sys.stdout.write("\n" + render_markdown(report) + "\n")
     print(f"wrote {files.json}, {files.markdown}" + (f", {files.chart}" if files.chart else "")
           + f" (history: {files.history})")

@@ -173,6 +173,10 @@ def _read_local(spec: TaskSpec, path: Path) -> Examples:
         if raw not in label_ids:
             raise ValueError(f"{path}:{lineno}: unknown label {raw!r} for {spec.name}; expected one of "
                              f"{list(spec.labels)}")
+        for column in (c for c in (spec.text_a, spec.text_b) if c):
+            if not row[col[column]].strip():  # an empty input: tokenized to [CLS] [SEP], a score of nothing
+                raise ValueError(f"{path}:{lineno}: the {column!r} field is empty; every {spec.name} example needs "
+                                 f"its text (a shifted column or a truncated line?)")
         text_a.append(row[col[spec.text_a]])
         if spec.text_b:
             text_b.append(row[col[spec.text_b]])

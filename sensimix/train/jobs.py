@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..io import atomic_dir, check_output_dir, reserve_output, save_tokenizer, write_json
+from ..devices import resolve_device
+from ..io import (
+    atomic_dir,
+    check_output_dir,
+    reserve_output,
+    save_tokenizer,
+    write_json,
+)
 from ..sources import bert_config, load_bert_classifier, load_tokenizer
 from . import distributed
 from .data import num_labels, prepare_task_data, resolve_glue_dir, task_file
@@ -40,6 +47,7 @@ def _check_before_training(source: str | os.PathLike, task: str, out: str | os.P
                            teacher: str | os.PathLike | None = None) -> Path:
     """Everything that can be checked in seconds; returns the absolute output folder."""
     out = check_output_dir(out, overwrite=overwrite)
+    resolve_device(settings.device)  # --device cuda without CUDA is an error even when no step runs
     config = bert_config(source)
     if settings.max_steps != 0 and settings.max_seq_length > config.max_position_embeddings:
         raise ValueError(f"--max-seq-length {settings.max_seq_length} is longer than the position table of {source} "
@@ -141,7 +149,8 @@ def compress(bert: str | os.PathLike, task: str, out: str | os.PathLike, *, glue
             train_ds, dev_ds = prepare_task_data(task, tokenizer, glue_dir, max_seq_length=settings.max_seq_length,
                                                  train_limit=settings.train_limit, eval_limit=settings.eval_limit,
                                                  seed=settings.seed, hub=hub_data)
-            teacher_model = load_bert_classifier(teacher, num_labels(task)) if teacher is not None else None
+            teacher_model = (load_bert_classifier(teacher, num_labels(task), trained_head=True)
+                             if teacher is not None else None)
             with tempfile.TemporaryDirectory(prefix="sensimix-train-") as work:
                 run_metrics, schedule = train(model, tokenizer, train_ds, dev_ds, settings, work,
                                               teacher=teacher_model)

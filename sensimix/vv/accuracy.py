@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -63,6 +64,18 @@ class AccuracySettings:
             parse_split(s)
         if self.train_limit is not None and self.train_limit < 1:
             raise ValueError(f"--accuracy-train-limit must be >= 1 (0 = all), got {self.train_limit}")
+        bounds = {"epochs": (0, math.inf), "reference_epochs": (0, math.inf), "max_gap": (0, 100),
+                  "min_accuracy": (0, 1)}
+        for name, (low, high) in bounds.items():
+            value = getattr(self, name)
+            if value is None and name == "epochs":
+                continue
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high \
+                    or (name.endswith("epochs") and value == 0):
+                flag = ACCURACY_FLAGS[name]  # declared below, for both parsers
+                unit = {"max_gap": " points", "min_accuracy": " (a fraction; chance is 0.5)"}.get(name, "")
+                rng = "> 0" if name.endswith("epochs") else f"in [{low}, {high}]"
+                raise ValueError(f"{flag} must be a finite number {rng}{unit}, got {value!r}")
 
     def epochs_for(self, split: str) -> float:
         from ..train.recipe import epochs_to_binarize_all

@@ -61,8 +61,8 @@ class Criterion:
 
     @classmethod
     def skipped(cls, id: str, title: str, threshold: float, reason: str, *, comparison: str = "<=",
-                unit: str = "ratio", certified: bool = True) -> Criterion:
-        return cls(id, title, None, float(threshold), comparison, unit, None, certified, reason=reason)
+                unit: str = "ratio", certified: bool = True, gated: bool = True) -> Criterion:
+        return cls(id, title, None, float(threshold), comparison, unit, None, certified, reason=reason, gated=gated)
 
     @property
     def status(self) -> str:
@@ -115,8 +115,9 @@ def fp16_time_criterion(timing: TimingReport | None, threshold: float = FP16_TIM
     title = "Inference time ratio: SensiMix / BERT fp16 SDPA (beyond the certificate)"
     mean = timing.mean_ratio(SENSIMIX, BERT_FP16) if timing else None
     if mean is None:
-        return Criterion.skipped("inference_time_ratio_fp16", title, threshold, certified=False, reason=reason or (
-            "the fp16 BERT baseline is measured on CUDA only (fp16 GEMMs on CPU are not what a CPU user deploys)"))
+        return Criterion.skipped("inference_time_ratio_fp16", title, threshold, certified=False, gated=gated,
+                                 reason=reason or ("the fp16 BERT baseline is measured on CUDA only (fp16 GEMMs on "
+                                                   "CPU are not what a CPU user deploys)"))
     return Criterion.judge("inference_time_ratio_fp16", title, mean, threshold, certified=False, gated=gated,
                            details={"per_trial": timing.ratios(SENSIMIX, BERT_FP16), "device": timing.device})
 

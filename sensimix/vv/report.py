@@ -80,6 +80,10 @@ def render_markdown(report: Report) -> str:
             mean.append(_pct(t.mean_ratio(SENSIMIX, BERT_FP16)))
         lines.append("| Mean | " + " | ".join(mean) + " |")
         accs = ", ".join(f"{MODEL_TITLES[m]} {t.accuracy[m]:.3f}" for m in models if t.accuracy.get(m) is not None)
+        lines += [""] + [f"{MODEL_TITLES[m]} ran: {t.ran[m]}." for m in models if t.ran.get(m)]
+        if t.deviations():
+            lines += ["", "Not the certified workload: " + "; ".join(t.deviations())
+                      + ". Ratios over fewer or shorter runs are noisier: judge them, not absolute times."]
         lines += ["", f"acc on the timed batches, as the certified log printed it (untrained heads sit near 0.5): "
                       f"{accs or 'n/a'}.",
                   "Certified (RTX 2080 Ti, 104,743 examples): BERT 254,339 / 254,550 / 254,698 ms, SensiMix "
@@ -204,6 +208,9 @@ def write_chart(report: Report, history: Sequence[Mapping[str, Any]], path: str 
     plt.close(fig)
     os.replace(tmp, path)
     return len(panels)
+
+
+REPORT_FILES = ("report.json", "report.md", "report.png", "history.jsonl")  # what write_report writes in --out
 
 
 @dataclass(frozen=True)

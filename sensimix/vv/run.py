@@ -125,12 +125,40 @@ class VVRun:
         if s.sensimix is not None and not is_sensimix_folder(s.sensimix):
             raise ValueError(f"--sensimix {s.sensimix} is not a packed SensiMix folder (config.json has no "
                              f"sensimix_format)")
+        self._check_pair()
+        self._check_timing_data()
         if s.keep_models is not None:
             keep = Path(s.keep_models)
             if is_random(s.bert):
                 check_output_dir(keep / "bert", overwrite=s.overwrite, what="--keep-models DIR/bert")
             if s.sensimix is None:
                 check_output_dir(keep / "sensimix", overwrite=s.overwrite, what="--keep-models DIR/sensimix")
+
+    def _check_pair(self) -> None:
+        """The SensiMix (given) is a compression of the BERT, or the one to build fits it (config files only)."""
+        from ..checkpoint import read_config
+        from ..sources import bert_config
+        from .sizes import check_pair
+
+        s = self.s
+        bert = bert_config(s.bert, allow_qat=False)
+        if s.sensimix is not None:
+            check_pair(bert, read_config(s.sensimix), str(s.bert), str(s.sensimix))
+        elif s.layers > bert.num_hidden_layers:
+            raise ValueError(f"--layers {s.layers} is more than the {bert.num_hidden_layers} layers of --bert "
+                             f"{s.bert}; choose --layers <= {bert.num_hidden_layers}")
+
+    def _check_timing_data(self) -> None:
+        """QNLI dev, when the GLUE folder has it, is read (and checked) now, not after the models are built."""
+        from ..train.data import load_glue
+
+        root = self.s.glue_dir
+        dev = None if root is None else Path(root) / "QNLI" / "dev.tsv"
+        if dev is not None and dev.exists():
+            if not dev.is_file():
+                raise ValueError(f"{dev} is not a file: the timing reads QNLI dev from it (GLUE layout "
+                                 f"<glue-dir>/QNLI/dev.tsv)")
+            load_glue("qnli", "dev", root)
 
     # -- the folders -----------------------------------------------------------------------------
     @cached_property
@@ -221,9 +249,12 @@ class VVRun:
     def timing(self) -> TimingReport | None:
         if not any(t.results for t in self.timers.values()):
             return None
+        batches = self.batches[0]  # what ran: a run of fewer examples than --batch-size has one smaller batch
         return TimingReport.from_timers(self.timers.values(), device=self.s.device, data=self.batches[1],
-                                        num_examples=self.s.examples, batch_size=self.s.batch_size,
-                                        max_seq_length=self.s.max_seq_length, warmup_batches=self.s.warmup_batches)
+                                        num_examples=sum(len(b["input_ids"]) for b in batches),
+                                        batch_size=len(batches[0]["input_ids"]),
+                                        max_seq_length=self.s.max_seq_length,
+                                        warmup_batches=min(self.s.warmup_batches, len(batches)))
 
     def release_models(self) -> None:
         """Free the timed models (and the GPU memory they hold)."""

@@ -73,9 +73,60 @@ def _file_size(folder: Path, name: str, required: bool) -> int | None:
     return None
 
 
+# the fields that fix a model's shape: a SensiMix made from a BERT has that BERT's values of them
+PAIR_FIELDS = ("vocab_size", "hidden_size", "num_attention_heads", "intermediate_size", "max_position_embeddings",
+               "type_vocab_size", "hidden_act", "num_labels")
+# tensors old transformers versions saved that today's BertForSequenceClassification does not hold (a constant
+# buffer of 4 KB): harmless in a baseline file
+_LEGACY_BERT_TENSORS = ("bert.embeddings.position_ids",)
+
+
+def check_pair(bert_config: Any, sensimix_config: Any, bert: str, sensimix: str) -> None:
+    """The SensiMix must be a compression of this BERT: same shape fields, no more layers. Ratios of unrelated
+    models certify nothing (a SensiMix of bert-tiny is 1% of bert-base's size)."""
+    differ = [f"{k} {getattr(sensimix_config, k)!r} vs {getattr(bert_config, k)!r}" for k in PAIR_FIELDS
+              if getattr(sensimix_config, k) != getattr(bert_config, k)]
+    if sensimix_config.num_hidden_layers > bert_config.num_hidden_layers:
+        differ.append(f"num_hidden_layers {sensimix_config.num_hidden_layers} > {bert_config.num_hidden_layers}")
+    if differ:
+        raise ValueError(f"--sensimix {sensimix} was not made from --bert {bert}: {'; '.join(differ[:4])} "
+                         f"(SensiMix vs BERT config.json); the ratios of unrelated models certify nothing. Compress "
+                         f"this BERT (sensimix compress --bert {bert}) or pass the BERT the SensiMix was made from")
+
+
+def check_bert_tensors(folder: Path, tensors: dict[str, torch.Tensor], config: Any) -> None:
+    """The baseline file holds exactly the fp32 BertForSequenceClassification of its config.json: criterion 1 sizes
+    this file and criterion 2 times the model built from config.json, so both must be the same fp32 model."""
+    from transformers import BertForSequenceClassification
+
+    with torch.device("meta"):
+        spec = {k: tuple(v.shape) for k, v in BertForSequenceClassification(config).state_dict().items()}
+    missing = sorted(set(spec) - set(tensors))
+    extra = sorted(set(tensors) - set(spec) - set(_LEGACY_BERT_TENSORS))
+    shapes = sorted(k for k in set(spec) & set(tensors) if tuple(tensors[k].shape) != spec[k])
+    path = folder / WEIGHTS_BIN
+    if missing or extra or shapes:
+        parts = [f"{what} {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+                 for what, names in (("missing", missing), ("not in the model", extra), ("other shape", shapes))
+                 if names]
+        raise CheckpointError(f"{path} is not the BertForSequenceClassification of its config.json "
+                              f"({config.num_hidden_layers} layers, hidden {config.hidden_size}): "
+                              f"{'; '.join(parts)}. Criterion 1 would size another model than criterion 2 times; "
+                              f"save the classifier with save_pretrained (or sensimix finetune)")
+    other = sorted(k for k, v in tensors.items() if v.is_floating_point() and v.dtype != torch.float32)
+    if other:
+        raise CheckpointError(f"{path}: the baseline must be fp32 (the certified BERT is 438 MB of fp32), but "
+                              f"{', '.join(other[:3])}{' ...' if len(other) > 3 else ''} are "
+                              f"{tensors[other[0]].dtype}; save the fp32 model")
+
+
 def prove_bert_weight_files(folder: Path) -> None:
-    """A plain BERT folder's pytorch_model.bin must load safely and hold the tensors of its model.safetensors."""
+    """A plain BERT folder's pytorch_model.bin must load safely, hold exactly the fp32 model of its config.json
+    and the tensors of its model.safetensors."""
+    from ..sources import bert_config
+
     binary = load_weight_file(folder / WEIGHTS_BIN)
+    check_bert_tensors(folder, binary, bert_config(folder, allow_qat=False))
     if not (folder / WEIGHTS_SAFETENSORS).is_file():
         return
     safe = load_weight_file(folder / WEIGHTS_SAFETENSORS)
@@ -106,6 +157,10 @@ def measure_sizes(bert_dir: str | os.PathLike, sensimix_dir: str | os.PathLike) 
     sizes = dict(bert_bin=_file_size(bert, WEIGHTS_BIN, True), sensimix_bin=_file_size(sm, WEIGHTS_BIN, True),
                  bert_safetensors=_file_size(bert, WEIGHTS_SAFETENSORS, False),
                  sensimix_safetensors=_file_size(sm, WEIGHTS_SAFETENSORS, False))
+    from ..checkpoint import read_config
+    from ..sources import bert_config
+
+    check_pair(bert_config(bert, allow_qat=False), read_config(sm), str(bert), str(sm))
     prove_bert_weight_files(bert)
     prove_sensimix_weight_files(sm)
     cfg = read_json(sm / "config.json", what="a SensiMix checkpoint folder")

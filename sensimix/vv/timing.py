@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .measure import InferenceResult, make_batches, run_inference, synthetic_inputs, task_inputs
-from .procedure import BATCH_SIZE, BERT_FP16, BERT_FP32, MAX_SEQ_LENGTH, SENSIMIX, TRIALS
+from .procedure import BATCH_SIZE, BERT_FP16, BERT_FP32, CERTIFIED_EXAMPLES, MAX_SEQ_LENGTH, SENSIMIX, TRIALS
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ class ModelTimer:
     def __init__(self, name: str, model: torch.nn.Module, batches: Sequence[dict[str, Any]], *,
                  device: str, warmup_batches: int = 1, precision: str = "") -> None:
         self.name, self.model, self.batches, self.device, self.precision = name, model, batches, device, precision
+        self.ran = describe_model(model)  # kept for the report after the model is released
         self.warmup_batches = warmup_batches
         self.results: list[InferenceResult] = []
         self._warm = False
@@ -98,6 +99,17 @@ class TimingReport:
     trials: list[dict[str, float]]               # [{"bert-fp32": ms, "sensimix": ms, ...}, ...]
     accuracy: dict[str, float | None] = field(default_factory=dict)
     precisions: dict[str, str] = field(default_factory=dict)  # {"bert-fp32": "fp32", "sensimix": "fp16", ...}
+    ran: dict[str, str] = field(default_factory=dict)  # what each model ran: class, dtype, SensiMix's kernels
+
+    def deviations(self) -> list[str]:
+        """How this workload differs from the certified one (a ratio measured on less is a noisier figure)."""
+        certified = (("examples per trial", self.num_examples, CERTIFIED_EXAMPLES),
+                     ("trials", len(self.trials), TRIALS), ("batch size", self.batch_size, BATCH_SIZE),
+                     ("max_seq_length", self.max_seq_length, MAX_SEQ_LENGTH))
+        out = [f"{what} {value:,} (certified {want:,})" for what, value, want in certified if value != want]
+        if not self.data.startswith("QNLI dev"):
+            out.append("synthetic batches (certified: QNLI)")
+        return out
 
     @classmethod
     def from_timers(cls, timers: Iterable[ModelTimer], **fields: Any) -> TimingReport:
@@ -105,7 +117,8 @@ class TimingReport:
         n = min((len(t.results) for t in timers), default=0)
         trials = [{t.name: t.durations_ms[i] for t in timers} for i in range(n)]
         return cls(trials=trials, accuracy={t.name: t.accuracy for t in timers},
-                   precisions={t.name: t.precision for t in timers if t.precision}, **fields)
+                   precisions={t.name: t.precision for t in timers if t.precision},
+                   ran={t.name: t.ran for t in timers}, **fields)
 
     @property
     def models(self) -> list[str]:
@@ -127,7 +140,17 @@ class TimingReport:
                        if self.ratios(SENSIMIX, b)}
         d["mean_ratio"] = self.mean_ratio()
         d["mean_ratio_fp16"] = self.mean_ratio(SENSIMIX, BERT_FP16)
+        d["deviations_from_certified"] = self.deviations()
         return d
+
+
+def describe_model(model: Any) -> str:
+    """What a timed model runs: a packed SensiMix's plan (precision and kernels), else its class and dtype."""
+    plan = getattr(model, "plan", None)
+    if plan is not None and hasattr(plan, "describe"):
+        return plan.describe()
+    dtype = next((p.dtype for p in model.parameters()), None) if hasattr(model, "parameters") else None
+    return f"{type(model).__name__}" + (f" ({str(dtype).removeprefix('torch.')})" if dtype is not None else "")
 
 
 def time_models(models: Mapping[str, torch.nn.Module], batches: Sequence[dict[str, Any]], *,
