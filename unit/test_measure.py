@@ -277,6 +277,34 @@ def test_cli_errors_are_clear(sensimix_dir, glue_dir, tmp_path, caplog) -> None:
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and link.is_symlink() and real.read_text() == "{}"
 
 
+def test_a_bert_whose_weights_do_not_match_its_config_is_refused(tiny_bert_dir, tmp_path, caplog) -> None:
+    """Missing layers would run with random values: every encoder weight must come from the file."""
+    import shutil
+
+    from sensimix.sources import SourceError, load_bert_classifier
+
+    bert = Path(shutil.copytree(tiny_bert_dir, tmp_path / "bert"))
+    config = json.loads((bert / "config.json").read_text())
+    (bert / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 6}))  # the file holds 4
+    with pytest.raises(SourceError, match="weights do not match its config.json \\(6 layers.*missing "
+                                          "bert.encoder.layer.4"):
+        load_bert_classifier(bert, 2)
+    assert cli.main(["evaluate", "--model", str(bert), "--synthetic", "--examples", "2", "--device", "cpu"]) == 2
+    assert "The model would run with random values there" in caplog.text
+    (bert / "config.json").write_text(json.dumps(config))
+    assert load_bert_classifier(bert, 2).config.num_hidden_layers == 4
+    with pytest.raises(SourceError, match="missing classifier.bias"):  # a teacher's head must be trained
+        load_bert_classifier(_without_head(bert), 2, trained_head=True)
+
+
+def _without_head(folder: Path) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    tensors = {k: v for k, v in load_file(str(folder / "model.safetensors")).items() if not k.startswith("classifier")}
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
 class NaNModel(nn.Module):
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
         out = torch.zeros(len(input_ids), 2)
