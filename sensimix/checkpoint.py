@@ -10,7 +10,7 @@ inference modules (:mod:`sensimix.inference.layers`): the module tree *is* the f
 module checks tensors against such a spec and moves them between files and memory:
 
 * 8-bit tensors: ``<name>.weight_q`` int8 indices, ``<name>.weight_range`` fp16 ``[lo, hi]``;
-  ``W_hat = (q + 128) * (hi - lo) / 255 + lo`` (``hi == lo``: the constant ``lo``);
+  ``W_hat = (q + 128) * s + lo`` in fp32, ``s = (hi - lo) / 255`` (``s = 1`` when ``hi == lo``: the constant ``lo``);
 * 1-bit tensors: ``<name>.weight_bits`` uint8 ``[out, ceil(in / 8)]``, bit j of byte i = 1 iff W[:, 8i + j] > 0
   (+1), else -1 (sign(0) = -1), little-endian, padding bits 0;
 * everything else (biases, LayerNorms, token-type embeddings, pooler, classifier): fp16.
@@ -250,8 +250,10 @@ def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
                          f"Nothing was written; lower the learning rate (--lr) or check the data")
 
 
-# files of a replaced folder that are never carried into its new version: weights the new one does not hold
+# files of a replaced folder that are never carried into its new version: weights the new one does not hold, and
+# the old model's training record
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx")
+_NOT_CARRIED = ("training_metrics.json",)
 
 
 def _carry_other_files(old: Path, new: Path) -> None:
@@ -259,7 +261,7 @@ def _carry_other_files(old: Path, new: Path) -> None:
     if not old.is_dir():
         return
     for entry in old.iterdir():
-        if (new / entry.name).exists() or entry.name.endswith(_WEIGHT_SUFFIXES):
+        if (new / entry.name).exists() or entry.name.endswith(_WEIGHT_SUFFIXES) or entry.name in _NOT_CARRIED:
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.copytree(entry, new / entry.name, symlinks=True)
@@ -273,8 +275,10 @@ def write_folder(out: str | os.PathLike, config: SensiMixConfig, tensors: dict[s
     """Write a packed-v1 folder atomically: config.json (with the checksum), both weight files, the tokenizer
     files and ``extra_json``. NaN/inf tensors are refused before anything is written.
 
-    ``keep_other_files`` (``save_pretrained``'s overwrite): the files of the folder being replaced that this write
-    does not produce (tokenizer, notes, ...) are carried into the new version, except other weight files.
+    ``keep_other_files`` (``save_pretrained``): the files of the folder being replaced that this write does not
+    produce (tokenizer, notes, ...) are carried into the new version, except other weight files and the old
+    training record; an existing folder that holds no model (e.g. a tokenizer saved first) is written into without
+    ``overwrite``, as transformers does, since every file of it is kept.
     """
     from safetensors.torch import save_file
 
@@ -285,7 +289,10 @@ def write_folder(out: str | os.PathLike, config: SensiMixConfig, tensors: dict[s
         fields.pop(key, None)
     fields.update(FORMAT_FIELDS, architectures=["SensiMixForSequenceClassification"])
     fields[CHECKSUM_KEY] = checksum(fields, tensors)
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    target = Path(out)
+    merge = keep_other_files and target.is_dir() and not (target / "config.json").exists() and not any(
+        p.name.endswith(_WEIGHT_SUFFIXES) for p in target.iterdir())
+    with atomic_dir(out, overwrite=overwrite or merge, any_folder=merge) as tmp:
         write_json(tmp / "config.json", fields)
         torch.save(tensors, tmp / WEIGHTS_BIN)
         save_file(tensors, str(tmp / WEIGHTS_SAFETENSORS), metadata={"format": "pt", "sensimix_format": FORMAT})

@@ -100,10 +100,11 @@ def _missing_parents(out: Path) -> list[Path]:
     return missing
 
 
-def check_output_dir(out: str | os.PathLike, *, overwrite: bool = False, what: str = "--out") -> Path:
+def check_output_dir(out: str | os.PathLike, *, overwrite: bool = False, what: str = "--out",
+                     any_folder: bool = False) -> Path:
     """Validate an output folder before any work: returns its absolute path or raises :class:`OutputError` /
     ``FileExistsError`` with the fix. Probes the parent (or its nearest existing ancestor) for writability by
-    creating and removing a temp folder; nothing else is created."""
+    creating and removing a temp folder; nothing else is created. ``any_folder``: see :func:`atomic_dir`."""
     out = _absolute(out)
     cwd = Path.cwd().resolve()
     real = out.resolve()  # "..", "./", a symlink to the current folder: the same folder
@@ -114,7 +115,7 @@ def check_output_dir(out: str | os.PathLike, *, overwrite: bool = False, what: s
         raise OutputError(f"{what} {out} exists and is not a folder; choose another {what}")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{what} {out} already exists; pass --overwrite to replace it, or choose another {what}")
-    if out.exists():
+    if out.exists() and not any_folder:
         check_replaceable(out, what)
     parent = (_missing_parents(out) or [out])[-1].parent  # the nearest folder that exists: probe it, create nothing
     if not parent.is_dir():
@@ -321,21 +322,24 @@ def raise_on_sigterm() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool = False,
+               any_folder: bool = False) -> Iterator[Path]:
     """Yield a temp folder; on success it becomes ``out_dir`` in one rename, on any exception it is deleted.
 
-    Without ``overwrite`` an existing target (also one that appears while the block runs) is never replaced.
+    Without ``overwrite`` an existing target (also one that appears while the block runs) is never replaced; with
+    it, only a model folder or an empty one is, unless ``any_folder`` (the caller carries every file of the old
+    folder into the new one, so nothing is lost).
     """
     out = _absolute(out_dir)
     if overwrite or not out.exists():  # the location checks; whether it may replace is decided under the lock
-        check_output_dir(out, overwrite=True, what="output folder")
+        check_output_dir(out, overwrite=True, what="output folder", any_folder=any_folder)
     with reserve_output(out), raise_on_sigterm():
         recover_interrupted(out)
         _remove_stale_temps(out)
         if out.exists() and not overwrite:
             raise FileExistsError(f"{out} already exists; pass --overwrite (overwrite=True) or choose another "
                                   f"output folder")
-        if out.exists():
+        if out.exists() and not any_folder:
             check_replaceable(out, "output folder")
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp.", dir=out.parent))
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like any new folder

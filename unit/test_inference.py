@@ -275,24 +275,40 @@ def test_stored_tensors_are_what_runs_and_what_is_saved(packed, tmp_path) -> Non
     # an in-place edit or a model-field edit is not what runs: saving it is refused, nothing written
     model = Packed.from_pretrained(packed[1])
     model.classifier.bias.add_(1)
-    with pytest.raises(ValueError, match="stored tensors changed after the kernels were prepared"):
+    with pytest.raises(ValueError, match="stored tensors were changed in place after the kernels were prepared"):
         model.save_pretrained(tmp_path / "edited")
     model.prepare(model.plan)  # now it runs with the edit, and may be saved
     model.save_pretrained(tmp_path / "edited")
     model = Packed.from_pretrained(packed[1])
-    model.config.layer_norm_eps = 1e-2
-    with pytest.raises(ValueError, match="model fields \\(config\\) changed"):
-        model.save_pretrained(tmp_path / "eps")
+    model.config.layer_norm_eps = 1e-2  # fixes the LayerNorms when the model is built: no prepare changes it
+    for action in (lambda: model.prepare(model.plan), lambda: model.save_pretrained(tmp_path / "eps")):
+        with pytest.raises(ValueError, match="model fields of the config .* were changed after the model was built"):
+            action()
     assert not (tmp_path / "eps").exists()
+    state = {k: v.float() if v.dtype == torch.float16 else v for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match="load_state_dict: .* has dtype torch.float32, expected torch.float16"):
+        model.load_state_dict(state, assign=True)  # it would run, and save a folder that does not load
 
 
-def test_save_pretrained_overwrite_keeps_the_folders_other_files(packed, tmp_path) -> None:
+def test_save_pretrained_overwrite_keeps_the_folders_other_files(packed, tmp_path, tiny_vocab) -> None:
+    from transformers import BertTokenizer
+
     folder = Path(shutil.copytree(packed[1], tmp_path / "model"))
     (folder / "NOTES.md").write_text("mine")
-    (folder / "extra.bin").write_bytes(b"old weights")  # another weight file is not carried over
+    (folder / "extra.bin").write_bytes(b"old weights")  # another weight file is not carried over, nor the old
+    (folder / "training_metrics.json").write_text("{}")  # model's training record
     before = sorted(p.name for p in folder.iterdir())
     Packed.from_pretrained(folder).save_pretrained(folder, overwrite=True)
-    assert sorted(p.name for p in folder.iterdir()) == sorted(set(before) - {"extra.bin"})
+    assert sorted(p.name for p in folder.iterdir()) == sorted(set(before) - {"extra.bin", "training_metrics.json"})
+    # transformers' pattern: the tokenizer saved first, then the model into the same folder (no overwrite needed:
+    # nothing is replaced); a link to a folder: the folder it names is written
+    both = tmp_path / "both"
+    BertTokenizer(tiny_vocab).save_pretrained(both)
+    Packed.from_pretrained(folder).save_pretrained(both)
+    assert {"tokenizer_config.json", "config.json", "model.safetensors"} <= {p.name for p in both.iterdir()}
+    (tmp_path / "link").symlink_to(both)
+    Packed.from_pretrained(folder).save_pretrained(tmp_path / "link", overwrite=True)
+    assert (tmp_path / "link").is_symlink() and (both / "tokenizer_config.json").is_file()
     assert (folder / "NOTES.md").read_text() == "mine"
     assert torch.equal(run(Packed.from_pretrained(folder), batch()), run(Packed.from_pretrained(packed[1]), batch()))
 
@@ -303,13 +319,31 @@ def test_auto_class_arguments_are_applied_or_refused(packed) -> None:
     folder = packed[1]
     assert isinstance(Auto.from_pretrained(folder, return_dict=False)(**batch()), tuple)
     assert Auto.from_pretrained(folder, id2label={0: "neg", 1: "pos"}).config.id2label == {0: "neg", 1: "pos"}
-    with pytest.raises(ValueError, match="id2label names 3 labels, but the classifier has 2 outputs"):
+    with pytest.raises(ValueError, match="3 labels were asked for \\(num_labels / id2label\\), but the classifier"):
         Auto.from_pretrained(folder, num_labels=3)
     with pytest.raises(ValueError, match="cannot be changed at load time.*output_hidden_states=True"):
         Auto.from_pretrained(folder, output_hidden_states=True)
     with pytest.raises(ValueError, match="cannot be built from a config alone"):
         Auto.from_config(Packed.from_pretrained(folder).config)
     assert Packed.from_pretrained(folder.parent, subfolder=folder.name).config.num_hidden_layers == 4
+    # the same options given to the class directly; loader options at their no-op values are accepted
+    direct = Packed.from_pretrained(folder, id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1},
+                                    return_dict=False, num_labels=2, variant=None, weights_only=True,
+                                    output_loading_info=False, ignore_mismatched_sizes=False)
+    assert direct.config.id2label == {0: "neg", 1: "pos"} and isinstance(direct(**batch()), tuple)
+    with pytest.raises(ValueError, match="num_labels=3 was asked for, but the classifier has 2 outputs"):
+        Packed.from_pretrained(folder, num_labels=3)
+
+
+def test_trainer_evaluates_a_packed_model(packed, tmp_path) -> None:
+    from transformers import Trainer, TrainingArguments
+
+    model = Packed.from_pretrained(packed[1])
+    rows = [{k: v[i] for k, v in batch().items()} | {"labels": torch.tensor(i % 2)} for i in range(4)]
+    args = TrainingArguments(output_dir=str(tmp_path / "t"), use_cpu=True, report_to=[], per_device_eval_batch_size=2)
+    metrics = Trainer(model=model, args=args, eval_dataset=rows).evaluate()  # before: num_items_in_batch refused
+    want = torch.nn.functional.cross_entropy(run(model, batch())[:4], torch.tensor([0, 1, 0, 1]))
+    assert metrics["eval_loss"] == pytest.approx(want.item(), rel=1e-4)
 
 
 def test_pipeline_classifies_and_logs_no_error(copy_of, tiny_vocab, caplog) -> None:
@@ -519,14 +553,16 @@ def test_bad_load_options(packed) -> None:
         Packed.from_pretrained(folder, precision=torch.float64)
     with pytest.raises(ValueError, match="precision must be one of fp32, fp16, bf16, fast"):
         Packed.from_pretrained(folder, precision="int4")
-    with pytest.raises(TypeError, match="unexpected argument\\(s\\) \\['num_labels'\\]"):
-        Packed.from_pretrained(folder, num_labels=3)
+    with pytest.raises(TypeError, match="unexpected argument\\(s\\) \\['hidden_size'\\]"):
+        Packed.from_pretrained(folder, hidden_size=3)
     with pytest.raises(ValueError, match="precision='fp32', torch_dtype=torch.float16 ask for different precisions"):
         Packed.from_pretrained(folder, precision="fp32", torch_dtype=torch.float16)
     assert Packed.from_pretrained(folder, precision="fp16", dtype=torch.float16, torch_dtype="auto").precision == "fp16"
     with pytest.raises(ValueError, match="device='cpu' and device_map='cuda' name different devices"):
         Packed.from_pretrained(folder, device="cpu", device_map="cuda")
     assert Packed.from_pretrained(folder, device="cpu", device_map="auto").device.type == "cpu"
+    assert Packed.from_pretrained(folder, device="cpu", device_map={"": "cpu:0"}).device.type == "cpu"
+    assert Packed.from_pretrained(folder, precision="fast", dtype=torch.float32).precision == "fast"  # fast is fp32
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             Packed.from_pretrained(folder, device="cuda")

@@ -46,6 +46,7 @@ class SensiMixForSequenceClassification(PreTrainedModel):
     main_input_name = "input_ids"
     _no_split_modules = ["Layer"]
     _supports_sdpa = True  # its attention is SDPA (a config copied from a transformers BERT may ask for it)
+    accepts_loss_kwargs = False  # Trainer must not pass num_items_in_batch: forward computes the mean CE itself
 
     def __init__(self, config: SensiMixConfig) -> None:
         super().__init__(config)
@@ -53,6 +54,7 @@ class SensiMixForSequenceClassification(PreTrainedModel):
         self.classifier = Linear(config.hidden_size, config.num_labels)
         self.plan: InferencePlan | None = None
         self.check_inputs = True
+        self._built_from = self._digests(tensors=False)[0]  # the model fields the module tree is built from
         self.post_init()
 
     # -- the format ------------------------------------------------------------------------------
@@ -117,6 +119,7 @@ class SensiMixForSequenceClassification(PreTrainedModel):
         device = _pop_device(kwargs, device)
         precision = _pop_precision(kwargs, precision)
         override = kwargs.pop("config", None)  # the Auto classes pass the folder's config with their kwargs applied
+        fields = {k: kwargs.pop(k) for k in (*_SETTABLE_FIELDS, "num_labels") if k in kwargs}  # given directly
         subfolder = kwargs.pop("subfolder", None) or ""
         hub = {k: v for k in _HUB_KWARGS if (v := kwargs.pop(k, None)) is not None}
         _drop_loader_kwargs(kwargs)
@@ -130,7 +133,9 @@ class SensiMixForSequenceClassification(PreTrainedModel):
         raw = checkpoint.read_raw_config(folder)
         config = checkpoint.config_from_raw(raw, folder / "config.json")
         if override is not None:
-            _apply_config_override(config, override, folder)
+            _apply_config_override(config, override.to_dict() if hasattr(override, "to_dict") else override, folder)
+        if fields:
+            _apply_config_override(config, {**config.to_dict(), **fields}, folder)
         tensors, source = checkpoint.read_tensors(folder, cls.checkpoint_spec(config), raw, cls._geometry(config),
                                                   weights=weights, verify_all=verify_all_files)
         model = cls.from_state_dict(config, tensors, plan, source=str(source), check=False)  # read_tensors checked
@@ -150,6 +155,7 @@ class SensiMixForSequenceClassification(PreTrainedModel):
         until the next ``prepare`` (``load_state_dict`` and ``.to(device)`` call it), and ``save_pretrained``
         refuses to write tensors or model fields other than those the model computes with.
         """
+        self._check_model_fields("prepare")
         self._prepared_from = self._digests()
         for name, t in list(self.state_dict().items()):
             owner, attr = name.rsplit(".", 1)
@@ -166,13 +172,28 @@ class SensiMixForSequenceClassification(PreTrainedModel):
                 module.prepare(plan)
         self.plan = plan
 
-    def _digests(self) -> tuple[str, str]:
+    def _digests(self, tensors: bool = True) -> tuple[str, str | None]:
         """Checksums of the model fields and of the stored tensors (those of the checkpoint format)."""
         fields = {**self.config.to_dict(), "num_labels": self.config.num_labels, **checkpoint.FORMAT_FIELDS}
-        return checkpoint.config_digest(fields), checkpoint.tensors_digest(self.state_dict())
+        return checkpoint.config_digest(fields), checkpoint.tensors_digest(self.state_dict()) if tensors else None
+
+    def _check_model_fields(self, action: str) -> None:
+        """The model fields (layer_norm_eps, hidden_act, sizes, ...) fix the module tree when the model is built:
+        edited afterwards, they are not what runs, and no prepare can change that."""
+        if self._digests(tensors=False)[0] != getattr(self, "_built_from", None):
+            raise ValueError(f"{action}: model fields of the config (layer_norm_eps, hidden_act, sizes, ...) were "
+                             f"changed after the model was built from them; they fix its layers, so what runs is not "
+                             f"what the config says. Restore them, or export a model trained with the new values")
+
+    def _check_spec(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        checkpoint.check_tensors({k: v.detach().cpu() for k, v in tensors.items()},
+                                 type(self).checkpoint_spec(self.config), source, self._geometry(self.config))
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
-        """Load stored tensors; a prepared model rebuilds its kernel operands from them (see :meth:`prepare`)."""
+        """Load stored tensors (names, dtypes and shapes of the format, checked first); a prepared model rebuilds
+        its kernel operands from them (see :meth:`prepare`)."""
+        if strict and self.plan is not None:
+            self._check_spec(dict(state_dict), "load_state_dict")
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
         if self.plan is not None:
             self.prepare(self.plan)
@@ -191,14 +212,18 @@ class SensiMixForSequenceClassification(PreTrainedModel):
         kwargs.pop("is_main_process", None)
         if kwargs.pop("push_to_hub", False) or kwargs:
             raise TypeError(f"save_pretrained: unsupported argument(s) {sorted(kwargs) or ['push_to_hub']}")
+        self._check_model_fields("save_pretrained")
         prepared = getattr(self, "_prepared_from", None)
-        if prepared is not None and (now := self._digests()) != prepared:
-            what = " and ".join(w for w, a, b in zip(("its model fields (config)", "its stored tensors"), now, prepared)
-                                if a != b)
-            raise ValueError(f"save_pretrained: {what} changed after the kernels were prepared, so this model still "
-                             f"computes with the old ones; saving would write a model other than the one that runs. "
-                             f"Call model.prepare(model.plan) to compute with the change (and check it), or reload")
-        return checkpoint.write_folder(save_directory, self.config, self.state_dict(), tokenizer=tokenizer,
+        if prepared is not None and self._digests()[1] != prepared[1]:
+            raise ValueError("save_pretrained: stored tensors were changed in place after the kernels were prepared "
+                             "from them, so what runs mixes old and new values; saving would write a model other "
+                             "than the one that runs. Call model.prepare(model.plan) to compute with the change (and "
+                             "check it), or reload")
+        self._check_spec(self.state_dict(), "save_pretrained")
+        target = Path(save_directory)
+        if target.is_symlink():  # write the folder the link names, not a new one in the link's place
+            target = target.resolve()
+        return checkpoint.write_folder(target, self.config, self.state_dict(), tokenizer=tokenizer,
                                        overwrite=overwrite, extra_json=extra_json, keep_other_files=True)
 
     # -- devices -------------------------------------------------------------------------------------
@@ -351,21 +376,33 @@ _SETTABLE_FIELDS = ("return_dict", "id2label", "label2id")
 _IGNORED_FIELDS = ("_name_or_path", "dtype", "torch_dtype", "transformers_version")
 
 
+# transformers' loader options that are no-ops at these values (what a packed folder always does)
+_NOOP_LOADER_KWARGS = {"weights_only": True, "ignore_mismatched_sizes": False, "output_loading_info": False,
+                       "variant": None, "quantization_config": None, "state_dict": None, "offload_folder": None}
+
+
 def _drop_loader_kwargs(kwargs: dict[str, Any]) -> None:
     """transformers' loader options that do not apply to a packed folder (the Auto classes and ``pipeline`` pass
-    some of them)."""
+    some of them), and those given at the value a packed folder loads with anyway."""
     for key in _IGNORED_LOADER_KWARGS:
         kwargs.pop(key, None)
+    for key, value in _NOOP_LOADER_KWARGS.items():
+        if key in kwargs and kwargs[key] is value:  # True / False / None: singletons
+            kwargs.pop(key)
 
 
-def _apply_config_override(config: SensiMixConfig, override: Any, folder: Path) -> None:
-    """Apply a ``config=`` argument (what the Auto classes make of their config kwargs, e.g. ``num_labels=3``) to
-    the folder's config: settable fields are taken, any other difference is refused (never silently dropped)."""
-    if not hasattr(override, "to_dict"):
-        raise ValueError(f"config must be a SensiMixConfig, got {type(override).__name__}")
-    ours, theirs = config.to_dict(), override.to_dict()
+def _apply_config_override(config: SensiMixConfig, theirs: Any, folder: Path) -> None:
+    """Apply a config asked for at load time (the Auto classes' ``config=``, made of their kwargs, e.g.
+    ``num_labels=3``; or ``id2label=`` given directly) to the folder's config: settable fields are taken, any other
+    difference is refused (never silently dropped)."""
+    if not isinstance(theirs, dict):
+        raise ValueError(f"config must be a SensiMixConfig, got {type(theirs).__name__}")
+    ours = config.to_dict()
+    if "num_labels" in theirs and theirs["num_labels"] != config.num_labels:
+        raise ValueError(f"{folder}: num_labels={theirs['num_labels']} was asked for, but the classifier has "
+                         f"{config.num_labels} outputs; a packed checkpoint's label count is fixed")
     # the format fields and the checksum are the file's, not model fields
-    ignored = {*_IGNORED_FIELDS, *checkpoint.FORMAT_FIELDS, checkpoint.CHECKSUM_KEY, "architectures"}
+    ignored = {*_IGNORED_FIELDS, *checkpoint.FORMAT_FIELDS, checkpoint.CHECKSUM_KEY, "architectures", "num_labels"}
     changed = sorted(k for k in set(ours) | set(theirs) if k not in ignored and ours.get(k) != theirs.get(k))
     fixed = [k for k in changed if k not in _SETTABLE_FIELDS]
     if fixed:
@@ -375,8 +412,8 @@ def _apply_config_override(config: SensiMixConfig, override: Any, folder: Path) 
                          f"it without these arguments (only {', '.join(_SETTABLE_FIELDS)} may be set)")
     labels = len(theirs.get("id2label") or {})
     if labels != config.num_labels:
-        raise ValueError(f"{folder}: id2label names {labels} labels, but the classifier has {config.num_labels} "
-                         f"outputs; give one name per output")
+        raise ValueError(f"{folder}: {labels} labels were asked for (num_labels / id2label), but the classifier has "
+                         f"{config.num_labels} outputs; a packed checkpoint's label count is fixed")
     for key in changed:
         setattr(config, key, theirs[key])
 
@@ -386,11 +423,23 @@ def _pop_device(kwargs: dict[str, Any], device: Any) -> Any:
     if device_map is None:
         return device
     if isinstance(device_map, dict):
-        raise ValueError("device_map as a dict is not supported: a packed SensiMix model runs on one device")
+        if set(device_map) != {""}:
+            raise ValueError("device_map as a dict of modules is not supported: a packed SensiMix model runs on one "
+                             "device (device_map={'': device} or device=...)")
+        device_map = device_map[""]
     mapped = f"cuda:{device_map}" if isinstance(device_map, int) else device_map
-    if device is not None and mapped != "auto" and str(device) != str(mapped):
+    if device is not None and mapped != "auto" and not _same_device(device, mapped):
         raise ValueError(f"device={device!r} and device_map={device_map!r} name different devices; give one of them")
     return device if device is not None else mapped
+
+
+def _same_device(a: Any, b: Any) -> bool:
+    """Whether two device names can mean the same device (``cpu`` = ``cpu:0``; ``cuda`` = any ``cuda:N``)."""
+    try:
+        x, y = torch.device(a), torch.device(b)
+    except (RuntimeError, TypeError, ValueError):
+        return str(a) == str(b)
+    return x.type == y.type and (x.type == "cpu" or x.index is None or y.index is None or x.index == y.index)
 
 
 def _pop_precision(kwargs: dict[str, Any], precision: Any) -> Any:
@@ -398,6 +447,8 @@ def _pop_precision(kwargs: dict[str, Any], precision: Any) -> Any:
     given = {k: v for k, v in (("precision", precision), ("dtype", kwargs.pop("dtype", None)),
                                ("torch_dtype", kwargs.pop("torch_dtype", None))) if v is not None and v != "auto"}
     names = {k: _precision_name(v) for k, v in given.items()}
+    if set(names.values()) == {"fast", "fp32"}:  # fast computes in fp32: a dtype of float32 agrees with it
+        return "fast"
     if len(set(names.values())) > 1:
         raise ValueError(f"{', '.join(f'{k}={v!r}' for k, v in given.items())} ask for different precisions; give one "
                          f"(precision='fp32'|'fp16'|'bf16'|'fast')")
