@@ -385,6 +385,8 @@ def _check_target_kind(target: Path, what: str) -> None:
 def check_file_target(path: str | os.PathLike, what: str = "the output file") -> Path:
     """Where a file will be written (a temp file renamed over it), checked before the work: a new or regular file,
     in an existing folder that takes a new file."""
+    if not str(path).strip():
+        raise OutputError(f"{what} is empty; give a file name")
     target = Path(path)
     _check_target_kind(target, what)
     if not target.parent.is_dir():

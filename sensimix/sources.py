@@ -109,21 +109,23 @@ def _checked(config, where: str):
     return config
 
 
-# weights a BERT checkpoint may hold that BertForSequenceClassification does not use: the pre-training heads and a
-# constant buffer older transformers versions saved
-_UNUSED_BERT_WEIGHTS = ("cls.", "bert.embeddings.position_ids", "embeddings.position_ids")
+# weights of the encoder a BERT checkpoint may hold that BertForSequenceClassification does not use: a constant
+# buffer older transformers versions saved (other heads -- pre-training, QA, ... -- are not under "bert.")
+_UNUSED_BERT_WEIGHTS = ("bert.embeddings.position_ids",)
 # weights a pre-trained (not fine-tuned) BERT lacks: a new classifier head starts from random values
 _NEW_HEAD = ("classifier.", "bert.pooler.")
 
 
 def load_bert_classifier(source: str | os.PathLike, num_labels: int, *, dtype=None, attn_implementation=None,
-                         use_safetensors: bool | None = None, trained_head: bool = False):
+                         use_safetensors: bool | None = None, trained_head: bool = False,
+                         config_overrides: dict[str, Any] | None = None):
     """``BertForSequenceClassification`` from a plain BERT folder, a hub id or ``random:<geometry>``, with clear
     errors (see module doc).
 
     Every encoder weight must come from the file: a config.json that names more layers, or weights of another
     shape, would otherwise run with random values silently. The classifier head may be new (fine-tuning starts
     from a pre-trained BERT) unless ``trained_head`` (a teacher), when a missing head is an error too.
+    ``config_overrides``: config fields set at load (e.g. runtime options a timed baseline must not inherit).
     """
     from transformers import BertForSequenceClassification
 
@@ -132,7 +134,7 @@ def load_bert_classifier(source: str | os.PathLike, num_labels: int, *, dtype=No
         config.num_labels = num_labels
         model = BertForSequenceClassification(config)
         return model if dtype is None else model.to(dtype)
-    kwargs: dict[str, Any] = {"num_labels": num_labels, "output_loading_info": True}
+    kwargs: dict[str, Any] = {"num_labels": num_labels, "output_loading_info": True, **(config_overrides or {})}
     if dtype is not None:
         kwargs["dtype"] = dtype
     if attn_implementation is not None:
@@ -150,7 +152,10 @@ def load_bert_classifier(source: str | os.PathLike, num_labels: int, *, dtype=No
         raise SourceError(f"{source}: cannot load the BERT weights ({type(exc).__name__}: {first}); the weight "
                           f"files are missing, truncated or do not match config.json") from exc
     missing = [k for k in info.get("missing_keys", ()) if trained_head or not k.startswith(_NEW_HEAD)]
-    unexpected = [k for k in info.get("unexpected_keys", ()) if not k.startswith(_UNUSED_BERT_WEIGHTS)]
+    # an encoder weight the config has no place for (e.g. config.json names fewer layers than the file) means the
+    # model is not the file's; another task's head is simply not used
+    unexpected = [k for k in info.get("unexpected_keys", ())
+                  if k.startswith("bert.") and not k.startswith(_UNUSED_BERT_WEIGHTS)]
     mismatched = [k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys", ())]
     if missing or unexpected or mismatched:
         parts = [f"{what} {', '.join(sorted(keys)[:3])}{' ...' if len(keys) > 3 else ''}"

@@ -160,9 +160,13 @@ def test_chart_and_history_across_runs(tmp_path):
 
 
 def test_history_skips_broken_lines(tmp_path, caplog):
-    (tmp_path / "history.jsonl").write_text('{"created": "a"}\nnot json\n\n{"created": "b"}\n')
+    (tmp_path / "history.jsonl").write_bytes(b'{"created": "a"}\nnot json\n\n[1, 2]\n\xff\xfe\n{"created": "b"}')
     assert [h["created"] for h in report.load_history(tmp_path)] == ["a", "b"]
-    assert "not JSON" in caplog.text
+    assert caplog.text.count("is not a JSON object of a past run") == 3
+    # a last line without its newline: the next run's entry starts on a line of its own, both are kept
+    report.write_report(_report(sizes=_sizes()), tmp_path, chart=False)
+    assert [h.get("created") for h in report.load_history(tmp_path)][:2] == ["a", "b"]
+    assert len(report.load_history(tmp_path)) == 3
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -399,6 +403,14 @@ def test_a_bert_file_that_is_not_its_fp32_model_is_refused(small_folders):
         torch.save(state, path)
         with pytest.raises(CheckpointError, match=match):
             sizes.measure_sizes(bert, sm)
+    padded = dict(good, **{"bert.embeddings.position_ids": torch.zeros(1, 10**6, dtype=torch.long)})
+    torch.save(padded, path)  # a legacy buffer's name, 8 MB of padding
+    with pytest.raises(CheckpointError, match="position_ids has shape \\[1, 1000000\\], but the position buffer"):
+        sizes.measure_sizes(bert, sm)
+    torch.save({k: torch.cat([v.reshape(-1), torch.zeros(10**6)])[: v.numel()].view(v.shape)
+                if k == "classifier.weight" else v for k, v in good.items()}, path)  # a view of a 4 MB storage
+    with pytest.raises(CheckpointError, match="but its tensors hold .* MB: the file carries other bytes"):
+        sizes.measure_sizes(bert, sm)
     torch.save(good, path)
     config = json.loads((bert / "config.json").read_text())
     (bert / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 8}))  # timed: 8 layers, 4 random
@@ -470,6 +482,37 @@ def test_two_verify_runs_into_one_report_folder_are_refused(tmp_path, caplog):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_qnli_dev_other_than_glues_is_named_in_the_report(tmp_path, tiny_vocab):
+    glue = tmp_path / "glue"
+    (glue / "QNLI").mkdir(parents=True)
+    (glue / "QNLI" / "dev.tsv").write_text("index\tquestion\tsentence\tlabel\n0\twhat?\tthe film\tentailment\n")
+    _, label = timing.timing_inputs(BertTokenizer(tiny_vocab), glue_dir=glue, num_examples=2, batch_size=2,
+                                    max_seq_length=16)
+    assert label.startswith("QNLI dev (1 examples, cycled, NOT GLUE's file: sha256 ")
+    t = timing.TimingReport("cpu", label, 2, 2, 16, 0, [{"bert-fp32": 1.0, "sensimix": 0.1}])
+    assert "a QNLI dev.tsv other than GLUE's (its sha256 differs)" in t.deviations()
+    real = os.environ.get("GLUE_DIR")
+    if real and (Path(real) / "QNLI" / "dev.tsv").is_file():  # the real file is recognised
+        _, label = timing.timing_inputs(BertTokenizer(tiny_vocab), glue_dir=real, num_examples=2, batch_size=2,
+                                        max_seq_length=16)
+        assert label == "QNLI dev (5,463 examples)"
+
+
+def test_the_baseline_runs_with_default_runtime_options(small_folders):
+    from sensimix.vv.measure import load_for_inference
+
+    bert, _ = small_folders
+    config = json.loads((bert / "config.json").read_text())
+    (bert / "config.json").write_text(json.dumps({**config, "chunk_size_feed_forward": 1, "output_attentions": True,
+                                                  "output_hidden_states": True}))
+    model = load_for_inference(bert, device="cpu", precision="fp32")
+    assert model.bert.encoder.layer[0].chunk_size_feed_forward == 0  # a chunked FFN would slow the baseline
+    assert not model.config.output_attentions and not model.config.output_hidden_states
+    (bert / "config.json").write_text(json.dumps({**config, "is_decoder": True}))
+    with pytest.raises(ValueError, match="makes the BERT a decoder"):
+        load_for_inference(bert, device="cpu", precision="fp32")
 
 
 def test_agreement_criterion():

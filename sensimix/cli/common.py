@@ -64,8 +64,7 @@ def add_data_arguments(p: argparse.ArgumentParser, *, default_task: str = "sst-2
 def add_training_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=finite_float(0, open_low=True), default=6.0,
-                   help="training epochs (default: %(default)s, the SensiMix paper's; a fine-tuned reference "
-                        "usually needs 2-3)")
+                   help="training epochs (default: %(default)s, the SensiMix paper's)")
     g.add_argument("--max-steps", type=int_at_least(-1), default=-1,
                    help="stop after this many optimizer steps (overrides --epochs; -1, the default: none); "
                         "compress only: 0 = quantize and export without training")

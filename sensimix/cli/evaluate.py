@@ -83,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..devices import device_name, resolve_device
     from ..sources import load_tokenizer
+    from ..train.data import num_labels
     from ..vv.measure import (
         check_examples_fit,
         check_inputs_fit,
@@ -94,8 +95,8 @@ def run(args: argparse.Namespace) -> int:
         task_inputs,
     )
 
-    if args.json:
-        _check_json_target(args.json)  # before the run, not after it
+    if args.json is not None:
+        _check_json_target(args.json)  # before the run, not after it (an empty name included)
     if args.examples is not None:
         check_examples_fit(args.examples, args.max_seq_length)
     device = resolve_device(args.device)
@@ -111,6 +112,11 @@ def run(args: argparse.Namespace) -> int:
         inputs = task_inputs(args.task, tokenizer, glue_dir=args.glue_dir, split=args.split,
                              max_seq_length=args.max_seq_length, hub=args.hub_data)
         data = f"{args.task} {args.split}"
+        wanted = num_labels(args.task)
+        if model.config.num_labels != wanted:
+            raise ValueError(f"{args.model} classifies into {model.config.num_labels} labels, but {args.task} has "
+                             f"{wanted}: its accuracy would mean nothing; evaluate it on its own task (or time it "
+                             f"with --synthetic)")
     check_inputs_fit(inputs, model.config, f"{data} tokenized for {args.model}")
     available = len(inputs["input_ids"])
     if args.examples is not None and args.examples > available:

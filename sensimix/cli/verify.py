@@ -32,11 +32,11 @@ Reproduce the certified V&V of SensiMix (KOTCA KST-21-049) on this machine and j
  3. fp16 time ratio (CUDA only, beyond the certificate): SensiMix / an fp16 BERT (transformers SDPA, padded, as
     users run it), timed in the same trials; a goal of <= --fp16-max-ratio, reported; it fails the run only with
     --gate-fp16.
- 4. Accuracy (beyond the certificate, which measured untrained models): the packaged MiniLM-L6 (or
+ 4-5. Accuracy (beyond the certificate, which measured untrained models): the packaged MiniLM-L6 (or
     --accuracy-pretrained) fine-tuned on SST-2 (fp32 reference) vs SensiMix (3+3) trained from it; the gap in
-    points must be <= --accuracy-max-gap and SensiMix's accuracy >= --accuracy-min (far above chance).
- 5. fast vs exact: on the trained (3+3) and (2+1), the fast recipe's SST-2 dev predictions must equal the
-    exact path's on >= 99.5% of the sentences, accuracies within 0.3 points. Criteria 4-5 need SST-2 in the
+    points must be <= --accuracy-max-gap (4) and SensiMix's accuracy >= --accuracy-min (5, far above chance).
+ 6. fast vs exact: on the trained (3+3) and (2+1), the fast recipe's SST-2 dev predictions must equal the
+    exact path's on >= 99.5% of the sentences, accuracies within 0.3 points. Criteria 4-6 need SST-2 in the
     GLUE folder and are skipped with the reason otherwise; the CPU defaults train on a small subset.
 
 Data: --glue-dir / $GLUE_DIR with QNLI/dev.tsv gives real QNLI dev pairs (cycled to --examples); without it
@@ -96,7 +96,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sensimix-precision", choices=["auto", *SENSIMIX_PRECISIONS], default="auto",
                    help="SensiMix's inference precision, for timing and accuracy (default: auto = 'fast', the "
                         "exact path's fastest kernels; fp16 = the paper's GPU inference, approximate)")
-    g = p.add_argument_group("accuracy (criteria 4 and 5; need SST-2 data)")
+    g = p.add_argument_group("accuracy (criteria 4-6; need SST-2 data)")
     g.add_argument("--skip-accuracy", action="store_true", help="do not train/evaluate for the accuracy criteria")
     add_accuracy_options(g.add_argument)
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")

@@ -68,11 +68,20 @@ def load_for_inference(path: str | os.PathLike, device: str = "cpu", precision: 
     from ..devices import torch_dtype
     from ..sources import bert_config, load_bert_classifier
 
-    labels = bert_config(path, allow_qat=False).num_labels
-    model = load_bert_classifier(path, labels, dtype=torch_dtype(precision),
+    config = bert_config(path, allow_qat=False)
+    if config.is_decoder or config.add_cross_attention:
+        raise ValueError(f"{path}/config.json makes the BERT a decoder (is_decoder / add_cross_attention): not the "
+                         f"encoder classifier the criteria compare; save a BertForSequenceClassification")
+    model = load_bert_classifier(path, config.num_labels, dtype=torch_dtype(precision),
                                  attn_implementation="eager" if precision == "fp32" else "sdpa",
-                                 use_safetensors=None if weights == "auto" else weights.endswith(".safetensors"))
+                                 use_safetensors=None if weights == "auto" else weights.endswith(".safetensors"),
+                                 config_overrides=BASELINE_RUNTIME)
     return model.to(device).eval()
+
+
+# runtime options of a BERT's config.json that change its speed, not its logits: the baseline always runs with
+# transformers' defaults (a chunked FFN, or attentions and hidden states returned, would slow it and flatter SensiMix)
+BASELINE_RUNTIME = {"chunk_size_feed_forward": 0, "output_attentions": False, "output_hidden_states": False}
 
 
 # ---------------------------------------------------------------------------------------------------

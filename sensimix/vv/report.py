@@ -120,12 +120,16 @@ def load_history(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     runs = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
+    for i, raw in enumerate(path.read_bytes().splitlines(), 1):
+        if raw.strip():
             try:
-                runs.append(json.loads(line))
-            except json.JSONDecodeError:
-                log.warning("%s:%d is not JSON; skipped", path, i)
+                run = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                run = None
+            if isinstance(run, dict):
+                runs.append(run)
+            else:
+                log.warning("%s:%d is not a JSON object of a past run; skipped", path, i)
     return runs
 
 
@@ -228,8 +232,15 @@ def write_report(report: Report, out_dir: str | os.PathLike, *, chart: bool = Tr
     write_json(out / "report.json", report.to_dict())
     write_text(out / "report.md", render_markdown(report))
     history_path = out / "history.jsonl"
-    with open(history_path, "a") as f:
-        f.write(json.dumps(report.history_entry(), sort_keys=True, default=str) + "\n")
+    with open(history_path, "ab+") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell():
+            f.seek(-1, os.SEEK_END)
+            glued = f.read(1) != b"\n"  # a last line without its newline: start ours on a line of its own
+        else:
+            glued = False
+        line = json.dumps(report.history_entry(), sort_keys=True, default=str) + "\n"
+        f.write((("\n" if glued else "") + line).encode())
     png = None
     if chart:
         try:

@@ -35,7 +35,7 @@ from .procedure import (
     environment,
     sensimix_precision,
 )
-from .sizes import SizeReport, build_bert_folder, build_sensimix_folder, measure_sizes
+from .sizes import SizeReport, build_bert_folder, build_sensimix_folder, measure_sizes, prove_bert_weight_files
 from .timing import ModelTimer, TimingReport, time_models, timing_inputs
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,7 @@ class VVRun:
                              f"sensimix_format)")
         self._check_pair()
         self._check_timing_data()
+        self._check_accuracy_inputs()
         if s.keep_models is not None:
             keep = Path(s.keep_models)
             if is_random(s.bert):
@@ -160,6 +161,26 @@ class VVRun:
                                  f"<glue-dir>/QNLI/dev.tsv)")
             load_glue("qnli", "dev", root)
 
+    def _check_accuracy_inputs(self) -> None:
+        """SST-2 and the accuracy models' sources, when accuracy will be measured: checked now, not after the
+        timing (minutes on CUDA)."""
+        from ..sources import bert_config
+        from ..train.data import load_glue
+
+        s = self.s
+        if s.accuracy is None or accuracy_data_missing(s.glue_dir, hub=s.hub):
+            return
+        if s.glue_dir is not None:
+            for split in ("train", "dev"):
+                load_glue("sst-2", split, s.glue_dir)
+        for flag, source in (("--accuracy-reference", s.accuracy.reference),
+                             ("--accuracy-pretrained", s.accuracy.pretrained)):
+            if source is not None:
+                try:
+                    bert_config(source, allow_qat=False)
+                except (ValueError, OSError) as exc:
+                    raise ValueError(f"{flag} {source}: {exc}") from None
+
     # -- the folders -----------------------------------------------------------------------------
     @cached_property
     def folders(self) -> tuple[Path, Path]:
@@ -173,6 +194,7 @@ class VVRun:
             bert = build_bert_folder(root / "bert", s.bert, seed=s.seed, overwrite=s.overwrite)
         else:
             bert = Path(s.bert)
+            prove_bert_weight_files(bert)  # before compressing it: a refused BERT leaves no SensiMix behind
         if s.sensimix is not None:
             sensimix = Path(s.sensimix)
         else:

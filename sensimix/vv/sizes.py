@@ -75,7 +75,9 @@ def _file_size(folder: Path, name: str, required: bool) -> int | None:
 
 # the fields that fix a model's shape: a SensiMix made from a BERT has that BERT's values of them
 PAIR_FIELDS = ("vocab_size", "hidden_size", "num_attention_heads", "intermediate_size", "max_position_embeddings",
-               "type_vocab_size", "hidden_act", "num_labels")
+               "type_vocab_size", "hidden_act")  # not num_labels: the head is a few KB, and verify builds a 2-label one
+# a weight file's bytes beyond its tensors' own (zip headers, names, pickle): far below this for any BERT
+_CONTAINER_SLACK = 1 << 20
 # tensors old transformers versions saved that today's BertForSequenceClassification does not hold (a constant
 # buffer of 4 KB): harmless in a baseline file
 _LEGACY_BERT_TENSORS = ("bert.embeddings.position_ids",)
@@ -113,6 +115,18 @@ def check_bert_tensors(folder: Path, tensors: dict[str, torch.Tensor], config: A
                               f"({config.num_hidden_layers} layers, hidden {config.hidden_size}): "
                               f"{'; '.join(parts)}. Criterion 1 would size another model than criterion 2 times; "
                               f"save the classifier with save_pretrained (or sensimix finetune)")
+    legacy = {k: tuple(v.shape) for k, v in tensors.items() if k in _LEGACY_BERT_TENSORS}
+    for name, shape in legacy.items():
+        if shape not in ((1, config.max_position_embeddings), (config.max_position_embeddings,)):
+            raise CheckpointError(f"{path}: {name} has shape {list(shape)}, but the position buffer of this config "
+                                  f"is [1, {config.max_position_embeddings}]; the file holds more than the model")
+    held = sum(v.numel() * v.element_size() for v in tensors.values())
+    size = path.stat().st_size
+    if size > held + held // 100 + _CONTAINER_SLACK:
+        raise CheckpointError(f"{path} is {size / 1e6:,.1f} MB, but its tensors hold {held / 1e6:,.1f} MB: the file "
+                              f"carries other bytes (tensors saved as views of larger storages, extra archive "
+                              f"entries), which criterion 1 would count as the model's. Re-save it (save_pretrained, "
+                              f"or torch.save of a state dict of .contiguous().clone() tensors)")
     other = sorted(k for k, v in tensors.items() if v.is_floating_point() and v.dtype != torch.float32)
     if other:
         raise CheckpointError(f"{path}: the baseline must be fp32 (the certified BERT is 438 MB of fp32), but "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import statistics
@@ -13,7 +14,16 @@ from typing import Any
 import torch
 
 from .measure import InferenceResult, make_batches, run_inference, synthetic_inputs, task_inputs
-from .procedure import BATCH_SIZE, BERT_FP16, BERT_FP32, CERTIFIED_EXAMPLES, MAX_SEQ_LENGTH, SENSIMIX, TRIALS
+from .procedure import (
+    BATCH_SIZE,
+    BERT_FP16,
+    BERT_FP32,
+    CERTIFIED_EXAMPLES,
+    MAX_SEQ_LENGTH,
+    QNLI_DEV_SHA256,
+    SENSIMIX,
+    TRIALS,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +47,9 @@ def timing_inputs(tokenizer: Any, *, glue_dir: str | os.PathLike | None = None, 
         inputs = task_inputs("qnli", tokenizer, glue_dir=root, split="dev", max_seq_length=max_seq_length, hub=hub)
         n = len(inputs["labels"])
         source = "QNLI dev" if local else "QNLI dev from the hub, nyu-mll/glue"
-        label = f"{source} ({n:,} examples{', cycled' if num_examples > n else ''})"
+        digest = hashlib.sha256((root / "QNLI" / "dev.tsv").read_bytes()).hexdigest() if local else None
+        mark = "" if digest in (None, QNLI_DEV_SHA256) else f", NOT GLUE's file: sha256 {digest[:16]}"
+        label = f"{source} ({n:,} examples{', cycled' if num_examples > n else ''}{mark})"
     else:
         why = "no GLUE folder given" if root is None else f"no QNLI/dev.tsv in {root}"
         inputs = synthetic_inputs(num_examples, max_seq_length=max_seq_length, vocab_size=vocab_size, seed=seed)
@@ -109,6 +121,8 @@ class TimingReport:
         out = [f"{what} {value:,} (certified {want:,})" for what, value, want in certified if value != want]
         if not self.data.startswith("QNLI dev"):
             out.append("synthetic batches (certified: QNLI)")
+        elif "NOT GLUE's file" in self.data:
+            out.append("a QNLI dev.tsv other than GLUE's (its sha256 differs)")
         return out
 
     @classmethod
