@@ -166,7 +166,25 @@ def load_bert_classifier(source: str | os.PathLike, num_labels: int, *, dtype=No
                           f"there; fix config.json or re-save the model")
     if any(k.startswith("classifier.") for k in info.get("missing_keys", ())):
         log.info("%s has no classifier weights: the %d-label head starts from random values", source, num_labels)
+    _untie(model)
     return model
+
+
+def _untie(model: Any) -> None:
+    """Give parameters that a checkpoint stored as one tensor storages of their own: BERT ties none, training
+    would update them together, and saving refuses shared tensors it does not know as tied."""
+    import torch
+
+    seen: set[int] = set()
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is None:
+                continue
+            ptr = p.data.untyped_storage().data_ptr()
+            if ptr in seen:  # one Parameter in two modules, or two sharing a storage
+                module._parameters[name] = torch.nn.Parameter(p.data.clone(), requires_grad=p.requires_grad)
+            else:
+                seen.add(ptr)
 
 
 def offline_bert() -> str | None:

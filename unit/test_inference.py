@@ -325,6 +325,8 @@ def test_auto_class_arguments_are_applied_or_refused(packed) -> None:
         Auto.from_pretrained(folder, output_hidden_states=True)
     with pytest.raises(ValueError, match="cannot be built from a config alone"):
         Auto.from_config(Packed.from_pretrained(folder).config)
+    with pytest.raises(RuntimeError, match="holds no weights .* buffers are uninitialised"):
+        Packed(Packed.from_pretrained(folder).config).prepare(make_plan("cpu"))  # built directly: NaN logits before
     assert Packed.from_pretrained(folder.parent, subfolder=folder.name).config.num_hidden_layers == 4
     # the same options given to the class directly; loader options at their no-op values are accepted
     direct = Packed.from_pretrained(folder, id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1},

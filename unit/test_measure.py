@@ -297,6 +297,23 @@ def test_a_bert_whose_weights_do_not_match_its_config_is_refused(tiny_bert_dir, 
         load_bert_classifier(_without_head(bert), 2, trained_head=True)
 
 
+def test_a_bert_file_with_shared_tensors_loads_untied_and_saves(tiny_bert_dir, tmp_path) -> None:
+    import shutil
+
+    from sensimix.sources import load_bert_classifier
+
+    bert = Path(shutil.copytree(tiny_bert_dir, tmp_path / "bert"))
+    state = BertForSequenceClassification.from_pretrained(bert).state_dict()
+    first, second = (f"bert.encoder.layer.{i}.attention.output.LayerNorm.weight" for i in (0, 1))
+    state[second] = state[first]  # one tensor under two names, as a hand-made checkpoint may hold
+    (bert / "model.safetensors").unlink()
+    torch.save(state, bert / "pytorch_model.bin")
+    model = load_bert_classifier(bert, 2)
+    weights = dict(model.named_parameters())
+    assert weights[first].untyped_storage().data_ptr() != weights[second].untyped_storage().data_ptr()
+    model.save_pretrained(tmp_path / "saved")  # before: transformers refused shared tensors it does not know as tied
+
+
 def _without_head(folder: Path) -> Path:
     from safetensors.torch import load_file, save_file
 

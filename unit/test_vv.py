@@ -3,6 +3,7 @@ both weight files agree), the run object, and the `sensimix verify` exit code. F
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -236,6 +237,12 @@ def test_sizes_are_read_from_small_real_folders(tmp_path, tiny_bert_dir):
     assert s.safetensors_ratio == os.path.getsize(sm / "model.safetensors") / os.path.getsize(bert / "model.safetensors")
     assert s.bert_folder == sum(p.stat().st_size for p in bert.iterdir() if p.is_file())
     assert s.sensimix_model == "SensiMix (2+1)"
+    assert s.bert_model == "BERT 4 layers, hidden 32, FFN 52, vocab 120"
+    assert s.to_dict()["deviations_from_certified"] == [
+        "the baseline is BERT 4 layers, hidden 32, FFN 52, vocab 120 (certified: bert-base, BERT 12 layers, "
+        "hidden 768, FFN 3072, vocab 30,522)"]
+    certified = dataclasses.replace(s, bert_model=sizes.CERTIFIED_BERT)
+    assert certified.deviations() == [] and dataclasses.replace(certified, sensimix_model="SensiMix (3+3)").deviations()
     (sm / "pytorch_model.bin").unlink()
     with pytest.raises(FileNotFoundError, match="pytorch_model.bin"):
         sizes.measure_sizes(bert, sm)

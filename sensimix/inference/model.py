@@ -55,6 +55,7 @@ class SensiMixForSequenceClassification(PreTrainedModel):
         self.plan: InferencePlan | None = None
         self.check_inputs = True
         self._built_from = self._digests(tensors=False)[0]  # the model fields the module tree is built from
+        self._holds_weights = False  # until a state dict is loaded: the buffers are uninitialised memory
         self.post_init()
 
     # -- the format ------------------------------------------------------------------------------
@@ -156,6 +157,10 @@ class SensiMixForSequenceClassification(PreTrainedModel):
         refuses to write tensors or model fields other than those the model computes with.
         """
         self._check_model_fields("prepare")
+        if not getattr(self, "_holds_weights", True):
+            raise RuntimeError("this model holds no weights (built from a config, its buffers are uninitialised): "
+                               "load a folder with from_pretrained, or export a quantization-aware model "
+                               "(sensimix.export.convert)")
         self._prepared_from = self._digests()
         for name, t in list(self.state_dict().items()):
             owner, attr = name.rsplit(".", 1)
@@ -195,6 +200,8 @@ class SensiMixForSequenceClassification(PreTrainedModel):
         if strict and self.plan is not None:
             self._check_spec(dict(state_dict), "load_state_dict")
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if strict:
+            self._holds_weights = True
         if self.plan is not None:
             self.prepare(self.plan)
         return result

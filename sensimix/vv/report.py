@@ -54,7 +54,9 @@ def render_markdown(report: Report) -> str:
                   f"| model.safetensors | {_mb(s.bert_safetensors)} | {_mb(s.sensimix_safetensors)} | "
                   f"{_pct(s.safetensors_ratio)} |",
                   f"| whole folder | {_mb(s.bert_folder)} | {_mb(s.sensimix_folder)} | {_pct(s.folder_ratio)} |",
-                  "", "Certified: 42.2 MB / 438.0 MB = 9.6%.", ""]
+                  "", f"Baseline: {s.bert_model or 'BERT'}. Certified: 42.2 MB / 438.0 MB = 9.6%.", ""]
+        if s.deviations():
+            lines += ["Not the certified models: " + "; ".join(s.deviations()) + ".", ""]
 
     t = report.timing
     if t and t.trials:

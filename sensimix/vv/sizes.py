@@ -42,6 +42,7 @@ class SizeReport:
     bert_path: str = ""
     sensimix_path: str = ""
     sensimix_model: str = ""  # e.g. "SensiMix (2+1)"
+    bert_model: str = ""      # e.g. "BERT 12 layers, hidden 768, FFN 3072, vocab 30,522"
     weight_files_agree: bool = True  # each folder's .bin and .safetensors were proven to hold the same tensors
 
     @property
@@ -58,9 +59,19 @@ class SizeReport:
     def folder_ratio(self) -> float:
         return self.sensimix_folder / self.bert_folder
 
+    def deviations(self) -> list[str]:
+        """How the compared models differ from the certified pair (a bert-base baseline and SensiMix (2+1))."""
+        out = []
+        if self.bert_model and self.bert_model != CERTIFIED_BERT:
+            out.append(f"the baseline is {self.bert_model} (certified: bert-base, {CERTIFIED_BERT})")
+        if self.sensimix_model and self.sensimix_model != "SensiMix (2+1)":
+            out.append(f"{self.sensimix_model} (certified: SensiMix (2+1))")
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d.update(ratio=self.ratio, safetensors_ratio=self.safetensors_ratio, folder_ratio=self.folder_ratio)
+        d.update(ratio=self.ratio, safetensors_ratio=self.safetensors_ratio, folder_ratio=self.folder_ratio,
+                 deviations_from_certified=self.deviations())
         return d
 
 
@@ -78,9 +89,15 @@ PAIR_FIELDS = ("vocab_size", "hidden_size", "num_attention_heads", "intermediate
                "type_vocab_size", "hidden_act")  # not num_labels: the head is a few KB, and verify builds a 2-label one
 # a weight file's bytes beyond its tensors' own (zip headers, names, pickle): far below this for any BERT
 _CONTAINER_SLACK = 1 << 20
+CERTIFIED_BERT = "BERT 12 layers, hidden 768, FFN 3072, vocab 30,522"  # bert-base-uncased
 # tensors old transformers versions saved that today's BertForSequenceClassification does not hold (a constant
 # buffer of 4 KB): harmless in a baseline file
 _LEGACY_BERT_TENSORS = ("bert.embeddings.position_ids",)
+
+
+def describe_bert(config: Any) -> str:
+    return (f"BERT {config.num_hidden_layers} layers, hidden {config.hidden_size}, FFN {config.intermediate_size}, "
+            f"vocab {config.vocab_size:,}")
 
 
 def check_pair(bert_config: Any, sensimix_config: Any, bert: str, sensimix: str) -> None:
@@ -180,7 +197,8 @@ def measure_sizes(bert_dir: str | os.PathLike, sensimix_dir: str | os.PathLike) 
     cfg = read_json(sm / "config.json", what="a SensiMix checkpoint folder")
     model = f"SensiMix ({cfg['num_8bit_layers']}+{cfg['num_hidden_layers'] - cfg['num_8bit_layers']})"
     return SizeReport(**sizes, bert_folder=folder_bytes(bert), sensimix_folder=folder_bytes(sm),
-                      bert_path=str(bert), sensimix_path=str(sm), sensimix_model=model)
+                      bert_path=str(bert), sensimix_path=str(sm), sensimix_model=model,
+                      bert_model=describe_bert(bert_config(bert, allow_qat=False)))
 
 
 # ---------------------------------------------------------------------------------------------------
