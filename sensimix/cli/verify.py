@@ -18,7 +18,7 @@ Reproduce the certified V&V of SensiMix (KOTCA KST-21-049) on this machine and j
     --bert names a folder, which is measured as it is); the SensiMix folder is `sensimix compress --max-steps 0`
     of it (quantized and packed, not trained: the size does not depend on training), unless --sensimix names
     one. First proven: the BERT's pytorch_model.bin holds exactly the fp32 model of its config.json, the
-    SensiMix was made from that BERT (same vocabulary, widths, heads, positions, labels; no more layers), and
+    SensiMix was made from that BERT (same vocabulary, widths, heads, positions; no more layers), and
     each folder's pytorch_model.bin holds the same tensors as its model.safetensors (whose ratio is reported too).
  2. Inference time ratio <= 20%: SensiMix time / BERT fp32 time over the same QNLI examples (batch 128,
     max_seq_length 128), 3 trials, mean of the per-trial ratios. What is timed: the models' forward passes
