@@ -37,7 +37,8 @@ def is_random(source: object) -> bool:
     return isinstance(source, str) and source.startswith(RANDOM_PREFIX)
 
 
-def _looks_local(name: str) -> bool:
+def looks_local(name: str) -> bool:
+    """Whether ``name`` is meant as a local path rather than a hub id."""
     # "org/name" is a hub id unless "org" is a local folder (then a missing "org/name" is a local mistake, said at
     # once instead of after the hub's retries)
     return (os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name) or name.count("/") > 1
@@ -70,7 +71,7 @@ def bert_config(source: str | os.PathLike | Any, *, allow_qat: bool = True):
                               + ", ".join(RANDOM_PREFIX + g for g in RANDOM_GEOMETRIES))
         return BertConfig(**RANDOM_GEOMETRIES[geometry])
     name = os.fspath(source)
-    if not _looks_local(name):
+    if not looks_local(name):
         try:  # a hub id (online users)
             config = BertConfig.from_pretrained(name)
         except OSError as exc:

@@ -26,6 +26,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .. import checkpoint
 from ..config import SensiMixConfig
+from . import loading
 from .encoder import Attention, SensiMixModel
 from .inputs import check_inputs, check_labels
 from .layers import Linear, PackedModule
@@ -117,26 +118,27 @@ class SensiMixForSequenceClassification(PreTrainedModel):
         if model_args:
             raise TypeError(f"{cls.__name__}.from_pretrained takes no positional arguments after the path, got "
                             f"{len(model_args)}")
-        device = _pop_device(kwargs, device)
-        precision = _pop_precision(kwargs, precision)
+        device = loading.pop_device(kwargs, device)
+        precision = loading.pop_precision(kwargs, precision)
         override = kwargs.pop("config", None)  # the Auto classes pass the folder's config with their kwargs applied
-        fields = {k: kwargs.pop(k) for k in (*_SETTABLE_FIELDS, "num_labels") if k in kwargs}  # given directly
+        fields = {k: kwargs.pop(k) for k in (*loading.SETTABLE_FIELDS, "num_labels") if k in kwargs}  # given directly
         subfolder = kwargs.pop("subfolder", None) or ""
-        hub = {k: v for k in _HUB_KWARGS if (v := kwargs.pop(k, None)) is not None}
-        _drop_loader_kwargs(kwargs)
+        hub = {k: v for k in loading.HUB_KWARGS if (v := kwargs.pop(k, None)) is not None}
+        loading.drop_loader_kwargs(kwargs)
         if kwargs:
             raise TypeError(f"{cls.__name__}.from_pretrained got unexpected argument(s) {sorted(kwargs)}; a packed "
                             f"checkpoint's config cannot be changed at load time")
         request = dict(precision=precision, binary_kernel=binary_kernel, index8_kernel=index8_kernel,
                        fuse_qkv=fuse_qkv, skip_padding=skip_padding)
         plan = make_plan(device or "cpu", **request)
-        folder = _local_folder(pretrained_model_name_or_path, subfolder, hub)
+        folder = loading.local_folder(pretrained_model_name_or_path, subfolder, hub)
         raw = checkpoint.read_raw_config(folder)
         config = checkpoint.config_from_raw(raw, folder / "config.json")
-        if override is not None:
-            _apply_config_override(config, override.to_dict() if hasattr(override, "to_dict") else override, folder)
-        if fields:
-            _apply_config_override(config, {**config.to_dict(), **fields}, folder)
+        if override is not None and not hasattr(override, "to_dict"):
+            raise ValueError(f"config must be a SensiMixConfig, got {type(override).__name__}")
+        if override is not None or fields:
+            asked = (config if override is None else override).to_dict()
+            loading.apply_config_override(config, {**asked, **fields}, folder)
         tensors, source = checkpoint.read_tensors(folder, cls.checkpoint_spec(config), raw, cls._geometry(config),
                                                   weights=weights, verify_all=verify_all_files)
         model = cls.from_state_dict(config, tensors, plan, source=str(source), check=False)  # read_tensors checked
@@ -367,124 +369,3 @@ class SensiMixForSequenceClassification(PreTrainedModel):
         if return_dict is False or (return_dict is None and getattr(self.config, "return_dict", True) is False):
             return (logits,) if loss is None else (loss, logits)
         return SequenceClassifierOutput(loss=loss, logits=logits)
-
-
-# ---------------------------------------------------------------------------------------------------
-# loader arguments
-# ---------------------------------------------------------------------------------------------------
-_IGNORED_LOADER_KWARGS = ("_from_auto", "_from_pipeline", "trust_remote_code", "low_cpu_mem_usage",
-                          "attn_implementation", "use_safetensors", "_commit_hash", "code_revision", "adapter_kwargs",
-                          "proxies")
-# transformers' hub options, passed on to the download of a hub id
-_HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token", "force_download")
-# config fields a caller may set at load time: they change what forward returns or how labels are named, never the
-# computation (the label count must stay the classifier's)
-_SETTABLE_FIELDS = ("return_dict", "id2label", "label2id")
-_IGNORED_FIELDS = ("_name_or_path", "dtype", "torch_dtype", "transformers_version")
-
-
-# transformers' loader options that are no-ops at these values (what a packed folder always does)
-_NOOP_LOADER_KWARGS = {"weights_only": True, "ignore_mismatched_sizes": False, "output_loading_info": False,
-                       "variant": None, "quantization_config": None, "state_dict": None, "offload_folder": None}
-
-
-def _drop_loader_kwargs(kwargs: dict[str, Any]) -> None:
-    """transformers' loader options that do not apply to a packed folder (the Auto classes and ``pipeline`` pass
-    some of them), and those given at the value a packed folder loads with anyway."""
-    for key in _IGNORED_LOADER_KWARGS:
-        kwargs.pop(key, None)
-    for key, value in _NOOP_LOADER_KWARGS.items():
-        if key in kwargs and kwargs[key] is value:  # True / False / None: singletons
-            kwargs.pop(key)
-
-
-def _apply_config_override(config: SensiMixConfig, theirs: Any, folder: Path) -> None:
-    """Apply a config asked for at load time (the Auto classes' ``config=``, made of their kwargs, e.g.
-    ``num_labels=3``; or ``id2label=`` given directly) to the folder's config: settable fields are taken, any other
-    difference is refused (never silently dropped)."""
-    if not isinstance(theirs, dict):
-        raise ValueError(f"config must be a SensiMixConfig, got {type(theirs).__name__}")
-    ours = config.to_dict()
-    if "num_labels" in theirs and theirs["num_labels"] != config.num_labels:
-        raise ValueError(f"{folder}: num_labels={theirs['num_labels']} was asked for, but the classifier has "
-                         f"{config.num_labels} outputs; a packed checkpoint's label count is fixed")
-    # the format fields and the checksum are the file's, not model fields
-    ignored = {*_IGNORED_FIELDS, *checkpoint.FORMAT_FIELDS, checkpoint.CHECKSUM_KEY, "architectures", "num_labels"}
-    changed = sorted(k for k in set(ours) | set(theirs) if k not in ignored and ours.get(k) != theirs.get(k))
-    fixed = [k for k in changed if k not in _SETTABLE_FIELDS]
-    if fixed:
-        shown = ", ".join(f"{k}={theirs.get(k)!r} (config.json: {ours.get(k)!r})" for k in fixed[:4])
-        raise ValueError(f"{folder}: a packed checkpoint's config cannot be changed at load time, but the config "
-                         f"asked for differs from its config.json in {shown}{' ...' if len(fixed) > 4 else ''}; load "
-                         f"it without these arguments (only {', '.join(_SETTABLE_FIELDS)} may be set)")
-    labels = len(theirs.get("id2label") or {})
-    if labels != config.num_labels:
-        raise ValueError(f"{folder}: {labels} labels were asked for (num_labels / id2label), but the classifier has "
-                         f"{config.num_labels} outputs; a packed checkpoint's label count is fixed")
-    for key in changed:
-        setattr(config, key, theirs[key])
-
-
-def _pop_device(kwargs: dict[str, Any], device: Any) -> Any:
-    device_map = kwargs.pop("device_map", None)
-    if device_map is None:
-        return device
-    if isinstance(device_map, dict):
-        if set(device_map) != {""}:
-            raise ValueError("device_map as a dict of modules is not supported: a packed SensiMix model runs on one "
-                             "device (device_map={'': device} or device=...)")
-        device_map = device_map[""]
-    mapped = f"cuda:{device_map}" if isinstance(device_map, int) else device_map
-    if device is not None and mapped != "auto" and not _same_device(device, mapped):
-        raise ValueError(f"device={device!r} and device_map={device_map!r} name different devices; give one of them")
-    return device if device is not None else mapped
-
-
-def _same_device(a: Any, b: Any) -> bool:
-    """Whether two device names can mean the same device (``cpu`` = ``cpu:0``; ``cuda`` = any ``cuda:N``)."""
-    try:
-        x, y = torch.device(a), torch.device(b)
-    except (RuntimeError, TypeError, ValueError):
-        return str(a) == str(b)
-    return x.type == y.type and (x.type == "cpu" or x.index is None or y.index is None or x.index == y.index)
-
-
-def _pop_precision(kwargs: dict[str, Any], precision: Any) -> Any:
-    """``precision``, or transformers' ``dtype`` / ``torch_dtype``; two that disagree are an error."""
-    given = {k: v for k, v in (("precision", precision), ("dtype", kwargs.pop("dtype", None)),
-                               ("torch_dtype", kwargs.pop("torch_dtype", None))) if v is not None and v != "auto"}
-    names = {k: _precision_name(v) for k, v in given.items()}
-    if set(names.values()) == {"fast", "fp32"}:  # fast computes in fp32: a dtype of float32 agrees with it
-        return "fast"
-    if len(set(names.values())) > 1:
-        raise ValueError(f"{', '.join(f'{k}={v!r}' for k, v in given.items())} ask for different precisions; give one "
-                         f"(precision='fp32'|'fp16'|'bf16'|'fast')")
-    return next(iter(given.values()), None)
-
-
-def _precision_name(value: Any) -> str:
-    """fp32 / fp16 / bf16 / fast for a precision name or a dtype (unknown values pass as they are, for make_plan
-    to refuse)."""
-    from ..devices import dtype_name
-
-    name = dtype_name(value) if isinstance(value, torch.dtype) else str(value).removeprefix("torch.")
-    return {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float": "fp32", "half": "fp16"}.get(name, name)
-
-
-def _local_folder(name: str | os.PathLike, subfolder: str = "", hub: dict[str, Any] | None = None) -> Path:
-    """A local folder (``subfolder`` inside it), or a hub snapshot of the packed files (online users; ``hub``:
-    transformers' revision, token, cache_dir, ... options)."""
-    path = Path(name).expanduser()
-    if path.exists() or os.path.isabs(os.fspath(name)) or str(name).startswith((".", "~")) or \
-            str(name).count("/") != 1:
-        return path / subfolder
-    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
-    try:
-        from huggingface_hub import snapshot_download
-
-        root = snapshot_download(str(name), allow_patterns=[f"{prefix}*.json", f"{prefix}*.safetensors",
-                                                            f"{prefix}*.txt"], **(hub or {}))
-        return Path(root) / subfolder
-    except Exception as exc:  # noqa: BLE001 - offline, unknown repo, ...: say what was looked for
-        raise FileNotFoundError(f"{name} is not a local folder, and the hub did not give it "
-                                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
