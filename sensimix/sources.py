@@ -110,9 +110,9 @@ def _checked(config, where: str):
     return config
 
 
-# weights of the encoder a BERT checkpoint may hold that BertForSequenceClassification does not use: a constant
-# buffer older transformers versions saved (other heads -- pre-training, QA, ... -- are not under "bert.")
-_UNUSED_BERT_WEIGHTS = ("bert.embeddings.position_ids",)
+# encoder tensors a BERT checkpoint may hold that today's BertForSequenceClassification does not: a constant
+# buffer (4 KB) older transformers versions saved (other heads -- pre-training, QA, ... -- are not under "bert.")
+LEGACY_BERT_BUFFERS = ("bert.embeddings.position_ids",)
 # weights a pre-trained (not fine-tuned) BERT lacks: a new classifier head starts from random values
 _NEW_HEAD = ("classifier.", "bert.pooler.")
 
@@ -156,7 +156,7 @@ def load_bert_classifier(source: str | os.PathLike, num_labels: int, *, dtype=No
     # an encoder weight the config has no place for (e.g. config.json names fewer layers than the file) means the
     # model is not the file's; another task's head is simply not used
     unexpected = [k for k in info.get("unexpected_keys", ())
-                  if k.startswith("bert.") and not k.startswith(_UNUSED_BERT_WEIGHTS)]
+                  if k.startswith("bert.") and k not in LEGACY_BERT_BUFFERS]
     mismatched = [k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys", ())]
     if missing or unexpected or mismatched:
         parts = [f"{what} {', '.join(sorted(keys)[:3])}{' ...' if len(keys) > 3 else ''}"

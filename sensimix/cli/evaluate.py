@@ -72,16 +72,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
 
 
-def _check_json_target(path: str) -> None:
-    from ..io import check_file_target
-
-    check_file_target(path, "--json")
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..devices import device_name, resolve_device
+    from ..io import check_file_target
     from ..sources import load_tokenizer
     from ..train.data import num_labels
     from ..vv.measure import (
@@ -96,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     )
 
     if args.json is not None:
-        _check_json_target(args.json)  # before the run, not after it (an empty name included)
+        check_file_target(args.json, "--json")  # before the run, not after it (an empty name included)
     if args.examples is not None:
         check_examples_fit(args.examples, args.max_seq_length)
     device = resolve_device(args.device)

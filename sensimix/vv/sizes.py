@@ -18,6 +18,7 @@ import torch
 
 from ..checkpoint import WEIGHTS_BIN, WEIGHTS_SAFETENSORS, CheckpointError, load_weight_file
 from ..io import TOKENIZER_FILES, read_json
+from ..sources import LEGACY_BERT_BUFFERS
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +91,6 @@ PAIR_FIELDS = ("vocab_size", "hidden_size", "num_attention_heads", "intermediate
 # a weight file's bytes beyond its tensors' own (zip headers, names, pickle): far below this for any BERT
 _CONTAINER_SLACK = 1 << 20
 CERTIFIED_BERT = "BERT 12 layers, hidden 768, FFN 3072, vocab 30,522"  # bert-base-uncased
-# tensors old transformers versions saved that today's BertForSequenceClassification does not hold (a constant
-# buffer of 4 KB): harmless in a baseline file
-_LEGACY_BERT_TENSORS = ("bert.embeddings.position_ids",)
 
 
 def describe_bert(config: Any) -> str:
@@ -121,7 +119,7 @@ def check_bert_tensors(folder: Path, tensors: dict[str, torch.Tensor], config: A
     with torch.device("meta"):
         spec = {k: tuple(v.shape) for k, v in BertForSequenceClassification(config).state_dict().items()}
     missing = sorted(set(spec) - set(tensors))
-    extra = sorted(set(tensors) - set(spec) - set(_LEGACY_BERT_TENSORS))
+    extra = sorted(set(tensors) - set(spec) - set(LEGACY_BERT_BUFFERS))
     shapes = sorted(k for k in set(spec) & set(tensors) if tuple(tensors[k].shape) != spec[k])
     path = folder / WEIGHTS_BIN
     if missing or extra or shapes:
@@ -132,7 +130,7 @@ def check_bert_tensors(folder: Path, tensors: dict[str, torch.Tensor], config: A
                               f"({config.num_hidden_layers} layers, hidden {config.hidden_size}): "
                               f"{'; '.join(parts)}. Criterion 1 would size another model than criterion 2 times; "
                               f"save the classifier with save_pretrained (or sensimix finetune)")
-    legacy = {k: tuple(v.shape) for k, v in tensors.items() if k in _LEGACY_BERT_TENSORS}
+    legacy = {k: tuple(v.shape) for k, v in tensors.items() if k in LEGACY_BERT_BUFFERS}
     for name, shape in legacy.items():
         if shape not in ((1, config.max_position_embeddings), (config.max_position_embeddings,)):
             raise CheckpointError(f"{path}: {name} has shape {list(shape)}, but the position buffer of this config "
