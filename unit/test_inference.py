@@ -735,8 +735,8 @@ def test_compiled_forward_gives_the_same_logits(packed) -> None:
 def test_the_last_layer_runs_for_the_pooled_token_only(packed, monkeypatch, skip_padding: bool, span_step: int,
                                                        fuse_qkv: bool) -> None:
     # the pooler reads each sequence's first token: the last layer's query, attention output and FFN run on one row
-    # per sequence (keys and values on every token, fused when Q/K/V are), and that row is what the full layer
-    # computes for it
+    # per sequence, its keys and values are folded into that query (no key or value projection runs), and that
+    # row is what the full layer computes for it
     monkeypatch.setattr(Packing, "SPAN_STEP", span_step)
     model = Packed.from_pretrained(packed[1], skip_padding=skip_padding, fuse_qkv=fuse_qkv)
     first_layer, last = model.bert.encoder.layer[0], model.bert.encoder.layer[-1]
@@ -747,6 +747,9 @@ def test_the_last_layer_runs_for_the_pooled_token_only(packed, monkeypatch, skip
                                             with_kwargs=True),
              last.attention.self.query.register_forward_pre_hook(lambda mod, args: query_rows.append(args[0].shape[0])),
              last.output.dense.register_forward_pre_hook(lambda mod, args: ffn_rows.append(args[0].shape[0]))]
+    projections = [m for m in (last.attention.kv, last.attention.self.key, last.attention.self.value) if m is not None]
+    projected = []
+    hooks += [m.register_forward_pre_hook(lambda mod, args: projected.append(mod)) for m in projections]
     inputs = ragged_batch()
     try:
         logits = run(model, inputs)
@@ -755,6 +758,7 @@ def test_the_last_layer_runs_for_the_pooled_token_only(packed, monkeypatch, skip
             h.remove()
     bsz = inputs["input_ids"].shape[0]
     assert query_rows == [bsz] and ffn_rows == [bsz] and entering[0][1] == {"first_only": True}
+    assert projected == []
     x, mask, packing = entering[0][0]
     with torch.inference_mode():
         for layer in (last, first_layer):  # Q apart (the last layer's plan), and Q fused with K and V

@@ -68,8 +68,8 @@ class Attention(nn.Module):
 
     def prepare(self, plan: InferencePlan, query_apart: bool = False) -> None:
         """Kernel operands for ``plan``. Linears that read the same x run as one GEMM where the plan fuses (one
-        activation pass): Q, K and V, or with ``query_apart`` (the last layer, which needs queries of the pooled
-        tokens only) K and V, with Q on its own."""
+        activation pass): Q, K and V, or with ``query_apart`` (the last layer, whose forward needs the pooled tokens'
+        queries only and folds keys and values into them) Q on its own, and K and V for a full-layer call."""
         s = self.self
         self.qkv = self.kv = None
         if plan.fuse_qkv and query_apart:
@@ -105,19 +105,36 @@ class Attention(nn.Module):
 
     def _first_token(self, x: torch.Tensor, mask: torch.Tensor | None,
                      packing: Packing | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x, attention output) of each sequence's first token, [B, H] each: its query against every key."""
+        """(x, attention output) of each sequence's first token, [B, H] each: its query against every key.
+
+        Keys and values are folded into the query instead of computed for every token. For head h, with
+        k_j = Wk_h x_j + bk_h and v_j = Wv_h x_j + bv_h: q . k_j = (Wk_h^T q) . x_j + q . bk_h, where the last term
+        is the same for every j and cancels in the softmax, and sum_j p_j v_j = Wv_h (sum_j p_j x_j) + bv_h since
+        the p_j sum to 1. So u = Wk_h^T q (one [d, H] product per sequence) scores the tokens' x directly, and the
+        weighted mean of x goes through Wv_h once: ~2 * heads * H products per token instead of the 2 * H * H of
+        the key and value projections. The same numbers up to the summation order (fp32: ~1e-6 of the output)."""
+        s, heads = self.self, self.num_heads
         first = x.index_select(0, packing.cls) if packing is not None else x[:, 0]
-        if self.qkv is not None:  # Q fused with K and V (a layer not prepared as the last): all rows, then select
+        if self.qkv is not None:  # Q fused with K and V (a layer not prepared as the last): Q of all rows
             qkv = self._qkv(x)
             q = qkv.index_select(0, packing.cls)[:, 0] if packing is not None else qkv[:, 0, 0]
-            kv = qkv[..., 1:, :, :]
         else:
-            q, kv = self._heads(self.self.query(first), first.shape[:-1], 1)[:, 0], self._kv(x)
+            q = self._heads(s.query(first), first.shape[:-1], 1)[:, 0]  # [B, heads, d]
+        q = q.to(x.dtype)  # a bf16 kernel's output; the folded products run in the residual stream's dtype
+        wk, _ = s.key.dense_weight(x.dtype)
+        wv, bv = s.value.dense_weight(x.dtype)
+        hidden = wk.shape[1]
+        u = torch.bmm(q.transpose(0, 1), wk.view(heads, -1, hidden)).transpose(0, 1)  # [B, heads, H]
+        u = u.mul_(self.scale)
         if packing is not None:
-            return first, packing.attention_first(q, kv, self.scale)
-        k, v = (t.transpose(1, 2) for t in kv.unbind(-3))  # [B, heads, S, d] strided views
-        ctx = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=self.scale)
-        return first, ctx.reshape(first.shape)  # [B, heads, 1, d] -> [B, H]
+            z = packing.mix_first(u, x)
+        else:
+            scores = torch.bmm(u, x.transpose(1, 2))  # [B, heads, S]
+            if mask is not None:
+                scores = scores.masked_fill_(~mask[:, 0], float("-inf"))  # mask [B, 1, 1, S]
+            z = torch.bmm(scores.softmax(dim=-1), x)  # [B, heads, H]
+        ctx = torch.bmm(z.transpose(0, 1), wv.view(heads, -1, hidden).transpose(1, 2)).transpose(0, 1)
+        return first, (ctx + bv.view(heads, -1)).reshape(first.shape)  # [B, heads, d] -> [B, H]
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, packing: Packing | None = None,
                 first_only: bool = False) -> torch.Tensor:

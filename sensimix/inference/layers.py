@@ -19,7 +19,7 @@ from torch import nn
 
 from .. import kernels
 from ..kernels import Prepared
-from ..quant import index8_quantize, pack_signs
+from ..quant import index8_dequantize, index8_quantize, pack_signs
 from .plan import InferencePlan
 
 
@@ -90,6 +90,12 @@ class Index8Linear(PackedModule):
 
     def part(self) -> kernels.base.Index8Part:
         return self.weight_q, self.weight_range, self.bias.float()
+
+    def dense_weight(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_hat [out, in], bias) in ``dtype``, dequantized now exactly as the QAT model does, for math that
+        does not go through the kernel (the last layer's folded keys and values)."""
+        lo, hi = self.weight_range.float()
+        return index8_dequantize(self.weight_q, lo, hi, dtype), self.bias.to(dtype)
 
     def prepare(self, plan: InferencePlan) -> None:
         self.kernel = kernels.INDEX8_KERNELS[plan.index8_kernel]

@@ -119,17 +119,14 @@ class Packing:
             torch.index_select(ctx, 0, g.slots, out=out[g.start:g.start + g.count])
         return out
 
-    def attention_first(self, q: torch.Tensor, kv: torch.Tensor, scale: float) -> torch.Tensor:
-        """Attention for each sequence's first token only (what the last layer owes the pooler): its query
-        [B, heads, d] (batch order) against the sequence's packed keys and values [T, 2, heads, d]; returns
-        [B, heads * d] in batch order."""
-        tokens, heads = kv.shape[0], kv.shape[2]
-        flat = kv.reshape(tokens, -1)
-        out = flat.new_empty(q.shape[0], flat.shape[1] // 2)
+    def mix_first(self, u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Each sequence's softmax-weighted mean of its packed tokens x [T, H], weighted by the scores u . x_j of
+        its rows u [B, heads, H] (batch order): returns [B, heads, H] in batch order (the last layer's attention
+        for its first token, keys and values folded into u; see ``Attention._first_token``)."""
+        out = u.new_empty(u.shape)
         for g in self.groups:
-            layout = flat.index_select(0, g.gather).view(g.rows, g.span, 2, heads, -1)
-            k, v = (t.transpose(1, 2) for t in layout.unbind(2))
-            ctx = F.scaled_dot_product_attention(q.index_select(0, g.seqs).unsqueeze(2), k, v, attn_mask=g.mask,
-                                                 scale=scale)  # [rows, heads, 1, d]
-            out.index_copy_(0, g.seqs, ctx.reshape(g.rows, -1))
+            layout = x.index_select(0, g.gather).view(g.rows, g.span, -1)  # padded slots: finite stand-ins
+            scores = torch.bmm(u.index_select(0, g.seqs), layout.transpose(1, 2))  # [rows, heads, span]
+            scores.masked_fill_(~g.mask.view(g.rows, 1, g.span), float("-inf"))  # padded slots get p = 0
+            out.index_copy_(0, g.seqs, torch.bmm(scores.softmax(dim=-1), layout))
         return out
