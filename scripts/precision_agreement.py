@@ -4,8 +4,10 @@
 
 For each folder: SST-2 dev (or --task/--split), the exact path (precision fp32), then each --precisions entry
 (default fp16 bf16 fast) on --device (default cpu: fp16/bf16 are then emulated by torch's CPU kernels, with fp32
-accumulation like cuBLAS). Prints and writes predictions equal / examples and both accuracies. This is the
-measurement behind `fast` being the exact path (sensimix.inference.plan.fast_index8_kernel).
+accumulation like cuBLAS), then the exact path with each --index8-kernels entry in place of its 8-bit kernel
+(e.g. `int16`: only the 8-bit linears' activations rounded). Prints and writes predictions equal / examples and
+both accuracies. This is the measurement behind what `fast` runs for each model
+(sensimix.inference.plan.fast_index8_kernel).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-seq-length", type=int, default=64)
     p.add_argument("--device", default="cpu")
     p.add_argument("--precisions", nargs="+", default=["fp16", "bf16", "fast"])
+    p.add_argument("--index8-kernels", nargs="*", default=[], metavar="KERNEL",
+                   help="also run precision fp32 with each of these 8-bit kernels (e.g. int16)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
@@ -44,17 +48,21 @@ def main(argv: list[str] | None = None) -> int:
         batches = make_batches(inputs, batch_size=128, device=device)
         exact_model = SensiMixForSequenceClassification.from_pretrained(folder, device=device, precision="fp32")
         exact = run_inference(exact_model, batches, warmup_batches=0, device=device)
-        for precision in args.precisions:
+        runs = [(name, None) for name in args.precisions] + [("fp32", k) for k in args.index8_kernels]
+        for precision, kernel in runs:
             t0 = time.perf_counter()
-            model = SensiMixForSequenceClassification.from_pretrained(folder, device=device, precision=precision)
+            model = SensiMixForSequenceClassification.from_pretrained(folder, device=device, precision=precision,
+                                                                      index8_kernel=kernel)
             got = run_inference(model, batches, warmup_batches=0, device=device)
             equal = int((got.predictions == exact.predictions).sum())
             row = {"folder": str(folder), "model": model.config.describe(), "precision": precision,
-                   "plan": model.plan.describe(), "examples": exact.num_examples, "predictions_equal": equal,
+                   "index8_kernel": model.plan.index8_kernel, "plan": model.plan.describe(),
+                   "examples": exact.num_examples, "predictions_equal": equal,
                    "exact_accuracy": float(exact.accuracy), "accuracy": float(got.accuracy),
                    "seconds": round(time.perf_counter() - t0, 1)}
             rows.append(row)
-            print(f"{row['model']} {precision}: {equal}/{row['examples']} predictions equal to the exact path; "
+            label = precision if kernel is None else f"{precision} + {kernel}"
+            print(f"{row['model']} {label}: {equal}/{row['examples']} predictions equal to the exact path; "
                   f"accuracy {100 * row['exact_accuracy']:.2f}% -> {100 * row['accuracy']:.2f}% ({row['plan']})",
                   flush=True)
     if args.json:

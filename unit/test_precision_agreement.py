@@ -1,4 +1,4 @@
-"""scripts/precision_agreement.py: the measurement behind `fast` being the exact path, on a tiny folder."""
+"""scripts/precision_agreement.py: the measurement behind what `fast` runs, on a tiny folder."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from sensimix.export import export_checkpoint
+from sensimix.inference.plan import fast_index8_kernel
 from sensimix.qat import from_bert
 from sensimix.sources import load_tokenizer
 
@@ -21,13 +22,16 @@ def test_each_precision_is_compared_with_the_exact_path(tiny_bert_dir, tiny_glue
                                load_tokenizer(tiny_bert_dir))
     out = tmp_path / "agreement.json"
     assert script.main([str(folder), "--glue-dir", str(tiny_glue_dir), "--max-seq-length", "16",
-                        "--precisions", "fp32", "bf16", "fast", "--json", str(out)]) == 0
+                        "--precisions", "fp32", "bf16", "fast", "--index8-kernels", "dequant", "--json",
+                        str(out)]) == 0
     result = json.loads(out.read_text())
-    rows = {r["precision"]: r for r in result["rows"]}
-    assert list(rows) == ["fp32", "bf16", "fast"] and result["environment"]["torch"]
+    rows = {r["precision"] + ("+" + r["index8_kernel"] if i > 2 else ""): r for i, r in enumerate(result["rows"])}
+    assert list(rows) == ["fp32", "bf16", "fast", "fp32+dequant"] and result["environment"]["torch"]
     n = rows["fp32"]["examples"]
     assert n > 0 and all(r["examples"] == n for r in rows.values())
-    # the exact path against itself, and fast (the exact path's kernels): every prediction equal
-    assert rows["fp32"]["predictions_equal"] == rows["fast"]["predictions_equal"] == n
-    assert rows["fast"]["accuracy"] == rows["fp32"]["exact_accuracy"]
+    # the exact path against itself, and with its 8-bit kernel named: every prediction equal
+    assert rows["fp32"]["predictions_equal"] == rows["fp32+dequant"]["predictions_equal"] == n
     assert "approximate" in rows["bf16"]["plan"] and 0 <= rows["bf16"]["predictions_equal"] <= n
+    # fast is what the plan gives a (1+1) model here (int16 activations on an AVX2 CPU)
+    assert rows["fast"]["index8_kernel"] == fast_index8_kernel("cpu", mixed_layers=1)
+    assert 0 <= rows["fast"]["predictions_equal"] <= n

@@ -2,7 +2,8 @@
 
 One module per backend family: :mod:`.base` (the interfaces), :mod:`.reference` (pure-torch definitions every
 kernel is tested against), :mod:`.torch_ops` (plain torch ops, CPU and CUDA), :mod:`.onednn` (bf16 GEMMs with
-fused epilogues), :mod:`.fbgemm` (torch's quantized engine), :mod:`.popcount` (C, AVX2; built by :mod:`.native`),
+fused epilogues), :mod:`.fbgemm` (torch's quantized engine), :mod:`.popcount` and :mod:`.int16` (C, AVX2;
+built by :mod:`.native`),
 :mod:`.cuda` (FP8 tensor cores), :mod:`.triton_kernels`.
 
 1-bit linear (``sign(x) @ sign(W)^T + b``, exact in every kernel):
@@ -24,7 +25,9 @@ buffer; exact; the CPU default), ``dense`` (dequantized once at load to the mode
 fp32 weights, or fp16 ones as in the paper with precision fp16), ``int8`` (dynamic per-row int8 activations through
 ``torch._int_mm``; APPROXIMATE), ``fbgemm`` (torch's quantized dynamic linear, per-tensor int8 activations;
 APPROXIMATE; CPU), ``bf16`` (bf16 weights and activations, bias/GELU in oneDNN's GEMM epilogue; APPROXIMATE),
-``reference``. Approximate kernels are never a default; they serve the runtime's ``fast`` precision.
+``int16`` (per-row 15-bit integer activations, exact int8 weights, an AVX2 int16 GEMM in C; APPROXIMATE; CPU),
+``reference``. Approximate kernels are never a default; the runtime's ``fast`` precision takes one only where
+measured to keep predictions (:func:`sensimix.inference.plan.fast_index8_kernel`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import torch
 from .base import BinaryKernel, Index8Kernel, Prepared
 from .cuda import Fp8BinaryKernel, fp8_supported
 from .fbgemm import FbgemmBinaryKernel, FbgemmIndex8Kernel, quantized_engine
+from .int16 import Int16Index8Kernel
 from .onednn import Bf16Index8Kernel
 from .popcount import PopcountBinaryKernel
 from .torch_ops import (
@@ -59,7 +63,7 @@ BINARY_KERNELS: dict[str, BinaryKernel] = {
 }
 INDEX8_KERNELS: dict[str, Index8Kernel] = {
     k.name: k for k in (DenseIndex8Kernel(), DequantIndex8Kernel(), DynamicInt8Index8Kernel(), FbgemmIndex8Kernel(),
-                        Bf16Index8Kernel(), ReferenceIndex8Kernel())
+                        Bf16Index8Kernel(), Int16Index8Kernel(), ReferenceIndex8Kernel())
 }
 _BINARY_PREFERENCE = ("fp8", "int8", "popcount", "fbgemm", "float")  # exact kernels, fastest first where each is fast
 

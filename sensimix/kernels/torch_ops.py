@@ -162,19 +162,20 @@ class DenseIndex8Kernel(Index8Kernel):
 _SCRATCH = threading.local()  # per thread: two threads serving one model must never share a buffer
 
 
-def _scratch(numel: int, x: torch.Tensor) -> torch.Tensor:
-    """A reused fp32 buffer of at least ``numel`` elements for a per-call dequantization on CPU: a fresh multi-MB
-    tensor per call costs its page faults every time. One buffer per thread and per inference-mode state (a tensor
-    made under ``torch.inference_mode`` cannot be written outside it). A fresh tensor where reuse would be unsafe:
-    off CPU (the caching allocator is cheap there, and a kernel may still be reading the last one on another
-    stream), and when autograd will save the weight for a backward pass."""
+def scratch(numel: int, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A reused buffer of at least ``numel`` elements of ``dtype`` for a per-call operand on CPU (a dequantized
+    weight, quantized activations): a fresh multi-MB tensor per call costs its page faults every time. One buffer
+    per thread, dtype and inference-mode state (a tensor made under ``torch.inference_mode`` cannot be written
+    outside it). A fresh tensor where reuse would be unsafe: off CPU (the caching allocator is cheap there, and a
+    kernel may still be reading the last one on another stream), and when autograd will save the operand for a
+    backward pass. The caller must be done with the buffer before its next call of the same dtype."""
     if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
-        return torch.empty(numel, dtype=torch.float32, device=x.device)
-    key = torch.is_inference_mode_enabled()
+        return torch.empty(numel, dtype=dtype, device=x.device)
+    key = (torch.is_inference_mode_enabled(), dtype)
     buffers = _SCRATCH.__dict__.setdefault("buffers", {})
     buf = buffers.get(key)
     if buf is None or buf.numel() < numel:
-        buf = buffers[key] = torch.empty(numel, dtype=torch.float32)
+        buf = buffers[key] = torch.empty(numel, dtype=dtype)
     return buf[:numel]
 
 
@@ -207,7 +208,7 @@ class DequantIndex8Kernel(Index8Kernel):
         return Prepared(weight, params, bias, parts[0][0].shape[1], int(rows.sum()))
 
     def linear(self, x, p):
-        w_hat = _scratch(p.out_features * p.in_features, x).view(p.out_features, p.in_features)
+        w_hat = scratch(p.out_features * p.in_features, x).view(p.out_features, p.in_features)
         # (Q + 128) * s + lo in fp32: the same operations, in the same order, as quant.index8_dequantize (Q + 128.0
         # converts int8 to fp32 in the add: exact). ~0.7 ms per 768 x 3072 weight, against a ~130 ms GEMM of 3,392
         # tokens on 2 AVX2 cores: the int8 weight memory costs nothing measurable.

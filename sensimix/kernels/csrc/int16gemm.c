@@ -1,0 +1,232 @@
+/* The 8-bit index linear on 16-bit activations, for x86 CPUs with AVX2 (sensimix/kernels/int16.py).
+ *
+ * y[m, n] = sa[m] * (sw[n] * acc[m, n] + cw[n] * rs[m]) + bias[n], where each row of x is rounded to integers
+ * A[m, :] = round(x[m, :] / sa[m]) with |A| <= 16383 (15 bits), acc = A @ Q^T is exact in int32, Q are the
+ * checkpoint's int8 indices and W_hat = (Q + 128) * s + lo = s * Q + c (cw = c = 128 s + lo), rs[m] = sum_k A[m, k].
+ *
+ * Why 16-bit integers: an AVX2 core without VNNI multiplies 16 int16 pairs per VPMADDWD, twice the products of an
+ * fp32 FMA, and int16 x int8 products cannot saturate as VPMADDUBSW's do. 15-bit activations keep every partial
+ * sum exact: |A * Q| <= 16383 * 128, so KC = 1024 products per int32 lane (512 pairs) stay below 2^31; longer
+ * rows are summed in fp32 per KC chunk.
+ *
+ * Layouts: A is int16 [mpad, lda] (lda even, rows past m are read but never written out; mpad a multiple of MR);
+ * Q is packed once into panels of NR = 16 output columns, 32 bytes per pair of k (columns 0-7 then 8-15, each
+ * column's two int8 values adjacent: VPMOVSXBW turns 16 bytes into the 8 column pairs VPMADDWD reads).
+ * The micro-kernel (6 rows x 16 columns, 12 accumulators) is inline assembly: compilers spill its registers.
+ * Rows are split between `threads` POSIX threads (the caller is one of them); every function is reentrant.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+
+#define NR 16     /* output columns per panel */
+#define MR 6      /* rows per micro-kernel call */
+#define MC 96     /* rows per block: 96 x 768 int16 = 144 KiB, kept in L2 while the panels stream past */
+#define KC 1024   /* products summed in int32 before the fp32 sum (see the header) */
+#define AMAX 16383.0f
+
+int64_t sensimix_i16_mr(void) { return MR; }
+
+int64_t sensimix_i16_packed_bytes(int64_t n, int64_t k) { return ((n + NR - 1) / NR) * ((k + 1) / 2) * 32; }
+
+/* q: int8 [n, k] row-major -> out: sensimix_i16_packed_bytes(n, k) bytes (padding columns and k are 0) */
+void sensimix_i16_pack_weight(const int8_t *q, int64_t n, int64_t k, int8_t *out) {
+    int64_t pairs = (k + 1) / 2, panels = (n + NR - 1) / NR;
+    memset(out, 0, (size_t)(panels * pairs * 32));
+    for (int64_t col = 0; col < n; col++) {
+        int8_t *panel = out + (col / NR) * pairs * 32 + ((col % NR) / 8) * 16 + (col % 8) * 2;
+        for (int64_t kk = 0; kk < k; kk++) panel[(kk / 2) * 32 + (kk % 2)] = q[col * k + kk];
+    }
+}
+
+/* rows of x [m, k] (stride ldx) -> A [m, lda] int16 (columns k..lda zero), scale sa[m] and row sums rs[m].
+ * A row holding a NaN or an infinity gets sa = NaN, so its outputs are NaN as the exact GEMM's would be. */
+void sensimix_i16_quantize(const float *x, int64_t m, int64_t k, int64_t ldx, int16_t *a, int64_t lda, float *sa,
+                           int32_t *rs) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    for (int64_t i = 0; i < m; i++) {
+        const float *xr = x + i * ldx;
+        int16_t *ar = a + i * lda;
+        __m256 vmax = _mm256_setzero_ps(), vsum = _mm256_setzero_ps();
+        int64_t j = 0;
+        for (; j + 8 <= k; j += 8) {
+            __m256 v = _mm256_loadu_ps(xr + j);
+            vmax = _mm256_max_ps(vmax, _mm256_and_ps(v, absmask));
+            vsum = _mm256_add_ps(vsum, v);  /* only to detect NaN / inf */
+        }
+        float lanes[8], sums[8], amax = 0.0f, total = 0.0f;
+        _mm256_storeu_ps(lanes, vmax);
+        _mm256_storeu_ps(sums, vsum);
+        for (int t = 0; t < 8; t++) {
+            amax = lanes[t] > amax ? lanes[t] : amax;
+            total += sums[t];
+        }
+        for (; j < k; j++) {
+            float v = fabsf(xr[j]);
+            amax = v > amax ? v : amax;
+            total += xr[j];
+        }
+        if (!isfinite(total) || !isfinite(amax)) {
+            sa[i] = NAN;
+            rs[i] = 0;
+            memset(ar, 0, (size_t)lda * sizeof(int16_t));
+            continue;
+        }
+        float s = amax > 0.0f ? amax / AMAX : 1.0f, inv = 1.0f / s;
+        sa[i] = s;
+        __m256 vinv = _mm256_set1_ps(inv), lim = _mm256_set1_ps(AMAX);
+        __m256i isum = _mm256_setzero_si256();
+        for (j = 0; j + 16 <= k; j += 16) {  /* round to nearest even (MXCSR default), clamped to +-16383 */
+            __m256 f0 = _mm256_mul_ps(_mm256_loadu_ps(xr + j), vinv);
+            __m256 f1 = _mm256_mul_ps(_mm256_loadu_ps(xr + j + 8), vinv);
+            f0 = _mm256_max_ps(_mm256_min_ps(f0, lim), _mm256_sub_ps(_mm256_setzero_ps(), lim));
+            f1 = _mm256_max_ps(_mm256_min_ps(f1, lim), _mm256_sub_ps(_mm256_setzero_ps(), lim));
+            __m256i i0 = _mm256_cvtps_epi32(f0), i1 = _mm256_cvtps_epi32(f1);
+            isum = _mm256_add_epi32(isum, _mm256_add_epi32(i0, i1));
+            _mm256_storeu_si256((__m256i *)(ar + j), _mm256_permute4x64_epi64(_mm256_packs_epi32(i0, i1), 0xd8));
+        }
+        int32_t parts[8], sum = 0;
+        _mm256_storeu_si256((__m256i *)parts, isum);
+        for (int t = 0; t < 8; t++) sum += parts[t];
+        for (; j < k; j++) {
+            float f = xr[j] * inv;
+            f = f > AMAX ? AMAX : (f < -AMAX ? -AMAX : f);
+            int32_t v = (int32_t)nearbyintf(f);
+            ar[j] = (int16_t)v;
+            sum += v;
+        }
+        for (; j < lda; j++) ar[j] = 0;
+        rs[i] = sum;
+    }
+}
+
+/* acc[12][8] = A[6 rows, 2 * pairs] @ panel (int32, exact); rows at a and a + lda * 1..5 */
+static void micro_kernel(const int16_t *a, int64_t lda, const int8_t *panel, int64_t pairs, int32_t acc[12][8]) {
+    const int16_t *a0 = a, *a3 = a + 3 * lda;
+    int64_t row_bytes = lda * (int64_t)sizeof(int16_t);
+    __asm__ volatile(
+        "vpxor %%ymm0, %%ymm0, %%ymm0\n\t vpxor %%ymm1, %%ymm1, %%ymm1\n\t vpxor %%ymm2, %%ymm2, %%ymm2\n\t"
+        "vpxor %%ymm3, %%ymm3, %%ymm3\n\t vpxor %%ymm4, %%ymm4, %%ymm4\n\t vpxor %%ymm5, %%ymm5, %%ymm5\n\t"
+        "vpxor %%ymm6, %%ymm6, %%ymm6\n\t vpxor %%ymm7, %%ymm7, %%ymm7\n\t vpxor %%ymm8, %%ymm8, %%ymm8\n\t"
+        "vpxor %%ymm9, %%ymm9, %%ymm9\n\t vpxor %%ymm10, %%ymm10, %%ymm10\n\t vpxor %%ymm11, %%ymm11, %%ymm11\n\t"
+        "test %[n], %[n]\n\t jz 2f\n\t"
+        "1:\n\t"
+        "vpmovsxbw (%[b]), %%ymm12\n\t vpmovsxbw 16(%[b]), %%ymm13\n\t"
+#define ROW(addr, c0, c1)                                                                                             \
+        "vpbroadcastd " addr ", %%ymm14\n\t"                                                                          \
+        "vpmaddwd %%ymm12, %%ymm14, %%ymm15\n\t vpaddd %%ymm15, %%" c0 ", %%" c0 "\n\t"                              \
+        "vpmaddwd %%ymm13, %%ymm14, %%ymm15\n\t vpaddd %%ymm15, %%" c1 ", %%" c1 "\n\t"
+        ROW("(%[a0])", "ymm0", "ymm1")
+        ROW("(%[a0],%[ld],1)", "ymm2", "ymm3")
+        ROW("(%[a0],%[ld],2)", "ymm4", "ymm5")
+        ROW("(%[a3])", "ymm6", "ymm7")
+        ROW("(%[a3],%[ld],1)", "ymm8", "ymm9")
+        ROW("(%[a3],%[ld],2)", "ymm10", "ymm11")
+#undef ROW
+        "add $32, %[b]\n\t add $4, %[a0]\n\t add $4, %[a3]\n\t dec %[n]\n\t jnz 1b\n\t"
+        "2:\n\t"
+        "vmovdqu %%ymm0, 0(%[acc])\n\t vmovdqu %%ymm1, 32(%[acc])\n\t vmovdqu %%ymm2, 64(%[acc])\n\t"
+        "vmovdqu %%ymm3, 96(%[acc])\n\t vmovdqu %%ymm4, 128(%[acc])\n\t vmovdqu %%ymm5, 160(%[acc])\n\t"
+        "vmovdqu %%ymm6, 192(%[acc])\n\t vmovdqu %%ymm7, 224(%[acc])\n\t vmovdqu %%ymm8, 256(%[acc])\n\t"
+        "vmovdqu %%ymm9, 288(%[acc])\n\t vmovdqu %%ymm10, 320(%[acc])\n\t vmovdqu %%ymm11, 352(%[acc])\n\t"
+        : [b] "+r"(panel), [a0] "+r"(a0), [a3] "+r"(a3), [n] "+r"(pairs)
+        : [ld] "r"(row_bytes), [acc] "r"(acc)
+        : "memory", "cc", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10",
+          "xmm11", "xmm12", "xmm13", "xmm14", "xmm15");
+}
+
+typedef struct {
+    const int16_t *a;
+    int64_t lda, m0, m1, n, k;
+    const int8_t *packed;
+    const float *sa;
+    const int32_t *rs;
+    const float *sw, *cw, *bias;
+    float *out;
+    int64_t ldo;
+} job_t;
+
+static void run_rows(const job_t *j) {
+    int64_t pairs = (j->k + 1) / 2, panels = (j->n + NR - 1) / NR, chunk = KC / 2;
+    int32_t acc[12][8];
+    for (int64_t mb = j->m0; mb < j->m1; mb += MC) {
+        int64_t me = mb + MC < j->m1 ? mb + MC : j->m1;
+        for (int64_t p = 0; p < panels; p++) {
+            const int8_t *panel = j->packed + p * pairs * 32;
+            int64_t n0 = p * NR, cols = j->n - n0 < NR ? j->n - n0 : NR;
+            float sw[NR] = {0}, cw[NR] = {0}, bias[NR] = {0};
+            for (int c = 0; c < cols; c++) {
+                sw[c] = j->sw[n0 + c];
+                cw[c] = j->cw[n0 + c];
+                bias[c] = j->bias ? j->bias[n0 + c] : 0.0f;
+            }
+            __m256 vsw[2], vcw[2], vbias[2];
+            for (int h = 0; h < 2; h++) {
+                vsw[h] = _mm256_loadu_ps(sw + 8 * h);
+                vcw[h] = _mm256_loadu_ps(cw + 8 * h);
+                vbias[h] = _mm256_loadu_ps(bias + 8 * h);
+            }
+            for (int64_t m = mb; m < me; m += MR) {
+                __m256 sums[12];
+                for (int64_t k0 = 0; k0 < pairs; k0 += chunk) {
+                    int64_t np = pairs - k0 < chunk ? pairs - k0 : chunk;
+                    micro_kernel(j->a + m * j->lda + 2 * k0, j->lda, panel + k0 * 32, np, acc);
+                    for (int t = 0; t < 12; t++) {
+                        __m256 f = _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)acc[t]));
+                        sums[t] = k0 ? _mm256_add_ps(sums[t], f) : f;
+                    }
+                }
+                for (int r = 0; r < MR && m + r < me; r++) {
+                    __m256 s = _mm256_set1_ps(j->sa[m + r]), row_sum = _mm256_set1_ps((float)j->rs[m + r]);
+                    float *o = j->out + (m + r) * j->ldo + n0;
+                    for (int h = 0; h < 2; h++) {
+                        __m256 y = _mm256_fmadd_ps(vcw[h], row_sum, _mm256_mul_ps(vsw[h], sums[2 * r + h]));
+                        y = _mm256_fmadd_ps(s, y, vbias[h]);
+                        if (cols == NR) {
+                            _mm256_storeu_ps(o + 8 * h, y);
+                        } else {
+                            float tail[8];
+                            _mm256_storeu_ps(tail, y);
+                            for (int c = 0; c < 8 && 8 * h + c < cols; c++) o[8 * h + c] = tail[c];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+static void *thread_main(void *arg) {
+    run_rows((const job_t *)arg);
+    return NULL;
+}
+
+/* out [m, n] (stride ldo) = the header's y. Returns 0, or -2 if a worker thread could not start (nothing is
+ * then trustworthy in out). bias may be NULL. */
+int sensimix_i16_gemm(const int16_t *a, int64_t lda, int64_t m, const int8_t *packed, int64_t n, int64_t k,
+                      const float *sa, const int32_t *rs, const float *sw, const float *cw, const float *bias,
+                      float *out, int64_t ldo, int threads) {
+    if (threads < 1) threads = 1;
+    if (threads > 64) threads = 64;
+    int64_t blocks = (m + MR - 1) / MR;
+    if (threads > blocks) threads = blocks > 0 ? (int)blocks : 1;
+    job_t jobs[64];
+    pthread_t ids[64];
+    int started[64] = {0};
+    for (int t = 0; t < threads; t++) {
+        int64_t b0 = blocks * t / threads, b1 = blocks * (t + 1) / threads;
+        jobs[t] = (job_t){a, lda, b0 * MR, b1 * MR < m ? b1 * MR : m, n, k, packed, sa, rs, sw, cw, bias, out, ldo};
+    }
+    for (int t = 1; t < threads; t++) started[t] = pthread_create(&ids[t], NULL, thread_main, &jobs[t]) == 0;
+    run_rows(&jobs[0]);
+    int status = 0;
+    for (int t = 1; t < threads; t++) {
+        if (started[t])
+            pthread_join(ids[t], NULL);
+        else
+            status = -2;
+    }
+    return status;
+}

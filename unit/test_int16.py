@@ -1,0 +1,192 @@
+"""The int16 8-bit kernel (``sensimix.kernels.int16``, C + AVX2): its rounding, its exact integer GEMM, its threads,
+and where ``precision="fast"`` takes it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sensimix import kernels
+from sensimix.export import export_checkpoint
+from sensimix.inference import make_plan
+from sensimix.inference.plan import FAST_ROUNDED_MAX_MIXED_LAYERS, fast_index8_kernel
+from sensimix.kernels import int16, reference
+from sensimix.quant import index8_quantize
+
+CPU = torch.device("cpu")
+REASON = kernels.INDEX8_KERNELS["int16"].unavailable(CPU)
+needs_int16 = pytest.mark.skipif(REASON is not None, reason=f"int16 kernel: {REASON}")
+LEVELS = 16383  # 15-bit activations: see csrc/int16gemm.c
+
+
+def rounded_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's activation rounding, in torch: s = max|x_row| / 16383, A = round-half-even(x * (1 / s))."""
+    amax = x.abs().amax(dim=1)
+    s = torch.where(amax > 0, amax / LEVELS, torch.ones_like(amax))
+    a = torch.round(x * (1 / s)[:, None]).clamp(-LEVELS, LEVELS)
+    return a, s
+
+
+def index8_parts(n_parts: tuple[int, ...], k: int, seed: int = 0) -> list:
+    g = torch.Generator().manual_seed(seed)
+    parts = []
+    for i, n in enumerate(n_parts):
+        w = torch.randn(n, k, generator=g) * (0.05 + 0.2 * i) + (0.3 if i == 1 else 0.0)  # part 1: large c
+        q, lo, hi = index8_quantize(w)
+        parts.append((q, torch.stack([lo, hi]).to(torch.float16), torch.randn(n, generator=g).half().float()))
+    return parts
+
+
+def integer_reference(x: torch.Tensor, parts: list) -> torch.Tensor:
+    """What the kernel computes, in float64 from its own rounded activations: sa * (s Q + c) . A + b."""
+    a, sa = rounded_rows(x)
+    outs = []
+    for q, weight_range, bias in parts:
+        w_hat = reference.index8_linear(torch.eye(q.shape[1]), q, weight_range).t().double()
+        outs.append(sa.double()[:, None] * (a.double() @ w_hat.t()) + bias.double())
+    return torch.cat(outs, dim=1)
+
+
+@needs_int16
+@pytest.mark.parametrize("m,k", [(1, 1), (3, 7), (5, 16), (9, 33), (4, 768), (2, 3072)])
+def test_rows_are_rounded_to_15_bits_as_defined(m: int, k: int) -> None:
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(m, k, generator=g) * torch.logspace(-3, 2, m)[:, None]
+    x[0, : min(k, 3)] = torch.tensor([0.5, -0.5, 2.5])[: min(k, 3)] * float(x[0].abs().max()) / LEVELS  # ties
+    a, sa, rs = int16.quantize_rows(x)
+    want, s = rounded_rows(x)
+    assert a.dtype == torch.int16 and a.shape[0] % 6 == 0 and a.shape[1] == k + k % 2
+    assert torch.equal(a[:m, :k].float(), want) and torch.equal(sa, s)
+    assert (a[:m, k:] == 0).all()  # the odd column a pair reads is zero
+    assert torch.equal(rs, want.sum(dim=1).to(torch.int32))
+    assert int(a[:m, :k].abs().max()) == LEVELS  # the largest |x| of a row is the full scale
+
+
+@needs_int16
+def test_zero_and_non_finite_rows() -> None:
+    x = torch.randn(4, 40)
+    x[0] = 0.0
+    x[1, 5] = float("nan")
+    x[2, 39] = float("inf")
+    a, sa, rs = int16.quantize_rows(x)
+    assert float(sa[0]) == 1.0 and (a[0] == 0).all() and int(rs[0]) == 0
+    assert torch.isnan(sa[1]) and torch.isnan(sa[2]) and torch.isfinite(sa[3])
+    kern = kernels.INDEX8_KERNELS["int16"]
+    y = kern.linear(x, kern.prepare(index8_parts((9,), 40), torch.float32))
+    # like the exact GEMM: a NaN or an infinity in a row makes that row's outputs NaN, and no other row's
+    assert torch.isnan(y[1:3]).all() and torch.isfinite(y[[0, 3]]).all()
+
+
+@needs_int16
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("m,k,n", [(0, 64, 3), (1, 1, 1), (7, 33, 17), (13, 768, 40), (200, 96, 33),
+                                   (6, 2049, 16), (31, 3072, 9)])
+def test_integer_gemm_is_exact_up_to_its_fp32_epilogue(threads: int, m: int, k: int, n: int) -> None:
+    # row blocks (6 per micro-kernel, 96 per cache block) split between threads, tail rows and tail columns of a
+    # 16-column panel, odd K, and K past one 1,024-product int32 chunk
+    g = torch.Generator().manual_seed(m * 31 + k)
+    x = torch.randn(m, k, generator=g) * 3 + 0.25
+    parts = index8_parts((n,), k, seed=k)
+    kern = kernels.INDEX8_KERNELS["int16"]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = kern.linear(x, kern.prepare(parts, torch.float32))
+    finally:
+        torch.set_num_threads(before)
+    assert got.shape == (m, n) and got.dtype == torch.float32
+    want = integer_reference(x, parts)
+    # fp32 epilogue: the int32 sums converted and scaled; 1e-6 of the magnitudes involved is ~16 ulp
+    a, sa = rounded_rows(x)
+    q, weight_range, bias = parts[0]
+    lo, hi = weight_range.float()
+    s = float((hi - lo) / 255)
+    scale = sa.double()[:, None] * (s * a.double().abs() @ q.double().abs().t() + abs(128 * s + float(lo))
+                                    * a.double().sum(dim=1, keepdim=True).abs())
+    assert ((got.double() - want).abs() <= 1e-6 * (scale + bias.double().abs()) + 1e-7).all()
+
+
+@needs_int16
+@pytest.mark.parametrize("k", [1024, 3072])
+def test_no_int32_overflow_at_full_scale(k: int) -> None:
+    # every product at its largest (16383 * -128) over a whole chunk: the int32 partial sums must not wrap
+    x = torch.ones(7, k)
+    q = torch.full((5, k), -128, dtype=torch.int8)
+    weight_range = torch.tensor([-1.0, 1.0], dtype=torch.float16)
+    kern = kernels.INDEX8_KERNELS["int16"]
+    got = kern.linear(x, kern.prepare([(q, weight_range, None)], torch.float32))
+    want = reference.index8_linear(x, q, weight_range)  # every W_hat = -1: y = -k
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
+@needs_int16
+def test_fused_parts_keep_their_own_ranges_and_stay_within_the_rounding_bound() -> None:
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(45, 96, generator=g)
+    parts = index8_parts((20, 12, 9), 96, seed=5)
+    kern = kernels.INDEX8_KERNELS["int16"]
+    assert kern.fusable and not kern.exact
+    got = kern.linear(x, kern.prepare(parts, torch.float32))
+    assert got.shape == (45, 41)
+    torch.testing.assert_close(got.double(), integer_reference(x, parts), rtol=0, atol=2e-5)
+    # against the exact layer: each x moves by at most half a step (max|x_row| / 32766) times sum_k |W_hat_nk|
+    exact = torch.cat([reference.index8_linear(x, q, r, b) for q, r, b in parts], dim=1)
+    w_abs = torch.cat([reference.index8_linear(torch.eye(96), q, r).t().abs().sum(dim=1) for q, r, _ in parts])
+    bound = x.abs().amax(dim=1, keepdim=True) / (2 * LEVELS) * w_abs + 1e-5 * exact.abs() + 1e-5
+    err = (got - exact).abs()
+    assert (err <= bound).all()
+    assert err.max() > 0  # activations really are rounded: the kernel is approximate
+
+
+@needs_int16
+def test_int16_refuses_what_it_cannot_compute() -> None:
+    kern = kernels.INDEX8_KERNELS["int16"]
+    p = kern.prepare(index8_parts((4,), 8), torch.float32)
+    with pytest.raises(ValueError, match="fp32 activations"):
+        kern.linear(torch.randn(2, 8).half(), p)
+    with pytest.raises(RuntimeError, match="computes no gradient"):
+        kern.linear(torch.randn(2, 8, requires_grad=True), p)
+    with pytest.raises(ValueError, match="fp32 activations"):
+        kern.prepare(index8_parts((4,), 8), torch.float16)
+    assert "CPU only" in kern.unavailable(torch.device("cuda"))
+
+
+def test_fast_rounds_activations_only_with_at_most_one_1bit_layer(monkeypatch) -> None:
+    assert FAST_ROUNDED_MAX_MIXED_LAYERS == 1
+    exact = kernels.default_index8_kernel(CPU)
+    want = "int16" if REASON is None else exact
+    assert [fast_index8_kernel(CPU, b) for b in (0, 1, 2, 3, None)] == [want, want, exact, exact, exact]
+    assert fast_index8_kernel("cuda", 1) == "dense"
+    assert make_plan("cpu", "fast", mixed_layers=1).index8_kernel == want
+    assert make_plan("cpu", "fast", mixed_layers=1, index8_kernel="dequant").exact  # a named kernel wins
+    assert make_plan("cpu", "fp32", mixed_layers=1).index8_kernel == exact  # only fast rounds
+    monkeypatch.setattr(kernels.INDEX8_KERNELS["int16"], "unavailable", lambda device: "no AVX2 here")
+    assert fast_index8_kernel(CPU, 1) == exact
+
+
+@needs_int16
+def test_a_two_plus_one_model_loads_fast_on_int16_and_agrees(tmp_path) -> None:
+    from transformers import BertConfig
+
+    from sensimix import SensiMixForSequenceClassification as Packed
+    from sensimix.qat import from_bert
+
+    geometry = dict(vocab_size=100, hidden_size=64, num_attention_heads=4, intermediate_size=100,
+                    max_position_embeddings=32, type_vocab_size=2)
+    for layers, eightbit, kernel in ((3, 2, "int16"), (3, 1, kernels.default_index8_kernel(CPU))):
+        qat = from_bert(BertConfig(**geometry, num_hidden_layers=layers), num_hidden_layers=layers,
+                        num_8bit_layers=eightbit, seed=0)
+        qat.set_binarized_layers(qat.config.mixed_layers)
+        folder = export_checkpoint(qat.eval(), tmp_path / f"sm-{eightbit}")
+        fast = Packed.from_pretrained(folder, precision="fast")
+        assert fast.plan.index8_kernel == kernel
+        assert ("approximate" in fast.plan.describe()) == (kernel == "int16")
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, 100, (6, 20), generator=g)
+        mask = torch.ones_like(ids)
+        mask[2, 9:] = 0
+        with torch.no_grad():
+            got = fast(input_ids=ids, attention_mask=mask).logits
+            want = Packed.from_pretrained(folder).eval()(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-3)
+        assert fast.to("cpu").plan.index8_kernel == kernel  # kept by .to(): the model's split decides
