@@ -95,7 +95,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fail the run when SensiMix / BERT fp16 misses --fp16-max-ratio (default: report only)")
     g.add_argument("--sensimix-precision", choices=["auto", *SENSIMIX_PRECISIONS], default="auto",
                    help="SensiMix's inference precision, for timing and accuracy (default: auto = 'fast', the "
-                        "exact path's fastest kernels; fp16 = the paper's GPU inference, approximate)")
+                        "fastest recipe that keeps trained-model predictions: on an AVX2 CPU 15-bit activations "
+                        "in the 8-bit linears of a model with one 1-bit FFN layer such as (2+1), elsewhere the "
+                        "exact path's fastest kernels; fp32 = exact; fp16 = the paper's GPU inference)")
     g = p.add_argument_group("accuracy (criteria 4-6; need SST-2 data)")
     g.add_argument("--skip-accuracy", action="store_true", help="do not train/evaluate for the accuracy criteria")
     add_accuracy_options(g.add_argument)
