@@ -190,3 +190,23 @@ def test_a_two_plus_one_model_loads_fast_on_int16_and_agrees(tmp_path) -> None:
             want = Packed.from_pretrained(folder).eval()(input_ids=ids, attention_mask=mask).logits
         torch.testing.assert_close(got, want, rtol=0, atol=1e-3)
         assert fast.to("cpu").plan.index8_kernel == kernel  # kept by .to(): the model's split decides
+
+
+@needs_int16
+@pytest.mark.parametrize("tiny", [1e-33, 1e-38, 1e-44])
+def test_rows_of_tiny_values_stay_finite_and_right(tiny: float) -> None:
+    # max|x| so small that 1 / (max|x| / 16383) overflows fp32: the row is scaled in double instead of turning
+    # its zeros into NaN or full-scale values
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 50, generator=g)
+    x[1] = x[1] / x[1].abs().max() * tiny
+    x[1, ::7] = 0.0
+    parts = index8_parts((11,), 50)
+    a, sa, rs = int16.quantize_rows(x)
+    assert int(a[1].abs().max()) == LEVELS and (a[1, :50:7] == 0).all()
+    assert torch.equal(rs, a[:3].sum(dim=1).to(torch.int32))
+    kern = kernels.INDEX8_KERNELS["int16"]
+    got = kern.linear(x, kern.prepare(parts, torch.float32))
+    exact = reference.index8_linear(x, *parts[0])
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got[1], exact[1], rtol=1e-6, atol=1e-6)  # the bias alone, to fp32 precision

@@ -76,6 +76,19 @@ void sensimix_i16_quantize(const float *x, int64_t m, int64_t k, int64_t ldx, in
         }
         float s = amax > 0.0f ? amax / AMAX : 1.0f, inv = 1.0f / s;
         sa[i] = s;
+        if (amax > 0.0f && amax < 0x1p-100f) {  /* 1 / s could overflow (s subnormal): scale in double */
+            double dinv = (double)AMAX / (double)amax;
+            int32_t sum = 0;
+            for (j = 0; j < k; j++) {
+                double f = nearbyint((double)xr[j] * dinv);
+                int32_t v = (int32_t)(f > AMAX ? AMAX : (f < -AMAX ? -AMAX : f));
+                ar[j] = (int16_t)v;
+                sum += v;
+            }
+            for (; j < lda; j++) ar[j] = 0;
+            rs[i] = sum;
+            continue;
+        }
         __m256 vinv = _mm256_set1_ps(inv), lim = _mm256_set1_ps(AMAX);
         __m256i isum = _mm256_setzero_si256();
         for (j = 0; j + 16 <= k; j += 16) {  /* round to nearest even (MXCSR default), clamped to +-16383 */
