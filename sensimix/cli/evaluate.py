@@ -68,7 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="SensiMix 1-bit kernel (default: the device's fastest exact one)")
     p.add_argument("--index8-kernel", default=None,
                    help="SensiMix 8-bit kernel (default: exact, or the fast recipe's with --precision fast; "
-                        "'int8', 'fbgemm' and 'bf16' round activations: approximate)")
+                        "'int16', 'int8', 'fbgemm' and 'bf16' round activations: approximate)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
 
 

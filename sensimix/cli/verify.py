@@ -25,7 +25,8 @@ Reproduce the certified V&V of SensiMix (KOTCA KST-21-049) on this machine and j
     over batches already on the device, device synchronized, warm-up batches excluded (tokenization and
     host-to-device copies are not timed); both models are loaded from the pytorch_model.bin that criterion 1
     sizes. Models run interleaved within each trial so machine drift cancels. BERT runs in fp32 as certified;
-    SensiMix in its inference precision (--sensimix-precision: the runtime's 'fast' recipe, which is the exact
+    SensiMix in its inference precision (--sensimix-precision: the runtime's 'fast' recipe: on an AVX2 CPU
+    15-bit activations in the 8-bit linears of a model with one 1-bit FFN layer such as (2+1), else the exact
     path's fastest kernels; fp16, the paper's GPU inference, by name; the accuracy criterion uses the same). On
     CUDA the default is the certified 104,743 examples; on CPU a small default keeps the run to minutes: judge
     ratios, never absolute times.
