@@ -210,3 +210,60 @@ def test_rows_of_tiny_values_stay_finite_and_right(tiny: float) -> None:
     exact = reference.index8_linear(x, *parts[0])
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got[1], exact[1], rtol=1e-6, atol=1e-6)  # the bias alone, to fp32 precision
+
+
+def erf_gelu64(y: torch.Tensor) -> torch.Tensor:
+    y = y.double()
+    return 0.5 * y * (1 + torch.erf(y / 2 ** 0.5))
+
+
+@needs_int16
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("m,k,n", [(0, 16, 8), (1, 5, 3), (7, 33, 101), (100, 64, 200), (13, 1100, 40)])
+def test_fused_gelu_operand_is_the_rounded_erf_gelu(threads: int, m: int, k: int, n: int) -> None:
+    # linear_act_operand(x, up, "gelu"): the GEMM, the erf GELU and the rounding for the next linear in one call;
+    # decoded, its rows are the 15-bit rounding of the exact GELU of the kernel's own GEMM (a tie may round apart)
+    g = torch.Generator().manual_seed(m + k + n)
+    x = torch.randn(m, k, generator=g) * 2
+    parts = index8_parts((n,), k, seed=n)
+    kern = kernels.INDEX8_KERNELS["int16"]
+    p = kern.prepare(parts, torch.float32)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        op = kern.linear_act_operand(x, p, "gelu")
+    finally:
+        torch.set_num_threads(before)
+    assert op.dtype == torch.int16 and op.shape == (m, int16.operand_width(n))
+    a, sa, rs = int16.operand_rows(op, n)
+    want = erf_gelu64(integer_reference(x, parts))  # float64
+    want_a, want_s = rounded_rows(want.float())
+    assert torch.allclose(sa, want_s, rtol=1e-5, atol=0)
+    assert ((a[:m, :n].float() - want_a).abs() <= 1).all()
+    assert torch.equal(rs, a[:m, :n].sum(dim=1).to(torch.int32))
+    assert ((a[:m, :n].double() * sa.double()[:, None] - want).abs() <= 0.5 * sa.double()[:, None] * 1.01 + 1e-6).all()
+
+
+@needs_int16
+def test_the_next_linear_reads_the_operand_as_its_decoded_values() -> None:
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(20, 48, generator=g) * 3
+    x[4] = float("nan")
+    kern = kernels.INDEX8_KERNELS["int16"]
+    up = kern.prepare(index8_parts((70,), 48, seed=1), torch.float32)
+    down = kern.prepare(index8_parts((48,), 70, seed=2), torch.float32)
+    op = kern.linear_act_operand(x.view(4, 5, 48), up, "gelu")  # any leading shape, kept
+    assert op.shape == (4, 5, int16.operand_width(70))
+    a, sa, _ = int16.operand_rows(op, 70)
+    decoded = a[:20, :70].float() * sa[:, None]
+    got = kern.linear(op, down)
+    assert got.shape == (4, 5, 48)
+    want = kern.linear(decoded, down).view(4, 5, 48)  # re-rounding the decoded rows gives the same integers
+    assert torch.isnan(got.view(20, 48)[4]).all() and torch.isnan(want.view(20, 48)[4]).all()
+    keep = torch.arange(20) != 4
+    torch.testing.assert_close(got.view(20, 48)[keep], want.view(20, 48)[keep], rtol=0, atol=1e-5)
+    # a copy of the operand (its storage no longer holds the kernel's whole row blocks) reads the same
+    torch.testing.assert_close(kern.linear(op.clone(), down), got, rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(ValueError, match="has 74 columns per row, got 80"):
+        kern.linear(torch.zeros(3, 80, dtype=torch.int16), down)
+    assert kern.linear_act_operand(x, up, "relu").dtype == torch.float32  # only the GELU is fused

@@ -164,7 +164,8 @@ class Intermediate(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.dense, BinaryLinear):
             return self.dense(x)
-        return self.dense.forward_act(x, self.act)  # a kernel may apply it in its GEMM epilogue
+        # a kernel may apply it in its GEMM epilogue, and hand it to Output's linear (same kernel) in its own form
+        return self.dense.forward_act(x, self.act, operand=True)
 
 
 class Output(nn.Module):

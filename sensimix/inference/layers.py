@@ -113,7 +113,11 @@ class Index8Linear(PackedModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernel.linear(x, self.operands())
 
-    def forward_act(self, x: torch.Tensor, act: str) -> torch.Tensor:
+    def forward_act(self, x: torch.Tensor, act: str, operand: bool = False) -> torch.Tensor:
+        """``act`` of the linear; with ``operand``, in the form the kernel's next linear reads (see
+        ``Index8Kernel.linear_act_operand``): only for a result fed to a linear of the same kernel."""
+        if operand:
+            return self.kernel.linear_act_operand(x, self.operands(), act)
         return self.kernel.linear_act(x, self.operands(), act)
 
     def opaque_bytes(self) -> int:

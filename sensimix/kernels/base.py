@@ -154,6 +154,11 @@ class Index8Kernel:
             return inplace(y)
         return ACT2FN[act](y)
 
+    def linear_act_operand(self, x: torch.Tensor, p: Prepared, act: str) -> torch.Tensor:
+        """``act(x @ W_hat^T + b)`` in the form this kernel's :meth:`linear` reads fastest, for a caller that feeds
+        it only to another linear of this kernel (the FFN's intermediate). Default: :meth:`linear_act`."""
+        return self.linear_act(x, p, act)
+
     def weight_bytes(self, p: Prepared) -> int:
         """Memory of an opaque weight operand (tensor operands are counted as module buffers)."""
         return 0 if isinstance(p.weight, torch.Tensor) else int(getattr(p.weight, "nbytes", 0))

@@ -31,6 +31,7 @@ from .torch_ops import scratch
 log = logging.getLogger(__name__)
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+_ERRORS = {-2: "a worker thread could not start", -3: "out of memory"}
 
 
 @functools.lru_cache(maxsize=1)
@@ -47,6 +48,9 @@ def _library() -> ctypes.CDLL:
     lib.sensimix_i16_gemm.restype = ctypes.c_int
     lib.sensimix_i16_gemm.argtypes = [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64,
                                       ctypes.c_int]
+    lib.sensimix_i16_gemm_gelu_rows.restype = ctypes.c_int
+    lib.sensimix_i16_gemm_gelu_rows.argtypes = [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR,
+                                                _PTR, _I64, _PTR, _PTR, ctypes.c_int]
     return lib
 
 
@@ -61,6 +65,21 @@ def unavailable_reason() -> str | None:
         log.warning("the int16 8-bit kernel is unavailable: %s", exc)
         return str(exc)
     return None
+
+
+# An activation operand (what ``linear_act_operand`` returns and ``linear`` reads): int16 rows [..., k + k % 2 + 4],
+# each row's 15-bit values, then 4 int16 holding the bits of its scale (fp32) and of its sum (int32). Its storage
+# holds whole blocks of the kernel's rows (the micro-kernel reads up to 5 rows past the last).
+TAIL = 4
+
+
+def operand_width(k: int) -> int:
+    return k + k % 2 + TAIL
+
+
+def _rows(m: int) -> int:
+    mr = _library().sensimix_i16_mr()
+    return -(-m // mr) * mr
 
 
 def pack_weight(q: torch.Tensor) -> torch.Tensor:
@@ -79,11 +98,34 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     A lives in a reused per-thread buffer: valid until the next call."""
     lib = _library()
     m, k = x.shape
-    lda, rows = k + k % 2, -(-m // lib.sensimix_i16_mr()) * lib.sensimix_i16_mr()
+    lda, rows = k + k % 2, _rows(m)
     a = scratch(rows * lda, x, torch.int16).view(rows, lda)
     sa, rs = torch.empty(m, dtype=torch.float32), torch.empty(m, dtype=torch.int32)
     lib.sensimix_i16_quantize(x.data_ptr(), m, k, x.stride(0), a.data_ptr(), lda, sa.data_ptr(), rs.data_ptr())
     return a, sa, rs
+
+
+def operand_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An activation operand [..., operand_width(k)] -> (rows [M, width] in whole kernel blocks, sa [M], sum [M])."""
+    width = operand_width(k)
+    if x.shape[-1] != width:
+        raise ValueError(f"int16 kernel: an int16 operand for {k} inputs has {width} columns per row, got "
+                         f"{x.shape[-1]}")
+    x2 = x.reshape(-1, width)
+    m, lda = x2.shape[0], width - TAIL
+    need = (x2.storage_offset() + _rows(m) * width) * x2.element_size()
+    if not x2.is_contiguous() or x2.untyped_storage().nbytes() < need:  # e.g. a copy of it: pad the block again
+        padded = torch.zeros((_rows(m), width), dtype=torch.int16)
+        padded[:m] = x2
+        x2 = padded[:m]
+    sa = x2[:, lda:lda + 2].contiguous().view(torch.float32).view(m)
+    rs = x2[:, lda + 2:].contiguous().view(torch.int32).view(m)
+    return x2, sa, rs
+
+
+def _check(status: int) -> None:
+    if status:
+        raise RuntimeError(f"int16 kernel failed: {_ERRORS.get(status, f'status {status}')}")
 
 
 class Int16Index8Kernel(Index8Kernel):
@@ -117,27 +159,52 @@ class Int16Index8Kernel(Index8Kernel):
         bias = None if any(b is None for b in biases) else torch.cat(biases).float().contiguous()
         return Prepared(pack_weight(q.cpu()), params, bias, q.shape[1], q.shape[0])
 
-    def linear(self, x, p):
+    def _rows_in(self, x: torch.Tensor, p: Prepared) -> tuple[torch.Size, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(lead shape, int16 rows, sa, row sums) of fp32 activations or of this kernel's own operand."""
+        if x.dtype == torch.int16:  # linear_act_operand's output: rounded already
+            return (x.shape[:-1], *operand_rows(x, p.in_features))
         if x.dtype != torch.float32:
             raise ValueError(f"the int16 kernel takes fp32 activations, not {x.dtype}")
         if torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError("the int16 kernel computes no gradient (inference only); use the exact kernels "
                                "(precision='fp32') to differentiate through a packed model")
-        lead = x.shape[:-1]
         x2 = x.reshape(-1, p.in_features)
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
-        m, n = x2.shape[0], p.out_features
+        return (x.shape[:-1], *quantize_rows(x2))
+
+    def linear(self, x, p):
+        lead, a, sa, rs = self._rows_in(x, p)
+        m, n = sa.shape[0], p.out_features
         out = torch.empty((m, n), dtype=torch.float32)
         if m:
-            a, sa, rs = quantize_rows(x2)
             bias = None if p.bias is None else p.bias.data_ptr()
-            status = _library().sensimix_i16_gemm(
-                a.data_ptr(), a.shape[1], m, p.weight.data_ptr(), n, p.in_features, sa.data_ptr(), rs.data_ptr(),
-                p.params[0].data_ptr(), p.params[1].data_ptr(), bias, out.data_ptr(), n, torch.get_num_threads())
-            if status:
-                raise RuntimeError("int16 kernel failed: a worker thread could not start")
+            _check(_library().sensimix_i16_gemm(
+                a.data_ptr(), a.stride(0), m, p.weight.data_ptr(), n, p.in_features, sa.data_ptr(), rs.data_ptr(),
+                p.params[0].data_ptr(), p.params[1].data_ptr(), bias, out.data_ptr(), n, torch.get_num_threads()))
         return out.view(*lead, n)
+
+    def linear_act_operand(self, x, p, act):
+        """GELU: the GEMM, the erf GELU in its epilogue and the rounding for the next linear in one C call, block
+        by block (the fp32 [M, N] intermediate is never materialized); returns this kernel's operand (see
+        :data:`TAIL`), which only this kernel's ``linear`` reads. The GELU is the erf GELU to ~2e-7 absolute
+        (Abramowitz-Stegun erfc), far below the 15-bit rounding that follows it."""
+        if act != "gelu":
+            return self.linear_act(x, p, act)
+        lead, a, sa, rs = self._rows_in(x, p)
+        m, n = sa.shape[0], p.out_features
+        width = operand_width(n)
+        out = torch.empty((_rows(m), width), dtype=torch.int16)  # whole row blocks: the next GEMM reads them
+        if m:
+            qsa, qrs = torch.empty(m, dtype=torch.float32), torch.empty(m, dtype=torch.int32)
+            bias = None if p.bias is None else p.bias.data_ptr()
+            _check(_library().sensimix_i16_gemm_gelu_rows(
+                a.data_ptr(), a.stride(0), m, p.weight.data_ptr(), n, p.in_features, sa.data_ptr(), rs.data_ptr(),
+                p.params[0].data_ptr(), p.params[1].data_ptr(), bias, out.data_ptr(), width, qsa.data_ptr(),
+                qrs.data_ptr(), torch.get_num_threads()))
+            out[:m, width - TAIL:width - TAIL + 2] = qsa.view(torch.int16).view(m, 2)
+            out[:m, width - 2:] = qrs.view(torch.int16).view(m, 2)
+        return out[:m].view(*lead, width)
 
     def weight_bytes(self, p):
         return 0  # the packed tensor is a module buffer, counted as such

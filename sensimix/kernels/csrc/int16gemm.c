@@ -14,11 +14,16 @@
  * column's two int8 values adjacent: VPMOVSXBW turns 16 bytes into the 8 column pairs VPMADDWD reads).
  * The micro-kernel (6 rows x 16 columns, 12 accumulators) is inline assembly: compilers spill its registers.
  * Rows are split between `threads` POSIX threads (the caller is one of them); every function is reentrant.
+ *
+ * sensimix_i16_gemm_gelu_rows fuses an FFN's middle: the GEMM, the erf GELU in its epilogue, and the rounding of
+ * the result to the next GEMM's int16 rows, one block of rows at a time in a per-thread buffer, so the [m, n] fp32
+ * intermediate is never written to memory (nor its pages faulted in), read back for the GELU, or again to round.
  */
 #include <immintrin.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define NR 16     /* output columns per panel */
@@ -26,6 +31,41 @@
 #define MC 96     /* rows per block: 96 x 768 int16 = 144 KiB, kept in L2 while the panels stream past */
 #define KC 1024   /* products summed in int32 before the fp32 sum (see the header) */
 #define AMAX 16383.0f
+
+/* exp(x), |rel. error| ~1 ulp (Cephes expf: x = n ln2 + r, 2^n * poly(r)); x clamped to [-87.3, 88.3] */
+static inline __m256 exp256(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    __m256i n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
+}
+
+/* the erf GELU, y * (1 + erf(y / sqrt 2)) / 2, with erfc(z) = poly(t) exp(-z^2), t = 1 / (1 + p z) for z >= 0
+ * (Abramowitz-Stegun 7.1.26: |erf error| <= 1.5e-7), so that y * erfc(|z|) / 2 stays accurate for y < 0 */
+static inline __m256 gelu256(__m256 y) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 z = _mm256_mul_ps(_mm256_and_ps(y, absmask), _mm256_set1_ps(0.70710678118654752f));
+    __m256 t = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_fmadd_ps(z, _mm256_set1_ps(0.3275911f), _mm256_set1_ps(1.0f)));
+    __m256 q = _mm256_set1_ps(1.061405429f);
+    q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(-1.453152027f));
+    q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(1.421413741f));
+    q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(-0.284496736f));
+    q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(0.254829592f));
+    __m256 erfc = _mm256_mul_ps(_mm256_mul_ps(q, t), exp256(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(z, z))));
+    /* y >= 0: 1 + erf = 2 - erfc; y < 0: 1 + erf(-|z|) = erfc */
+    __m256 one_plus_erf = _mm256_blendv_ps(_mm256_sub_ps(_mm256_set1_ps(2.0f), erfc), erfc,
+                                           _mm256_cmp_ps(y, _mm256_setzero_ps(), _CMP_LT_OQ));
+    return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), y), one_plus_erf);
+}
 
 int64_t sensimix_i16_mr(void) { return MR; }
 
@@ -159,11 +199,24 @@ typedef struct {
     const float *sw, *cw, *bias;
     float *out;
     int64_t ldo;
+    int16_t *qa;      /* gelu_rows: the next GEMM's rows (else NULL) */
+    int64_t ldq;
+    float *qsa;
+    int32_t *qrs;
+    int status;       /* 0, or -3 when the block buffer could not be allocated */
 } job_t;
 
-static void run_rows(const job_t *j) {
+static void run_rows(job_t *j) {
     int64_t pairs = (j->k + 1) / 2, panels = (j->n + NR - 1) / NR, chunk = KC / 2;
     int32_t acc[12][8];
+    float *block = NULL;  /* gelu_rows: one block of fp32 rows, GELU applied, rounded to qa when complete */
+    if (j->qa && j->m1 > j->m0) {
+        block = (float *)malloc((size_t)MC * (size_t)j->n * sizeof(float));
+        if (!block) {
+            j->status = -3;
+            return;
+        }
+    }
     for (int64_t mb = j->m0; mb < j->m1; mb += MC) {
         int64_t me = mb + MC < j->m1 ? mb + MC : j->m1;
         for (int64_t p = 0; p < panels; p++) {
@@ -193,10 +246,11 @@ static void run_rows(const job_t *j) {
                 }
                 for (int r = 0; r < MR && m + r < me; r++) {
                     __m256 s = _mm256_set1_ps(j->sa[m + r]), row_sum = _mm256_set1_ps((float)j->rs[m + r]);
-                    float *o = j->out + (m + r) * j->ldo + n0;
+                    float *o = (block ? block + (m + r - mb) * j->n : j->out + (m + r) * j->ldo) + n0;
                     for (int h = 0; h < 2; h++) {
                         __m256 y = _mm256_fmadd_ps(vcw[h], row_sum, _mm256_mul_ps(vsw[h], sums[2 * r + h]));
                         y = _mm256_fmadd_ps(s, y, vbias[h]);
+                        if (block) y = gelu256(y);
                         if (cols == NR) {
                             _mm256_storeu_ps(o + 8 * h, y);
                         } else {
@@ -208,38 +262,59 @@ static void run_rows(const job_t *j) {
                 }
             }
         }
+        if (block)  /* the block's rows are complete: round them for the next GEMM */
+            sensimix_i16_quantize(block, me - mb, j->n, j->n, j->qa + mb * j->ldq, j->ldq, j->qsa + mb, j->qrs + mb);
     }
+    free(block);
 }
 
 static void *thread_main(void *arg) {
-    run_rows((const job_t *)arg);
+    run_rows((job_t *)arg);
     return NULL;
 }
 
-/* out [m, n] (stride ldo) = the header's y. Returns 0, or -2 if a worker thread could not start (nothing is
- * then trustworthy in out). bias may be NULL. */
-int sensimix_i16_gemm(const int16_t *a, int64_t lda, int64_t m, const int8_t *packed, int64_t n, int64_t k,
-                      const float *sa, const int32_t *rs, const float *sw, const float *cw, const float *bias,
-                      float *out, int64_t ldo, int threads) {
+static int run_threads(job_t *jobs, int64_t blocks, int threads, const job_t *proto) {
     if (threads < 1) threads = 1;
     if (threads > 64) threads = 64;
-    int64_t blocks = (m + MR - 1) / MR;
     if (threads > blocks) threads = blocks > 0 ? (int)blocks : 1;
-    job_t jobs[64];
     pthread_t ids[64];
     int started[64] = {0};
     for (int t = 0; t < threads; t++) {
         int64_t b0 = blocks * t / threads, b1 = blocks * (t + 1) / threads;
-        jobs[t] = (job_t){a, lda, b0 * MR, b1 * MR < m ? b1 * MR : m, n, k, packed, sa, rs, sw, cw, bias, out, ldo};
+        jobs[t] = *proto;
+        jobs[t].m0 = b0 * MR;
+        jobs[t].m1 = b1 * MR < proto->m1 ? b1 * MR : proto->m1;
     }
     for (int t = 1; t < threads; t++) started[t] = pthread_create(&ids[t], NULL, thread_main, &jobs[t]) == 0;
     run_rows(&jobs[0]);
-    int status = 0;
+    int status = jobs[0].status;
     for (int t = 1; t < threads; t++) {
-        if (started[t])
+        if (started[t]) {
             pthread_join(ids[t], NULL);
-        else
+            if (jobs[t].status) status = jobs[t].status;
+        } else {
             status = -2;
+        }
     }
     return status;
+}
+
+/* out [m, n] (stride ldo) = the header's y. Returns 0, -2 if a worker thread could not start, -3 if memory ran
+ * out (nothing is then trustworthy in out). bias may be NULL. */
+int sensimix_i16_gemm(const int16_t *a, int64_t lda, int64_t m, const int8_t *packed, int64_t n, int64_t k,
+                      const float *sa, const int32_t *rs, const float *sw, const float *cw, const float *bias,
+                      float *out, int64_t ldo, int threads) {
+    job_t jobs[64];
+    job_t proto = {a, lda, 0, m, n, k, packed, sa, rs, sw, cw, bias, out, ldo, NULL, 0, NULL, NULL, 0};
+    return run_threads(jobs, (m + MR - 1) / MR, threads, &proto);
+}
+
+/* GELU(the header's y) for [m, n], rounded as sensimix_i16_quantize rounds it into qa [m, ldq] (ldq >= n + n % 2),
+ * qsa [m], qrs [m]; the fp32 values exist only block by block. Returns as sensimix_i16_gemm. */
+int sensimix_i16_gemm_gelu_rows(const int16_t *a, int64_t lda, int64_t m, const int8_t *packed, int64_t n, int64_t k,
+                                const float *sa, const int32_t *rs, const float *sw, const float *cw,
+                                const float *bias, int16_t *qa, int64_t ldq, float *qsa, int32_t *qrs, int threads) {
+    job_t jobs[64];
+    job_t proto = {a, lda, 0, m, n, k, packed, sa, rs, sw, cw, bias, NULL, 0, qa, ldq, qsa, qrs, 0};
+    return run_threads(jobs, (m + MR - 1) / MR, threads, &proto);
 }
