@@ -6,8 +6,13 @@ Each row of x is rounded to 15-bit integers with its own scale (``x ~ sa * A``, 
 the activations: at most ``max|x_row| / 32766`` per element, 2^8 times finer than per-row int8.
 
 Why: an AVX2 core without VNNI multiplies twice as many int16 pairs per instruction (VPMADDWD) as an fp32 FMA, and
-int16 x int8 products cannot saturate. Measured on a 2-core AMD EPYC (AVX2), 3,392 tokens: 1.6-1.8x the
-throughput of torch's fp32 GEMM at bert-base's FFN shapes (~146 against ~90 G multiply-adds per second).
+int16 x int8 products cannot saturate. Measured on a 2-core AMD EPYC (AVX2), 3,392 tokens: 1.4-1.7x the
+throughput of torch's fp32 GEMM at bert-base's shapes (131-150 against 79-93 G multiply-adds per second; the
+768 x 768 output projection 1.1x).
+
+In an FFN (``linear_act_operand`` with GELU) the up-projection's epilogue applies the erf GELU and rounds the rows
+for the down-projection, block by block in a per-thread buffer: its result is this kernel's int16 operand (rows,
+scale and sum; :data:`TAIL`), and the fp32 [tokens, intermediate] tensor is never materialized.
 
 Where it may serve ``precision="fast"``: only where the rounding keeps predictions (see
 :func:`sensimix.inference.plan.fast_index8_kernel`): a 1-bit FFN binarizes its input, so a perturbation upstream
