@@ -184,7 +184,8 @@ def model_specs(bert: Path, label: str, sensimix: dict[tuple[int, int], Path], o
 
 def kernel_variants(device: str) -> list[tuple[str, str, str, bool | None, tuple[str | None, str | None]]]:
     """SensiMix (2+1) on each other kernel the device can run (the default plan's are timed already): on CUDA
-    fp16 with every 1-bit kernel and both exact 8-bit kernels; on CPU the exact path's alternatives."""
+    fp16 with every 1-bit kernel and both exact 8-bit kernels; on CPU the exact path's alternatives and the
+    approximate ``int16`` 8-bit kernel (15-bit activations)."""
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():  # listing the rows of a CUDA run (tests)
         runnable, default_binary = ["fp8", "int8", "float", "xnor"], "fp8"
@@ -199,6 +200,9 @@ def kernel_variants(device: str) -> list[tuple[str, str, str, bool | None, tuple
             for n in runnable if n != default_binary]
     other = "dequant" if default_index8 == "dense" else "dense"
     out.append((f"{precision}-8bit-{other}", f"{precision}, 8-bit {other}", precision, None, (None, other)))
+    if kernels.INDEX8_KERNELS["int16"].unavailable(dev) is None:  # approximate: by name, never fast (plan.py)
+        out.append((f"{precision}-8bit-int16", f"{precision}, 8-bit int16 (approximate)", precision, None,
+                    (None, "int16")))
     return out
 
 

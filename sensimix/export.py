@@ -74,7 +74,6 @@ def convert(model: SensiMixQATForSequenceClassification, device: torch.device | 
     config = _packed_config(model)
     packed = SensiMixForSequenceClassification.from_state_dict(config, packed_state_dict(model), source="QAT model")
     if device is not None or precision is not None or plan:
-        plan.setdefault("mixed_layers", config.num_mixed_layers)  # `fast` depends on it
         packed.prepare(make_plan(device or "cpu", precision, **plan))
     return packed
 

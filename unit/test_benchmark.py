@@ -193,6 +193,10 @@ def test_row_list_without_onnxruntime_and_on_cuda():
     specs = bench.model_specs(Path("bert"), "BERT-base", sensimix, {}, "onnxruntime/onnx not installed", "cpu", 4)
     assert [s.key for s in specs] == cpu_rows()
     assert "sensimix-2+1-fp32-8bit-dense" in cpu_rows()  # the exact path's other 8-bit kernel, on every CPU
+    from sensimix import kernels
+
+    int16_runs = kernels.INDEX8_KERNELS["int16"].unavailable(torch.device("cpu")) is None
+    assert ("sensimix-2+1-fp32-8bit-int16" in cpu_rows()) == int16_runs  # the approximate kernel, by name
     assert all(bool(s.skipped) == (s.key in ORT_ROWS) for s in specs)
     cuda = {s.key: s for s in bench.model_specs(Path("bert"), "BERT-base", sensimix, {}, None, "cuda", 4)}
     assert {"bert-fp16", "bert3-fp16", "bert-runtime-fp16-skip", "sensimix-2+1-fp16"} <= set(cuda)

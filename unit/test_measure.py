@@ -193,8 +193,7 @@ def test_load_for_inference_fast(sensimix_dir, bert_dir) -> None:
 
     fast = load_for_inference(sensimix_dir, device="cpu", precision="fast")
     assert fast.precision == "fast" and fast.skip_padding
-    mixed = SensiMixForSequenceClassification.from_pretrained(sensimix_dir).config.num_mixed_layers
-    assert fast.index8_kernel == fast_index8_kernel("cpu", mixed)  # the model's split decides
+    assert fast.index8_kernel == fast_index8_kernel("cpu")
     explicit = load_for_inference(sensimix_dir, device="cpu", precision="fast", index8_kernel="bf16")
     assert explicit.index8_kernel == "bf16" and explicit.precision == "fast" and not explicit.exact
     with pytest.raises(ValueError, match="plain BERT folder: precision 'fast' is SensiMix's"):

@@ -335,10 +335,7 @@ def test_verify_end_to_end_fails_on_a_bad_ratio(tmp_path, monkeypatch, capsys):
         "examples per trial 8 (certified 104,743)", "trials 2 (certified 3)", "batch size 4 (certified 128)",
         "max_seq_length 16 (certified 128)", "synthetic batches (certified: QNLI)"]
     assert data["timing"]["ran"]["bert-fp32"] == "BertForSequenceClassification (float32)"
-    # (1+1): fast is what the plan gives a model with one 1-bit FFN layer here, and the report says which
-    from sensimix.inference import make_plan
-
-    assert data["timing"]["ran"]["sensimix"] == make_plan("cpu", "fast", mixed_layers=1).describe()
+    assert data["timing"]["ran"]["sensimix"].startswith("precision fast (exact), 1-bit kernel ")
     assert "Not the certified workload: examples per trial 8" in (out / "report.md").read_text()
     assert (out / "report.md").is_file() and (out / "report.png").read_bytes()[:8] == PNG_MAGIC
     assert len(report.load_history(out)) == 1

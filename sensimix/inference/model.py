@@ -104,9 +104,8 @@ class SensiMixForSequenceClassification(PreTrainedModel):
                 hub id (online users).
             device: ``cpu`` or ``cuda[:i]`` (transformers' ``device_map`` is accepted too); default cpu.
             precision: ``fp32`` (exact, the default), ``fp16`` (the paper's GPU inference), ``bf16`` or ``fast``
-                (the fastest recipe that keeps trained-model predictions: on an AVX2 CPU, for a model with at most one
-                1-bit FFN layer, 15-bit integer activations in the 8-bit linears; elsewhere the exact path's fastest
-                kernels); see :mod:`sensimix.inference.plan`. transformers' ``dtype`` / ``torch_dtype`` is accepted too.
+                (the fastest recipe that keeps trained-model predictions: today the exact path's fastest kernels); see
+                :mod:`sensimix.inference.plan`. transformers' ``dtype`` / ``torch_dtype`` is accepted too.
             binary_kernel / index8_kernel: kernel names (:mod:`sensimix.kernels`); None = the plan's choice.
             fuse_qkv / skip_padding: None = the plan's choice (both on when the kernel allows).
             check_inputs: validate input values in every forward (token ids in range: one host sync on CUDA).
@@ -131,7 +130,7 @@ class SensiMixForSequenceClassification(PreTrainedModel):
                             f"checkpoint's config cannot be changed at load time")
         request = dict(precision=precision, binary_kernel=binary_kernel, index8_kernel=index8_kernel,
                        fuse_qkv=fuse_qkv, skip_padding=skip_padding)
-        make_plan(device or "cpu", **request)  # bad options fail before any file is read
+        plan = make_plan(device or "cpu", **request)
         folder = loading.local_folder(pretrained_model_name_or_path, subfolder, hub)
         raw = checkpoint.read_raw_config(folder)
         config = checkpoint.config_from_raw(raw, folder / "config.json")
@@ -142,7 +141,6 @@ class SensiMixForSequenceClassification(PreTrainedModel):
             loading.apply_config_override(config, {**asked, **fields}, folder)
         tensors, source = checkpoint.read_tensors(folder, cls.checkpoint_spec(config), raw, cls._geometry(config),
                                                   weights=weights, verify_all=verify_all_files)
-        plan = make_plan(device or "cpu", **request, mixed_layers=config.num_mixed_layers)  # `fast` depends on it
         model = cls.from_state_dict(config, tensors, plan, source=str(source), check=False)  # read_tensors checked
         model.plan_request = request
         model.check_inputs = check_inputs and not compile
@@ -279,7 +277,7 @@ class SensiMixForSequenceClassification(PreTrainedModel):
             p = self.plan
             request = getattr(self, "plan_request", None) or dict(precision=p.precision, fuse_qkv=p.fuse_qkv,
                                                                    skip_padding=p.skip_padding)
-            self.prepare(make_plan(device, **request, mixed_layers=self.config.num_mixed_layers))
+            self.prepare(make_plan(device, **request))
         return self
 
     def cuda(self, device: Any = None) -> SensiMixForSequenceClassification:
