@@ -25,8 +25,7 @@ Reproduce the certified V&V of SensiMix (KOTCA KST-21-049) on this machine and j
     over batches already on the device, device synchronized, warm-up batches excluded (tokenization and
     host-to-device copies are not timed); both models are loaded from the pytorch_model.bin that criterion 1
     sizes. Models run interleaved within each trial so machine drift cancels. BERT runs in fp32 as certified;
-    SensiMix in its inference precision (--sensimix-precision: the runtime's 'fast' recipe: on an AVX2 CPU
-    15-bit activations in the 8-bit linears of a model with one 1-bit FFN layer such as (2+1), else the exact
+    SensiMix in its inference precision (--sensimix-precision: the runtime's 'fast' recipe, which is the exact
     path's fastest kernels; fp16, the paper's GPU inference, by name; the accuracy criterion uses the same). On
     CUDA the default is the certified 104,743 examples; on CPU a small default keeps the run to minutes: judge
     ratios, never absolute times.
@@ -96,9 +95,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fail the run when SensiMix / BERT fp16 misses --fp16-max-ratio (default: report only)")
     g.add_argument("--sensimix-precision", choices=["auto", *SENSIMIX_PRECISIONS], default="auto",
                    help="SensiMix's inference precision, for timing and accuracy (default: auto = 'fast', the "
-                        "fastest recipe that keeps trained-model predictions: on an AVX2 CPU 15-bit activations "
-                        "in the 8-bit linears of a model with one 1-bit FFN layer such as (2+1), elsewhere the "
-                        "exact path's fastest kernels; fp32 = exact; fp16 = the paper's GPU inference)")
+                        "exact path's fastest kernels; fp16 = the paper's GPU inference, approximate)")
     g = p.add_argument_group("accuracy (criteria 4-6; need SST-2 data)")
     g.add_argument("--skip-accuracy", action="store_true", help="do not train/evaluate for the accuracy criteria")
     add_accuracy_options(g.add_argument)

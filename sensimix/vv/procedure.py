@@ -47,14 +47,12 @@ def default_warmup_batches(device: str) -> int:
 
 
 def sensimix_precision(requested: str | None, device: str) -> str:
-    """SensiMix's inference precision. ``auto``: the runtime's ``fast`` recipe on every device -- the fastest
-    recipe measured to keep trained-model predictions, padded tokens skipped: on an AVX2 CPU, 15-bit integer
-    activations in the 8-bit linears of a model with at most one 1-bit FFN layer (the certified (2+1)), elsewhere
-    the exact path's fastest kernels (fp16, the paper's GPU inference, flips too many trained-model predictions:
-    see ``sensimix.inference.plan.fast_index8_kernel``; ask for it by name). The accuracy criterion evaluates
-    SensiMix with the same precision, and the fast-vs-exact agreement on trained models is a criterion of its own,
-    so a timed approximate recipe is always measured against the exact one. BERT is always timed in fp32
-    (certified) and, on CUDA, in fp16 beside it."""
+    """SensiMix's inference precision. ``auto``: the runtime's ``fast`` recipe on every device -- today the exact
+    path's fastest kernels, padded tokens skipped -- so the timed model computes what the trained model computes
+    (fp16, the paper's GPU inference, flips too many trained-model predictions: see
+    ``sensimix.inference.plan.fast_index8_kernel``; ask for it by name). The accuracy criterion evaluates SensiMix
+    with the same precision, and the fast-vs-exact agreement on trained models is a criterion of its own. BERT is
+    always timed in fp32 (certified) and, on CUDA, in fp16 beside it."""
     if requested in (None, "auto"):
         return "fast"
     if requested not in SENSIMIX_PRECISIONS:
