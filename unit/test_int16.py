@@ -1,5 +1,5 @@
 """The int16 8-bit kernel (``sensimix.kernels.int16``, C + AVX2): its rounding, its exact integer GEMM, its threads,
-and where ``precision="fast"`` takes it."""
+the FFN's fused GELU operand, and that ``precision="fast"`` never takes it."""
 
 from __future__ import annotations
 

@@ -2,9 +2,8 @@
 
 One module per backend family: :mod:`.base` (the interfaces), :mod:`.reference` (pure-torch definitions every
 kernel is tested against), :mod:`.torch_ops` (plain torch ops, CPU and CUDA), :mod:`.onednn` (bf16 GEMMs with
-fused epilogues), :mod:`.fbgemm` (torch's quantized engine), :mod:`.popcount` and :mod:`.int16` (C, AVX2;
-built by :mod:`.native`),
-:mod:`.cuda` (FP8 tensor cores), :mod:`.triton_kernels`.
+fused epilogues), :mod:`.fbgemm` (torch's quantized engine), :mod:`.popcount` and :mod:`.int16` (C, AVX2; built
+by :mod:`.native`), :mod:`.cuda` (FP8 tensor cores), :mod:`.triton_kernels`.
 
 1-bit linear (``sign(x) @ sign(W)^T + b``, exact in every kernel):
 
@@ -26,8 +25,8 @@ fp32 weights, or fp16 ones as in the paper with precision fp16), ``int8`` (dynam
 ``torch._int_mm``; APPROXIMATE), ``fbgemm`` (torch's quantized dynamic linear, per-tensor int8 activations;
 APPROXIMATE; CPU), ``bf16`` (bf16 weights and activations, bias/GELU in oneDNN's GEMM epilogue; APPROXIMATE),
 ``int16`` (per-row 15-bit integer activations, exact int8 weights, an AVX2 int16 GEMM in C; APPROXIMATE; CPU),
-``reference``. Approximate kernels are never a default; the runtime's ``fast`` precision takes one only where
-measured to keep predictions (:func:`sensimix.inference.plan.fast_index8_kernel`).
+``reference``. Approximate kernels are never a default, nor what ``fast`` runs (measured:
+:func:`sensimix.inference.plan.fast_index8_kernel`); they are chosen by name.
 """
 
 from __future__ import annotations
