@@ -51,6 +51,13 @@ def index8_quantize(
     return q.to(torch.int8), lo, hi
 
 
+def index8_affine(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, c) with W_hat = s * Q + c for the int8 indices Q themselves: c = 128 * s + lo (kernels that multiply
+    Q as stored add c * rowsum(x))."""
+    s = index8_step(lo, hi)
+    return s, -QMIN * s + lo
+
+
 def index8_dequantize(
     q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..quant import QMIN, index8_step
+from ..quant import index8_affine
 from .base import BinaryKernel, Index8Kernel, Index8Part, Prepared
 
 FBGEMM_ENGINES = ("x86", "fbgemm")  # both run quantized::linear_dynamic on fbgemm
@@ -161,10 +161,9 @@ class FbgemmIndex8Kernel(Index8Kernel):
             raise RuntimeError(f"index8 kernel 'fbgemm' is unavailable: {qe.reason}")
         scales, offsets, rows = [], [], []
         for q, weight_range, _ in parts:
-            lo, hi = weight_range.float().cpu()
-            s = index8_step(lo, hi)
+            s, c = index8_affine(*weight_range.float().cpu())
             scales.append(s)
-            offsets.append(-QMIN * s + lo)
+            offsets.append(c)
             rows.append(q.shape[0])
         q = torch.cat([q for q, _, _ in parts]).cpu().contiguous()
         biases = [b for _, _, b in parts]

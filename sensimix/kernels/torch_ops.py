@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..devices import cpu_has_vnni
-from ..quant import QMIN, index8_dequantize, index8_step, unpack_signs
+from ..quant import QMIN, index8_affine, index8_dequantize, index8_step, unpack_signs
 from . import reference
 from .base import BinaryKernel, Index8Kernel, Prepared
 
@@ -239,9 +239,7 @@ class DynamicInt8Index8Kernel(Index8Kernel):
         return False  # the activation quantization runs as separate eager passes
 
     def prepare_one(self, q, weight_range, dtype):
-        lo, hi = weight_range.float()
-        s = index8_step(lo, hi)
-        return q.contiguous(), torch.stack([s, -QMIN * s + lo])  # params = [s, c]
+        return q.contiguous(), torch.stack(index8_affine(*weight_range.float()))  # params = [s, c]
 
     def linear(self, x, p):
         lead, k = x.shape[:-1], x.shape[-1]
