@@ -24,17 +24,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 
 import torch
 
-from ..devices import cpu_features
-from ..quant import QMIN, index8_step
+from ..quant import index8_affine
+from . import native
 from .base import Index8Kernel, Prepared
-from .native import NativeBuildError, load
 from .torch_ops import scratch
-
-log = logging.getLogger(__name__)
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _ERRORS = {-2: "a worker thread could not start", -3: "out of memory"}
@@ -42,7 +38,7 @@ _ERRORS = {-2: "a worker thread could not start", -3: "out of memory"}
 
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL:
-    lib = load("int16gemm.c", ("-mavx2", "-mfma"))
+    lib = native.load("int16gemm.c", ("-mavx2", "-mfma"))
     lib.sensimix_i16_mr.restype = _I64
     lib.sensimix_i16_mr.argtypes = []
     lib.sensimix_i16_packed_bytes.restype = _I64
@@ -63,14 +59,7 @@ def _library() -> ctypes.CDLL:
 @functools.lru_cache(maxsize=1)
 def unavailable_reason() -> str | None:
     """None where the kernel runs on this CPU, else why not (checked once per process; may compile it)."""
-    if not {"avx2", "fma"} <= cpu_features():
-        return "the int16 kernel needs an x86 CPU with AVX2 and FMA"
-    try:
-        _library()
-    except NativeBuildError as exc:
-        log.warning("the int16 8-bit kernel is unavailable: %s", exc)
-        return str(exc)
-    return None
+    return native.unavailable("int16 kernel", {"avx2", "fma"}, _library, "it is chosen by name only")
 
 
 # An activation operand (what ``linear_act_operand`` returns and ``linear`` reads): int16 rows [..., k + k % 2 + 4],
@@ -155,10 +144,9 @@ class Int16Index8Kernel(Index8Kernel):
             raise ValueError(f"the int16 kernel takes fp32 activations, not {dtype}")
         steps, offsets = [], []
         for q, weight_range, _ in parts:
-            lo, hi = weight_range.float()
-            s = index8_step(lo, hi)
+            s, c = index8_affine(*weight_range.float())
             steps.append(s.expand(q.shape[0]))
-            offsets.append((s * float(-QMIN) + lo).expand(q.shape[0]))  # c = 128 s + lo: W_hat = s Q + c
+            offsets.append(c.expand(q.shape[0]))
         q = parts[0][0] if len(parts) == 1 else torch.cat([q for q, _, _ in parts])
         params = torch.stack([torch.cat(steps), torch.cat(offsets)]).float().contiguous()  # [2, N]: s, c
         biases = [b for _, _, b in parts]

@@ -23,6 +23,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,21 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise NativeBuildError(f"`{' '.join(cmd[:1])}` could not run: {exc}") from exc
+
+
+def unavailable(what: str, cpu_flags: set[str], library: Callable[[], object], fallback: str) -> str | None:
+    """None where the C kernel ``what`` runs on this CPU, else why not: a missing CPU flag, or its build failing
+    (``library()`` builds and loads it), which is logged once with what runs instead (``fallback``)."""
+    from ..devices import cpu_features
+
+    if not cpu_flags <= cpu_features():
+        return f"the {what} needs an x86 CPU with {' and '.join(f.upper() for f in sorted(cpu_flags))}"
+    try:
+        library()
+    except NativeBuildError as exc:
+        log.warning("the %s is unavailable, %s: %s", what, fallback, exc)
+        return str(exc)
+    return None
 
 
 @functools.lru_cache(maxsize=None)

@@ -15,17 +15,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 
 import torch
 import torch.nn.functional as F
 
-from ..devices import cpu_features
 from ..quant import pack_signs, unpack_bits
+from . import native
 from .base import BinaryKernel
-from .native import NativeBuildError, load
-
-log = logging.getLogger(__name__)
 
 VECTOR_BYTES = 32  # one AVX2 register
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
@@ -41,7 +37,7 @@ def row_bytes(k: int) -> int:
 
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL:
-    lib = load("popcount.c", ("-mavx2",))
+    lib = native.load("popcount.c", ("-mavx2",))
     lib.sensimix_xnor_gemm.restype = ctypes.c_int
     lib.sensimix_xnor_gemm.argtypes = [_PTR, _I64, _PTR, _I64, _I64, _I64, ctypes.c_int, _PTR, _I64, _PTR, _PTR,
                                        ctypes.c_int]
@@ -53,15 +49,8 @@ def _library() -> ctypes.CDLL:
 @functools.lru_cache(maxsize=1)
 def unavailable_reason() -> str | None:
     """None where the kernel runs on this CPU, else why not (checked once per process; may compile it)."""
-    if "avx2" not in cpu_features():
-        return "the popcount kernel needs an x86 CPU with AVX2"
-    try:
-        _library()
-    except NativeBuildError as exc:
-        # an AVX2 CPU that cannot build it runs the 1-bit FFN on the next exact kernel, slower: say so once
-        log.warning("the popcount 1-bit kernel is unavailable, the next exact kernel runs instead: %s", exc)
-        return str(exc)
-    return None
+    # an AVX2 CPU that cannot build it runs the 1-bit FFN on the next exact kernel, slower: said once
+    return native.unavailable("popcount kernel", {"avx2"}, _library, "the next exact kernel runs instead")
 
 
 def pack_rows(x: torch.Tensor, k: int) -> torch.Tensor:
