@@ -518,7 +518,8 @@ def gpu_check():
     return module
 
 
-@pytest.mark.parametrize("mode,budget_s", [("full", 480), ("short", 180)])
+# full: within the 600 s a device command may run (timeout_s=590), with the start inside the 15 device minutes
+@pytest.mark.parametrize("mode,budget_s", [("full", 560), ("short", 180)])
 def test_gpu_check_fits_its_budget_and_the_tools_limits(tmp_path, mode: str, budget_s: int) -> None:
     gc = gpu_check()
     cfg = gc.Config.from_env({"MODE": mode, "OUT": str(tmp_path)})
