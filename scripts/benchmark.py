@@ -100,6 +100,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gemm", action=argparse.BooleanOptionalAction, default=None,
                    help="also time each kernel's GEMM at the BERT shapes (default: on CUDA only)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CUDA, also time SensiMix (2+1) fp16 under torch.compile (it compiles in its warm-up: "
+                        "~100 s on an H200 machine)")
     p.add_argument("--gemm-m", type=int, default=16384, help="rows of the GEMM benchmark (default: 128 x 128)")
     p.add_argument("--gemm-reps", type=int, default=None, help="timed calls per GEMM (default: 2 CPU, 50 CUDA)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -131,7 +134,7 @@ def geometry_label(config: Any) -> str:
 
 
 def model_specs(bert: Path, label: str, sensimix: dict[tuple[int, int], Path], onnx: dict[str, Any],
-                ort_reason: str | None, device: str, buckets: int) -> list[ModelSpec]:
+                ort_reason: str | None, device: str, buckets: int, compiled: bool = True) -> list[ModelSpec]:
     """Every row, baseline first, then the peers (full geometry, then 3 layers), then SensiMix."""
     cuda = device.startswith("cuda")
     cpu_only = "a CPU runtime: timed in CPU runs" if cuda else None
@@ -176,7 +179,7 @@ def model_specs(bert: Path, label: str, sensimix: dict[tuple[int, int], Path], o
             specs.append(ModelSpec(f"{prefix}-{key}", f"{name} {what}", "sensimix", "sensimix", str(folder),
                                    precision, skip_padding=skip, kernels=chosen,
                                    reference=None if key == "fp32" else f"{prefix}-fp32"))
-        if cuda and (layers, eightbit) == SENSIMIX_MODELS[0]:  # torch.compile: compiled in the warm-up batches
+        if cuda and compiled and (layers, eightbit) == SENSIMIX_MODELS[0]:  # torch.compile: compiles in its warm-up
             specs.append(ModelSpec(f"{prefix}-fp16-compiled", f"{name} fp16, torch.compile", "sensimix", "sensimix",
                                    str(folder), "fp16", compiled=True, reference=f"{prefix}-fp32"))
     return specs
@@ -267,7 +270,7 @@ def run_models(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     bert = run.folders[0]
     batches, data = run.batches
     specs = model_specs(bert, geometry_label(bert_config(bert, allow_qat=False)), sensimix, onnx, ort_missing(),
-                        device, args.buckets)
+                        device, args.buckets, compiled=args.compile)
     runnable = [sp for sp in specs if not sp.skipped]
     memory = {}
     if not args.no_memory:
