@@ -260,6 +260,27 @@ def test_cuda_plan_fp8_from_pretrained_with_staged_packing(qat_model, tmp_path) 
     assert (logits - want).abs().max().item() <= 1e-5
 
 
+def test_staged_packing_goes_only_to_a_model_that_skips_padding(qat_model, tmp_path) -> None:
+    # CUDA batches carry their Packing (staged by VVRun); a model told to keep padding (the benchmark's "padding
+    # kept" row) must not be handed it: a packing passed in wins over the plan. The H200 benchmark's "padding kept"
+    # row ran packed before this (3.4 ms, the same as the packed row).
+    qat, inputs = qat_model
+    folder = export_checkpoint(qat, tmp_path / "sensimix")
+    staged = make_batches(inputs, batch_size=5, packing=True)
+    for skip in (False, True):
+        model = Packed.from_pretrained(folder, skip_padding=skip)
+        seen, forward = [], model.forward
+
+        def spy(*args, _forward=forward, _seen=seen, **kwargs):
+            _seen.append(kwargs.get("packing"))
+            return _forward(*args, **kwargs)
+
+        model.forward = spy
+        run_inference(model, staged, warmup_batches=0)
+        assert len(seen) == len(staged)
+        assert all((p is not None) == skip for p in seen), f"skip_padding={skip}"
+
+
 # ---------------------------------------------------------------------------------------------------
 # the FP8 kernel vs the reference, bit for bit
 # ---------------------------------------------------------------------------------------------------

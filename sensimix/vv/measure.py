@@ -234,9 +234,11 @@ class InferenceResult:
 
 
 def _takes_packing(model: torch.nn.Module) -> bool:
+    """Whether a batch's staged :class:`Packing` goes to ``model``: SensiMix models that skip padding only (a packing
+    passed in wins over the plan, so a model told to keep padding would otherwise run packed, unnoticed)."""
     from ..inference import SensiMixForSequenceClassification
 
-    return isinstance(model, SensiMixForSequenceClassification)
+    return isinstance(model, SensiMixForSequenceClassification) and model.skip_padding
 
 
 def run_inference(model: torch.nn.Module, batches: list[dict[str, Any]], *, warmup_batches: int = 2,
