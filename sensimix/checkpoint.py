@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from . import calibration
 from .config import SensiMixConfig
 from .io import atomic_dir, brief, read_config_json, save_tokenizer, write_json
 
@@ -253,7 +254,7 @@ def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
 # files of a replaced folder that are never carried into its new version: weights the new one does not hold, and
 # the old model's training record
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx")
-_NOT_CARRIED = ("training_metrics.json",)
+_NOT_CARRIED = ("training_metrics.json", calibration.RECORD)  # records of the weights replaced
 
 
 def _carry_other_files(old: Path, new: Path) -> None:

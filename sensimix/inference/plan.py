@@ -10,9 +10,10 @@ precision        what runs
 ``fp16``/``bf16`` all activations in that dtype (the paper's GPU inference is fp16), ``dense`` 8-bit weights in
                  it, exact 1-bit products (their outputs rounded once to the dtype).
 ``fast``         the fastest recipe measured within the agreement bar (>= 99.5% of trained-model predictions
-                 equal to the exact path's, accuracy within 0.3 points). On every device today that is the exact
-                 path with the device's fastest exact kernels (see :func:`fast_index8_kernel` for why rounded
-                 activations do not qualify, the ``int16`` kernel's 15 bits and fp16 included).
+                 equal to the exact path's, accuracy within 0.3 points): the exact path with the device's fastest
+                 exact kernels, except on a CPU for a checkpoint whose ``fast_calibration.json`` shows that the
+                 approximate ``int16`` 8-bit kernel kept its predictions (:mod:`sensimix.calibration`; see
+                 :func:`fast_index8_kernel` for why rounded activations cannot qualify without measuring).
 ================ ================================================================================================
 
 Its agreement with the exact path on trained models is measured (``sensimix.vv.accuracy``) and reported.
@@ -45,6 +46,7 @@ class InferencePlan:
     index8_kernel: str
     fuse_qkv: bool
     skip_padding: bool
+    calibrated: bool = False     # fast took the approximate 8-bit kernel this checkpoint was calibrated for
 
     @property
     def exact(self) -> bool:
@@ -53,13 +55,16 @@ class InferencePlan:
                 and kernels.INDEX8_KERNELS[self.index8_kernel].exact)
 
     def describe(self) -> str:
-        return (f"precision {self.precision} ({'exact' if self.exact else 'approximate'}), 1-bit kernel "
+        kind = "exact" if self.exact else ("approximate, calibrated for this checkpoint" if self.calibrated
+                                           else "approximate")
+        return (f"precision {self.precision} ({kind}), 1-bit kernel "
                 f"{self.binary_kernel}, 8-bit kernel {self.index8_kernel}"
                 + (", Q/K/V fused" if self.fuse_qkv else "") + (", padding skipped" if self.skip_padding else ""))
 
 
-def fast_index8_kernel(device: torch.device | str) -> str:
-    """The 8-bit kernel of ``precision="fast"``: the device's exact one (``dequant`` on CPU, ``dense`` on CUDA).
+def fast_index8_kernel(device: torch.device | str, calibrated: str | None = None) -> str:
+    """The 8-bit kernel of ``precision="fast"``: ``calibrated`` (the kernel a checkpoint's passed calibration
+    record names) where ``device`` runs it, else the device's exact one (``dequant`` on CPU, ``dense`` on CUDA).
 
     Why exact: a SensiMix model binarizes the inputs of its 1-bit FFNs, so rounding anywhere upstream moves
     pre-activations near 0 across it. Measured on MiniLM-L6 SensiMix trained on SST-2, SST-2 dev (872),
@@ -78,16 +83,22 @@ def fast_index8_kernel(device: torch.device | str) -> str:
     paper's GPU inference; emulated on CPU): 855 (3+3) / 871 (2+1). The bar is 99.5% (868/872) with accuracy
     within 0.3 points. ``int16`` meets it on well-trained (2+1) models but not on the (2+1) that CI trains on
     1,000 examples (63% accuracy: many logits near the decision boundary), nor on (3+3); no property of a
-    checkpoint tells these apart before its predictions are measured, so ``fast`` stays exact everywhere and the
-    approximate kernels (``int16``, ``bf16``, ``int8``, ``fbgemm``) are available by name.
+    checkpoint tells these apart before its predictions are measured. So ``fast`` is exact unless the
+    checkpoint's predictions were measured on the candidate (:mod:`sensimix.calibration`, run by ``sensimix
+    compress`` on its task's dev split), and the approximate kernels (``int16``, ``bf16``, ``int8``, ``fbgemm``)
+    are available by name.
     """
-    return kernels.default_index8_kernel(torch.device(device))
+    device = torch.device(device)
+    if calibrated in kernels.INDEX8_KERNELS and kernels.INDEX8_KERNELS[calibrated].unavailable(device) is None:
+        return calibrated
+    return kernels.default_index8_kernel(device)
 
 
 def make_plan(device: torch.device | str = "cpu", precision: str | torch.dtype | None = None, *,
               binary_kernel: str | None = None, index8_kernel: str | None = None, fuse_qkv: bool | None = None,
-              skip_padding: bool | None = None) -> InferencePlan:
-    """Resolve a precision (default: fp32, exact, on every device) and kernel choices into a checked plan."""
+              skip_padding: bool | None = None, calibrated_index8: str | None = None) -> InferencePlan:
+    """Resolve a precision (default: fp32, exact, on every device) and kernel choices into a checked plan;
+    ``calibrated_index8``: the 8-bit kernel a checkpoint was calibrated for (used by ``fast`` alone)."""
     dev = torch.device(resolve_device(device))
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
@@ -100,10 +111,12 @@ def make_plan(device: torch.device | str = "cpu", precision: str | torch.dtype |
     precision = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(precision, precision)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    calibrated = False
     if precision == FAST:
         dtype = torch.float32
         if index8_kernel in (None, "auto"):
-            index8_kernel = fast_index8_kernel(dev)
+            index8_kernel = fast_index8_kernel(dev, calibrated_index8)
+            calibrated = index8_kernel == calibrated_index8
     else:
         dtype = torch_dtype(precision)
     binary = kernels.binary_kernel(binary_kernel, dev)
@@ -115,4 +128,4 @@ def make_plan(device: torch.device | str = "cpu", precision: str | torch.dtype |
                          f"{', '.join(n for n, k in kernels.INDEX8_KERNELS.items() if k.fusable)}")
     return InferencePlan(device=dev, precision=precision, dtype=dtype, binary_kernel=binary.name,
                          index8_kernel=index8.name, fuse_qkv=fuse_qkv,
-                         skip_padding=True if skip_padding is None else bool(skip_padding))
+                         skip_padding=True if skip_padding is None else bool(skip_padding), calibrated=calibrated)

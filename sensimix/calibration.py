@@ -1,0 +1,140 @@
+"""``fast``'s per-checkpoint calibration: an approximate kernel is used only where it was measured to keep this
+model's predictions.
+
+Rounding the activations of the 8-bit linears (the ``int16`` kernel: 15-bit integers per row) keeps every
+prediction of some trained models and changes 1.4% of another's (:func:`sensimix.inference.plan.fast_index8_kernel`
+has the table); nothing in a checkpoint tells them apart before their predictions are measured. So they are
+measured: :func:`calibrate` runs a saved folder on labelled examples (``sensimix compress`` uses its task's dev
+split) with the exact path and with the candidate kernel, and writes ``fast_calibration.json`` beside the weights::
+
+    {"schema": "sensimix-fast-calibration/1", "index8_kernel": "int16", "passed": true,
+     "examples": 872, "equal": 872, "exact_accuracy": 0.8326, "candidate_accuracy": 0.8326,
+     "data": "SST-2 dev", "checkpoint": {<config.json's sensimix_checksum>}, ...}
+
+It passes with at least :data:`MIN_EXAMPLES` examples, >= 99.5% of the predictions equal and the accuracies
+within 0.3 points (the bar of ``pytest acceptance``'s ``fast_agreement``). ``precision="fast"`` then takes the
+recorded kernel where the device runs it (:func:`calibrated_index8_kernel`), and the exact path otherwise: with no
+record, a failed one, a record of other weights (its checksum differs from config.json's), or one that cannot be
+read (logged). Writing a folder anew (``compress``, ``save_pretrained``) drops the old record
+(:data:`sensimix.checkpoint._NOT_CARRIED`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import kernels
+
+log = logging.getLogger(__name__)
+
+RECORD = "fast_calibration.json"
+SCHEMA = "sensimix-fast-calibration/1"
+CANDIDATE = "int16"        # the approximate 8-bit kernel fast may take (CPU, AVX2)
+MIN_EXAMPLES = 200         # fewer say too little about a model's margins
+MAX_EXAMPLES = 4096        # enough to judge 99.5% (20 changes allowed); caps the time on large dev splits
+
+
+def judge(exact: torch.Tensor, candidate: torch.Tensor, labels: torch.Tensor | None, *,
+          min_examples: int = MIN_EXAMPLES) -> dict[str, Any]:
+    """The verdict on two prediction vectors: counts, accuracies, ``passed`` and, when not, ``reason``."""
+    from .vv.procedure import FAST_ACCURACY_DELTA, FAST_AGREEMENT
+
+    n, equal = len(exact), int((exact == candidate).sum())
+    out: dict[str, Any] = {"examples": n, "equal": equal, "agreement": equal / n if n else 0.0,
+                           "min_agreement": FAST_AGREEMENT, "max_accuracy_delta_points": FAST_ACCURACY_DELTA}
+    if labels is not None:
+        out["exact_accuracy"] = float((exact == labels).double().mean())
+        out["candidate_accuracy"] = float((candidate == labels).double().mean())
+    reasons = []
+    if n < min_examples:
+        reasons.append(f"{n} examples (< {min_examples})")
+    if out["agreement"] < FAST_AGREEMENT:
+        reasons.append(f"{n - equal} of {n} predictions changed (agreement {100 * out['agreement']:.2f}% < "
+                       f"{100 * FAST_AGREEMENT:.1f}%)")
+    if labels is None:
+        reasons.append("no labels: the accuracy change cannot be measured")
+    elif 100 * abs(out["candidate_accuracy"] - out["exact_accuracy"]) > FAST_ACCURACY_DELTA + 1e-9:
+        reasons.append(f"accuracy {100 * out['exact_accuracy']:.2f}% -> {100 * out['candidate_accuracy']:.2f}% "
+                       f"(> {FAST_ACCURACY_DELTA} points)")
+    out["passed"] = not reasons
+    if reasons:
+        out["reason"] = "; ".join(reasons)
+    return out
+
+
+def _predictions(folder: Path, inputs: dict[str, torch.Tensor], index8_kernel: str | None) -> torch.Tensor:
+    from .inference import SensiMixForSequenceClassification
+    from .vv.measure import make_batches, run_inference
+
+    model = SensiMixForSequenceClassification.from_pretrained(folder, precision="fp32", index8_kernel=index8_kernel)
+    return run_inference(model, make_batches(inputs, batch_size=64), warmup_batches=0).predictions
+
+
+def calibrate(folder: str | os.PathLike, inputs: dict[str, torch.Tensor], *, data: str,
+              kernel: str = CANDIDATE, max_examples: int = MAX_EXAMPLES,
+              min_examples: int = MIN_EXAMPLES) -> dict[str, Any] | None:
+    """Measure ``kernel`` against the exact path on ``inputs`` (padded tensors with ``labels``; the first
+    ``max_examples``) and write the record into ``folder``; None (nothing written) where this CPU cannot run it."""
+    from .checkpoint import CHECKSUM_KEY, read_raw_config
+    from .io import reserve_output, write_json
+
+    folder = Path(folder)
+    if kernel not in kernels.INDEX8_KERNELS or kernels.INDEX8_KERNELS[kernel].exact:
+        raise ValueError(f"{kernel!r} is not an approximate 8-bit kernel to calibrate; choose one of "
+                         f"{', '.join(n for n, k in kernels.INDEX8_KERNELS.items() if not k.exact)}")
+    reason = kernels.INDEX8_KERNELS[kernel].unavailable(torch.device("cpu"))
+    if reason:
+        log.info("fast calibration skipped: the %s kernel cannot run here (%s); fast stays exact", kernel, reason)
+        return None
+    with reserve_output(folder):  # the weights cannot change under the measurement (compress holds it already)
+        raw = read_raw_config(folder)
+        if not isinstance(raw.get(CHECKSUM_KEY), dict):
+            raise ValueError(f"{folder}/config.json has no {CHECKSUM_KEY} (written before checksums): re-export "
+                             f"the folder before calibrating it")
+        picked = {k: v[:max_examples] for k, v in inputs.items()
+                  if k in ("input_ids", "attention_mask", "token_type_ids", "labels")}
+        exact = _predictions(folder, picked, None)
+        candidate = _predictions(folder, picked, kernel)
+        record = {"schema": SCHEMA, "index8_kernel": kernel, "data": data, "checkpoint": raw[CHECKSUM_KEY],
+                  **judge(exact, candidate, picked.get("labels"), min_examples=min_examples)}
+        write_json(folder / RECORD, record)
+    if record["passed"]:
+        log.info("fast calibration: the %s kernel kept %d of %d %s predictions: precision fast uses it for %s",
+                 kernel, record["equal"], record["examples"], data, folder)
+    else:
+        log.info("fast calibration: the %s kernel did not qualify on %s (%s): precision fast stays exact for %s",
+                 kernel, data, record["reason"], folder)
+    return record
+
+
+def calibrated_index8_kernel(folder: str | os.PathLike, raw_config: dict[str, Any]) -> str | None:
+    """The approximate 8-bit kernel a passed record of ``folder`` names for these weights, else None."""
+    from .checkpoint import CHECKSUM_KEY
+    from .io import read_json
+
+    path = Path(folder) / RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = read_json(path, what="a fast calibration record")
+    except (OSError, ValueError) as exc:
+        log.warning("%s ignored (fast runs the exact path): %s", path, exc)
+        return None
+    problem = None
+    if not isinstance(record, dict) or record.get("schema") != SCHEMA:
+        problem = f"not a {SCHEMA} record"
+    elif record.get("index8_kernel") not in kernels.INDEX8_KERNELS:
+        problem = f"unknown 8-bit kernel {record.get('index8_kernel')!r}"
+    elif record.get("checkpoint") != raw_config.get(CHECKSUM_KEY):
+        problem = "it was measured on other weights (its checksum differs from config.json's): calibrate again"
+    if problem:
+        log.warning("%s ignored (fast runs the exact path): %s", path, problem)
+        return None
+    if record.get("passed") is not True:
+        return None
+    return record["index8_kernel"]
