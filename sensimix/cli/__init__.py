@@ -1,4 +1,4 @@
-"""``sensimix`` command line: compress | finetune | evaluate | verify.
+"""``sensimix`` command line: compress | finetune | evaluate | calibrate | verify.
 
 Each sub-command lives in its own module exposing ``HELP``, ``DESCRIPTION``, ``add_arguments(parser)`` and
 ``run(args) -> int`` (the exit status); commands only parse arguments and call library functions. Errors a
@@ -22,6 +22,7 @@ COMMANDS = {
     "compress": "sensimix.cli.compress",
     "finetune": "sensimix.cli.finetune",
     "evaluate": "sensimix.cli.evaluate",
+    "calibrate": "sensimix.cli.calibrate",
     "verify": "sensimix.cli.verify",
 }
 # errors with a message for the user (CheckpointError, SourceError, OutputError, NonFiniteLogits are ValueErrors)

@@ -31,9 +31,10 @@ an error (exit 2), never a score.
 Precision: fp32 is the certified baseline math (BERT: eager attention; CUDA: TF32 disabled) and, for SensiMix,
 the quantization-aware model's arithmetic (exact). fp16 uses SDPA attention for BERT and fp16 GEMMs for
 SensiMix. bf16 runs all activations in bf16 (approximate). fast (SensiMix only) is the fastest recipe whose
-predictions agree with fp32 on trained models (a V&V criterion): today the exact path itself on CPU and CUDA
-(fp16 flips too many; see sensimix.inference.plan). SensiMix skips padded tokens in every precision (they cannot
-change the logits). The BERT baseline has no fast mode: time it in fp32, as certified.
+predictions agree with fp32 on trained models (a V&V criterion): the exact path itself, except on CPUs with
+AVX2 for a folder whose fast_calibration.json shows that the approximate int16 8-bit kernel kept its predictions
+(`sensimix calibrate`; compress writes it). SensiMix skips padded tokens in every precision (they cannot change
+the logits). The BERT baseline has no fast mode: time it in fp32, as certified.
 
 examples:
   sensimix evaluate --model out/sst2-3+3 --task sst-2 --glue-dir glue_data            # accuracy + time, SST-2 dev

@@ -167,4 +167,22 @@ def compress(bert: str | os.PathLike, task: str, out: str | os.PathLike, *, glue
             if writer:
                 export_checkpoint(model, out, tokenizer, overwrite=overwrite,
                                   extra_json={"training_metrics.json": metrics})
+                if settings.max_steps != 0 and settings.fast_calibration:
+                    _calibrate_fast(Path(out), task, tokenizer, glue_dir, settings, hub_data)
     return TrainResult(path=Path(out), metrics=metrics, schedule=schedule, model=model)
+
+
+def _calibrate_fast(out: Path, task: str, tokenizer: Any, glue_dir: str | os.PathLike | None,
+                    settings: TrainSettings, hub: bool) -> None:
+    """Measure fast's approximate 8-bit kernel on the exported folder over the task's dev split (still under the
+    job's lock). The folder is complete without it: a failure is logged and ``fast`` stays exact."""
+    from ..calibration import RECORD, calibrate
+    from ..vv.measure import task_inputs
+
+    try:
+        inputs = task_inputs(task, tokenizer, glue_dir, "dev", settings.max_seq_length, hub=hub)
+        calibrate(out, inputs, data=f"{task} dev")
+    except (OSError, ValueError, RuntimeError, MemoryError) as exc:
+        (out / RECORD).unlink(missing_ok=True)
+        log.warning("fast calibration of %s failed (%s: %s): precision fast runs the exact path", out,
+                    type(exc).__name__, exc)

@@ -1,0 +1,196 @@
+"""``fast``'s per-checkpoint calibration (sensimix.calibration): the verdict, the record, and what ``fast`` loads."""
+
+import json
+import logging
+
+import pytest
+import torch
+from test_cuda_paths import logits_of, qat_model  # noqa: F401 - qat_model is a fixture
+
+from sensimix import SensiMixForSequenceClassification as Packed
+from sensimix import calibration, kernels
+from sensimix.calibration import RECORD, calibrate, judge
+from sensimix.export import export_checkpoint
+from sensimix.train import TrainSettings, compress
+
+needs_int16 = pytest.mark.skipif(kernels.INDEX8_KERNELS["int16"].unavailable(torch.device("cpu")) is not None,
+                                 reason="the int16 kernel cannot run on this CPU (AVX2 and a C compiler)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the verdict
+# ---------------------------------------------------------------------------------------------------
+def _preds(n: int, changed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    exact = torch.arange(n) % 2
+    candidate = exact.clone()
+    candidate[:changed] = 1 - candidate[:changed]
+    return exact, candidate
+
+
+def test_judge_passes_at_the_acceptance_bar_and_names_each_failure() -> None:
+    exact, cand = _preds(1000, changed=3)  # 99.7% equal, accuracy 100% -> 99.7%: 0.3 points, at the bar
+    v = judge(exact, cand, exact, min_examples=200)
+    assert v["passed"] and v["equal"] == 997 and "reason" not in v
+    labels = exact.clone()
+    labels[:5:2] = 1 - labels[:5:2]  # 3 changes fix a prediction, 2 break one: 0.1 points
+    v = judge(*_preds(1000, changed=5), labels)
+    assert v["passed"] and v["agreement"] == 0.995
+    exact, cand = _preds(1000, changed=6)
+    v = judge(exact, cand, exact)
+    assert not v["passed"] and "6 of 1000 predictions changed" in v["reason"]
+    # few changes, but all in one direction: the accuracy moves too far
+    exact, cand = _preds(400, changed=2)
+    labels = exact.clone()
+    v = judge(exact, cand, labels)
+    assert v["agreement"] == 0.995 and not v["passed"] and "accuracy" in v["reason"]
+    v = judge(*_preds(100), torch.arange(100) % 2)
+    assert not v["passed"] and v["reason"] == "100 examples (< 200)"
+    v = judge(*_preds(300), None)
+    assert not v["passed"] and "no labels" in v["reason"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# the record and what fast loads
+# ---------------------------------------------------------------------------------------------------
+@pytest.fixture
+def folder(qat_model, tmp_path):  # noqa: F811 - the imported fixture
+    qat, inputs = qat_model
+    return export_checkpoint(qat, tmp_path / "sensimix"), inputs, qat
+
+
+def _labelled(folder, inputs) -> dict[str, torch.Tensor]:
+    labels = logits_of(Packed.from_pretrained(folder), inputs).argmax(-1)
+    return {**inputs, "labels": labels}
+
+
+@needs_int16
+def test_a_passed_calibration_makes_fast_take_int16_for_this_checkpoint_only(folder, caplog) -> None:
+    folder, inputs, qat = folder
+    n = len(inputs["input_ids"])
+    assert Packed.from_pretrained(folder, precision="fast").plan.exact  # no record: exact
+    record = calibrate(folder, _labelled(folder, inputs), data="ragged", min_examples=n)
+    assert record["passed"] and record["equal"] == n and record["index8_kernel"] == "int16"
+    saved = json.loads((folder / RECORD).read_text())
+    assert saved["checkpoint"] == json.loads((folder / "config.json").read_text())["sensimix_checksum"]
+    fast = Packed.from_pretrained(folder, precision="fast")
+    assert fast.plan.index8_kernel == "int16" and fast.plan.calibrated and not fast.plan.exact
+    assert "calibrated for this checkpoint" in fast.plan.describe()
+    exact = logits_of(Packed.from_pretrained(folder), inputs)
+    assert torch.equal(logits_of(fast, inputs).argmax(-1), exact.argmax(-1))
+    assert (logits_of(fast, inputs) - exact).abs().max() <= 1e-3 * exact.abs().max()
+    # the other precisions, and a kernel named at load, are untouched by the record
+    assert Packed.from_pretrained(folder).plan.index8_kernel == "dequant"
+    assert Packed.from_pretrained(folder, precision="fast", index8_kernel="dequant").plan.exact
+    fast.to("cpu")
+    assert fast.plan.index8_kernel == "int16"
+    # re-exporting the folder replaces it whole: the record of the old weights goes with it
+    export_checkpoint(qat, folder, overwrite=True)
+    assert not (folder / RECORD).exists() and Packed.from_pretrained(folder, precision="fast").plan.exact
+
+
+@needs_int16
+@pytest.mark.parametrize("damage", ["other weights", "not json", "unknown kernel", "not a record"])
+def test_a_record_that_does_not_belong_is_ignored_with_a_warning(folder, caplog, damage: str) -> None:
+    folder, inputs, qat = folder
+    calibrate(folder, _labelled(folder, inputs), data="ragged", min_examples=1)
+    path = folder / RECORD
+    record = json.loads(path.read_text())
+    if damage == "other weights":
+        record["checkpoint"]["tensors"] = "0" * 64
+        path.write_text(json.dumps(record))
+    elif damage == "not json":
+        path.write_text("{ half a record")
+    elif damage == "unknown kernel":
+        path.write_text(json.dumps({**record, "index8_kernel": "magic"}))
+    else:
+        path.write_text(json.dumps([record]))
+    with caplog.at_level(logging.WARNING, logger="sensimix.calibration"):
+        model = Packed.from_pretrained(folder, precision="fast")
+    assert model.plan.exact and not model.plan.calibrated
+    assert any(RECORD in r.getMessage() and "exact path" in r.getMessage() for r in caplog.records)
+
+
+@needs_int16
+def test_a_failed_calibration_keeps_fast_exact(folder, monkeypatch) -> None:
+    folder, inputs, qat = folder
+    real = calibration._predictions
+
+    def flipped(folder, inputs, index8_kernel):
+        preds = real(folder, inputs, index8_kernel)
+        return 1 - preds if index8_kernel else preds  # the candidate changes every prediction
+
+    monkeypatch.setattr(calibration, "_predictions", flipped)
+    record = calibrate(folder, _labelled(folder, inputs), data="ragged", min_examples=1)
+    assert not record["passed"] and "predictions changed" in record["reason"]
+    assert json.loads((folder / RECORD).read_text())["passed"] is False
+    assert Packed.from_pretrained(folder, precision="fast").plan.exact
+
+
+def test_nothing_is_written_where_the_candidate_cannot_run(folder, monkeypatch) -> None:
+    folder, inputs, qat = folder
+    monkeypatch.setattr(kernels.INDEX8_KERNELS["int16"], "unavailable", lambda device: "no AVX2 (test)")
+    assert calibrate(folder, _labelled(folder, inputs), data="ragged", min_examples=1) is None
+    assert not (folder / RECORD).exists()
+
+
+def test_a_folder_without_a_checksum_is_refused(folder) -> None:
+    folder, inputs, qat = folder
+    if kernels.INDEX8_KERNELS["int16"].unavailable(torch.device("cpu")):
+        pytest.skip("int16 unavailable: calibrate stops before reading the folder")
+    config = json.loads((folder / "config.json").read_text())
+    del config["sensimix_checksum"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="sensimix_checksum"):
+        calibrate(folder, _labelled(folder, inputs), data="ragged", min_examples=1)
+    assert not (folder / RECORD).exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# compress calibrates what it trained
+# ---------------------------------------------------------------------------------------------------
+def _settings(**overrides) -> TrainSettings:
+    return TrainSettings(**{**dict(max_steps=2, batch_size=8, learning_rate=1e-3, seed=3, device="cpu",
+                                   logging_steps=1000, max_seq_length=32), **overrides})
+
+
+@needs_int16
+def test_compress_records_its_calibration_and_can_skip_it(tiny_bert_dir, tiny_glue_dir, tmp_path) -> None:
+    result = compress(tiny_bert_dir, "sst-2", tmp_path / "sm", glue_dir=tiny_glue_dir, layers=2, eightbit_layers=1,
+                      settings=_settings())
+    record = json.loads((result.path / RECORD).read_text())
+    # the tiny dev split (8 sentences) is too small to qualify: recorded, and fast stays exact
+    assert record["examples"] == 8 and not record["passed"] and "8 examples (< 200)" in record["reason"]
+    assert record["data"] == "sst-2 dev"
+    assert Packed.from_pretrained(result.path, precision="fast").plan.exact
+    skipped = compress(tiny_bert_dir, "sst-2", tmp_path / "sm2", glue_dir=tiny_glue_dir, layers=2,
+                       eightbit_layers=1, settings=_settings(fast_calibration=False))
+    untrained = compress(tiny_bert_dir, "sst-2", tmp_path / "sm3", layers=2, eightbit_layers=1,
+                         settings=_settings(max_steps=0))
+    assert not (skipped.path / RECORD).exists() and not (untrained.path / RECORD).exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# sensimix calibrate
+# ---------------------------------------------------------------------------------------------------
+@needs_int16
+def test_cli_calibrate_writes_the_record_and_prints_the_verdict(tiny_bert_dir, tiny_glue_dir, tmp_path,
+                                                                capsys) -> None:
+    from sensimix.cli import main
+
+    out = compress(tiny_bert_dir, "sst-2", tmp_path / "sm", layers=2, eightbit_layers=1,
+                   settings=_settings(max_steps=0)).path
+    assert main(["calibrate", "--model", str(out), "--task", "sst-2", "--glue-dir", str(tiny_glue_dir),
+                 "--max-seq-length", "32"]) == 0
+    printed = capsys.readouterr().out
+    assert "of 8 sst-2 dev predictions equal on int16; FAILED (8 examples (< 200)" in printed
+    assert json.loads((out / RECORD).read_text())["data"] == "sst-2 dev"
+
+
+def test_cli_calibrate_refuses_a_plain_bert_folder_and_writes_nothing(tiny_bert_dir, tiny_glue_dir, caplog) -> None:
+    from sensimix.cli import main
+
+    before = sorted(p.name for p in tiny_bert_dir.iterdir())
+    assert main(["calibrate", "--model", str(tiny_bert_dir), "--task", "sst-2", "--glue-dir",
+                 str(tiny_glue_dir)]) == 2
+    assert "is not a SensiMix packed checkpoint" in caplog.text
+    assert sorted(p.name for p in tiny_bert_dir.iterdir()) == before
