@@ -768,3 +768,12 @@ def test_the_last_layer_runs_for_the_pooled_token_only(packed, monkeypatch, skip
             assert first.shape == (bsz, GEOMETRY["hidden_size"])
             assert (first - want).abs().max().item() <= 1e-5
     assert (logits - qat_logits(packed[0], inputs)).abs().max().item() <= 1e-5
+
+
+def test_num_parameters_counts_what_the_qat_model_counts(packed) -> None:
+    # its tensors are buffers: transformers' own count would say 0; 8-bit and 1-bit matrices count out x in
+    qat, folder = packed
+    model = Packed.from_pretrained(folder)
+    assert model.num_parameters() == qat.num_parameters() > 0
+    assert model.num_parameters(exclude_embeddings=True) == qat.num_parameters(exclude_embeddings=True)
+    assert model.num_parameters(only_trainable=True) == 0

@@ -29,7 +29,7 @@ from ..config import SensiMixConfig
 from . import loading
 from .encoder import Attention, SensiMixModel
 from .inputs import check_inputs, check_labels
-from .layers import Linear, PackedModule
+from .layers import Embedding, Index8Embedding, Linear, PackedModule
 from .packing import Packing
 from .plan import FAST, InferencePlan, make_plan
 
@@ -321,6 +321,25 @@ class SensiMixForSequenceClassification(PreTrainedModel):
         """Bytes held by the model's weights: stored tensors, kernel operands and opaque prepacked operands."""
         opaque = sum(m.opaque_bytes() for m in self.modules() if hasattr(m, "opaque_bytes"))
         return sum(t.numel() * t.element_size() for t in self.buffers()) + opaque
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """The parameters of the BERT this model computes, as the QAT model counts them: an 8-bit or 1-bit matrix
+        counts out x in (not its bytes: see :meth:`weight_bytes`), its stored [min, max] pair none, every fp16
+        tensor its elements. Its tensors are buffers, which transformers' count skips (it would say 0). Nothing in a
+        packed model trains: ``only_trainable`` gives 0. ``exclude_embeddings``: without the embedding tables."""
+        if only_trainable:
+            return 0
+        total = 0
+        for name, tensor in self.state_dict().items():
+            owner, _, field = name.rpartition(".")
+            module = self.get_submodule(owner)
+            if exclude_embeddings and isinstance(module, (Embedding, Index8Embedding)):
+                continue
+            if field == "weight_bits":
+                total += module.out_features * module.in_features
+            elif field != "weight_range":
+                total += tensor.numel()
+        return total
 
     def get_input_embeddings(self) -> nn.Module:
         return self.bert.embeddings.word_embeddings
