@@ -208,3 +208,19 @@ def test_row_list_without_onnxruntime_and_on_cuda():
     assert {"bert-fp16", "bert3-fp16", "bert-runtime-fp16-skip", "sensimix-2+1-fp16"} <= set(cuda)
     assert all(cuda[k].skipped for k in [*ORT_ROWS, "bert-torch-int8", "bert3-torch-int8"])
     assert not any(s.skipped for k, s in cuda.items() if k not in [*ORT_ROWS, "bert-torch-int8", "bert3-torch-int8"])
+
+
+def test_profile_forward_script_runs_and_writes_its_json(tmp_path):
+    # scripts/profile_forward.py (run on the H200): wall vs host time and, on CUDA, kernels and graph replay
+    spec = importlib.util.spec_from_file_location("sensimix_profile_script", SCRIPT.parent / "profile_forward.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "profile.json"
+    assert script.main(["--device", "cpu", "--bert", "random:bert-tiny6", "--batches", "1", "--batch-size", "4",
+                        "--seq-len", "16", "--passes", "1", "--top", "3", "--json", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["schema"] == "sensimix-profile/1" and saved["device"] == "cpu"
+    rows = saved["rows"]
+    assert set(rows) == {"sensimix-2+1-fast (exact)", "sensimix-2+1-fast, padding kept",
+                         "bert3-fp32 (transformers, sdpa)"}
+    assert all(r["ms"] > 0 and 0 < r["host_ms"] <= r["ms"] * 1.5 for r in rows.values())
