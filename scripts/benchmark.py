@@ -190,8 +190,9 @@ def model_specs(bert: Path, label: str, sensimix: dict[tuple[int, int], Path], o
 
 def kernel_variants(device: str) -> list[tuple[str, str, str, bool | None, tuple[str | None, str | None]]]:
     """SensiMix (2+1) on each other kernel the device can run (the default plan's are timed already): on CUDA
-    fp16 with every 1-bit kernel and both exact 8-bit kernels; on CPU the exact path's alternatives and the
-    approximate ``int16`` 8-bit kernel (15-bit activations)."""
+    fp16 with every 1-bit kernel and both exact 8-bit kernels, and fp32 on ``bf16x3`` (the exact path's GEMMs on
+    bf16 tensor cores); on CPU the exact path's alternatives and the approximate ``int16`` 8-bit kernel (15-bit
+    activations)."""
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():  # listing the rows of a CUDA run (tests)
         runnable, default_binary = ["fp8", "int8", "float", "xnor"], "fp8"
@@ -209,6 +210,10 @@ def kernel_variants(device: str) -> list[tuple[str, str, str, bool | None, tuple
     if kernels.INDEX8_KERNELS["int16"].unavailable(dev) is None:  # approximate: by name, never fast (plan.py)
         out.append((f"{precision}-8bit-int16", f"{precision}, 8-bit int16 (approximate)", precision, None,
                     (None, "int16")))
+    if dev.type == "cuda" and (not torch.cuda.is_available() or kernels.INDEX8_KERNELS["bf16x3"].unavailable(dev)
+                               is None):  # the exact path's fp32 GEMMs on bf16 tensor cores, fp32-grade
+        out.append(("fp32-8bit-bf16x3", "fp32, 8-bit bf16x3 (bf16 tensor cores, fp32-grade)", "fp32", None,
+                    (None, "bf16x3")))
     return out
 
 

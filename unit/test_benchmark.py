@@ -205,7 +205,9 @@ def test_row_list_without_onnxruntime_and_on_cuda():
     assert ("sensimix-2+1-fp32-8bit-int16" in cpu_rows()) == int16_runs  # the approximate kernel, by name
     assert all(bool(s.skipped) == (s.key in ORT_ROWS) for s in specs)
     cuda = {s.key: s for s in bench.model_specs(Path("bert"), "BERT-base", sensimix, {}, None, "cuda", 4)}
-    assert {"bert-fp16", "bert3-fp16", "bert-runtime-fp16-skip", "sensimix-2+1-fp16"} <= set(cuda)
+    assert {"bert-fp16", "bert3-fp16", "bert-runtime-fp16-skip", "sensimix-2+1-fp16",
+            "sensimix-2+1-fp32-8bit-bf16x3"} <= set(cuda)
+    assert cuda["sensimix-2+1-fp32-8bit-bf16x3"].precision == "fp32"
     assert all(cuda[k].skipped for k in [*ORT_ROWS, "bert-torch-int8", "bert3-torch-int8"])
     assert not any(s.skipped for k, s in cuda.items() if k not in [*ORT_ROWS, "bert-torch-int8", "bert3-torch-int8"])
 

@@ -260,6 +260,20 @@ def test_cuda_plan_fp8_from_pretrained_with_staged_packing(qat_model, tmp_path) 
     assert (logits - want).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("device", [pytest.param("cpu"), pytest.param("cuda", marks=gpu)])
+def test_the_bf16x3_kernel_keeps_the_exact_paths_logits(qat_model, tmp_path, device: str) -> None:
+    # the exact path's 8-bit GEMMs on bf16 tensor cores (three exact bf16 parts of each activation): on CPU its
+    # twin (the same operands, an fp32 GEMM), on CUDA cuBLAS with fp32 accumulation and output
+    qat, inputs = qat_model
+    folder = export_checkpoint(qat, tmp_path / "sensimix")
+    model = Packed.from_pretrained(folder, device=device, index8_kernel="bf16x3")
+    assert model.plan.index8_kernel == "bf16x3" and model.plan.fuse_qkv and not model.plan.exact
+    got = logits_of(model, inputs, device)
+    exact = logits_of(Packed.from_pretrained(folder), inputs)
+    assert (got - exact).abs().max().item() <= 1e-5 * max(1.0, exact.abs().max().item())
+    assert torch.equal(got.argmax(-1), exact.argmax(-1))
+
+
 def test_staged_packing_goes_only_to_a_model_that_skips_padding(qat_model, tmp_path) -> None:
     # CUDA batches carry their Packing (staged by VVRun); a model told to keep padding (the benchmark's "padding
     # kept" row) must not be handed it: a packing passed in wins over the plan. The H200 benchmark's "padding kept"

@@ -18,7 +18,11 @@ from sensimix.kernels.triton_kernels import triton_available
 from sensimix.quant import index8_quantize, pack_signs
 
 CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+def needs_cuda(test):
+    """Marked ``gpu`` too: the GPU check runs ``pytest unit -m gpu``, and these are the kernels' CUDA tests."""
+    return pytest.mark.gpu(pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")(test))
 
 # (M, K, N): odd K (not a multiple of 8 or 32), odd M/N, M <= 16 (cuBLASLt int8 wants M > 16), BERT-like K
 SHAPES = [(1, 7, 3), (5, 100, 96), (17, 64, 17), (33, 200, 50), (16, 768, 40), (70, 3072, 24)]
@@ -179,6 +183,45 @@ def test_dynamic_int8_index8_is_close_and_flagged_approximate(m: int, k: int, n:
     scale = (x.abs().amax(dim=1, keepdim=True) * weight_range.float().abs().max() * k ** 0.5)
     assert ((got - want).abs() / scale).max() < 0.02  # 8-bit activations: ~1% of the output scale
     assert not torch.equal(got, want)
+
+
+def _fp32_grade(got: torch.Tensor, x: torch.Tensor, q: torch.Tensor, weight_range: torch.Tensor,
+                bias: torch.Tensor) -> float:
+    """The largest error against an fp64 GEMM of the QAT model's W_hat, relative to sum |x| |W_hat| per output."""
+    w = reference.index8_linear(torch.eye(q.shape[1]), q, weight_range, None).double()  # [K, N] = W_hat^T
+    want = x.double() @ w + bias.double()
+    return float(((got.double() - want).abs() / (x.abs().double() @ w.abs()).clamp_min(1e-300)).max())
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_bf16x3_index8_is_fp32_grade_and_flagged_approximate(m: int, k: int, n: int) -> None:
+    # the CPU twin of the CUDA kernel: the same bf16 operands, an fp32 GEMM of them
+    x, q, weight_range, bias = index8_problem(m, k, n)
+    x = x * 100  # the exact three-way split does not depend on the scale
+    kern = kernels.index8_kernel("bf16x3", "cpu")
+    assert not kern.exact and not kern.fast_on(torch.device("cpu"))
+    p = kern.prepare([(q, weight_range, bias)], torch.float32)
+    got = kern.linear(x, p)
+    exact = reference.index8_linear(x, q, weight_range, bias)
+    assert _fp32_grade(got, x, q, weight_range, bias) < 1e-6
+    assert _fp32_grade(exact, x, q, weight_range, bias) < 1e-6  # the bar is what the exact GEMM itself meets
+    # fused: two linears with their own ranges in one GEMM give each one's outputs
+    x2, q2, r2, b2 = index8_problem(m, k, n + 3, seed=1)
+    fused = kern.prepare([(q, weight_range, bias), (q2, r2, b2)], torch.float32)
+    both = kern.linear(x, fused)
+    assert torch.allclose(both[:, :n], got, rtol=0, atol=1e-6 * float(got.abs().max()) + 1e-30)
+    assert _fp32_grade(both[:, n:], x, q2, r2, b2) < 1e-6
+    assert torch.isnan(kern.linear(torch.full((1, k), float("nan")), p)).all()
+
+
+@needs_cuda
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_bf16x3_index8_on_cuda_is_fp32_grade(m: int, k: int, n: int) -> None:
+    x, q, weight_range, bias = index8_problem(m, k, n)
+    kern = kernels.index8_kernel("bf16x3", "cuda")
+    p = kern.prepare([(q.cuda(), weight_range.cuda(), bias.cuda())], torch.float32)
+    got = kern.linear(x.cuda(), p).cpu()
+    assert _fp32_grade(got, x, q, weight_range, bias) < 1e-6
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -25,7 +25,9 @@ fp32 weights, or fp16 ones as in the paper with precision fp16), ``int8`` (dynam
 ``torch._int_mm``; APPROXIMATE), ``fbgemm`` (torch's quantized dynamic linear, per-tensor int8 activations;
 APPROXIMATE; CPU), ``bf16`` (bf16 weights and activations, bias/GELU in oneDNN's GEMM epilogue; APPROXIMATE),
 ``int16`` (per-row 15-bit integer activations, exact int8 weights, an AVX2 int16 GEMM in C; APPROXIMATE; CPU),
-``reference``. Approximate kernels are never a default, nor what ``fast`` runs (measured:
+``bf16x3`` (fp32 activations split exactly into three bf16 parts, one bf16 tensor-core GEMM with fp32 accumulation:
+fp32-grade results, not bitwise the QAT model's; CUDA, by name until a GPU times it), ``reference``. Approximate
+kernels are never a default, nor what ``fast`` runs (measured:
 :func:`sensimix.inference.plan.fast_index8_kernel`); they are chosen by name.
 """
 
@@ -34,7 +36,7 @@ from __future__ import annotations
 import torch
 
 from .base import BinaryKernel, Index8Kernel, Prepared
-from .cuda import Fp8BinaryKernel, fp8_supported
+from .cuda import Fp8BinaryKernel, SplitBf16Index8Kernel, fp8_supported
 from .fbgemm import FbgemmBinaryKernel, FbgemmIndex8Kernel, quantized_engine
 from .int16 import Int16Index8Kernel
 from .onednn import Bf16Index8Kernel
@@ -62,7 +64,7 @@ BINARY_KERNELS: dict[str, BinaryKernel] = {
 }
 INDEX8_KERNELS: dict[str, Index8Kernel] = {
     k.name: k for k in (DenseIndex8Kernel(), DequantIndex8Kernel(), DynamicInt8Index8Kernel(), FbgemmIndex8Kernel(),
-                        Bf16Index8Kernel(), Int16Index8Kernel(), ReferenceIndex8Kernel())
+                        Bf16Index8Kernel(), Int16Index8Kernel(), SplitBf16Index8Kernel(), ReferenceIndex8Kernel())
 }
 _BINARY_PREFERENCE = ("fp8", "int8", "popcount", "fbgemm", "float")  # exact kernels, fastest first where each is fast
 

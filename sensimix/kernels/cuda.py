@@ -1,4 +1,5 @@
-"""CUDA kernels built on torch ops: ±1 on FP8 tensor cores through ``torch._scaled_mm``.
+"""CUDA kernels built on torch ops: ±1 on FP8 tensor cores through ``torch._scaled_mm``, and 8-bit linears with
+fp32-grade results on bf16 tensor cores (:class:`SplitBf16Index8Kernel`).
 
 ±1 and 0 are exact in float8 e4m3 and ``_scaled_mm`` accumulates in fp32, so the 1-bit products come out exact
 (|acc| <= K < 2^24). The GEMM wants A [M, K] row-major, B [K, N] column-major, K and N multiples of 16: the
@@ -18,8 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..quant import unpack_signs
-from .base import BinaryKernel
+from ..quant import index8_affine, unpack_signs
+from .base import BinaryKernel, Index8Kernel, Prepared
 from .triton_kernels import sign_operand
 
 FP8 = getattr(torch, "float8_e4m3fn", None)
@@ -107,3 +108,73 @@ class Fp8BinaryKernel(BinaryKernel):
         lead = x.shape[:-1]
         h = self._gemm(self.binarize(x.reshape(-1, x.shape[-1]), k), w, sign_bias, torch.float16)
         return sign_operand(h, FP8).reshape(*lead, -1)  # one fused pass on CUDA (Triton), else torch ops
+
+
+def _has_mm_out_dtype() -> bool:
+    """``torch.mm(a, b, out_dtype=torch.float32)`` for bf16 operands (cuBLAS, fp32 output): torch >= 2.8."""
+    return hasattr(torch.ops.aten.mm, "dtype")
+
+
+class SplitBf16Index8Kernel(Index8Kernel):
+    """8-bit linears on bf16 tensor cores with fp32-grade results (CUDA; chosen by name: no GPU has timed it yet).
+
+    An int8 index is a bf16 value exactly, and an fp32 activation is the sum of three bf16 numbers
+    (``x1 = bf16(x)``, ``x2 = bf16(x - x1)``, ``x3 = bf16(x - x1 - x2)``: 8 + 8 + 8 significand bits, each
+    difference exact in fp32). Each product of such a part and an index is exact in fp32 (16 significand bits), so
+    one GEMM of ``[x1 | x2 | x3]`` and ``[Q | Q | Q]`` accumulating in fp32 computes ``x @ Q^T`` as an fp32 GEMM
+    does, in another order; then ``y = s * acc + c * rowsum(x) + b`` (``W_hat = s Q + c``,
+    :func:`sensimix.quant.index8_affine`). Not bitwise the QAT model's GEMM of ``W_hat`` (its products round
+    differently), hence ``exact = False``; within ~1e-6 of the output scale (``unit/test_kernels.py``).
+
+    Why: the exact path on an H200 spends 81% of its GPU time in fp32 SIMT GEMMs of the dense 8-bit weights
+    (``scripts/profile_forward.py``); this runs 3x their multiply-adds at the bf16 tensor-core rate, ~15x the fp32
+    one. On CPU it runs as its twin (the same operands, an fp32 GEMM of them), since torch's fp32-output bf16 GEMM is
+    CUDA-only: the tests need no GPU, and CPU users have no reason to pick it.
+    """
+
+    name = "bf16x3"
+    exact = False
+    fusable = True
+
+    def unavailable(self, device):
+        device = torch.device(device)
+        if device.type != "cuda":
+            return None
+        if not torch.cuda.is_available():
+            return "CUDA is not available"
+        if torch.cuda.get_device_capability(device) < (8, 0):
+            return "bf16 tensor cores need compute capability 8.0 or newer"
+        if not _has_mm_out_dtype():
+            return f"torch {torch.__version__} has no mm(..., out_dtype=torch.float32) (torch >= 2.8)"
+        return None
+
+    def fast_on(self, device):
+        return False  # by name until a GPU run measures it against dense
+
+    def prepare_one(self, q, weight_range, dtype):
+        return torch.cat([q, q, q], dim=1).to(torch.bfloat16), torch.stack(index8_affine(*weight_range.float()))
+
+    def prepare(self, parts, dtype):
+        prepared = [self.prepare_one(q, r, dtype) for q, r, _ in parts]
+        rows = torch.tensor([q.shape[0] for q, _, _ in parts], device=parts[0][0].device)
+        params = torch.repeat_interleave(torch.stack([p for _, p in prepared]), rows, dim=0)  # [N, 2]: s, c per row
+        biases = [b for _, _, b in parts]
+        bias = None if any(b is None for b in biases) else torch.cat(biases).float()
+        weight = prepared[0][0] if len(parts) == 1 else torch.cat([w for w, _ in prepared])
+        return Prepared(weight, params, bias, parts[0][0].shape[1], int(rows.sum()))
+
+    def linear(self, x, p):
+        lead, k = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, k).float()
+        hi = x2.to(torch.bfloat16)
+        rest = x2 - hi.float()
+        mid = rest.to(torch.bfloat16)
+        parts = torch.cat([hi, mid, (rest - mid.float()).to(torch.bfloat16)], dim=1)
+        if parts.is_cuda:
+            acc = torch.mm(parts, p.weight.t(), out_dtype=torch.float32)
+        else:
+            acc = parts.float() @ p.weight.float().t()
+        y = torch.addcmul(acc * p.params[:, 0], x2.sum(dim=1, keepdim=True), p.params[:, 1])
+        if p.bias is not None:
+            y += p.bias
+        return y.to(x.dtype).view(*lead, y.shape[-1])
