@@ -100,6 +100,13 @@ class Prepared:
     out_features: int
 
 
+def per_row_params(parts: Sequence[Index8Part], params: Sequence[torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Each part's parameters (e.g. ``[s, c]``) repeated for each of its output rows, and the rows in all: a fused
+    Q/K/V keeps each part's own range, row by row."""
+    rows = torch.tensor([q.shape[0] for q, _, _ in parts], device=parts[0][0].device)
+    return torch.repeat_interleave(torch.stack(list(params)), rows, dim=0), int(rows.sum())
+
+
 class Index8Kernel:
     """An 8-bit index linear kernel. Subclasses implement ``prepare_one`` (and ``linear``)."""
 

@@ -29,7 +29,7 @@ import torch
 
 from ..quant import index8_affine
 from . import native
-from .base import Index8Kernel, Prepared
+from .base import Index8Kernel, Prepared, per_row_params
 from .torch_ops import scratch
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
@@ -142,13 +142,9 @@ class Int16Index8Kernel(Index8Kernel):
     def prepare(self, parts, dtype):
         if dtype != torch.float32:
             raise ValueError(f"the int16 kernel takes fp32 activations, not {dtype}")
-        steps, offsets = [], []
-        for q, weight_range, _ in parts:
-            s, c = index8_affine(*weight_range.float())
-            steps.append(s.expand(q.shape[0]))
-            offsets.append(c.expand(q.shape[0]))
+        affine = [torch.stack(index8_affine(*weight_range.float())) for _, weight_range, _ in parts]
         q = parts[0][0] if len(parts) == 1 else torch.cat([q for q, _, _ in parts])
-        params = torch.stack([torch.cat(steps), torch.cat(offsets)]).float().contiguous()  # [2, N]: s, c
+        params = per_row_params(parts, affine)[0].t().float().contiguous()  # [2, N]: s, c (the C kernel's layout)
         biases = [b for _, _, b in parts]
         bias = None if any(b is None for b in biases) else torch.cat(biases).float().contiguous()
         return Prepared(pack_weight(q.cpu()), params, bias, q.shape[1], q.shape[0])

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..devices import cpu_has_vnni
 from ..quant import QMIN, index8_affine, index8_dequantize, index8_step, unpack_signs
 from . import reference
-from .base import BinaryKernel, Index8Kernel, Prepared
+from .base import BinaryKernel, Index8Kernel, Prepared, per_row_params
 
 
 def has_int_mm() -> bool:
@@ -199,13 +199,12 @@ class DequantIndex8Kernel(Index8Kernel):
 
     def prepare(self, parts, dtype):
         prepared = [self.prepare_one(q, r, dtype) for q, r, _ in parts]
-        rows = torch.tensor([q.shape[0] for q, _, _ in parts], device=parts[0][0].device)
-        params = torch.repeat_interleave(torch.stack([p for _, p in prepared]), rows, dim=0)  # [N, 2]: s, lo
+        params, rows = per_row_params(parts, [p for _, p in prepared])  # [N, 2]: s, lo
         biases = [b for _, _, b in parts]
         bias = None if any(b is None for b in biases) else torch.cat(biases).to(dtype)
         # fused parts stay the checkpoint's own tensors (a tuple; dequantized into consecutive rows): no copy
         weight = prepared[0][0] if len(parts) == 1 else tuple(w for w, _ in prepared)
-        return Prepared(weight, params, bias, parts[0][0].shape[1], int(rows.sum()))
+        return Prepared(weight, params, bias, parts[0][0].shape[1], rows)
 
     def linear(self, x, p):
         w_hat = scratch(p.out_features * p.in_features, x).view(p.out_features, p.in_features)
