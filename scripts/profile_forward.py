@@ -35,7 +35,7 @@ import torch
 from sensimix.devices import device_name, resolve_device
 from sensimix.inference import SensiMixForSequenceClassification
 from sensimix.sources import load_tokenizer
-from sensimix.vv.measure import INPUT_KEYS, make_batches, synthetic_inputs, task_inputs
+from sensimix.vv.measure import INPUT_KEYS, forward_batch, make_batches, synthetic_inputs, task_inputs
 from sensimix.vv.peers import load_bert
 from sensimix.vv.sizes import build_bert_folder, build_sensimix_folder
 
@@ -61,14 +61,6 @@ def sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def forward(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    kwargs = {k: batch.get(k) for k in INPUT_KEYS}
-    if isinstance(model, SensiMixForSequenceClassification) and model.skip_padding and batch.get("packing"):
-        kwargs["packing"] = batch["packing"]
-    out = model(**kwargs)
-    return out.logits if hasattr(out, "logits") else out
-
-
 def time_passes(model: torch.nn.Module, batches: list[dict[str, Any]], device: str, passes: int) -> dict[str, float]:
     walls, hosts = [], []
     for _ in range(passes):
@@ -77,7 +69,7 @@ def time_passes(model: torch.nn.Module, batches: list[dict[str, Any]], device: s
         host = 0.0
         for b in batches:
             t = time.perf_counter()
-            forward(model, b)
+            forward_batch(model, b)
             host += time.perf_counter() - t
         sync(device)
         walls.append((time.perf_counter() - start) * 1e3 / len(batches))
@@ -92,7 +84,7 @@ def profile(model: torch.nn.Module, batches: list[dict[str, Any]], device: str, 
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     with torch.profiler.profile(activities=activities) as prof:
         for b in batches:
-            forward(model, b)
+            forward_batch(model, b)
         sync(device)
     events = prof.key_averages()
     kernel_ms = count = None
@@ -170,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, make in rows.items():
                 model = make()
                 for b in batches[:3]:
-                    forward(model, b)
+                    forward_batch(model, b)
                 row = time_passes(model, batches, device, args.passes)
                 prof = profile(model, batches, device, args.top)
                 row.update(kernels=prof["kernels"], kernel_ms=prof["kernel_ms"])

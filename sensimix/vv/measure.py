@@ -241,6 +241,16 @@ def _takes_packing(model: torch.nn.Module) -> bool:
     return isinstance(model, SensiMixForSequenceClassification) and model.skip_padding
 
 
+def forward_batch(model: torch.nn.Module, batch: dict[str, Any], packs: bool | None = None) -> torch.Tensor:
+    """The logits of ``model`` on a staged batch (its staged packing only where :func:`_takes_packing`; ``packs``:
+    that answer, computed once by a caller that runs many batches)."""
+    kwargs = {k: batch.get(k) for k in INPUT_KEYS}
+    if (_takes_packing(model) if packs is None else packs) and batch.get("packing") is not None:
+        kwargs["packing"] = batch["packing"]
+    out = model(**kwargs)
+    return out.logits if hasattr(out, "logits") else out
+
+
 def run_inference(model: torch.nn.Module, batches: list[dict[str, Any]], *, warmup_batches: int = 2,
                   device: str = "cpu") -> InferenceResult:
     """Time one pass of ``model`` over ``batches`` (already on the device) after ``warmup_batches`` untimed ones.
@@ -265,11 +275,7 @@ def run_inference(model: torch.nn.Module, batches: list[dict[str, Any]], *, warm
             torch.cuda.synchronize(d)
 
     def forward(b: dict[str, Any]) -> torch.Tensor:
-        kwargs = {k: b.get(k) for k in INPUT_KEYS}
-        if packs and b.get("packing") is not None:
-            kwargs["packing"] = b["packing"]
-        out = model(**kwargs)
-        return out.logits if hasattr(out, "logits") else out
+        return forward_batch(model, b, packs)
 
     model.eval()
     with torch.inference_mode():
