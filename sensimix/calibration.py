@@ -67,11 +67,12 @@ def judge(exact: torch.Tensor, candidate: torch.Tensor, labels: torch.Tensor | N
     return out
 
 
-def _predictions(folder: Path, inputs: dict[str, torch.Tensor], index8_kernel: str | None) -> torch.Tensor:
-    from .inference import SensiMixForSequenceClassification
+def _predictions(model: torch.nn.Module, inputs: dict[str, torch.Tensor], index8_kernel: str | None) -> torch.Tensor:
+    """``model``'s predictions with its 8-bit linears on ``index8_kernel`` (None: the exact default), fp32, CPU."""
+    from .inference import make_plan
     from .vv.measure import make_batches, run_inference
 
-    model = SensiMixForSequenceClassification.from_pretrained(folder, precision="fp32", index8_kernel=index8_kernel)
+    model.prepare(make_plan("cpu", "fp32", index8_kernel=index8_kernel))  # the weights are read (and checked) once
     return run_inference(model, make_batches(inputs, batch_size=64), warmup_batches=0).predictions
 
 
@@ -81,6 +82,7 @@ def calibrate(folder: str | os.PathLike, inputs: dict[str, torch.Tensor], *, dat
     """Measure ``kernel`` against the exact path on ``inputs`` (padded tensors with ``labels``; the first
     ``max_examples``) and write the record into ``folder``; None (nothing written) where this CPU cannot run it."""
     from .checkpoint import CHECKSUM_KEY, read_raw_config
+    from .inference import SensiMixForSequenceClassification
     from .io import reserve_output, write_json
 
     folder = Path(folder)
@@ -98,8 +100,9 @@ def calibrate(folder: str | os.PathLike, inputs: dict[str, torch.Tensor], *, dat
                              f"the folder before calibrating it")
         picked = {k: v[:max_examples] for k, v in inputs.items()
                   if k in ("input_ids", "attention_mask", "token_type_ids", "labels")}
-        exact = _predictions(folder, picked, None)
-        candidate = _predictions(folder, picked, kernel)
+        model = SensiMixForSequenceClassification.from_pretrained(folder)
+        exact = _predictions(model, picked, None)
+        candidate = _predictions(model, picked, kernel)
         record = {"schema": SCHEMA, "index8_kernel": kernel, "data": data, "checkpoint": raw[CHECKSUM_KEY],
                   **judge(exact, candidate, picked.get("labels"), min_examples=min_examples)}
         write_json(folder / RECORD, record)

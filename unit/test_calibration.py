@@ -115,8 +115,8 @@ def test_a_failed_calibration_keeps_fast_exact(folder, monkeypatch) -> None:
     folder, inputs, qat = folder
     real = calibration._predictions
 
-    def flipped(folder, inputs, index8_kernel):
-        preds = real(folder, inputs, index8_kernel)
+    def flipped(model, inputs, index8_kernel):
+        preds = real(model, inputs, index8_kernel)
         return 1 - preds if index8_kernel else preds  # the candidate changes every prediction
 
     monkeypatch.setattr(calibration, "_predictions", flipped)
