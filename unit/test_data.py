@@ -124,3 +124,11 @@ def test_offline_bert_setting_supplies_the_random_vocabulary(tiny_bert_dir, tmp_
     monkeypatch.setenv(PRETRAINED_ENV, str(tmp_path))
     with pytest.raises(FileNotFoundError, match="no config.json"):
         offline_bert()
+
+
+def test_a_model_with_other_labels_than_the_task_is_refused() -> None:
+    from sensimix.train.data import check_task_labels
+
+    check_task_labels("m", 2, "sst-2", "fix")  # SST-2 has 2 labels
+    with pytest.raises(ValueError, match=r"^m classifies into 3 labels, but sst-2 has 2: evaluate it on its own task$"):
+        check_task_labels("m", 3, "sst-2", "evaluate it on its own task")

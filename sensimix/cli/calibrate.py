@@ -39,14 +39,11 @@ def run(args: argparse.Namespace) -> int:
     from ..calibration import calibrate
     from ..checkpoint import read_config
     from ..sources import load_tokenizer
-    from ..train.data import num_labels
+    from ..train.data import check_task_labels
     from ..vv.measure import check_inputs_fit, task_inputs
 
     config = read_config(args.model)  # a packed folder, before any data is read
-    wanted = num_labels(args.task)
-    if config.num_labels != wanted:
-        raise ValueError(f"{args.model} classifies into {config.num_labels} labels, but {args.task} has {wanted}: "
-                         f"calibrate it on its own task")
+    check_task_labels(args.model, config.num_labels, args.task, "calibrate it on its own task")
     inputs = task_inputs(args.task, load_tokenizer(args.model), glue_dir=args.glue_dir, split=args.split,
                          max_seq_length=args.max_seq_length, hub=args.hub_data)
     data = f"{args.task} {args.split}"

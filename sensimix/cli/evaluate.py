@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     from ..devices import device_name, resolve_device
     from ..io import check_file_target
     from ..sources import load_tokenizer
-    from ..train.data import num_labels
+    from ..train.data import check_task_labels
     from ..vv.measure import (
         check_examples_fit,
         check_inputs_fit,
@@ -108,11 +108,8 @@ def run(args: argparse.Namespace) -> int:
         inputs = task_inputs(args.task, tokenizer, glue_dir=args.glue_dir, split=args.split,
                              max_seq_length=args.max_seq_length, hub=args.hub_data)
         data = f"{args.task} {args.split}"
-        wanted = num_labels(args.task)
-        if model.config.num_labels != wanted:
-            raise ValueError(f"{args.model} classifies into {model.config.num_labels} labels, but {args.task} has "
-                             f"{wanted}: its accuracy would mean nothing; evaluate it on its own task (or time it "
-                             f"with --synthetic)")
+        check_task_labels(args.model, model.config.num_labels, args.task, "its accuracy would mean nothing; "
+                          "evaluate it on its own task (or time it with --synthetic)")
     check_inputs_fit(inputs, model.config, f"{data} tokenized for {args.model}")
     available = len(inputs["input_ids"])
     if args.examples is not None and args.examples > available:

@@ -226,6 +226,14 @@ def num_labels(task: str) -> int:
     return len(task_spec(task).labels)
 
 
+def check_task_labels(model: str | os.PathLike, model_labels: int, task: str, fix: str) -> None:
+    """A ``ValueError`` naming both label counts (and ``fix``) when ``model`` does not classify into ``task``'s
+    labels: every figure it would give on that task's data would mean nothing."""
+    wanted = num_labels(task)
+    if model_labels != wanted:
+        raise ValueError(f"{model} classifies into {model_labels} labels, but {task} has {wanted}: {fix}")
+
+
 class Features:
     """Tokenized examples: a map-style dataset of dicts (what transformers' Trainer and collators take)."""
 
