@@ -207,7 +207,7 @@ def kernel_variants(device: str) -> list[tuple[str, str, str, bool | None, tuple
             for n in runnable if n != default_binary]
     other = "dequant" if default_index8 == "dense" else "dense"
     out.append((f"{precision}-8bit-{other}", f"{precision}, 8-bit {other}", precision, None, (None, other)))
-    if kernels.INDEX8_KERNELS["int16"].unavailable(dev) is None:  # approximate: by name, never fast (plan.py)
+    if kernels.INDEX8_KERNELS["int16"].unavailable(dev) is None:  # approximate: fast only when calibrated (plan.py)
         out.append((f"{precision}-8bit-int16", f"{precision}, 8-bit int16 (approximate)", precision, None,
                     (None, "int16")))
     if dev.type == "cuda" and (not torch.cuda.is_available() or kernels.INDEX8_KERNELS["bf16x3"].unavailable(dev)

@@ -25,8 +25,9 @@ Reproduce the certified V&V of SensiMix (KOTCA KST-21-049) on this machine and j
     over batches already on the device, device synchronized, warm-up batches excluded (tokenization and
     host-to-device copies are not timed); both models are loaded from the pytorch_model.bin that criterion 1
     sizes. Models run interleaved within each trial so machine drift cancels. BERT runs in fp32 as certified;
-    SensiMix in its inference precision (--sensimix-precision: the runtime's 'fast' recipe, which is the exact
-    path's fastest kernels; fp16, the paper's GPU inference, by name; the accuracy criterion uses the same). On
+    SensiMix in its inference precision (--sensimix-precision: the runtime's 'fast' recipe, the exact path's
+    fastest kernels unless a folder's calibration passed, which an untrained one never has; fp16, the paper's GPU
+    inference, by name; the accuracy criterion uses the same). On
     CUDA the default is the certified 104,743 examples; on CPU a small default keeps the run to minutes: judge
     ratios, never absolute times.
  3. fp16 time ratio (CUDA only, beyond the certificate): SensiMix / an fp16 BERT (transformers SDPA, padded, as
@@ -95,7 +96,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fail the run when SensiMix / BERT fp16 misses --fp16-max-ratio (default: report only)")
     g.add_argument("--sensimix-precision", choices=["auto", *SENSIMIX_PRECISIONS], default="auto",
                    help="SensiMix's inference precision, for timing and accuracy (default: auto = 'fast', the "
-                        "exact path's fastest kernels; fp16 = the paper's GPU inference, approximate)")
+                        "exact path's fastest kernels, or int16 for a trained folder whose fast calibration "
+                        "passed; fp16 = the paper's GPU inference, approximate)")
     g = p.add_argument_group("accuracy (criteria 4-6; need SST-2 data)")
     g.add_argument("--skip-accuracy", action="store_true", help="do not train/evaluate for the accuracy criteria")
     add_accuracy_options(g.add_argument)

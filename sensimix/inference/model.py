@@ -104,7 +104,8 @@ class SensiMixForSequenceClassification(PreTrainedModel):
                 hub id (online users).
             device: ``cpu`` or ``cuda[:i]`` (transformers' ``device_map`` is accepted too); default cpu.
             precision: ``fp32`` (exact, the default), ``fp16`` (the paper's GPU inference), ``bf16`` or ``fast``
-                (the fastest recipe that keeps trained-model predictions: today the exact path's fastest kernels); see
+                (the fastest recipe that keeps trained-model predictions: the exact path's fastest kernels, or on
+                AVX2 CPUs the ``int16`` 8-bit kernel for a folder whose calibration passed); see
                 :mod:`sensimix.inference.plan`. transformers' ``dtype`` / ``torch_dtype`` is accepted too.
             binary_kernel / index8_kernel: kernel names (:mod:`sensimix.kernels`); None = the plan's choice.
             fuse_qkv / skip_padding: None = the plan's choice (both on when the kernel allows).

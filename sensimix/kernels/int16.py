@@ -14,10 +14,12 @@ In an FFN (``linear_act_operand`` with GELU) the up-projection's epilogue applie
 for the down-projection, block by block in a per-thread buffer: its result is this kernel's int16 operand (rows,
 scale and sum; :data:`TAIL`), and the fp32 [tokens, intermediate] tensor is never materialized.
 
-Why it is not ``precision="fast"``: a 1-bit FFN binarizes its input, so a perturbation upstream flips signs near
-0. On well-trained (2+1) models the 15-bit rounding kept every SST-2 and MRPC dev prediction but one, yet it
-changed 12 of 872 of the weakly trained (2+1) ``pytest acceptance`` makes, and 11 of a (3+3)'s
-(:func:`sensimix.inference.plan.fast_index8_kernel`). Ask for it by name: ``index8_kernel="int16"``.
+Why ``precision="fast"`` takes it only for a calibrated checkpoint: a 1-bit FFN binarizes its input, so a
+perturbation upstream flips signs near 0. On well-trained (2+1) models the 15-bit rounding kept every SST-2 and
+MRPC dev prediction but one, yet it changed 12 of 872 of the weakly trained (2+1) ``pytest acceptance`` makes, and
+11 of a (3+3)'s (:func:`sensimix.inference.plan.fast_index8_kernel`). So ``fast`` uses it where the checkpoint's
+``fast_calibration.json`` shows it kept that model's predictions (:mod:`sensimix.calibration`); elsewhere ask for
+it by name: ``index8_kernel="int16"``.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def _library() -> ctypes.CDLL:
 @functools.lru_cache(maxsize=1)
 def unavailable_reason() -> str | None:
     """None where the kernel runs on this CPU, else why not (checked once per process; may compile it)."""
-    return native.unavailable("int16 kernel", {"avx2", "fma"}, _library, "it is chosen by name only")
+    return native.unavailable("int16 kernel", {"avx2", "fma"}, _library, "fast and the default run the exact kernels")
 
 
 # An activation operand (what ``linear_act_operand`` returns and ``linear`` reads): int16 rows [..., k + k % 2 + 4],

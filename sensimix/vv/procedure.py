@@ -47,8 +47,9 @@ def default_warmup_batches(device: str) -> int:
 
 
 def sensimix_precision(requested: str | None, device: str) -> str:
-    """SensiMix's inference precision. ``auto``: the runtime's ``fast`` recipe on every device -- today the exact
-    path's fastest kernels, padded tokens skipped -- so the timed model computes what the trained model computes
+    """SensiMix's inference precision. ``auto``: the runtime's ``fast`` recipe on every device -- the exact path's
+    fastest kernels, padded tokens skipped, unless the folder's calibration record lets the approximate ``int16``
+    kernel run (the V&V's untrained (2+1) has none) -- so the timed model computes what the trained model computes
     (fp16, the paper's GPU inference, flips too many trained-model predictions: see
     ``sensimix.inference.plan.fast_index8_kernel``; ask for it by name). The accuracy criterion evaluates SensiMix
     with the same precision, and the fast-vs-exact agreement on trained models is a criterion of its own. BERT is
