@@ -4,12 +4,15 @@ model's predictions.
 Rounding the activations of the 8-bit linears (the ``int16`` kernel: 15-bit integers per row) keeps every
 prediction of some trained models and changes 1.4% of another's (:func:`sensimix.inference.plan.fast_index8_kernel`
 has the table); nothing in a checkpoint tells them apart before their predictions are measured. So they are
-measured: :func:`calibrate` runs a saved folder on labelled examples (``sensimix compress`` uses its task's dev
-split) with the exact path and with the candidate kernel, and writes ``fast_calibration.json`` beside the weights::
+measured: :func:`calibrate` runs a saved folder on labelled examples with the exact path and with the candidate
+kernel, and writes ``fast_calibration.json`` beside the weights::
 
     {"schema": "sensimix-fast-calibration/1", "index8_kernel": "int16", "passed": true,
-     "examples": 872, "equal": 872, "exact_accuracy": 0.8326, "candidate_accuracy": 0.8326,
-     "data": "SST-2 dev", "checkpoint": {<config.json's sensimix_checksum>}, ...}
+     "examples": 4096, "equal": 4095, "exact_accuracy": 0.8203, "candidate_accuracy": 0.8206,
+     "data": "sst-2 train: 4096 examples held out of training (seed 42)", "checkpoint": {<sensimix_checksum>}, ...}
+
+The examples (:func:`calibration_examples`): train examples the model never saw when it was trained on a subset,
+else the dev split; ``sensimix compress`` and ``sensimix calibrate`` choose the same way.
 
 It passes with at least :data:`MIN_EXAMPLES` examples, >= 99.5% of the predictions equal and the accuracies
 within 0.3 points (the bar of ``pytest acceptance``'s ``fast_agreement``). ``precision="fast"`` then takes the
@@ -65,6 +68,51 @@ def judge(exact: torch.Tensor, candidate: torch.Tensor, labels: torch.Tensor | N
     if reasons:
         out["reason"] = "; ".join(reasons)
     return out
+
+
+def calibration_examples(task: str, glue_dir: str | os.PathLike | None, *, train_limit: int | None, seed: int,
+                         hub: bool = False, count: int = MAX_EXAMPLES) -> tuple[Any, str, bool]:
+    """(examples, what they are, whether they are held out of training) to calibrate a model of ``task`` trained
+    on ``train_limit`` seeded train examples.
+
+    Up to ``count`` train examples its training never saw (:meth:`~sensimix.train.data.Examples.held_out`), when
+    at least :data:`MIN_EXAMPLES` are left; else (trained on the whole split, or nearly) the dev split. Held-out
+    examples leave the dev split independent evidence: ``pytest acceptance`` and ``sensimix verify`` judge
+    ``fast`` against the exact path there, and a record measured on dev would only restate that check."""
+    from .train.data import load_glue
+
+    if train_limit is not None:
+        train = load_glue(task, "train", glue_dir, hub=hub)
+        held = train.held_out(train_limit, seed, count)
+        if len(held) >= MIN_EXAMPLES:
+            return held, f"{task} train: {len(held)} examples held out of training (seed {seed})", True
+        log.info("fast calibration on %s dev: training used all but %d of the %d train examples", task, len(held),
+                 len(train))
+    return load_glue(task, "dev", glue_dir, hub=hub), f"{task} dev", False
+
+
+def training_subset(folder: str | os.PathLike, task: str) -> tuple[int | None, int]:
+    """(train_limit, seed) with which ``sensimix compress`` trained ``folder`` on ``task``, from its
+    training_metrics.json; (None, 42) where it recorded no training on a subset of that task's train split."""
+    from .io import read_json
+    from .train.data import task_spec
+
+    path = Path(folder) / "training_metrics.json"
+    metrics = read_json(path, what="training metrics") if path.is_file() else {}
+    settings = metrics.get("settings") if isinstance(metrics, dict) else None
+    trained = metrics.get("task") if isinstance(metrics, dict) else None
+    try:
+        same_task = isinstance(trained, str) and task_spec(trained).name == task_spec(task).name
+    except ValueError:  # a task name this version does not know
+        same_task = False
+    if not isinstance(settings, dict) or not same_task:
+        return None, 42
+    limit, seed = settings.get("train_limit"), settings.get("seed", 42)
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1) or \
+            not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"{path} records train_limit={limit!r}, seed={seed!r}: not a training subset; calibrate "
+                         f"with --split dev")
+    return limit, seed
 
 
 def _predictions(model: torch.nn.Module, inputs: dict[str, torch.Tensor], index8_kernel: str | None) -> torch.Tensor:

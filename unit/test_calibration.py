@@ -169,6 +169,34 @@ def test_compress_records_its_calibration_and_can_skip_it(tiny_bert_dir, tiny_gl
     assert not (skipped.path / RECORD).exists() and not (untrained.path / RECORD).exists()
 
 
+def test_calibration_takes_train_examples_the_training_never_saw_else_dev(tiny_glue_dir, monkeypatch) -> None:
+    from sensimix.train.data import Examples, load_glue
+
+    numbered = Examples([str(i) for i in range(32)], None, [0] * 32)
+    trained, held = numbered.shuffled_subset(8, 3).text_a, numbered.held_out(8, 3, 100).text_a
+    assert len(trained) == 8 and sorted(trained + held, key=int) == numbered.text_a  # one permutation, split
+    assert numbered.held_out(8, 3, 5).text_a == held[:5] and len(numbered.held_out(40, 3, 5)) == 0
+    held = load_glue("sst-2", "train", tiny_glue_dir).held_out(8, 3, 100)
+    monkeypatch.setattr(calibration, "MIN_EXAMPLES", 20)
+    examples, data, held_out = calibration.calibration_examples("sst-2", tiny_glue_dir, train_limit=8, seed=3)
+    assert held_out and examples.text_a == held.text_a
+    assert data == "sst-2 train: 24 examples held out of training (seed 3)"
+    for limit in (None, 16, 32, 1000):  # the whole split, or fewer than MIN_EXAMPLES left: dev
+        examples, data, held_out = calibration.calibration_examples("sst-2", tiny_glue_dir, train_limit=limit,
+                                                                    seed=3)
+        assert (data, held_out, len(examples)) == ("sst-2 dev", False, 8)
+
+
+@needs_int16
+def test_compress_calibrates_on_the_train_examples_it_left_out(tiny_bert_dir, tiny_glue_dir, tmp_path,
+                                                                 monkeypatch) -> None:
+    monkeypatch.setattr(calibration, "MIN_EXAMPLES", 20)
+    result = compress(tiny_bert_dir, "sst-2", tmp_path / "sm", glue_dir=tiny_glue_dir, layers=2, eightbit_layers=1,
+                      settings=_settings(train_limit=8))
+    record = json.loads((result.path / RECORD).read_text())
+    assert record["data"] == "sst-2 train: 24 examples held out of training (seed 3)" and record["examples"] == 24
+
+
 # ---------------------------------------------------------------------------------------------------
 # sensimix calibrate
 # ---------------------------------------------------------------------------------------------------
@@ -194,3 +222,25 @@ def test_cli_calibrate_refuses_a_plain_bert_folder_and_writes_nothing(tiny_bert_
                  str(tiny_glue_dir)]) == 2
     assert "is not a SensiMix packed checkpoint" in caplog.text
     assert sorted(p.name for p in tiny_bert_dir.iterdir()) == before
+
+
+@needs_int16
+def test_cli_calibrate_auto_takes_the_held_out_examples_and_held_out_insists(tiny_bert_dir, tiny_glue_dir, tmp_path,
+                                                                              monkeypatch, capsys, caplog) -> None:
+    from sensimix.cli import main
+
+    monkeypatch.setattr(calibration, "MIN_EXAMPLES", 20)
+    subset = compress(tiny_bert_dir, "sst-2", tmp_path / "sub", glue_dir=tiny_glue_dir, layers=2, eightbit_layers=1,
+                      settings=_settings(train_limit=8, fast_calibration=False)).path
+    whole = compress(tiny_bert_dir, "sst-2", tmp_path / "whole", glue_dir=tiny_glue_dir, layers=2,
+                     eightbit_layers=1, settings=_settings(fast_calibration=False)).path
+    args = ["--task", "sst-2", "--glue-dir", str(tiny_glue_dir), "--max-seq-length", "32"]
+    assert main(["calibrate", "--model", str(subset), *args]) == 0
+    assert "of 24 sst-2 train: 24 examples held out of training (seed 3) predictions" in capsys.readouterr().out
+    assert main(["calibrate", "--model", str(whole), *args]) == 0  # trained on all of train: dev
+    assert json.loads((whole / RECORD).read_text())["data"] == "sst-2 dev"
+    (whole / RECORD).unlink()
+    assert main(["calibrate", "--model", str(whole), "--split", "held-out", *args]) == 2
+    assert "was not trained on a subset of sst-2 train" in caplog.text and not (whole / RECORD).exists()
+    assert main(["calibrate", "--model", str(subset), "--split", "held-out", "--task", "mrpc",
+                 *args[2:]]) == 2  # another task: its label count is checked first

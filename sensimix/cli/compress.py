@@ -12,8 +12,10 @@ Compress a BERT into SensiMix (a+b): keep its first N = a+b encoder layers, quan
 first a layers to 8-bit indices, give the top b layers a 1-bit FFN, fine-tune on a GLUE task with ABWR,
 Prioritized Training and Inverse Layer-wise Fine-tuning, and write the compressed folder (config.json,
 pytorch_model.bin, model.safetensors, tokenizer files, training_metrics.json). After training it measures the
-approximate int16 8-bit kernel against the exact path on the dev split and records the result
-(fast_calibration.json): precision "fast" takes that kernel only for models it kept.
+approximate int16 8-bit kernel against the exact path and records the result (fast_calibration.json): on up
+to 4,096 train examples it did not train on when --train-limit left at least 200 out, else on the dev split (which
+then stays independent evidence for the acceptance suite's fast_agreement). Precision "fast" takes that kernel only
+for models it kept.
 
 Everything that can be checked is checked before training starts (the output folder, the BERT and teacher
 folders, the data files, the sequence length); --out is locked for the run, written atomically, and never
@@ -52,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weight of a hidden-state MSE term against the teacher (default: 0 = logits only)")
     p.add_argument("--no-fast-calibration", action="store_true",
                    help="skip measuring, after training, whether the approximate int16 8-bit kernel keeps this "
-                        "model's dev predictions (>= 99.5%% equal, accuracy within 0.3 points): precision fast uses "
+                        "model's predictions (>= 99.5%% equal, accuracy within 0.3 points): precision fast uses "
                         "it only where it did (fast_calibration.json); without the record fast runs the exact path")
 
 

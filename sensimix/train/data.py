@@ -74,6 +74,14 @@ class Examples:
         order = np.random.default_rng(seed).permutation(len(self))[:limit]
         return self.select([int(i) for i in order])
 
+    def held_out(self, limit: int, seed: int, count: int) -> Examples:
+        """Up to ``count`` examples that ``shuffled_subset(limit, seed)`` leaves out (the same permutation's next
+        ones, in its order): a run that trained on that subset never saw them."""
+        import numpy as np
+
+        order = np.random.default_rng(seed).permutation(len(self))[limit:limit + count]
+        return self.select([int(i) for i in order])
+
 
 def task_spec(task: str) -> TaskSpec:
     key = ALIASES.get(str(task).lower(), str(task).lower())

@@ -174,14 +174,16 @@ def compress(bert: str | os.PathLike, task: str, out: str | os.PathLike, *, glue
 
 def _calibrate_fast(out: Path, task: str, tokenizer: Any, glue_dir: str | os.PathLike | None,
                     settings: TrainSettings, hub: bool) -> None:
-    """Measure fast's approximate 8-bit kernel on the exported folder over the task's dev split (still under the
-    job's lock). The folder is complete without it: a failure is logged and ``fast`` stays exact."""
-    from ..calibration import RECORD, calibrate
-    from ..vv.measure import task_inputs
+    """Measure fast's approximate 8-bit kernel on the exported folder (still under the job's lock), over train
+    examples this run did not train on, else the dev split (:func:`sensimix.calibration.calibration_examples`).
+    The folder is complete without it: a failure is logged and ``fast`` stays exact."""
+    from ..calibration import RECORD, calibrate, calibration_examples
+    from ..vv.measure import examples_inputs
 
     try:
-        inputs = task_inputs(task, tokenizer, glue_dir, "dev", settings.max_seq_length, hub=hub)
-        calibrate(out, inputs, data=f"{task} dev")
+        examples, data, _ = calibration_examples(task, glue_dir, train_limit=settings.train_limit, seed=settings.seed,
+                                              hub=hub)
+        calibrate(out, examples_inputs(examples, tokenizer, settings.max_seq_length), data=data)
     except (OSError, ValueError, RuntimeError, MemoryError) as exc:
         (out / RECORD).unlink(missing_ok=True)
         log.warning("fast calibration of %s failed (%s: %s): precision fast runs the exact path", out,

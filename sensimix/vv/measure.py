@@ -92,12 +92,18 @@ def task_inputs(task: str, tokenizer: Any, glue_dir: str | os.PathLike | None = 
     """``input_ids``, ``token_type_ids``, ``attention_mask`` [N, max_seq_length] (padded to max length, like the
     certified cached features) and ``labels`` [N] of a GLUE task split (``hub``: from the hub when no local
     GLUE folder is given; online users only)."""
-    from ..train.data import load_glue, tokenize
+    from ..train.data import load_glue
 
     if max_seq_length < 2:
         raise ValueError(f"max_seq_length must be >= 2, got {max_seq_length}")
-    features = tokenize(load_glue(task, split, glue_dir, hub=hub), tokenizer, max_length=max_seq_length,
-                        pad_to_max=True)
+    return examples_inputs(load_glue(task, split, glue_dir, hub=hub), tokenizer, max_seq_length)
+
+
+def examples_inputs(examples: Any, tokenizer: Any, max_seq_length: int = 128) -> dict[str, torch.Tensor]:
+    """:func:`task_inputs` of examples already loaded (a :class:`sensimix.train.data.Examples`)."""
+    from ..train.data import tokenize
+
+    features = tokenize(examples, tokenizer, max_length=max_seq_length, pad_to_max=True)
     return {k: torch.tensor(features.columns[k], dtype=torch.long) for k in (*INPUT_KEYS, "labels")}
 
 
