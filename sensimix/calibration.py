@@ -43,10 +43,11 @@ MAX_EXAMPLES = 4096        # enough to judge 99.5% (20 changes allowed); caps th
 
 
 def judge(exact: torch.Tensor, candidate: torch.Tensor, labels: torch.Tensor | None, *,
-          min_examples: int = MIN_EXAMPLES) -> dict[str, Any]:
+          min_examples: int | None = None) -> dict[str, Any]:
     """The verdict on two prediction vectors: counts, accuracies, ``passed`` and, when not, ``reason``."""
     from .vv.procedure import FAST_ACCURACY_DELTA, FAST_AGREEMENT
 
+    min_examples = MIN_EXAMPLES if min_examples is None else min_examples
     n, equal = len(exact), int((exact == candidate).sum())
     out: dict[str, Any] = {"examples": n, "equal": equal, "agreement": equal / n if n else 0.0,
                            "min_agreement": FAST_AGREEMENT, "max_accuracy_delta_points": FAST_ACCURACY_DELTA}
@@ -98,7 +99,11 @@ def training_subset(folder: str | os.PathLike, task: str) -> tuple[int | None, i
     from .train.data import task_spec
 
     path = Path(folder) / "training_metrics.json"
-    metrics = read_json(path, what="training metrics") if path.is_file() else {}
+    try:
+        metrics = read_json(path, what="training metrics") if path.is_file() else {}
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{exc}; it says which train examples the model never saw: calibrate with --split dev "
+                         f"instead") from exc
     settings = metrics.get("settings") if isinstance(metrics, dict) else None
     trained = metrics.get("task") if isinstance(metrics, dict) else None
     try:
@@ -126,9 +131,10 @@ def _predictions(model: torch.nn.Module, inputs: dict[str, torch.Tensor], index8
 
 def calibrate(folder: str | os.PathLike, inputs: dict[str, torch.Tensor], *, data: str,
               kernel: str = CANDIDATE, max_examples: int = MAX_EXAMPLES,
-              min_examples: int = MIN_EXAMPLES) -> dict[str, Any] | None:
+              min_examples: int | None = None) -> dict[str, Any] | None:
     """Measure ``kernel`` against the exact path on ``inputs`` (padded tensors with ``labels``; the first
-    ``max_examples``) and write the record into ``folder``; None (nothing written) where this CPU cannot run it."""
+    ``max_examples``) and write the record into ``folder``; None (nothing written) where this CPU cannot run it.
+    Fewer than ``min_examples`` (default :data:`MIN_EXAMPLES`) inputs: ``ValueError``, nothing written."""
     from .checkpoint import CHECKSUM_KEY, read_raw_config
     from .inference import SensiMixForSequenceClassification
     from .io import reserve_output, write_json
@@ -141,13 +147,17 @@ def calibrate(folder: str | os.PathLike, inputs: dict[str, torch.Tensor], *, dat
     if reason:
         log.info("fast calibration skipped: the %s kernel cannot run here (%s); fast stays exact", kernel, reason)
         return None
+    picked = {k: v[:max_examples] for k, v in inputs.items()
+              if k in ("input_ids", "attention_mask", "token_type_ids", "labels")}
+    n, min_examples = len(picked["input_ids"]), MIN_EXAMPLES if min_examples is None else min_examples
+    if n < min_examples:  # the verdict is known: writing it could only replace a better-founded one
+        raise ValueError(f"{data} holds {n} examples, fewer than the {min_examples} a verdict needs; nothing "
+                         f"written: calibrate on a larger split")
     with reserve_output(folder):  # the weights cannot change under the measurement (compress holds it already)
         raw = read_raw_config(folder)
         if not isinstance(raw.get(CHECKSUM_KEY), dict):
             raise ValueError(f"{folder}/config.json has no {CHECKSUM_KEY} (written before checksums): re-export "
                              f"the folder before calibrating it")
-        picked = {k: v[:max_examples] for k, v in inputs.items()
-                  if k in ("input_ids", "attention_mask", "token_type_ids", "labels")}
         model = SensiMixForSequenceClassification.from_pretrained(folder)
         exact = _predictions(model, picked, None)
         candidate = _predictions(model, picked, kernel)
@@ -177,15 +187,31 @@ def calibrated_index8_kernel(folder: str | os.PathLike, raw_config: dict[str, An
         log.warning("%s ignored (fast runs the exact path): %s", path, exc)
         return None
     problem = None
+    kernel = record.get("index8_kernel") if isinstance(record, dict) else None
     if not isinstance(record, dict) or record.get("schema") != SCHEMA:
         problem = f"not a {SCHEMA} record"
-    elif record.get("index8_kernel") not in kernels.INDEX8_KERNELS:
-        problem = f"unknown 8-bit kernel {record.get('index8_kernel')!r}"
+    elif not isinstance(kernel, str) or kernel not in kernels.INDEX8_KERNELS or kernels.INDEX8_KERNELS[kernel].exact:
+        problem = f"{str(kernel)[:40]!r} is not an approximate 8-bit kernel"
     elif record.get("checkpoint") != raw_config.get(CHECKSUM_KEY):
         problem = "it was measured on other weights (its checksum differs from config.json's): calibrate again"
+    elif record.get("passed") is True and not _counts_pass(record):
+        problem = "it says passed, but its counts do not meet the bar: calibrate again"
     if problem:
         log.warning("%s ignored (fast runs the exact path): %s", path, problem)
         return None
     if record.get("passed") is not True:
         return None
-    return record["index8_kernel"]
+    return kernel
+
+
+def _counts_pass(record: dict[str, Any]) -> bool:
+    """Whether a record's own counts meet the agreement and accuracy bar its ``passed`` claims (a hand-edited or
+    damaged record may not; the examples' minimum is :func:`calibrate`'s to enforce, a caller may lower it)."""
+    from .vv.procedure import FAST_ACCURACY_DELTA, FAST_AGREEMENT
+
+    numbers = [record.get(k) for k in ("examples", "equal", "exact_accuracy", "candidate_accuracy")]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
+        return False
+    n, equal, exact, candidate = numbers
+    return (n >= 1 and 0 <= equal <= n and equal >= FAST_AGREEMENT * n
+            and 100 * abs(candidate - exact) <= FAST_ACCURACY_DELTA + 1e-9)

@@ -25,11 +25,17 @@ SIGN_PRESERVING_ACTS = frozenset({"gelu", "gelu_new", "gelu_fast", "gelu_python"
                                   "relu", "silu", "swish", "tanh"})
 
 
+def _shown(value: Any, width: int = 40) -> str:
+    """``repr(value)``, cut to ``width`` characters: a tampered field may be huge."""
+    text = repr(value)
+    return text if len(text) <= width else text[:width] + "..."
+
+
 def _positive_int(name: str, value: Any, limit: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+        raise ValueError(f"{name} must be an integer, got {_shown(value)} ({type(value).__name__})")
     if not 1 <= value <= limit:
-        raise ValueError(f"{name} must be in [1, {limit}], got {value}")
+        raise ValueError(f"{name} must be in [1, {limit}], got {_shown(value)}")
     return value
 
 
@@ -60,6 +66,13 @@ def validate_geometry(config: Any, layers: str = "num_hidden_layers") -> None:
         p = getattr(config, name, 0.0)
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
             raise ValueError(f"{name} must be a number in [0, 1), got {p!r}")
+    act = getattr(config, "hidden_act", "gelu")
+    if not callable(act):
+        from transformers.activations import ACT2FN
+
+        if not isinstance(act, str) or act not in ACT2FN:
+            raise ValueError(f"hidden_act must name one of transformers' activations (e.g. 'gelu'), got "
+                             f"{_shown(act)}")
     params = vocab * h + positions * h + types * h + n * (4 * h * h + 2 * h * inter)
     if params > MAX_PARAMETERS:
         raise ValueError(f"this geometry has {params:,} weights (> {MAX_PARAMETERS:,}): a typo in config.json?")
@@ -95,12 +108,12 @@ class SensiMixConfig(BertConfig):
         if not isinstance(a, int) or isinstance(a, bool):
             raise ValueError(f"num_8bit_layers must be an integer, got {a!r} ({type(a).__name__})")
         if not 0 <= a <= n:
-            raise ValueError(f"num_8bit_layers (a) must be in [0, num_hidden_layers={n}], got {a}; "
-                             f"the remaining N - a layers get a 1-bit FFN")
+            raise ValueError(f"num_8bit_layers (a; compress --8bit-layers) must be in [0, num_hidden_layers={n}], got "
+                             f"{a}; the remaining N - a layers get a 1-bit FFN")
         if teacher_layers is not None and n > teacher_layers:
             raise ValueError(
-                f"num_hidden_layers (N = a + b) must be in [1, {teacher_layers}] (the pre-trained BERT's depth), "
-                f"got {n}: SensiMix keeps the first N layers of the teacher")
+                f"num_hidden_layers (N = a + b; compress --layers) must be in [1, {teacher_layers}] (the "
+                f"pre-trained BERT's depth), got {n}: SensiMix keeps the first N layers of the BERT it compresses")
         validate_geometry(self, layers="num_hidden_layers (N = a + b)")
         act = self.hidden_act
         if not isinstance(act, str) or act not in SIGN_PRESERVING_ACTS:

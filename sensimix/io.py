@@ -128,6 +128,22 @@ def check_output_dir(out: str | os.PathLike, *, overwrite: bool = False, what: s
     return out
 
 
+def check_apart(out: str | os.PathLike, inputs: dict[str, str | os.PathLike | None], what: str = "--out", *,
+                replaces: bool = True) -> None:
+    """:class:`OutputError` when ``out`` is or is inside one of the ``inputs`` folders ({flag: path}; a path that is
+    not a folder, e.g. a hub id or ``random:...``, is skipped), or, when the command ``replaces`` ``out`` as a whole
+    (``--overwrite``), holds one: writing it would replace or delete what the command reads."""
+    real = _absolute(out).resolve()
+    for flag, folder in inputs.items():
+        if folder is None or not str(folder).strip() or not Path(folder).is_dir():
+            continue
+        src = Path(folder).resolve()
+        if real == src or real.is_relative_to(src) or (replaces and src.is_relative_to(real)):
+            where = "is" if real == src else ("is inside" if real.is_relative_to(src) else "holds")
+            raise OutputError(f"{what} {out} {where} the {flag} folder {folder}, which this command reads and must "
+                              f"not write; choose another {what}")
+
+
 def check_replaceable(out: Path, what: str = "--out") -> None:
     """``--overwrite`` replaces a model folder (one with a config.json) or an empty folder, nothing else: a typo
     such as ``--out ~ --overwrite`` must not delete a home folder."""

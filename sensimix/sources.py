@@ -128,6 +128,7 @@ def load_bert_classifier(source: str | os.PathLike, num_labels: int, *, dtype=No
     from a pre-trained BERT) unless ``trained_head`` (a teacher), when a missing head is an error too.
     ``config_overrides``: config fields set at load (e.g. runtime options a timed baseline must not inherit).
     """
+    from safetensors import SafetensorError
     from transformers import BertForSequenceClassification
 
     config = bert_config(source, allow_qat=False)  # refuses packed SensiMix folders and other model types first
@@ -144,12 +145,16 @@ def load_bert_classifier(source: str | os.PathLike, num_labels: int, *, dtype=No
         kwargs["use_safetensors"] = use_safetensors
     try:
         model, info = BertForSequenceClassification.from_pretrained(os.fspath(source), **kwargs)
-    except (pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueError) as exc:
+    except (pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueError, SafetensorError) as exc:
         first = brief(exc)
         if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc) or "Weights only" in str(exc):
             raise SourceError(f"{source}: its pytorch_model.bin cannot be loaded safely (torch.load with "
                               f"weights_only=True refused it: {first}); it holds objects other than tensors. Use a "
                               f"folder with model.safetensors, or re-save the model from a trusted copy") from exc
+        if "ignore_mismatched_sizes" in str(exc):  # transformers' size-mismatch error points at a log line
+            raise SourceError(f"{source}: its weights do not match its config.json: some tensors have another shape "
+                              f"than config.json says (vocab_size, max_position_embeddings, hidden sizes or "
+                              f"num_labels); fix config.json or re-save the model") from exc
         raise SourceError(f"{source}: cannot load the BERT weights ({type(exc).__name__}: {first}); the weight "
                           f"files are missing, truncated or do not match config.json") from exc
     missing = [k for k in info.get("missing_keys", ()) if trained_head or not k.startswith(_NEW_HEAD)]
@@ -212,6 +217,9 @@ def load_tokenizer(source: str | os.PathLike):
     if is_random(name):
         name = offline_bert() or "bert-base-uncased"
     folder = Path(name).expanduser()
+    if looks_local(name) and not folder.is_dir():
+        raise SourceError(f"{source} is not a folder: give the folder with the model's tokenizer files (vocab.txt or "
+                          f"tokenizer.json), or a hub id when online")
     if folder.is_dir() and not any((folder / f).is_file() for f in ("vocab.txt", "tokenizer.json")):
         raise SourceError(f"{folder} has no tokenizer files (vocab.txt or tokenizer.json): copy them from the BERT "
                           f"the model was made from, or pass --tokenizer <folder with vocab.txt>")

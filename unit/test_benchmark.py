@@ -15,6 +15,7 @@ import pytest
 import torch
 from transformers import BertForSequenceClassification
 
+from sensimix.kernels import int16 as int16_kernel
 from sensimix.vv.peers import LengthBuckets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,3 +227,20 @@ def test_profile_forward_script_runs_and_writes_its_json(tmp_path):
     assert set(rows) == {"sensimix-2+1-fast (exact)", "sensimix-2+1-fast, padding kept",
                          "bert3-fp32 (transformers, sdpa)"}
     assert all(r["ms"] > 0 and 0 < r["host_ms"] <= r["ms"] * 1.5 for r in rows.values())
+
+
+@pytest.mark.skipif(int16_kernel.unavailable_reason() is not None,
+                    reason="the int16 kernel cannot run on this CPU (AVX2 and a C compiler)")
+def test_cpu_peaks_script_runs_and_writes_its_json(tmp_path):
+    # scripts/cpu_peaks.py: the instruction peaks and the GEMMs' fraction of them (issue 10's closing evidence)
+    spec = importlib.util.spec_from_file_location("sensimix_cpu_peaks_script", SCRIPT.parent / "cpu_peaks.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "peaks.json"
+    assert script.main(["--m", "60", "--reps", "1", "--iters", "100000", "--json", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["schema"] == "sensimix-cpu-peaks/1"
+    assert set(saved["peaks_gmac_per_core"]) == {"fp32_fma", "int16_vpmaddwd", "u8s8_vpmaddubsw"}
+    assert all(g > 0 for g in saved["peaks_gmac_per_core"].values())
+    assert [g["gemm"] for g in saved["gemms"]] == ["torch fp32 (x @ W^T)", "sensimix int16"]
+    assert all(g["gmac_per_s"] > 0 and g["fraction_of_peak"] > 0 for g in saved["gemms"])

@@ -89,7 +89,8 @@ def test_a_passed_calibration_makes_fast_take_int16_for_this_checkpoint_only(fol
 
 
 @needs_int16
-@pytest.mark.parametrize("damage", ["other weights", "not json", "unknown kernel", "not a record"])
+@pytest.mark.parametrize("damage", ["other weights", "not json", "unknown kernel", "not a record", "kernel a list",
+                                    "exact kernel", "passed, counts fail", "passed, counts missing"])
 def test_a_record_that_does_not_belong_is_ignored_with_a_warning(folder, caplog, damage: str) -> None:
     folder, inputs, qat = folder
     calibrate(folder, _labelled(folder, inputs), data="ragged", min_examples=1)
@@ -102,6 +103,14 @@ def test_a_record_that_does_not_belong_is_ignored_with_a_warning(folder, caplog,
         path.write_text("{ half a record")
     elif damage == "unknown kernel":
         path.write_text(json.dumps({**record, "index8_kernel": "magic"}))
+    elif damage == "kernel a list":
+        path.write_text(json.dumps({**record, "index8_kernel": ["int16"]}))
+    elif damage == "exact kernel":
+        path.write_text(json.dumps({**record, "index8_kernel": "dequant"}))
+    elif damage == "passed, counts fail":
+        path.write_text(json.dumps({**record, "passed": True, "equal": 0, "agreement": 0.0}))
+    elif damage == "passed, counts missing":
+        path.write_text(json.dumps({k: v for k, v in record.items() if k != "exact_accuracy"}))
     else:
         path.write_text(json.dumps([record]))
     with caplog.at_level(logging.WARNING, logger="sensimix.calibration"):
@@ -154,14 +163,19 @@ def _settings(**overrides) -> TrainSettings:
 
 
 @needs_int16
-def test_compress_records_its_calibration_and_can_skip_it(tiny_bert_dir, tiny_glue_dir, tmp_path) -> None:
+def test_compress_records_its_calibration_and_can_skip_it(tiny_bert_dir, tiny_glue_dir, tmp_path, monkeypatch,
+                                                          caplog) -> None:
+    # the tiny dev split (8 sentences) is too small for a verdict: nothing recorded, fast stays exact
     result = compress(tiny_bert_dir, "sst-2", tmp_path / "sm", glue_dir=tiny_glue_dir, layers=2, eightbit_layers=1,
                       settings=_settings())
-    record = json.loads((result.path / RECORD).read_text())
-    # the tiny dev split (8 sentences) is too small to qualify: recorded, and fast stays exact
-    assert record["examples"] == 8 and not record["passed"] and "8 examples (< 200)" in record["reason"]
-    assert record["data"] == "sst-2 dev"
+    assert not (result.path / RECORD).exists() and "fewer than the 200 a verdict needs" in caplog.text
     assert Packed.from_pretrained(result.path, precision="fast").plan.exact
+    monkeypatch.setattr(calibration, "MIN_EXAMPLES", 8)  # with a bar it can meet, the verdict is recorded
+    result = compress(tiny_bert_dir, "sst-2", tmp_path / "sm1", glue_dir=tiny_glue_dir, layers=2, eightbit_layers=1,
+                      settings=_settings())
+    record = json.loads((result.path / RECORD).read_text())
+    assert record["examples"] == 8 and record["data"] == "sst-2 dev"
+    assert Packed.from_pretrained(result.path, precision="fast").plan.exact != record["passed"]
     skipped = compress(tiny_bert_dir, "sst-2", tmp_path / "sm2", glue_dir=tiny_glue_dir, layers=2,
                        eightbit_layers=1, settings=_settings(fast_calibration=False))
     untrained = compress(tiny_bert_dir, "sst-2", tmp_path / "sm3", layers=2, eightbit_layers=1,
@@ -201,17 +215,28 @@ def test_compress_calibrates_on_the_train_examples_it_left_out(tiny_bert_dir, ti
 # sensimix calibrate
 # ---------------------------------------------------------------------------------------------------
 @needs_int16
-def test_cli_calibrate_writes_the_record_and_prints_the_verdict(tiny_bert_dir, tiny_glue_dir, tmp_path,
-                                                                capsys) -> None:
+def test_cli_calibrate_writes_the_record_and_prints_the_verdict(tiny_bert_dir, tiny_glue_dir, tmp_path, capsys,
+                                                                caplog, monkeypatch) -> None:
     from sensimix.cli import main
 
     out = compress(tiny_bert_dir, "sst-2", tmp_path / "sm", layers=2, eightbit_layers=1,
                    settings=_settings(max_steps=0)).path
-    assert main(["calibrate", "--model", str(out), "--task", "sst-2", "--glue-dir", str(tiny_glue_dir),
-                 "--max-seq-length", "32"]) == 0
+    args = ["calibrate", "--model", str(out), "--task", "sst-2", "--glue-dir", str(tiny_glue_dir),
+            "--max-seq-length", "32"]
+    monkeypatch.setattr(calibration, "MIN_EXAMPLES", 8)
+    assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "of 8 sst-2 dev predictions equal on int16; FAILED (8 examples (< 200)" in printed
-    assert json.loads((out / RECORD).read_text())["data"] == "sst-2 dev"
+    record = (out / RECORD).read_text()
+    verdict = "PASSED: precision fast uses int16" if json.loads(record)["passed"] else "FAILED ("
+    assert f"of 8 sst-2 dev predictions equal on int16; {verdict}" in printed
+    assert json.loads(record)["data"] == "sst-2 dev"
+    # at the real bar 8 examples cannot give a verdict: refused, and the record above is kept as it was
+    monkeypatch.setattr(calibration, "MIN_EXAMPLES", 200)
+    assert main(args) == 2 and (out / RECORD).read_text() == record
+    assert "sst-2 dev holds 8 examples, fewer than the 200 a verdict needs; nothing written" in caplog.text
+    with pytest.raises(SystemExit) as refused:  # argparse: --examples below the bar
+        main([*args, "--examples", "10"])
+    assert refused.value.code == 2 and (out / RECORD).read_text() == record
 
 
 def test_cli_calibrate_refuses_a_plain_bert_folder_and_writes_nothing(tiny_bert_dir, tiny_glue_dir, caplog) -> None:
@@ -229,7 +254,7 @@ def test_cli_calibrate_auto_takes_the_held_out_examples_and_held_out_insists(tin
                                                                               monkeypatch, capsys, caplog) -> None:
     from sensimix.cli import main
 
-    monkeypatch.setattr(calibration, "MIN_EXAMPLES", 20)
+    monkeypatch.setattr(calibration, "MIN_EXAMPLES", 8)
     subset = compress(tiny_bert_dir, "sst-2", tmp_path / "sub", glue_dir=tiny_glue_dir, layers=2, eightbit_layers=1,
                       settings=_settings(train_limit=8, fast_calibration=False)).path
     whole = compress(tiny_bert_dir, "sst-2", tmp_path / "whole", glue_dir=tiny_glue_dir, layers=2,

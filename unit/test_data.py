@@ -73,6 +73,7 @@ def test_clear_errors(tmp_path, monkeypatch):
     (b"sentence\tlabel\ngood\t1\nbad \xff\xfe film\t0\n", "train.tsv:3: not UTF-8"),
     (b"sentence\tlabel\n" + b"a" * (2 << 20) + b"\t1\n", "train.tsv:2: a line of [0-9,]+ characters"),
     (b"sentence\tlabel\ngood\t2\n", "train.tsv:2: unknown label '2'"),
+    (b"sentence\tlabel\tsentence\ngood\t1\tbad\n", "column\\(s\\) \\['sentence'\\] appear more than once"),
 ])
 def test_broken_files_name_file_and_line(tmp_path, content: bytes, match: str):
     (tmp_path / "SST-2").mkdir()
@@ -132,3 +133,9 @@ def test_a_model_with_other_labels_than_the_task_is_refused() -> None:
     check_task_labels("m", 2, "sst-2", "fix")  # SST-2 has 2 labels
     with pytest.raises(ValueError, match=r"^m classifies into 3 labels, but sst-2 has 2: evaluate it on its own task$"):
         check_task_labels("m", 3, "sst-2", "evaluate it on its own task")
+
+
+def test_a_split_that_is_a_folder_is_named_as_such(tmp_path):
+    (tmp_path / "SST-2" / "dev.tsv").mkdir(parents=True)
+    with pytest.raises(ValueError, match="dev.tsv is not a regular file"):
+        data.load_glue("sst-2", "dev", tmp_path)

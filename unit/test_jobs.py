@@ -116,6 +116,60 @@ def test_refusals_come_before_training(tiny_bert_dir, tiny_glue_dir, tmp_path, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "packed"]
 
 
+def _variant(src, dst, **fields):
+    """A copy of the BERT folder ``src`` with config.json fields changed (weights untouched)."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**config, **fields}))
+    return dst
+
+
+def test_an_input_folder_is_never_the_output_and_a_teacher_must_fit(tiny_bert_dir, tiny_glue_dir, tmp_path,
+                                                                    monkeypatch):
+    """--out naming (or inside) the BERT or teacher it reads, even with --overwrite, and a teacher that cannot read
+    the student's batches: refused before any work, nothing written or replaced."""
+    import json
+    import shutil
+
+    from sensimix.io import OutputError
+    from sensimix.train import jobs
+
+    monkeypatch.setattr(jobs, "train", lambda *a, **k: pytest.fail("training started"))
+    bert = tmp_path / "bert"
+    shutil.copytree(tiny_bert_dir, bert)
+    before = {p.name: p.read_bytes() for p in bert.iterdir()}
+    run = dict(glue_dir=tiny_glue_dir, settings=_settings(), overwrite=True)
+    with pytest.raises(OutputError, match="--out .* is the --bert folder .* which this command reads"):
+        compress(bert, "sst-2", bert, **run)
+    with pytest.raises(OutputError, match="is inside the --bert folder"):
+        compress(bert, "sst-2", bert / "sub", **run)
+    with pytest.raises(OutputError, match="is the --teacher folder"):
+        compress(tiny_bert_dir, "sst-2", bert, teacher=bert, **run)
+    with pytest.raises(OutputError, match="is the --bert folder"):
+        finetune(bert, "sst-2", bert, **run)
+    with pytest.raises(OutputError, match="holds the --bert folder"):
+        compress(bert, "sst-2", tmp_path, **run)
+    assert {p.name: p.read_bytes() for p in bert.iterdir()} == before
+    cfg = json.loads((bert / "config.json").read_text())
+    cases = [(dict(vocab_size=cfg["vocab_size"] + 7), {}, "distillation feeds both the same token ids"),
+             (dict(max_position_embeddings=16), {}, "position table of the --teacher"),
+             (dict(hidden_size=2 * cfg["hidden_size"], intermediate_size=cfg["intermediate_size"]),
+              dict(distill_hidden=1.0), "--distill-hidden compares hidden states")]
+    for i, (fields, settings, message) in enumerate(cases):
+        teacher = _variant(tiny_bert_dir, tmp_path / f"teacher{i}", **fields)
+        with pytest.raises(ValueError, match=message):
+            compress(tiny_bert_dir, "sst-2", tmp_path / "out", teacher=teacher, glue_dir=tiny_glue_dir,
+                     settings=_settings(**settings))
+    small = _variant(tiny_bert_dir, tmp_path / "small-vocab", vocab_size=5)
+    for job in (compress, finetune):
+        with pytest.raises(ValueError, match="tokens but its vocab_size is 5"):
+            job(small, "sst-2", tmp_path / "out", glue_dir=tiny_glue_dir, settings=_settings())
+    assert not (tmp_path / "out").exists()
+
+
 def test_unwritable_output_is_found_before_training(tiny_bert_dir, tiny_glue_dir, tmp_path, monkeypatch):
     from sensimix.io import OutputError
     from sensimix.train import jobs

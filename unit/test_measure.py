@@ -297,6 +297,33 @@ def test_a_bert_whose_weights_do_not_match_its_config_is_refused(tiny_bert_dir, 
         load_bert_classifier(_without_head(bert), 2, trained_head=True)
 
 
+def test_a_damaged_bert_folder_is_one_error_line(tiny_bert_dir, sensimix_dir, tmp_path, caplog) -> None:
+    """An unknown activation, a truncated model.safetensors, a length past the position table: exit 2 with the
+    reason, before any data is tokenized (a huge --max-seq-length would fill the memory with padding first)."""
+    import shutil
+
+    from sensimix.sources import SourceError, load_bert_classifier
+
+    bert = Path(shutil.copytree(tiny_bert_dir, tmp_path / "bert"))
+    config = json.loads((bert / "config.json").read_text())
+    (bert / "config.json").write_text(json.dumps({**config, "hidden_act": "nope"}))
+    with pytest.raises(SourceError, match="hidden_act must name one of transformers' activations"):
+        load_bert_classifier(bert, 2)
+    (bert / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 3}))
+    with pytest.raises(SourceError, match="some tensors have another shape than config.json says"):
+        load_bert_classifier(bert, 2)
+    (bert / "config.json").write_text(json.dumps(config))
+    weights = bert / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(SourceError, match=r"cannot load the BERT weights \(SafetensorError"):
+        load_bert_classifier(bert, 2)
+    assert cli.main(["evaluate", "--model", str(bert), "--synthetic", "--examples", "2", "--device", "cpu"]) == 2
+    assert "cannot load the BERT weights" in caplog.text
+    assert cli.main(["evaluate", "--model", str(sensimix_dir), "--synthetic", "--max-seq-length", "100000000",
+                     "--device", "cpu"]) == 2
+    assert "--max-seq-length 100000000 is longer than the position table" in caplog.text
+
+
 def test_a_bert_file_with_shared_tensors_loads_untied_and_saves(tiny_bert_dir, tmp_path) -> None:
     import shutil
 

@@ -36,8 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_data_arguments(p)
     p.add_argument("--split", default="auto", choices=["auto", "held-out", "dev", "train"],
                    help="which examples (above; default: %(default)s)")
-    p.add_argument("--examples", type=int_at_least(1), default=4096, metavar="N",
-                   help="measure on at most N examples of the split (default: %(default)s; 200 at least to pass)")
+    p.add_argument("--examples", type=int_at_least(200), default=4096, metavar="N",
+                   help="measure on at most N examples of the split (default: %(default)s; at least 200, the fewest "
+                        "a verdict takes)")
     p.add_argument("--max-seq-length", type=int_at_least(5), default=128,
                    help="pad/truncate to this many tokens, as in training (default: %(default)s)")
 
@@ -47,10 +48,11 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoint import read_config
     from ..sources import load_tokenizer
     from ..train.data import check_task_labels, load_glue
-    from ..vv.measure import check_inputs_fit, examples_inputs
+    from ..vv.measure import check_inputs_fit, check_length_fits, examples_inputs
 
     config = read_config(args.model)  # a packed folder, before any data is read
     check_task_labels(args.model, config.num_labels, args.task, "calibrate it on its own task")
+    check_length_fits(args.max_seq_length, config, args.model)
     if args.split in ("auto", "held-out"):
         limit, seed = training_subset(args.model, args.task)
         examples, data, held_out = calibration_examples(args.task, args.glue_dir, train_limit=limit, seed=seed,

@@ -83,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     from ..vv.measure import (
         check_examples_fit,
         check_inputs_fit,
+        check_length_fits,
         is_sensimix_folder,
         load_for_inference,
         make_batches,
@@ -99,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
     kind = "sensimix" if is_sensimix_folder(args.model) else "bert"
     model = load_for_inference(args.model, device=device, precision=args.precision,
                                binary_kernel=args.binary_kernel, index8_kernel=args.index8_kernel)
+    check_length_fits(args.max_seq_length, model.config, args.model)
     if args.synthetic:
         count = 5463 if args.examples is None else args.examples  # QNLI dev's size
         inputs = synthetic_inputs(count, max_seq_length=args.max_seq_length, vocab_size=model.config.vocab_size)

@@ -35,7 +35,8 @@ Reproduce the certified V&V of SensiMix (KOTCA KST-21-049) on this machine and j
     --gate-fp16.
  4-5. Accuracy (beyond the certificate, which measured untrained models): the packaged MiniLM-L6 (or
     --accuracy-pretrained) fine-tuned on SST-2 (fp32 reference) vs SensiMix (3+3) trained from it; the gap in
-    points must be <= --accuracy-max-gap (4) and SensiMix's accuracy >= --accuracy-min (5, far above chance).
+    points (criterion 4) must be <= --accuracy-max-gap and SensiMix's accuracy (criterion 5) >= --accuracy-min,
+    far above chance (defaults below).
  6. fast vs exact: on the trained (3+3) and (2+1), the fast recipe's SST-2 dev predictions must equal the
     exact path's on >= 99.5% of the sentences, accuracies within 0.3 points. Criteria 4-6 need SST-2 in the
     GLUE folder and are skipped with the reason otherwise; the CPU defaults train on a small subset.
@@ -107,7 +108,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import logging
 
-    from ..io import check_file_target, check_output_dir, reserve_output
+    from ..io import check_apart, check_file_target, check_output_dir, reserve_output
     from ..vv import VVRun, VVSettings, render_markdown, write_report
     from ..vv.accuracy import accuracy_settings_from
     from ..vv.report import REPORT_FILES
@@ -121,10 +122,7 @@ def run(args: argparse.Namespace) -> int:
     if (out / "config.json").exists():
         raise ValueError(f"--out {out} is a model folder (it holds config.json); the report goes in a folder of its "
                          f"own, e.g. --out verify-out")
-    for flag, folder in (("--bert", args.bert), ("--sensimix", args.sensimix)):
-        if folder and Path(folder).is_dir() and out.resolve().is_relative_to(Path(folder).resolve()):
-            raise ValueError(f"--out {out} is inside the {flag} folder {folder}, which verify measures and never "
-                             f"writes; put the report elsewhere, e.g. --out verify-out")
+    check_apart(out, {"--bert": args.bert, "--sensimix": args.sensimix}, replaces=False)  # it only adds files
     if out.exists():
         for name in REPORT_FILES:  # found now rather than after the run
             check_file_target(out / name, "--out")

@@ -107,6 +107,9 @@ def task_file(task: str, split: str, glue_dir: str | os.PathLike) -> Path:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
     path = Path(glue_dir) / spec.name / f"{split}.tsv"
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{path} is not a regular file (a folder?): expected the {spec.name} {split} split as a "
+                         f"tab-separated file")
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} not found: expected the GLUE layout <glue-dir>/{spec.name}/{split}.tsv "
@@ -168,6 +171,10 @@ def _read_local(spec: TaskSpec, path: Path) -> Examples:
     missing = [c for c in needed if c not in header]
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing} for {spec.name}; found {header}")
+    twice = sorted({c for c in needed if header.count(c) > 1})
+    if twice:
+        raise ValueError(f"{path}: column(s) {twice} appear more than once in the header; which one holds the "
+                         f"data is ambiguous")
     col = {c: header.index(c) for c in needed}
     label_ids = {name: i for i, name in enumerate(spec.labels)}
     text_a: list[str] = []

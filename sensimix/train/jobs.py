@@ -21,12 +21,14 @@ from typing import Any
 from ..devices import resolve_device
 from ..io import (
     atomic_dir,
+    check_apart,
     check_output_dir,
     reserve_output,
     save_tokenizer,
     write_json,
 )
 from ..sources import bert_config, load_bert_classifier, load_tokenizer
+from ..vv.measure import check_length_fits
 from . import distributed
 from .data import num_labels, prepare_task_data, resolve_glue_dir, task_file
 from .recipe import TrainSettings, train
@@ -46,16 +48,20 @@ def _check_before_training(source: str | os.PathLike, task: str, out: str | os.P
                            settings: TrainSettings, glue_dir: str | os.PathLike | None, hub: bool,
                            teacher: str | os.PathLike | None = None) -> Path:
     """Everything that can be checked in seconds; returns the absolute output folder."""
+    check_apart(out, {"--bert": source, "--teacher": teacher})
     out = check_output_dir(out, overwrite=overwrite)
     resolve_device(settings.device)  # --device cuda without CUDA is an error even when no step runs
     config = bert_config(source)
-    if settings.max_steps != 0 and settings.max_seq_length > config.max_position_embeddings:
-        raise ValueError(f"--max-seq-length {settings.max_seq_length} is longer than the position table of {source} "
-                         f"(max_position_embeddings={config.max_position_embeddings})")
+    check_length_fits(settings.max_seq_length, config, source)
     if teacher is not None:
-        bert_config(teacher, allow_qat=False)
+        _check_teacher(teacher, config, source, settings)
     num_labels(task)  # an unknown task name fails here
     if settings.max_steps != 0:
+        words = len(load_tokenizer(source))
+        if words > config.vocab_size:
+            raise ValueError(f"the tokenizer of {source} has {words:,} tokens but its vocab_size is "
+                             f"{config.vocab_size:,}: ids past the embedding table would fail mid-training; use the "
+                             f"tokenizer the model was trained with (or a config that matches it)")
         root = resolve_glue_dir(glue_dir)
         if root is None and not hub:
             raise FileNotFoundError("training needs GLUE data: pass --glue-dir (or set $GLUE_DIR), or --max-steps 0 "
@@ -64,6 +70,24 @@ def _check_before_training(source: str | os.PathLike, task: str, out: str | os.P
             for split in ("train", "dev"):
                 task_file(task, split, root)
     return out
+
+
+def _check_teacher(teacher: str | os.PathLike, student: Any, source: str | os.PathLike,
+                   settings: TrainSettings) -> None:
+    """A teacher reads the student's batches (the same token ids and lengths); with ``--distill-hidden`` its hidden
+    states are compared with the student's, so the widths must match too."""
+    config = bert_config(teacher, allow_qat=False)
+    if config.vocab_size != student.vocab_size:
+        raise ValueError(f"--teacher {teacher} has vocab_size {config.vocab_size:,}, --bert {source} "
+                         f"{student.vocab_size:,}: distillation feeds both the same token ids; use a teacher "
+                         f"fine-tuned from the same vocabulary")
+    if settings.max_steps != 0 and settings.max_seq_length > config.max_position_embeddings:
+        raise ValueError(f"--max-seq-length {settings.max_seq_length} is longer than the position table of the "
+                         f"--teacher {teacher} (max_position_embeddings={config.max_position_embeddings})")
+    if settings.distill_hidden > 0 and config.hidden_size != student.hidden_size:
+        raise ValueError(f"--distill-hidden compares hidden states, but --teacher {teacher} has hidden_size "
+                         f"{config.hidden_size} and --bert {source} {student.hidden_size}: use --distill-hidden 0 "
+                         f"(logits only) or a teacher of the same width")
 
 
 def _reserve(out: Path) -> contextlib.AbstractContextManager:

@@ -169,6 +169,15 @@ def synthetic_inputs(num_examples: int, max_seq_length: int = 128, vocab_size: i
     }
 
 
+def check_length_fits(max_seq_length: int, config: Any, what: str) -> None:
+    """Refuse a padded length longer than ``what``'s position table before any data is tokenized to it (a huge
+    length would fill the memory with padding first)."""
+    limit = config.max_position_embeddings
+    if max_seq_length > limit:
+        raise ValueError(f"--max-seq-length {max_seq_length} is longer than the position table of {what} "
+                         f"(max_position_embeddings={limit}): use --max-seq-length {limit} or less")
+
+
 def check_inputs_fit(inputs: dict[str, torch.Tensor], config: Any, what: str = "the inputs") -> None:
     """Refuse inputs the model cannot take, once, before timing: sequence length vs the position table, token
     ids vs the vocabulary, segment ids vs the token-type table."""
