@@ -13,7 +13,8 @@ on a CPU without VNNI, in one process:
     int8 GEMM; 7-bit activations or saturating int16 pair sums);
 
 * the GEMMs at the FFN up-projection's shape (``--m`` tokens x 768 -> 3072, every thread): torch fp32 and the
-  ``int16`` kernel, as a fraction of their instruction's peak times the threads.
+  ``int16`` kernel, each as a model calls it (a fresh output) and alone (the output reused), as a fraction of
+  their instruction's peak times the threads.
 
 Usage::
 
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import platform
 import shutil
 import statistics
 import subprocess
@@ -105,8 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     if int16.unavailable_reason():
         raise SystemExit(f"cpu_peaks: {int16.unavailable_reason()}")
     threads = torch.get_num_threads()
-    out: dict = {"schema": "sensimix-cpu-peaks/1", "machine": platform.processor() or platform.machine(), "threads": threads,
-                 "torch": torch.__version__, "peaks_gmac_per_core": {}, "gemms": []}
+    from sensimix.vv.procedure import environment
+
+    out: dict = {"schema": "sensimix-cpu-peaks/1", "environment": environment("cpu"), "threads": threads,
+                 "peaks_gmac_per_core": {}, "gemms": []}
     with tempfile.TemporaryDirectory(prefix="sensimix-peaks-") as tmp:
         dll = build_loops(Path(tmp))
         n = args.iters
@@ -121,9 +123,26 @@ def main(argv: list[str] | None = None) -> int:
     prepared = Prepared(int16.pack_weight(q), torch.rand(2, n_out), torch.rand(n_out), k, n_out)
     kernel = int16.Int16Index8Kernel()
     macs = m * k * n_out
+    out_fp32 = torch.empty(m, n_out)
+    rows, sa, rs = int16.quantize_rows(x)
+    lib = int16._library()
+
+    def int16_gemm() -> None:  # the C GEMM alone: rows rounded once, output reused
+        lib.sensimix_i16_gemm(rows.data_ptr(), rows.stride(0), m, prepared.weight.data_ptr(), n_out, k,
+                              sa.data_ptr(), rs.data_ptr(), prepared.params[0].data_ptr(),
+                              prepared.params[1].data_ptr(), prepared.bias.data_ptr(), out_fp32.data_ptr(), n_out,
+                              threads)
+
+    # "fresh output": the call as a model makes it, a new [m, n] fp32 output each time (41 MB here: past glibc's
+    # largest mmap threshold, so its pages are faulted in anew); "output reused": the arithmetic alone
     with torch.inference_mode():
-        for name, fn, peak in (("torch fp32 (x @ W^T)", lambda: torch.nn.functional.linear(x, w), "fp32_fma"),
-                               ("sensimix int16", lambda: kernel.linear(x, prepared), "int16_vpmaddwd")):
+        for name, fn, peak in (("torch fp32 (x @ W^T), fresh output", lambda: torch.nn.functional.linear(x, w),
+                                "fp32_fma"),
+                               ("torch fp32 (x @ W^T), output reused", lambda: torch.mm(x, w.t(), out=out_fp32),
+                                "fp32_fma"),
+                               ("sensimix int16 linear, fresh output", lambda: kernel.linear(x, prepared),
+                                "int16_vpmaddwd"),
+                               ("sensimix int16 GEMM, output reused", int16_gemm, "int16_vpmaddwd")):
             s = median_seconds(fn, args.reps)
             gmac = macs / s / 1e9
             out["gemms"].append({"gemm": name, "shape": [m, k, n_out], "gmac_per_s": gmac,
@@ -131,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, g in out["peaks_gmac_per_core"].items():
         print(f"peak {name:<18} {g:7.1f} G multiply-adds/s per core")
     for g in out["gemms"]:
-        print(f"{g['gemm']:<22} {g['gmac_per_s']:7.1f} G multiply-adds/s on {threads} threads = "
+        print(f"{g['gemm']:<38} {g['gmac_per_s']:7.1f} G multiply-adds/s on {threads} threads = "
               f"{100 * g['fraction_of_peak']:.0f}% of its instruction's peak")
     if args.json:
         from sensimix.io import write_json
