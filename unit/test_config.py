@@ -17,7 +17,7 @@ def test_any_valid_split(n, a):
 
 
 @pytest.mark.parametrize("n,a,match", [
-    (3, 4, r"num_8bit_layers \(a\) must be in \[0, num_hidden_layers=3\]"),
+    (3, 4, r"num_8bit_layers \(a; compress --8bit-layers\) must be in \[0, num_hidden_layers=3\]"),
     (3, -1, "num_8bit_layers"),
     (0, 0, "num_hidden_layers"),
 ])

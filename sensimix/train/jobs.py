@@ -52,7 +52,8 @@ def _check_before_training(source: str | os.PathLike, task: str, out: str | os.P
     out = check_output_dir(out, overwrite=overwrite)
     resolve_device(settings.device)  # --device cuda without CUDA is an error even when no step runs
     config = bert_config(source)
-    check_length_fits(settings.max_seq_length, config, source)
+    if settings.max_steps != 0:  # without training no text is tokenized to that length
+        check_length_fits(settings.max_seq_length, config, source)
     if teacher is not None:
         _check_teacher(teacher, config, source, settings)
     num_labels(task)  # an unknown task name fails here
