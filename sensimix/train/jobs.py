@@ -82,9 +82,8 @@ def _check_teacher(teacher: str | os.PathLike, student: Any, source: str | os.Pa
         raise ValueError(f"--teacher {teacher} has vocab_size {config.vocab_size:,}, --bert {source} "
                          f"{student.vocab_size:,}: distillation feeds both the same token ids; use a teacher "
                          f"fine-tuned from the same vocabulary")
-    if settings.max_steps != 0 and settings.max_seq_length > config.max_position_embeddings:
-        raise ValueError(f"--max-seq-length {settings.max_seq_length} is longer than the position table of the "
-                         f"--teacher {teacher} (max_position_embeddings={config.max_position_embeddings})")
+    if settings.max_steps != 0:
+        check_length_fits(settings.max_seq_length, config, f"the --teacher {teacher}")
     if settings.distill_hidden > 0 and config.hidden_size != student.hidden_size:
         raise ValueError(f"--distill-hidden compares hidden states, but --teacher {teacher} has hidden_size "
                          f"{config.hidden_size} and --bert {source} {student.hidden_size}: use --distill-hidden 0 "
@@ -206,8 +205,8 @@ def _calibrate_fast(out: Path, task: str, tokenizer: Any, glue_dir: str | os.Pat
     from ..vv.measure import examples_inputs
 
     try:
-        examples, data, _ = calibration_examples(task, glue_dir, train_limit=settings.train_limit, seed=settings.seed,
-                                              hub=hub)
+        examples, data, _ = calibration_examples(task, glue_dir, train_limit=settings.train_limit,
+                                                 seed=settings.seed, hub=hub)
         calibrate(out, examples_inputs(examples, tokenizer, settings.max_seq_length), data=data)
     except (OSError, ValueError, RuntimeError, MemoryError) as exc:
         (out / RECORD).unlink(missing_ok=True)
