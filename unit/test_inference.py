@@ -557,6 +557,9 @@ def test_bad_load_options(packed) -> None:
         Packed.from_pretrained(folder, precision="int4")
     with pytest.raises(TypeError, match="unexpected argument\\(s\\) \\['hidden_size'\\]"):
         Packed.from_pretrained(folder, hidden_size=3)
+    for flag in ("check_inputs", "compile", "verify_all_files"):  # "no" is truthy: a switch takes a bool only
+        with pytest.raises(TypeError, match=f"{flag} must be True or False, got 'no'"):
+            Packed.from_pretrained(folder, **{flag: "no"})
     with pytest.raises(ValueError, match="precision='fp32', torch_dtype=torch.float16 ask for different precisions"):
         Packed.from_pretrained(folder, precision="fp32", torch_dtype=torch.float16)
     assert Packed.from_pretrained(folder, precision="fp16", dtype=torch.float16, torch_dtype="auto").precision == "fp16"

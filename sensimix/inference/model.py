@@ -129,6 +129,10 @@ class SensiMixForSequenceClassification(PreTrainedModel):
         if kwargs:
             raise TypeError(f"{cls.__name__}.from_pretrained got unexpected argument(s) {sorted(kwargs)}; a packed "
                             f"checkpoint's config cannot be changed at load time")
+        for name, value in (("check_inputs", check_inputs), ("compile", compile), ("verify_all_files",
+                                                                                    verify_all_files)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{cls.__name__}.from_pretrained: {name} must be True or False, got {value!r}")
         request = dict(precision=precision, binary_kernel=binary_kernel, index8_kernel=index8_kernel,
                        fuse_qkv=fuse_qkv, skip_padding=skip_padding)
         plan = make_plan(device or "cpu", **request)
