@@ -46,6 +46,6 @@ def test_fast_agrees_with_exact_on_trained_models(accuracy_report):
     for a in accuracy_report.agreements:
         assert a.agreement >= FAST_AGREEMENT, (
             f"SensiMix ({a.split}): fast and exact agree on {100 * a.agreement:.2f}% of {a.examples} SST-2 dev "
-            f"predictions (< {100 * FAST_AGREEMENT:.1f}%); fast ran {a.fast_plan}")
+            f"predictions (< {100 * FAST_AGREEMENT:.1f}%); fast ran {a.fast_plan} (calibration: {a.calibration})")
         assert a.accuracy_delta_points <= FAST_ACCURACY_DELTA, (
             f"SensiMix ({a.split}): fast {100 * a.fast_accuracy:.2f}% vs exact {100 * a.exact_accuracy:.2f}%")

@@ -204,6 +204,22 @@ def calibrated_index8_kernel(folder: str | os.PathLike, raw_config: dict[str, An
     return kernel
 
 
+def describe_record(folder: str | os.PathLike) -> str:
+    """One line on ``folder``'s calibration record, for reports: its verdict, kernel, counts and data (what it
+    says; whether ``fast`` takes it is :func:`calibrated_index8_kernel`'s, and the plan's, to say)."""
+    from .io import read_json
+
+    path = Path(folder) / RECORD
+    if not path.is_file():
+        return "no record"
+    try:
+        r = read_json(path, what="a fast calibration record")
+        verdict = "passed" if r["passed"] is True else f"failed ({r.get('reason', 'no reason given')})"
+        return f"{r['index8_kernel']} {verdict}: {r['equal']:,} of {r['examples']:,} predictions equal on {r['data']}"
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        return f"unreadable record ({type(exc).__name__}: {str(exc)[:80]})"
+
+
 def _counts_pass(record: dict[str, Any]) -> bool:
     """Whether a record's own counts meet the agreement and accuracy bar its ``passed`` claims (a hand-edited or
     damaged record may not; the examples' minimum is :func:`calibrate`'s to enforce, a caller may lower it)."""

@@ -269,3 +269,18 @@ def test_cli_calibrate_auto_takes_the_held_out_examples_and_held_out_insists(tin
     assert "was not trained on a subset of sst-2 train" in caplog.text and not (whole / RECORD).exists()
     assert main(["calibrate", "--model", str(subset), "--split", "held-out", "--task", "mrpc",
                  *args[2:]]) == 2  # another task: its label count is checked first
+
+
+@needs_int16
+def test_reports_describe_the_record_in_one_line(folder) -> None:
+    # what the V&V report and the acceptance suite print beside fast's plan: why fast ran what it ran
+    folder, inputs, qat = folder
+    assert calibration.describe_record(folder) == "no record"
+    calibrate(folder, _labelled(folder, inputs), data="ragged", min_examples=1)
+    record = json.loads((folder / RECORD).read_text())
+    n = record["examples"]
+    assert calibration.describe_record(folder) == f"int16 passed: {n} of {n} predictions equal on ragged"
+    (folder / RECORD).write_text(json.dumps({**record, "passed": False, "reason": "too few", "equal": n - 1}))
+    assert calibration.describe_record(folder) == f"int16 failed (too few): {n - 1} of {n} predictions equal on ragged"
+    (folder / RECORD).write_text("{ half")
+    assert calibration.describe_record(folder).startswith("unreadable record (")

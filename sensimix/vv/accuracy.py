@@ -132,6 +132,7 @@ class Agreement:
     exact_accuracy: float
     fast_accuracy: float
     fast_plan: str                      # what fast ran here (the plan: precision, kernels, fusion, padding skip)
+    calibration: str = "no record"      # why: the folder's fast calibration (calibration.describe_record)
 
     @property
     def accuracy_delta_points(self) -> float:
@@ -207,11 +208,14 @@ def evaluate_folder(folder: str | os.PathLike, inputs: dict, device: str, precis
 
 def fast_vs_exact(folder: str | os.PathLike, split: str, inputs: dict, device: str) -> Agreement:
     """Agreement of the ``fast`` recipe with the exact path on one saved SensiMix folder."""
+    from ..calibration import describe_record
+
     _, exact = evaluate_folder(folder, inputs, device, "fp32")
     fast_model, fast = evaluate_folder(folder, inputs, device, "fast")
     agree = float((exact.predictions == fast.predictions).double().mean())
     return Agreement(split=split, examples=exact.num_examples, agreement=agree, exact_accuracy=float(exact.accuracy),
-                     fast_accuracy=float(fast.accuracy), fast_plan=fast_model.plan.describe())
+                     fast_accuracy=float(fast.accuracy), fast_plan=fast_model.plan.describe(),
+                     calibration=describe_record(folder))
 
 
 def measure_accuracy(glue_dir: str | os.PathLike | None, workdir: str | os.PathLike,
@@ -268,8 +272,8 @@ def measure_accuracy(glue_dir: str | os.PathLike | None, workdir: str | os.PathL
             a = fast_vs_exact(sm.path, split, inputs, device)
             agreements.append(a)
             log.info("agreement: SensiMix (%s) fast vs exact: %.2f%% of %d predictions equal, accuracy %.2f%% vs "
-                     "%.2f%% (%s)", split, 100 * a.agreement, a.examples, 100 * a.fast_accuracy,
-                     100 * a.exact_accuracy, a.fast_plan)
+                     "%.2f%% (%s; calibration: %s)", split, 100 * a.agreement, a.examples, 100 * a.fast_accuracy,
+                     100 * a.exact_accuracy, a.fast_plan, a.calibration)
     return AccuracyReport(
         task=ACCURACY_TASK, split=s.split, reference_accuracy=float(ref_result.accuracy),
         sensimix_accuracy=split_accuracy[s.split], dev_examples=len(inputs["labels"]), train_examples=s.train_limit,

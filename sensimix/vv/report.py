@@ -105,10 +105,11 @@ def render_markdown(report: Report) -> str:
                 f"SensiMix ({k}) {_pct(v)}" for k, v in others.items()) + ".", ""]
         if a.agreements:
             lines += ["### fast vs exact on the trained models (SST-2 dev)", "",
-                      "| Model | Predictions equal | Exact accuracy | fast accuracy | fast ran |",
-                      "|---|---:|---:|---:|---|"]
+                      "| Model | Predictions equal | Exact accuracy | fast accuracy | fast ran | its calibration |",
+                      "|---|---:|---:|---:|---|---|"]
             lines += [f"| SensiMix ({g.split}) | {_pct(g.agreement)} ({round(g.agreement * g.examples)}/{g.examples}) "
-                      f"| {_pct(g.exact_accuracy)} | {_pct(g.fast_accuracy)} | {g.fast_plan} |" for g in a.agreements]
+                      f"| {_pct(g.exact_accuracy)} | {_pct(g.fast_accuracy)} | {g.fast_plan} | {g.calibration} |"
+                      for g in a.agreements]
             lines.append("")
 
     lines += ["## Environment", "", "| | |", "|---|---|"]
