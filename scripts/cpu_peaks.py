@@ -101,12 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from sensimix.kernels import int16
     from sensimix.kernels.base import Prepared
+    from sensimix.vv.procedure import environment
 
     if int16.unavailable_reason():
         raise SystemExit(f"cpu_peaks: {int16.unavailable_reason()}")
     threads = torch.get_num_threads()
-    from sensimix.vv.procedure import environment
-
     out: dict = {"schema": "sensimix-cpu-peaks/1", "environment": environment("cpu"), "threads": threads,
                  "peaks_gmac_per_core": {}, "gemms": []}
     with tempfile.TemporaryDirectory(prefix="sensimix-peaks-") as tmp:
@@ -125,13 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     macs = m * k * n_out
     out_fp32 = torch.empty(m, n_out)
     rows, sa, rs = int16.quantize_rows(x)
+    rows = rows.clone()  # quantize_rows hands out a per-thread buffer that the "linear" row's calls reuse
     lib = int16._library()
 
     def int16_gemm() -> None:  # the C GEMM alone: rows rounded once, output reused
-        lib.sensimix_i16_gemm(rows.data_ptr(), rows.stride(0), m, prepared.weight.data_ptr(), n_out, k,
-                              sa.data_ptr(), rs.data_ptr(), prepared.params[0].data_ptr(),
-                              prepared.params[1].data_ptr(), prepared.bias.data_ptr(), out_fp32.data_ptr(), n_out,
-                              threads)
+        int16._check(lib.sensimix_i16_gemm(
+            rows.data_ptr(), rows.stride(0), m, prepared.weight.data_ptr(), n_out, k, sa.data_ptr(), rs.data_ptr(),
+            prepared.params[0].data_ptr(), prepared.params[1].data_ptr(), prepared.bias.data_ptr(),
+            out_fp32.data_ptr(), n_out, threads))
 
     # "fresh output": the call as a model makes it, a new [m, n] fp32 output each time (41 MB here: past glibc's
     # largest mmap threshold, so its pages are faulted in anew); "output reused": the arithmetic alone
