@@ -36,7 +36,8 @@ import torch
 
 from . import calibration
 from .config import SensiMixConfig
-from .io import atomic_dir, brief, read_config_json, save_tokenizer, write_json
+from .io import atomic_dir, brief, read_config_json, write_json
+from .sources import save_tokenizer
 
 log = logging.getLogger(__name__)
 

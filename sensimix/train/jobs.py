@@ -24,10 +24,9 @@ from ..io import (
     check_apart,
     check_output_dir,
     reserve_output,
-    save_tokenizer,
     write_json,
 )
-from ..sources import bert_config, load_bert_classifier, load_tokenizer
+from ..sources import bert_config, load_bert_classifier, load_tokenizer, save_tokenizer
 from ..vv.measure import check_length_fits
 from . import distributed
 from .data import num_labels, prepare_task_data, resolve_glue_dir, task_file

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from ..checkpoint import WEIGHTS_BIN, WEIGHTS_SAFETENSORS, CheckpointError, load_weight_file
-from ..io import TOKENIZER_FILES, read_json
-from ..sources import LEGACY_BERT_BUFFERS
+from ..io import read_json
+from ..sources import LEGACY_BERT_BUFFERS, TOKENIZER_FILES
 
 log = logging.getLogger(__name__)
 
