@@ -47,28 +47,39 @@ def judge(exact: torch.Tensor, candidate: torch.Tensor, labels: torch.Tensor | N
     """The verdict on two prediction vectors: counts, accuracies, ``passed`` and, when not, ``reason``."""
     from .vv.procedure import FAST_ACCURACY_DELTA, FAST_AGREEMENT
 
-    min_examples = MIN_EXAMPLES if min_examples is None else min_examples
     n, equal = len(exact), int((exact == candidate).sum())
     out: dict[str, Any] = {"examples": n, "equal": equal, "agreement": equal / n if n else 0.0,
                            "min_agreement": FAST_AGREEMENT, "max_accuracy_delta_points": FAST_ACCURACY_DELTA}
     if labels is not None:
         out["exact_accuracy"] = float((exact == labels).double().mean())
         out["candidate_accuracy"] = float((candidate == labels).double().mean())
-    reasons = []
-    if n < min_examples:
-        reasons.append(f"{n} examples (< {min_examples})")
-    if out["agreement"] < FAST_AGREEMENT:
-        reasons.append(f"{n - equal} of {n} predictions changed (agreement {100 * out['agreement']:.2f}% < "
-                       f"{100 * FAST_AGREEMENT:.1f}%)")
-    if labels is None:
-        reasons.append("no labels: the accuracy change cannot be measured")
-    elif 100 * abs(out["candidate_accuracy"] - out["exact_accuracy"]) > FAST_ACCURACY_DELTA + 1e-9:
-        reasons.append(f"accuracy {100 * out['exact_accuracy']:.2f}% -> {100 * out['candidate_accuracy']:.2f}% "
-                       f"(> {FAST_ACCURACY_DELTA} points)")
+    reasons = _shortfalls(n, equal, out.get("exact_accuracy"), out.get("candidate_accuracy"),
+                          MIN_EXAMPLES if min_examples is None else min_examples)
     out["passed"] = not reasons
     if reasons:
         out["reason"] = "; ".join(reasons)
     return out
+
+
+def _shortfalls(n: int, equal: int, exact_accuracy: float | None, candidate_accuracy: float | None,
+                min_examples: int) -> list[str]:
+    """Where counts miss the bar (none: they pass); the one statement of it, for :func:`judge` and for
+    checking a record's own counts. Accuracies None: no labels."""
+    from .vv.procedure import FAST_ACCURACY_DELTA, FAST_AGREEMENT
+
+    reasons = []
+    agreement = equal / n if n else 0.0
+    if n < min_examples:
+        reasons.append(f"{n} examples (< {min_examples})")
+    if agreement < FAST_AGREEMENT:
+        reasons.append(f"{n - equal} of {n} predictions changed (agreement {100 * agreement:.2f}% < "
+                       f"{100 * FAST_AGREEMENT:.1f}%)")
+    if exact_accuracy is None or candidate_accuracy is None:
+        reasons.append("no labels: the accuracy change cannot be measured")
+    elif 100 * abs(candidate_accuracy - exact_accuracy) > FAST_ACCURACY_DELTA + 1e-9:
+        reasons.append(f"accuracy {100 * exact_accuracy:.2f}% -> {100 * candidate_accuracy:.2f}% "
+                       f"(> {FAST_ACCURACY_DELTA} points)")
+    return reasons
 
 
 def calibration_examples(task: str, glue_dir: str | os.PathLike | None, *, train_limit: int | None, seed: int,
@@ -223,11 +234,8 @@ def describe_record(folder: str | os.PathLike) -> str:
 def _counts_pass(record: dict[str, Any]) -> bool:
     """Whether a record's own counts meet the agreement and accuracy bar its ``passed`` claims (a hand-edited or
     damaged record may not; the examples' minimum is :func:`calibrate`'s to enforce, a caller may lower it)."""
-    from .vv.procedure import FAST_ACCURACY_DELTA, FAST_AGREEMENT
-
     numbers = [record.get(k) for k in ("examples", "equal", "exact_accuracy", "candidate_accuracy")]
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
         return False
     n, equal, exact, candidate = numbers
-    return (n >= 1 and 0 <= equal <= n and equal >= FAST_AGREEMENT * n
-            and 100 * abs(candidate - exact) <= FAST_ACCURACY_DELTA + 1e-9)
+    return 0 <= equal <= n and not _shortfalls(n, equal, exact, candidate, min_examples=1)

@@ -44,6 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .. import calibration
     from ..calibration import calibrate, calibration_examples, training_subset
     from ..checkpoint import read_config
     from ..sources import load_tokenizer
@@ -58,8 +59,9 @@ def run(args: argparse.Namespace) -> int:
         examples, data, held_out = calibration_examples(args.task, args.glue_dir, train_limit=limit, seed=seed,
                                                         hub=args.hub_data, count=args.examples)
         if args.split == "held-out" and not held_out:
-            raise ValueError(f"{args.model} was not trained on a subset of {args.task} train leaving 200 examples "
-                             f"out (its training_metrics.json; compress --train-limit): use --split dev")
+            raise ValueError(f"{args.model} was not trained on a subset of {args.task} train leaving "
+                             f"{calibration.MIN_EXAMPLES} examples out (its training_metrics.json; compress "
+                             f"--train-limit): use --split dev")
     else:
         examples = load_glue(args.task, args.split, args.glue_dir, hub=args.hub_data)
         data = f"{args.task} {args.split}"
