@@ -80,10 +80,10 @@ def test_zero_and_non_finite_rows() -> None:
 @needs_int16
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("m,k,n", [(0, 64, 3), (1, 1, 1), (7, 33, 17), (13, 768, 40), (200, 96, 33),
-                                   (6, 2049, 16), (31, 3072, 9)])
+                                   (6, 2049, 16), (31, 3072, 9), (401, 40, 20)])
 def test_integer_gemm_is_exact_up_to_its_fp32_epilogue(threads: int, m: int, k: int, n: int) -> None:
-    # row blocks (6 per micro-kernel, 96 per cache block) split between threads, tail rows and tail columns of a
-    # 16-column panel, odd K, and K past one 1,024-product int32 chunk
+    # row blocks (6 per micro-kernel, up to 96 per block the threads take in turn; 401 rows: 5 blocks, the last
+    # ragged), tail rows and tail columns of a 16-column panel, odd K, and K past one 1,024-product int32 chunk
     g = torch.Generator().manual_seed(m * 31 + k)
     x = torch.randn(m, k, generator=g) * 3 + 0.25
     parts = index8_parts((n,), k, seed=k)
@@ -212,7 +212,8 @@ def erf_gelu64(y: torch.Tensor) -> torch.Tensor:
 
 @needs_int16
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("m,k,n", [(0, 16, 8), (1, 5, 3), (7, 33, 101), (100, 64, 200), (13, 1100, 40)])
+@pytest.mark.parametrize("m,k,n", [(0, 16, 8), (1, 5, 3), (7, 33, 101), (100, 64, 200), (13, 1100, 40),
+                                   (307, 24, 50)])
 def test_fused_gelu_operand_is_the_rounded_erf_gelu(threads: int, m: int, k: int, n: int) -> None:
     # linear_act_operand(x, up, "gelu"): the GEMM, the erf GELU and the rounding for the next linear in one call;
     # decoded, its rows are the 15-bit rounding of the exact GELU of the kernel's own GEMM (a tie may round apart)
@@ -260,3 +261,26 @@ def test_the_next_linear_reads_the_operand_as_its_decoded_values() -> None:
     with pytest.raises(ValueError, match="has 74 columns per row, got 80"):
         kern.linear(torch.zeros(3, 80, dtype=torch.int16), down)
     assert kern.linear_act_operand(x, up, "relu").dtype == torch.float32  # only the GELU is fused
+
+
+@needs_int16
+def test_rows_do_not_depend_on_threads_and_reused_work_space_keeps_earlier_results() -> None:
+    # the threads take blocks of rows from a shared counter (which thread computes a row varies from call to call)
+    # and the GELU blocks live in a reused per-thread work space: every row must come out bit for bit the same,
+    # and a later call must not touch an earlier call's result
+    g = torch.Generator().manual_seed(11)
+    x1, x2 = torch.randn(777, 96, generator=g), torch.randn(500, 96, generator=g) * 5
+    kern = kernels.INDEX8_KERNELS["int16"]
+    up = kern.prepare(index8_parts((130,), 96, seed=3), torch.float32)
+    before = torch.get_num_threads()
+    results, first = [], None
+    try:
+        for threads in (1, 2, 3, 2):
+            torch.set_num_threads(threads)
+            results.append((kern.linear(x1, up), kern.linear_act_operand(x1, up, "gelu")))
+            first = first or [t.clone() for t in results[0]]
+        kern.linear_act_operand(x2, up, "gelu")
+    finally:
+        torch.set_num_threads(before)
+    for got in results:
+        assert torch.equal(got[0], first[0]) and torch.equal(got[1], first[1])

@@ -35,7 +35,7 @@ from .base import Index8Kernel, Prepared, per_row_params
 from .torch_ops import scratch
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
-_ERRORS = {-2: "a worker thread could not start", -3: "out of memory"}
+_ERRORS = {-3: "out of memory"}
 
 
 @functools.lru_cache(maxsize=1)
@@ -54,7 +54,9 @@ def _library() -> ctypes.CDLL:
                                       ctypes.c_int]
     lib.sensimix_i16_gemm_gelu_rows.restype = ctypes.c_int
     lib.sensimix_i16_gemm_gelu_rows.argtypes = [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR,
-                                                _PTR, _I64, _PTR, _PTR, ctypes.c_int]
+                                                _PTR, _I64, _PTR, _PTR, _PTR, ctypes.c_int]
+    lib.sensimix_i16_work_floats.restype = _I64
+    lib.sensimix_i16_work_floats.argtypes = [_I64, _I64, ctypes.c_int]
     return lib
 
 
@@ -188,12 +190,14 @@ class Int16Index8Kernel(Index8Kernel):
         width = operand_width(n)
         out = torch.empty((_rows(m), width), dtype=torch.int16)  # whole row blocks: the next GEMM reads them
         if m:
+            lib, threads = _library(), torch.get_num_threads()
             qsa, qrs = torch.empty(m, dtype=torch.float32), torch.empty(m, dtype=torch.int32)
+            work = scratch(lib.sensimix_i16_work_floats(m, n, threads), sa, torch.float32, slot="int16 blocks")
             bias = None if p.bias is None else p.bias.data_ptr()
-            _check(_library().sensimix_i16_gemm_gelu_rows(
+            _check(lib.sensimix_i16_gemm_gelu_rows(
                 a.data_ptr(), a.stride(0), m, p.weight.data_ptr(), n, p.in_features, sa.data_ptr(), rs.data_ptr(),
                 p.params[0].data_ptr(), p.params[1].data_ptr(), bias, out.data_ptr(), width, qsa.data_ptr(),
-                qrs.data_ptr(), torch.get_num_threads()))
+                qrs.data_ptr(), work.data_ptr(), threads))
             out[:m, width - TAIL:width - TAIL + 2] = qsa.view(torch.int16).view(m, 2)
             out[:m, width - 2:] = qrs.view(torch.int16).view(m, 2)
         return out[:m].view(*lead, width)

@@ -162,16 +162,17 @@ class DenseIndex8Kernel(Index8Kernel):
 _SCRATCH = threading.local()  # per thread: two threads serving one model must never share a buffer
 
 
-def scratch(numel: int, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def scratch(numel: int, x: torch.Tensor, dtype: torch.dtype = torch.float32, slot: str = "operand") -> torch.Tensor:
     """A reused buffer of at least ``numel`` elements of ``dtype`` for a per-call operand on CPU (a dequantized
-    weight, quantized activations): a fresh multi-MB tensor per call costs its page faults every time. One buffer
-    per thread, dtype and inference-mode state (a tensor made under ``torch.inference_mode`` cannot be written
-    outside it). A fresh tensor where reuse would be unsafe: off CPU (the caching allocator is cheap there, and a
-    kernel may still be reading the last one on another stream), and when autograd will save the operand for a
-    backward pass. The caller must be done with the buffer before its next call of the same dtype."""
+    weight, quantized activations, a kernel's work space, attention's gathered layout): a fresh multi-MB tensor per
+    call costs its page faults every time. One buffer per thread, ``slot``, dtype and inference-mode state (a
+    tensor made under ``torch.inference_mode`` cannot be written outside it). A fresh tensor where reuse would be
+    unsafe: off CPU (the caching allocator is cheap there, and a kernel may still be reading the last one on another
+    stream), and when autograd will save the operand for a backward pass. The caller must be done with the buffer
+    before the next call for the same slot and dtype."""
     if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
         return torch.empty(numel, dtype=dtype, device=x.device)
-    key = (torch.is_inference_mode_enabled(), dtype)
+    key = (torch.is_inference_mode_enabled(), dtype, slot)
     buffers = _SCRATCH.__dict__.setdefault("buffers", {})
     buf = buffers.get(key)
     if buf is None or buf.numel() < numel:

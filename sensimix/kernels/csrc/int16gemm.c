@@ -13,7 +13,9 @@
  * Q is packed once into panels of NR = 16 output columns, 32 bytes per pair of k (columns 0-7 then 8-15, each
  * column's two int8 values adjacent: VPMOVSXBW turns 16 bytes into the 8 column pairs VPMADDWD reads).
  * The micro-kernel (6 rows x 16 columns, 12 accumulators) is inline assembly: compilers spill its registers.
- * Rows are split between `threads` POSIX threads (the caller is one of them); every function is reentrant.
+ * Blocks of MC rows are shared out between `threads` POSIX threads (the caller is one of them) by an atomic
+ * counter, not split in fixed halves: on a shared machine a thread that loses its core for a while takes fewer
+ * blocks instead of holding up the call. Every function is reentrant.
  *
  * sensimix_i16_gemm_gelu_rows fuses an FFN's middle: the GEMM, the erf GELU in its epilogue, and the rounding of
  * the result to the next GEMM's int16 rows, one block of rows at a time in a per-thread buffer, so the [m, n] fp32
@@ -22,6 +24,7 @@
 #include <immintrin.h>
 #include <math.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -202,7 +205,8 @@ static void micro_kernel(const int16_t *a, int64_t lda, const int8_t *panel, int
 
 typedef struct {
     const int16_t *a;
-    int64_t lda, m0, m1, n, k;
+    int64_t lda, m, n, k;
+    int64_t rows;     /* rows per block taken from the counter (<= MC, a multiple of MR) */
     const int8_t *packed;
     const float *sa;
     const int32_t *rs;
@@ -213,22 +217,26 @@ typedef struct {
     int64_t ldq;
     float *qsa;
     int32_t *qrs;
+    float *work;      /* gelu_rows: MC * n floats per thread (sensimix_i16_work_floats), or NULL to allocate */
+    atomic_long *next;  /* the next block to take (shared by the call's threads) */
     int status;       /* 0, or -3 when the block buffer could not be allocated */
 } job_t;
 
 static void run_rows(job_t *j) {
     int64_t pairs = (j->k + 1) / 2, panels = (j->n + NR - 1) / NR, chunk = KC / 2;
     int32_t acc[12][8];
-    float *block = NULL;  /* gelu_rows: one block of fp32 rows, GELU applied, rounded to qa when complete */
-    if (j->qa && j->m1 > j->m0) {
-        block = (float *)malloc((size_t)MC * (size_t)j->n * sizeof(float));
+    float *block = j->work, *owned = NULL;  /* gelu_rows: a block of fp32 rows, GELU applied, rounded when done */
+    if (j->qa && !block) {
+        block = owned = (float *)malloc((size_t)MC * (size_t)j->n * sizeof(float));
         if (!block) {
             j->status = -3;
             return;
         }
     }
-    for (int64_t mb = j->m0; mb < j->m1; mb += MC) {
-        int64_t me = mb + MC < j->m1 ? mb + MC : j->m1;
+    for (;;) {
+        int64_t mb = (int64_t)atomic_fetch_add(j->next, 1) * j->rows;
+        if (mb >= j->m) break;
+        int64_t me = mb + j->rows < j->m ? mb + j->rows : j->m;
         for (int64_t p = 0; p < panels; p++) {
             const int8_t *panel = j->packed + p * pairs * 32;
             int64_t n0 = p * NR, cols = j->n - n0 < NR ? j->n - n0 : NR;
@@ -275,7 +283,7 @@ static void run_rows(job_t *j) {
         if (block)  /* the block's rows are complete: round them for the next GEMM */
             sensimix_i16_quantize(block, me - mb, j->n, j->n, j->qa + mb * j->ldq, j->ldq, j->qsa + mb, j->qrs + mb);
     }
-    free(block);
+    free(owned);
 }
 
 static void *thread_main(void *arg) {
@@ -283,48 +291,69 @@ static void *thread_main(void *arg) {
     return NULL;
 }
 
-static int run_threads(job_t *jobs, int64_t blocks, int threads, const job_t *proto) {
-    if (threads < 1) threads = 1;
+static int clamp_threads(int64_t m, int threads) {
+    int64_t tiles = (m + MR - 1) / MR;
     if (threads > 64) threads = 64;
-    if (threads > blocks) threads = blocks > 0 ? (int)blocks : 1;
+    if (threads > tiles) threads = (int)tiles;
+    return threads < 1 ? 1 : threads;
+}
+
+/* MC rows per block, or fewer where that would leave a thread idle (a few dozen rows: one query's tokens) */
+static int64_t block_rows(int64_t m, int threads) {
+    int64_t even = (m + threads - 1) / threads;
+    even = (even + MR - 1) / MR * MR;
+    return even < MC ? (even > 0 ? even : MR) : MC;
+}
+
+int64_t sensimix_i16_work_floats(int64_t m, int64_t n, int threads) {
+    return (int64_t)clamp_threads(m, threads) * MC * n;
+}
+
+/* work: NULL, or sensimix_i16_work_floats(m, n, threads) floats for gelu_rows' per-thread blocks (a buffer the
+ * caller reuses: a fresh one per call would cost its page faults every time) */
+static int run_threads(job_t *jobs, int threads, const job_t *proto, float *work) {
+    threads = clamp_threads(proto->m, threads);
     pthread_t ids[64];
     int started[64] = {0};
+    atomic_long next;
+    atomic_init(&next, 0);
+    int64_t rows = block_rows(proto->m, threads);
     for (int t = 0; t < threads; t++) {
-        int64_t b0 = blocks * t / threads, b1 = blocks * (t + 1) / threads;
         jobs[t] = *proto;
-        jobs[t].m0 = b0 * MR;
-        jobs[t].m1 = b1 * MR < proto->m1 ? b1 * MR : proto->m1;
+        jobs[t].rows = rows;
+        jobs[t].next = &next;
+        jobs[t].work = work && proto->qa ? work + (int64_t)t * MC * proto->n : NULL;
     }
     for (int t = 1; t < threads; t++) started[t] = pthread_create(&ids[t], NULL, thread_main, &jobs[t]) == 0;
     run_rows(&jobs[0]);
     int status = jobs[0].status;
-    for (int t = 1; t < threads; t++) {
+    for (int t = 1; t < threads; t++) {  /* a thread that could not start took no block: the others did its share */
         if (started[t]) {
             pthread_join(ids[t], NULL);
             if (jobs[t].status) status = jobs[t].status;
-        } else {
-            status = -2;
         }
     }
     return status;
 }
 
-/* out [m, n] (stride ldo) = the header's y. Returns 0, -2 if a worker thread could not start, -3 if memory ran
- * out (nothing is then trustworthy in out). bias may be NULL. */
+/* out [m, n] (stride ldo) = the header's y. Returns 0, or -3 if memory ran out (nothing is then trustworthy in
+ * out). bias may be NULL. */
 int sensimix_i16_gemm(const int16_t *a, int64_t lda, int64_t m, const int8_t *packed, int64_t n, int64_t k,
                       const float *sa, const int32_t *rs, const float *sw, const float *cw, const float *bias,
                       float *out, int64_t ldo, int threads) {
     job_t jobs[64];
-    job_t proto = {a, lda, 0, m, n, k, packed, sa, rs, sw, cw, bias, out, ldo, NULL, 0, NULL, NULL, 0};
-    return run_threads(jobs, (m + MR - 1) / MR, threads, &proto);
+    job_t proto = {a, lda, m, n, k, 0, packed, sa, rs, sw, cw, bias, out, ldo, NULL, 0, NULL, NULL, NULL, NULL, 0};
+    return run_threads(jobs, threads, &proto, NULL);
 }
 
 /* GELU(the header's y) for [m, n], rounded as sensimix_i16_quantize rounds it into qa [m, ldq] (ldq >= n + n % 2),
- * qsa [m], qrs [m]; the fp32 values exist only block by block. Returns as sensimix_i16_gemm. */
+ * qsa [m], qrs [m]; the fp32 values exist only block by block, in work (see run_threads). Returns as
+ * sensimix_i16_gemm. */
 int sensimix_i16_gemm_gelu_rows(const int16_t *a, int64_t lda, int64_t m, const int8_t *packed, int64_t n, int64_t k,
                                 const float *sa, const int32_t *rs, const float *sw, const float *cw,
-                                const float *bias, int16_t *qa, int64_t ldq, float *qsa, int32_t *qrs, int threads) {
+                                const float *bias, int16_t *qa, int64_t ldq, float *qsa, int32_t *qrs, float *work,
+                                int threads) {
     job_t jobs[64];
-    job_t proto = {a, lda, 0, m, n, k, packed, sa, rs, sw, cw, bias, NULL, 0, qa, ldq, qsa, qrs, 0};
-    return run_threads(jobs, (m + MR - 1) / MR, threads, &proto);
+    job_t proto = {a, lda, m, n, k, 0, packed, sa, rs, sw, cw, bias, NULL, 0, qa, ldq, qsa, qrs, NULL, NULL, 0};
+    return run_threads(jobs, threads, &proto, work);
 }
