@@ -645,6 +645,25 @@ def test_skip_padding_leaves_exact_logits_unchanged(packed, monkeypatch, span_st
         skipped(**batch(), packing=packing)
 
 
+def test_packed_attention_differentiates_and_keeps_earlier_results() -> None:
+    # on CPU the group layouts go through one reused buffer (not under autograd, which must save them)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    packing = Packing.of(mask)
+    tokens = int(mask.sum())
+    qkv, x = torch.randn(tokens, 3, 2, 4, requires_grad=True), torch.randn(tokens, 8, requires_grad=True)
+    u = torch.randn(4, 2, 8, requires_grad=True)
+    graded, mixed = packing.attention(qkv, 0.5), packing.mix_first(u, x)
+    (graded.square().sum() + mixed.square().sum()).backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (qkv, x, u))
+    with torch.inference_mode():
+        first = packing.attention(qkv.detach(), 0.5)
+        kept = first.clone()
+        packing.attention(torch.randn(tokens, 3, 2, 4), 0.5)
+        torch.testing.assert_close(packing.mix_first(u.detach(), x.detach()), mixed.detach())
+    assert torch.equal(first, kept)
+    torch.testing.assert_close(graded.detach(), first)
+
+
 def test_packing_layout() -> None:
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
     packing = Packing.of(mask)

@@ -12,11 +12,24 @@ the way variable-length attention pipelines pass ``cu_seqlens`` from the data co
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+
+from ..kernels.torch_ops import scratch
+
+
+def _gather(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``t.index_select(0, rows)`` into a reused buffer on CPU (a group's layout is dead once its attention ran; a
+    fresh tens-of-MB layout per group and layer cost its page faults every time)."""
+    if t.device.type != "cpu" or (torch.is_grad_enabled() and t.requires_grad):  # out= has no autograd
+        return t.index_select(0, rows)
+    shape = (rows.numel(), *t.shape[1:])
+    out = scratch(math.prod(shape), t, t.dtype, slot="attention layout").view(shape)
+    return torch.index_select(t, 0, rows, out=out)
 
 
 @dataclass(frozen=True, eq=False)  # holds tensors: identity, not elementwise, equality
@@ -108,16 +121,24 @@ class Packing:
         """SDPA of packed [T, 3, heads, d] Q/K/V, one call per span group; returns packed [T, heads * d]."""
         tokens, heads = qkv.shape[0], qkv.shape[2]
         flat = qkv.reshape(tokens, -1)
+        if torch.is_grad_enabled() and qkv.requires_grad:  # out= has no autograd: the groups' rows, concatenated
+            return torch.cat([self._group_attention(flat, g, heads, scale).index_select(0, g.slots)
+                              for g in self.groups])
         out = flat.new_empty(tokens, flat.shape[1] // 3)
         for g in self.groups:
-            layout = flat.index_select(0, g.gather).view(g.rows, g.span, 3, heads, -1)
-            q, k, v = (t.transpose(1, 2) for t in layout.unbind(2))
-            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask, scale=scale)
-            # [rows, heads, span, d] -> [rows * span, heads * d]: a view when SDPA's output is stored
-            # [rows, span, heads, d] (the CPU kernels do), so the gather below is the only pass
-            ctx = ctx.transpose(1, 2).reshape(g.rows * g.span, -1)
-            torch.index_select(ctx, 0, g.slots, out=out[g.start:g.start + g.count])
+            torch.index_select(self._group_attention(flat, g, heads, scale), 0, g.slots,
+                               out=out[g.start:g.start + g.count])
         return out
+
+    @staticmethod
+    def _group_attention(flat: torch.Tensor, g: _SpanGroup, heads: int, scale: float) -> torch.Tensor:
+        """SDPA of one group's [rows, span] layout: [rows * span, heads * d], padded slots included."""
+        layout = _gather(flat, g.gather).view(g.rows, g.span, 3, heads, -1)
+        q, k, v = (t.transpose(1, 2) for t in layout.unbind(2))
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask, scale=scale)
+        # [rows, heads, span, d] -> [rows * span, heads * d]: a view when SDPA's output is stored
+        # [rows, span, heads, d] (the CPU kernels do), so the caller's gather is the only pass
+        return ctx.transpose(1, 2).reshape(g.rows * g.span, -1)
 
     def mix_first(self, u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Each sequence's softmax-weighted mean of its packed tokens x [T, H], weighted by the scores u . x_j of
@@ -125,7 +146,7 @@ class Packing:
         for its first token, keys and values folded into u; see ``Attention._first_token``)."""
         out = u.new_empty(u.shape)
         for g in self.groups:
-            layout = x.index_select(0, g.gather).view(g.rows, g.span, -1)  # padded slots: finite stand-ins
+            layout = _gather(x, g.gather).view(g.rows, g.span, -1)  # padded slots: finite stand-ins
             scores = torch.bmm(u.index_select(0, g.seqs), layout.transpose(1, 2))  # [rows, heads, span]
             scores.masked_fill_(~g.mask.view(g.rows, 1, g.span), float("-inf"))  # padded slots get p = 0
             out.index_copy_(0, g.seqs, torch.bmm(scores.softmax(dim=-1), layout))
