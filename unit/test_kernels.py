@@ -542,10 +542,11 @@ needs_popcount = pytest.mark.skipif(POPCOUNT_REASON is not None, reason=f"popcou
 
 @needs_popcount
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("m,k,n", [(1, 9000, 5), (4, 256, 8), (9, 8000, 17), (130, 257, 33), (0, 64, 3)])
+@pytest.mark.parametrize("m,k,n", [(1, 9000, 5), (4, 256, 8), (9, 8000, 17), (130, 257, 33), (0, 64, 3),
+                                   (301, 40, 9)])
 def test_popcount_kernel_row_splits_and_long_rows(threads: int, m: int, k: int, n: int) -> None:
-    # rows split between threads in blocks of 4 (plus a zero-padded tail block), and rows longer than 31 vectors
-    # (7,936 bits), where the byte counters are folded before they can overflow
+    # blocks of up to 64 rows the threads take in turn (4 per micro-kernel, plus a zero-padded tail), and rows
+    # longer than 31 vectors (7,936 bits), where the byte counters are folded before they can overflow
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

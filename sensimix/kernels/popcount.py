@@ -26,8 +26,7 @@ from .base import BinaryKernel
 VECTOR_BYTES = 32  # one AVX2 register
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _OUT_I32, _OUT_F32, _OUT_BITS = 0, 1, 2
-_ERRORS = {-1: "a row stride that is not a whole number of vectors", -2: "a worker thread could not start",
-           -3: "out of memory"}
+_ERRORS = {-1: "a row stride that is not a whole number of vectors", -3: "out of memory"}
 
 
 def row_bytes(k: int) -> int:

@@ -6,20 +6,25 @@
  * never counts. Popcount is the nibble-lookup method (two vpshufb per vector) with byte counters folded into
  * 64-bit sums (vpsadbw) every 31 vectors, before a byte can overflow (31 * 8 = 248).
  *
- * Rows of x are split between `threads` POSIX threads (the caller is one of them); every function is reentrant.
+ * Blocks of rows of x are shared out between `threads` POSIX threads (the caller is one of them) by an atomic
+ * counter, as in int16gemm.c: a thread that loses its core on a shared machine takes fewer blocks instead of holding
+ * up the call. Every function is reentrant.
  */
 #include <immintrin.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 enum { OUT_I32 = 0, OUT_F32 = 1, OUT_BITS = 2 };
 enum { MR = 4 };  /* rows of x per micro-kernel call: 4 byte counters + lookup + mask + temporaries fit 16 ymm */
+enum { MB = 64 };  /* rows per block a thread takes (at most) */
 
 typedef struct {
-    const uint8_t *x; const uint8_t *w; int64_t m0, m1, n, ld, k;
+    const uint8_t *x; const uint8_t *w; int64_t m, n, ld, k;
     int mode; void *out; int64_t ldo; const float *bias; const int32_t *threshold;
+    int64_t rows; atomic_long *next;  /* rows per block (a multiple of MR), the next block to take */
 } job_t;
 
 /* popcount(x[r] ^ w) for MR rows of x against one row of w: MR 64-bit sums */
@@ -60,38 +65,43 @@ static inline void dot4(const uint8_t *x, int64_t ld, const uint8_t *w, int64_t 
 static int run_rows(const job_t *j) {
     const int64_t vectors = j->ld / 32;
     uint8_t *tail = NULL;  /* the last < MR rows, zero-padded to MR rows */
-    for (int64_t m = j->m0; m < j->m1; m += MR) {
-        int64_t rows = j->m1 - m < MR ? j->m1 - m : MR;
-        const uint8_t *x = j->x + m * j->ld;
-        if (rows < MR) {
-            tail = calloc(MR, (size_t)j->ld);
-            if (!tail) return -3;
-            memcpy(tail, x, (size_t)(rows * j->ld));
-            x = tail;
-        }
-        if (j->mode == OUT_BITS) {
-            /* 8 outputs per byte, set without branches (the comparisons are data-dependent coin flips) */
-            for (int64_t n0 = 0; n0 < j->ldo * 8; n0 += 8) {
-                uint8_t byte[MR] = {0};
-                for (int64_t n = n0; n < n0 + 8 && n < j->n; n++) {
-                    int64_t pop[MR];
-                    dot4(x, j->ld, j->w + n * j->ld, vectors, pop);
-                    for (int r = 0; r < MR; r++)
-                        byte[r] |= (uint8_t)(((int32_t)(j->k - 2 * pop[r]) > j->threshold[n]) << (n - n0));
-                }
-                for (int64_t r = 0; r < rows; r++) ((uint8_t *)j->out)[(m + r) * j->ldo + n0 / 8] = byte[r];
+    for (;;) {
+        int64_t m0 = (int64_t)atomic_fetch_add(j->next, 1) * j->rows;
+        if (m0 >= j->m) break;
+        int64_t m1 = m0 + j->rows < j->m ? m0 + j->rows : j->m;
+        for (int64_t m = m0; m < m1; m += MR) {
+            int64_t rows = m1 - m < MR ? m1 - m : MR;
+            const uint8_t *x = j->x + m * j->ld;
+            if (rows < MR) {
+                tail = calloc(MR, (size_t)j->ld);
+                if (!tail) return -3;  /* the other threads finish their blocks; the caller raises */
+                memcpy(tail, x, (size_t)(rows * j->ld));
+                x = tail;
             }
-            continue;
-        }
-        for (int64_t n = 0; n < j->n; n++) {
-            int64_t pop[MR];
-            dot4(x, j->ld, j->w + n * j->ld, vectors, pop);
-            for (int64_t r = 0; r < rows; r++) {
-                int32_t acc = (int32_t)(j->k - 2 * pop[r]);
-                if (j->mode == OUT_I32)
-                    ((int32_t *)j->out)[(m + r) * j->ldo + n] = acc;
-                else
-                    ((float *)j->out)[(m + r) * j->ldo + n] = (float)acc + (j->bias ? j->bias[n] : 0.0f);
+            if (j->mode == OUT_BITS) {
+                /* 8 outputs per byte, set without branches (the comparisons are data-dependent coin flips) */
+                for (int64_t n0 = 0; n0 < j->ldo * 8; n0 += 8) {
+                    uint8_t byte[MR] = {0};
+                    for (int64_t n = n0; n < n0 + 8 && n < j->n; n++) {
+                        int64_t pop[MR];
+                        dot4(x, j->ld, j->w + n * j->ld, vectors, pop);
+                        for (int r = 0; r < MR; r++)
+                            byte[r] |= (uint8_t)(((int32_t)(j->k - 2 * pop[r]) > j->threshold[n]) << (n - n0));
+                    }
+                    for (int64_t r = 0; r < rows; r++) ((uint8_t *)j->out)[(m + r) * j->ldo + n0 / 8] = byte[r];
+                }
+                continue;
+            }
+            for (int64_t n = 0; n < j->n; n++) {
+                int64_t pop[MR];
+                dot4(x, j->ld, j->w + n * j->ld, vectors, pop);
+                for (int64_t r = 0; r < rows; r++) {
+                    int32_t acc = (int32_t)(j->k - 2 * pop[r]);
+                    if (j->mode == OUT_I32)
+                        ((int32_t *)j->out)[(m + r) * j->ldo + n] = acc;
+                    else
+                        ((float *)j->out)[(m + r) * j->ldo + n] = (float)acc + (j->bias ? j->bias[n] : 0.0f);
+                }
             }
         }
     }
@@ -103,27 +113,26 @@ static void *thread_main(void *arg) {
     return (void *)(intptr_t)run_rows((const job_t *)arg);
 }
 
-/* Returns 0; -1 for a row stride that is not a whole number of vectors, -2 if a thread could not start, -3 if
- * memory ran out (the output is then incomplete: the caller raises). */
+/* Returns 0; -1 for a row stride that is not a whole number of vectors, -3 if memory ran out (the output is then
+ * incomplete: the caller raises). A thread that cannot start is no error: the others take its blocks. */
 int sensimix_xnor_gemm(const uint8_t *x, int64_t m, const uint8_t *w, int64_t n, int64_t ld, int64_t k, int mode,
                        void *out, int64_t ldo, const float *bias, const int32_t *threshold, int threads) {
     if (ld % 32 != 0) return -1;
     if (threads < 1) threads = 1;
     if (threads > 64) threads = 64;
-    int64_t blocks = (m + MR - 1) / MR;
-    if (threads > blocks) threads = blocks > 0 ? (int)blocks : 1;
+    int64_t tiles = (m + MR - 1) / MR;
+    if (threads > tiles) threads = tiles > 0 ? (int)tiles : 1;
+    int64_t rows = (m + threads - 1) / threads;  /* an even split, or MB rows where there are many */
+    rows = (rows + MR - 1) / MR * MR;
+    rows = rows < MB ? (rows > 0 ? rows : MR) : MB;
+    atomic_long next;
+    atomic_init(&next, 0);
     job_t jobs[64];
     pthread_t ids[64];
     int started[64] = {0}, status = 0;
-    for (int t = 0; t < threads; t++) {
-        int64_t b0 = blocks * t / threads, b1 = blocks * (t + 1) / threads;
-        int64_t m0 = b0 * MR, m1 = b1 * MR < m ? b1 * MR : m;
-        jobs[t] = (job_t){x, w, m0, m1, n, ld, k, mode, out, ldo, bias, threshold};
-    }
-    for (int t = 1; t < threads; t++) {
-        started[t] = pthread_create(&ids[t], NULL, thread_main, &jobs[t]) == 0;
-        if (!started[t]) status = -2;
-    }
+    for (int t = 0; t < threads; t++)
+        jobs[t] = (job_t){x, w, m, n, ld, k, mode, out, ldo, bias, threshold, rows, &next};
+    for (int t = 1; t < threads; t++) started[t] = pthread_create(&ids[t], NULL, thread_main, &jobs[t]) == 0;
     int first = run_rows(&jobs[0]);
     if (first) status = first;
     for (int t = 1; t < threads; t++) {
