@@ -284,3 +284,31 @@ def test_rows_do_not_depend_on_threads_and_reused_work_space_keeps_earlier_resul
         torch.set_num_threads(before)
     for got in results:
         assert torch.equal(got[0], first[0]) and torch.equal(got[1], first[1])
+
+
+@needs_int16
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("m,k,n", [(1, 5, 3), (7, 33, 20), (250, 64, 48), (13, 100, 768)])
+def test_fused_residual_layernorm_is_linear_add_then_layernorm(threads: int, m: int, k: int, n: int) -> None:
+    # linear_add_norm: the GEMM, the residual add and LayerNorm in one call (the output projections); against the
+    # kernel's own linear followed by torch's add and LayerNorm, for fp32 rows and for the kernel's GELU operand
+    g = torch.Generator().manual_seed(m + n)
+    x, residual = torch.randn(m, k, generator=g) * 2, torch.randn(m, 2 * n, generator=g)[:, ::2]  # strided rows
+    weight, bias = torch.rand(n, generator=g) + 0.5, torch.randn(n, generator=g)
+    residual[0, 0] = float("nan")
+    kern = kernels.INDEX8_KERNELS["int16"]
+    up = kern.prepare(index8_parts((k,), k, seed=5), torch.float32)
+    p = kern.prepare(index8_parts((n,), k), torch.float32)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for given in (x, kern.linear_act_operand(x, up, "gelu")):
+            got = kern.linear_add_norm(given.view(1, m, -1), p, residual.reshape(1, m, n), weight, bias, 1e-12)
+            want = torch.nn.functional.layer_norm(kern.linear(given, p) + residual, (n,), weight, bias, 1e-12)
+            assert got.shape == (1, m, n)
+            assert torch.isnan(got[0, 0]).all() and not torch.isnan(got[0, 1:]).any()
+            torch.testing.assert_close(got[0, 1:], want[1:], rtol=1e-5, atol=2e-5)
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="5 rows of activations but 4 residual rows"):
+        kern.linear_add_norm(torch.randn(5, k), p, torch.randn(4, n), weight, bias, 1e-12)

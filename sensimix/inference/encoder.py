@@ -8,20 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import SensiMixConfig
+from ..kernels.base import add_residual
 from .layers import BinaryLinear, Embedding, FusedIndex8Linear, Index8Embedding, Index8Linear, LayerNorm, Linear
 from .packing import Packing
 from .plan import InferencePlan
-
-
-def _residual(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``out + x`` in x's dtype, into ``out`` (a linear's fresh output: no new [tokens, H] tensor) unless autograd
-    needs it; a bf16 kernel output is cast first, in one pass (torch's mixed-dtype add promotes elementwise and
-    measured ~1.8x slower)."""
-    if out.dtype != x.dtype:
-        return out.to(x.dtype).add_(x)
-    if torch.is_grad_enabled() and (out.requires_grad or x.requires_grad):
-        return out + x
-    return out.add_(x)
 
 
 class Embeddings(nn.Module):
@@ -150,7 +140,7 @@ class Attention(nn.Module):
             q, k, v = (t.transpose(1, 2) for t in self._qkv(x).unbind(-3))
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
             ctx = ctx.transpose(1, 2).reshape(x.shape)
-        return self.output.LayerNorm(_residual(self.output.dense(ctx), x))
+        return self.output.dense.forward_add_norm(ctx, x, self.output.LayerNorm)
 
 
 class Intermediate(nn.Module):
@@ -176,7 +166,9 @@ class Output(nn.Module):
         self.LayerNorm = LayerNorm(c.hidden_size, c.layer_norm_eps)
 
     def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(_residual(self.dense(h), x))
+        if isinstance(self.dense, BinaryLinear):
+            return self.LayerNorm(add_residual(self.dense(h), x))
+        return self.dense.forward_add_norm(h, x, self.LayerNorm)
 
 
 class Layer(nn.Module):

@@ -113,6 +113,10 @@ class Index8Linear(PackedModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernel.linear(x, self.operands())
 
+    def forward_add_norm(self, x: torch.Tensor, residual: torch.Tensor, norm: LayerNorm) -> torch.Tensor:
+        """``norm(self(x) + residual)``: a kernel may fuse the add and the LayerNorm into its GEMM."""
+        return self.kernel.linear_add_norm(x, self.operands(), residual, norm.op_weight, norm.op_bias, norm.eps)
+
     def forward_act(self, x: torch.Tensor, act: str, operand: bool = False) -> torch.Tensor:
         """``act`` of the linear; with ``operand``, in the form the kernel's next linear reads (see
         ``Index8Kernel.linear_act_operand``): only for a result fed to a linear of the same kernel."""

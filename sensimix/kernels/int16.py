@@ -12,7 +12,8 @@ throughput of torch's fp32 GEMM at bert-base's shapes (131-150 against 79-93 G m
 
 In an FFN (``linear_act_operand`` with GELU) the up-projection's epilogue applies the erf GELU and rounds the rows
 for the down-projection, block by block in a per-thread buffer: its result is this kernel's int16 operand (rows,
-scale and sum; :data:`TAIL`), and the fp32 [tokens, intermediate] tensor is never materialized.
+scale and sum; :data:`TAIL`), and the fp32 [tokens, intermediate] tensor is never materialized. After an output
+projection (``linear_add_norm``) the epilogue adds the residual and applies the LayerNorm, block by block in cache.
 
 Why ``precision="fast"`` takes it only for a calibrated checkpoint: a 1-bit FFN binarizes its input, so a
 perturbation upstream flips signs near 0. On well-trained (2+1) models the 15-bit rounding kept every SST-2 and
@@ -55,6 +56,9 @@ def _library() -> ctypes.CDLL:
     lib.sensimix_i16_gemm_gelu_rows.restype = ctypes.c_int
     lib.sensimix_i16_gemm_gelu_rows.argtypes = [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR,
                                                 _PTR, _I64, _PTR, _PTR, _PTR, ctypes.c_int]
+    lib.sensimix_i16_gemm_add_norm.restype = ctypes.c_int
+    lib.sensimix_i16_gemm_add_norm.argtypes = [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR,
+                                               _PTR, _I64, _PTR, _PTR, ctypes.c_float, _PTR, _I64, ctypes.c_int]
     lib.sensimix_i16_work_floats.restype = _I64
     lib.sensimix_i16_work_floats.argtypes = [_I64, _I64, ctypes.c_int]
     return lib
@@ -176,6 +180,30 @@ class Int16Index8Kernel(Index8Kernel):
             _check(_library().sensimix_i16_gemm(
                 a.data_ptr(), a.stride(0), m, p.weight.data_ptr(), n, p.in_features, sa.data_ptr(), rs.data_ptr(),
                 p.params[0].data_ptr(), p.params[1].data_ptr(), bias, out.data_ptr(), n, torch.get_num_threads()))
+        return out.view(*lead, n)
+
+    def linear_add_norm(self, x, p, residual, weight, bias, eps):
+        """The GEMM, the residual add and the LayerNorm in one C call: each block of rows is normalized as soon as
+        its GEMM is done, while in cache (no separate add and LayerNorm passes over [M, N]). LayerNorm in fp32
+        with a two-pass variance (~1e-7 of torch's), far below the activations' 15-bit rounding."""
+        n = p.out_features
+        if (residual.dtype != torch.float32 or weight.dtype != torch.float32 or bias.dtype != torch.float32
+                or residual.shape[-1] != n or weight.shape != (n,) or bias.shape != (n,)
+                or (torch.is_grad_enabled() and residual.requires_grad)):
+            return super().linear_add_norm(x, p, residual, weight, bias, eps)
+        lead, a, sa, rs = self._rows_in(x, p)
+        m = sa.shape[0]
+        res = residual.reshape(-1, n)
+        if res.shape[0] != m:
+            raise ValueError(f"int16 kernel: {m} rows of activations but {res.shape[0]} residual rows")
+        res, weight, bias = res if res.stride(-1) == 1 else res.contiguous(), weight.contiguous(), bias.contiguous()
+        out = torch.empty((m, n), dtype=torch.float32)
+        if m:
+            _check(_library().sensimix_i16_gemm_add_norm(
+                a.data_ptr(), a.stride(0), m, p.weight.data_ptr(), n, p.in_features, sa.data_ptr(), rs.data_ptr(),
+                p.params[0].data_ptr(), p.params[1].data_ptr(), None if p.bias is None else p.bias.data_ptr(),
+                res.data_ptr(), res.stride(0), weight.data_ptr(), bias.data_ptr(), eps,
+                out.data_ptr(), n, torch.get_num_threads()))
         return out.view(*lead, n)
 
     def linear_act_operand(self, x, p, act):

@@ -17,6 +17,9 @@
  * counter, not split in fixed halves: on a shared machine a thread that loses its core for a while takes fewer
  * blocks instead of holding up the call. Every function is reentrant.
  *
+ * sensimix_i16_gemm_add_norm fuses what follows an output projection: the residual add and the LayerNorm run on
+ * each block of rows once its GEMM is done, while the rows are still in cache (no separate passes over [m, n]).
+ *
  * sensimix_i16_gemm_gelu_rows fuses an FFN's middle: the GEMM, the erf GELU in its epilogue, and the rounding of
  * the result to the next GEMM's int16 rows, one block of rows at a time in a per-thread buffer, so the [m, n] fp32
  * intermediate is never written to memory (nor its pages faulted in), read back for the GELU, or again to round.
@@ -218,9 +221,48 @@ typedef struct {
     float *qsa;
     int32_t *qrs;
     float *work;      /* gelu_rows: MC * n floats per thread (sensimix_i16_work_floats), or NULL to allocate */
+    const float *res; /* add_norm: out = LayerNorm(y + res) with gamma, beta, eps (else NULL) */
+    int64_t ldr;
+    const float *gamma, *beta;
+    float eps;
     atomic_long *next;  /* the next block to take (shared by the call's threads) */
     int status;       /* 0, or -3 when the block buffer could not be allocated */
 } job_t;
+
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* y = LayerNorm(y + res) over n values: mean, then the variance about it (two passes, as torch's CPU LayerNorm is
+ * accurate to: no E[x^2] - E[x]^2 cancellation), then (y - mean) / sqrt(var + eps) * gamma + beta */
+static void add_norm_row(float *y, const float *res, const float *gamma, const float *beta, int64_t n, float eps) {
+    __m256 vs = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        __m256 v = _mm256_add_ps(_mm256_loadu_ps(y + j), _mm256_loadu_ps(res + j));
+        _mm256_storeu_ps(y + j, v);
+        vs = _mm256_add_ps(vs, v);
+    }
+    float sum = hsum256(vs);
+    for (; j < n; j++) sum += (y[j] += res[j]);
+    float mean = sum / (float)n;
+    __m256 vm = _mm256_set1_ps(mean), vq = _mm256_setzero_ps();
+    for (j = 0; j + 8 <= n; j += 8) {
+        __m256 d = _mm256_sub_ps(_mm256_loadu_ps(y + j), vm);
+        vq = _mm256_fmadd_ps(d, d, vq);
+    }
+    float sq = hsum256(vq);
+    for (; j < n; j++) sq += (y[j] - mean) * (y[j] - mean);
+    float rstd = 1.0f / sqrtf(sq / (float)n + eps);
+    __m256 vr = _mm256_set1_ps(rstd);
+    for (j = 0; j + 8 <= n; j += 8) {
+        __m256 d = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(y + j), vm), vr);
+        _mm256_storeu_ps(y + j, _mm256_fmadd_ps(d, _mm256_loadu_ps(gamma + j), _mm256_loadu_ps(beta + j)));
+    }
+    for (; j < n; j++) y[j] = (y[j] - mean) * rstd * gamma[j] + beta[j];
+}
 
 static void run_rows(job_t *j) {
     int64_t pairs = (j->k + 1) / 2, panels = (j->n + NR - 1) / NR, chunk = KC / 2;
@@ -282,6 +324,9 @@ static void run_rows(job_t *j) {
         }
         if (block)  /* the block's rows are complete: round them for the next GEMM */
             sensimix_i16_quantize(block, me - mb, j->n, j->n, j->qa + mb * j->ldq, j->ldq, j->qsa + mb, j->qrs + mb);
+        if (j->res)  /* the block's rows are complete (and in cache): residual and LayerNorm */
+            for (int64_t r = mb; r < me; r++)
+                add_norm_row(j->out + r * j->ldo, j->res + r * j->ldr, j->gamma, j->beta, j->n, j->eps);
     }
     free(owned);
 }
@@ -342,7 +387,21 @@ int sensimix_i16_gemm(const int16_t *a, int64_t lda, int64_t m, const int8_t *pa
                       const float *sa, const int32_t *rs, const float *sw, const float *cw, const float *bias,
                       float *out, int64_t ldo, int threads) {
     job_t jobs[64];
-    job_t proto = {a, lda, m, n, k, 0, packed, sa, rs, sw, cw, bias, out, ldo, NULL, 0, NULL, NULL, NULL, NULL, 0};
+    job_t proto = {.a = a, .lda = lda, .m = m, .n = n, .k = k, .packed = packed, .sa = sa, .rs = rs, .sw = sw,
+                   .cw = cw, .bias = bias, .out = out, .ldo = ldo};
+    return run_threads(jobs, threads, &proto, NULL);
+}
+
+/* out [m, n] (stride ldo) = LayerNorm(the header's y + res) with gamma, beta and eps (res [m, n], stride ldr: the
+ * residual stream; out must not overlap it). Returns as sensimix_i16_gemm. */
+int sensimix_i16_gemm_add_norm(const int16_t *a, int64_t lda, int64_t m, const int8_t *packed, int64_t n, int64_t k,
+                               const float *sa, const int32_t *rs, const float *sw, const float *cw,
+                               const float *bias, const float *res, int64_t ldr, const float *gamma,
+                               const float *beta, float eps, float *out, int64_t ldo, int threads) {
+    job_t jobs[64];
+    job_t proto = {.a = a, .lda = lda, .m = m, .n = n, .k = k, .packed = packed, .sa = sa, .rs = rs, .sw = sw,
+                   .cw = cw, .bias = bias, .out = out, .ldo = ldo, .res = res, .ldr = ldr, .gamma = gamma,
+                   .beta = beta, .eps = eps};
     return run_threads(jobs, threads, &proto, NULL);
 }
 
@@ -354,6 +413,7 @@ int sensimix_i16_gemm_gelu_rows(const int16_t *a, int64_t lda, int64_t m, const 
                                 const float *bias, int16_t *qa, int64_t ldq, float *qsa, int32_t *qrs, float *work,
                                 int threads) {
     job_t jobs[64];
-    job_t proto = {a, lda, m, n, k, 0, packed, sa, rs, sw, cw, bias, NULL, 0, qa, ldq, qsa, qrs, NULL, NULL, 0};
+    job_t proto = {.a = a, .lda = lda, .m = m, .n = n, .k = k, .packed = packed, .sa = sa, .rs = rs, .sw = sw,
+                   .cw = cw, .bias = bias, .qa = qa, .ldq = ldq, .qsa = qsa, .qrs = qrs};
     return run_threads(jobs, threads, &proto, work);
 }
