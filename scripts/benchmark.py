@@ -34,6 +34,7 @@ set. The ONNX Runtime rows need ``pip install 'sensimix[bench]'``; without it th
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import logging
 import os
 import statistics
@@ -109,6 +110,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gemm-m", type=int, default=16384, help="rows of the GEMM benchmark (default: 128 x 128)")
     p.add_argument("--gemm-reps", type=int, default=None, help="timed calls per GEMM (default: 2 CPU, 50 CUDA)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--rows", default=None, metavar="PATTERNS",
+                   help="time only the rows whose keys match these comma-separated shell patterns (the baseline "
+                        "bert-fp32 always runs: every %% is relative to it; a row whose reference is left out gets "
+                        "no logit gap), e.g. "
+                        "'bert3-ort-int8-bucketed,sensimix-2+1-*' to repeat one comparison quickly")
     p.add_argument("--json", default=None, metavar="PATH", help="write every row, the machine and the settings")
     args = p.parse_args(argv)
     for name, value in (QUICK if args.quick else DEFAULTS).items():
@@ -124,6 +130,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.gemm = cuda and not args.quick
     if args.buckets < 1:
         p.error(f"--buckets must be >= 1, got {args.buckets}")
+    if args.rows is not None:
+        args.rows = [pattern.strip() for pattern in args.rows.split(",") if pattern.strip()]
+        keys = row_keys()
+        unmatched = [pattern for pattern in args.rows if not fnmatch.filter(keys, pattern)]
+        if not args.rows:
+            p.error("--rows: give at least one pattern, e.g. --rows 'bert3-ort-int8-bucketed,sensimix-2+1-*'")
+        if unmatched:
+            p.error(f"--rows: no row key matches {', '.join(map(repr, unmatched))}; the keys are: {', '.join(keys)}")
     return args
 
 
@@ -241,6 +255,20 @@ def logits_of(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.
 # ---------------------------------------------------------------------------------------------------
 # the run
 # ---------------------------------------------------------------------------------------------------
+def row_keys() -> list[str]:
+    """Every row key the benchmark can time, on CPU or CUDA (what ``--rows`` patterns are matched against)."""
+    folders = {m: Path("-") for m in (*SENSIMIX_MODELS, LIKE_FOR_LIKE)}
+    keys = [sp.key for device in ("cpu", "cuda") for sp in model_specs(Path("-"), "-", folders, {}, None, device, 1)]
+    return list(dict.fromkeys(keys))
+
+
+def select_rows(specs: list[ModelSpec], patterns: list[str] | None) -> list[ModelSpec]:
+    """The baseline and the rows matching one of ``patterns`` (all rows without patterns)."""
+    if not patterns:
+        return specs
+    return [sp for sp in specs if sp.key == BERT_FP32 or any(fnmatch.fnmatchcase(sp.key, p) for p in patterns)]
+
+
 def build(args: argparse.Namespace, root: Path) -> tuple[VVRun, dict[tuple[int, int], Path], dict[str, Any]]:
     """The V&V run (its BERT and SensiMix (2+1) folders, batches and environment record), the SensiMix (3+3)
     folder made from the same BERT, and the ONNX files of the peers."""
@@ -277,8 +305,8 @@ def run_models(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     s, device = run.s, run.s.device
     bert = run.folders[0]
     batches, data = run.batches
-    specs = model_specs(bert, geometry_label(bert_config(bert, allow_qat=False)), sensimix, onnx, ort_missing(),
-                        device, args.buckets, compiled=args.compile)
+    specs = select_rows(model_specs(bert, geometry_label(bert_config(bert, allow_qat=False)), sensimix, onnx,
+                                    ort_missing(), device, args.buckets, compiled=args.compile), args.rows)
     runnable = [sp for sp in specs if not sp.skipped]
     memory = {}
     if not args.no_memory:
@@ -356,7 +384,7 @@ def make_rows(specs: list[ModelSpec], timers: dict[str, ModelTimer], trials: lis
         row.update(mem)
         if base_mem and isinstance(mem.get(mem_key), int):
             row["weight_memory_ratio_vs_bert_fp32"] = mem[mem_key] / base_mem
-        if spec.reference:
+        if spec.reference in logits:  # not when --rows left the reference out
             got, want = logits[spec.key], logits[spec.reference]
             preds, ref_preds = (timers[k].results[-1].predictions for k in (spec.key, spec.reference))
             gap = (got - want).abs().max().item()
@@ -422,7 +450,8 @@ def print_table(results: dict[str, Any]) -> None:
         if "relative_logit_gap" in r:
             line += f"{r['relative_logit_gap']:>11.1e}{100 * r['prediction_agreement']:>7.1f}%"
         print(line)
-    print(f"best peer: {next((r['name'] for r in rows if r['key'] == results['best_peer']), 'none')}")
+    among = " (among the rows chosen with --rows)" if results.get("settings", {}).get("rows") else ""
+    print(f"best peer{among}: {next((r['name'] for r in rows if r['key'] == results['best_peer']), 'none')}")
     like = next((r for r in rows if r["group"] == "like-for-like" and "ms_per_batch" in r), None)
     if like is not None:  # what the kernels buy beyond skipping padding (BERT's FLOPs, padding skipped too)
         print(f"like for like ({like['name']}: {100 * like['ratio_vs_bert_fp32']:.1f}% of BERT fp32): " + ", ".join(

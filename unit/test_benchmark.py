@@ -245,3 +245,19 @@ def test_cpu_peaks_script_runs_and_writes_its_json(tmp_path):
     assert len(saved["gemms"]) == 4 and {g["gemm"].split(",")[0] for g in saved["gemms"]} == {
         "torch fp32 (x @ W^T)", "sensimix int16 linear", "sensimix int16 GEMM"}
     assert all(g["gmac_per_s"] > 0 and g["fraction_of_peak"] > 0 for g in saved["gemms"])
+
+
+def test_rows_option_selects_rows_and_refuses_unknown_patterns(capsys):
+    bench = load_script()
+    args = bench.parse_args(["--rows", "bert3-ort-int8-bucketed, sensimix-2+1-fp32*"])
+    assert args.rows == ["bert3-ort-int8-bucketed", "sensimix-2+1-fp32*"]
+    sensimix = {bench.LIKE_FOR_LIKE: Path("bert-packed"), (3, 2): Path("sm21"), (6, 3): Path("sm33")}
+    specs = bench.select_rows(bench.model_specs(Path("bert"), "BERT-base", sensimix, {}, None, "cpu", 4), args.rows)
+    keys = [s.key for s in specs]
+    assert keys[:2] == ["bert-fp32", "bert3-ort-int8-bucketed"], "the baseline always runs: every % is relative to it"
+    assert set(keys[2:]) == {k for k in cpu_rows() if k.startswith("sensimix-2+1-fp32")}
+    for bad, message in (("bert3-ort-int8-bucketed,nope", "no row key matches 'nope'; the keys are: bert-fp32"),
+                         (" , ", "give at least one pattern")):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--rows", bad])
+        assert message in capsys.readouterr().err

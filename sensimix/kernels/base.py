@@ -25,6 +25,7 @@ from transformers.activations import ACT2FN
 # ACT2FN names whose in-place op computes exactly what ACT2FN's module does (transformers' "gelu" is the erf GELU)
 _INPLACE_ACTS = {"gelu": torch.ops.aten.gelu_, "relu": torch.ops.aten.relu_}
 
+
 def add_residual(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``out + x`` in x's dtype, into ``out`` (a linear's fresh output: no new [tokens, H] tensor) unless autograd
     needs it; a bf16 kernel output is cast first, in one pass (torch's mixed-dtype add promotes elementwise and
