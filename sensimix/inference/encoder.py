@@ -27,9 +27,9 @@ class Embeddings(nn.Module):
         """[B, S] ids (positions 0..S-1), or packed [T] ids with their ``positions`` (:class:`Packing`)."""
         if positions is None:
             positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
-        # BERT's order: (word + token type) + position, then LayerNorm
-        x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
-        return self.LayerNorm(x + self.position_embeddings(positions))
+        # BERT's order: (word + token type) + position, then LayerNorm; the sums into the fresh word rows
+        x = add_residual(self.word_embeddings(input_ids), self.token_type_embeddings(token_type_ids))
+        return self.LayerNorm(add_residual(x, self.position_embeddings(positions)))
 
 
 class SelfAttention(nn.Module):
