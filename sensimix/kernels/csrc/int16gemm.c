@@ -13,7 +13,7 @@
  * Q is packed once into panels of NR = 16 output columns, 32 bytes per pair of k (columns 0-7 then 8-15, each
  * column's two int8 values adjacent: VPMOVSXBW turns 16 bytes into the 8 column pairs VPMADDWD reads).
  * The micro-kernel (6 rows x 16 columns, 12 accumulators) is inline assembly: compilers spill its registers.
- * Blocks of MC rows are shared out between `threads` POSIX threads (the caller is one of them) by an atomic
+ * Blocks of up to MC rows are shared out between `threads` POSIX threads (the caller is one of them) by an atomic
  * counter, not split in fixed halves: on a shared machine a thread that loses its core for a while takes fewer
  * blocks instead of holding up the call. Every function is reentrant.
  *
