@@ -61,9 +61,13 @@ def index8_affine(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, tor
 def index8_dequantize(
     q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """W_hat = (Q + 128) * s + lo, computed in fp32 and cast to ``dtype``."""
+    """W_hat = (Q + 128) * s + lo, computed in fp32 and cast to ``dtype``: in place on one fp32 copy of Q (the
+    same ops in the same order, bit for bit; a batch's embedding rows made three fresh temporaries otherwise),
+    unless autograd records the range."""
     s = index8_step(lo, hi)
-    return ((q.float() - QMIN) * s + lo.float()).to(dtype)
+    if torch.is_grad_enabled() and (s.requires_grad or lo.requires_grad):
+        return ((q.float() - QMIN) * s + lo.float()).to(dtype)
+    return q.to(torch.float32, copy=True).sub_(QMIN).mul_(s).add_(lo.float()).to(dtype)
 
 
 def index8_fake_quant(w: torch.Tensor) -> torch.Tensor:

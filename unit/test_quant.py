@@ -19,6 +19,20 @@ def test_index8_round_trip_error_is_at_most_half_a_step(shape):
     assert (w - w_hat).abs().max() <= s / 2 + slack + 1e-7
 
 
+def test_index8_dequantize_in_place_is_the_out_of_place_formula_bit_for_bit():
+    w = torch.randn(64, 33) * 0.07 + 0.01
+    q, lo, hi = quant.index8_quantize(w)
+    kept = q.clone()
+    want = ((q.float() - quant.QMIN) * quant.index8_step(lo, hi) + lo.float())
+    assert torch.equal(quant.index8_dequantize(q, lo, hi), want) and torch.equal(q, kept)
+    as_float = q.float()  # a float Q is copied, never overwritten
+    assert torch.equal(quant.index8_dequantize(as_float, lo, hi), want) and torch.equal(as_float, kept.float())
+    lo_g = lo.clone().requires_grad_()
+    graded = quant.index8_dequantize(q, lo_g, hi)
+    graded.sum().backward()
+    assert torch.equal(graded.detach(), want) and lo_g.grad is not None
+
+
 def test_index8_extremes_land_on_minus128_and_127():
     w = torch.tensor([-0.5, -0.25, 0.0, 0.125, 0.75])  # fp16-exact extremes
     q, lo, hi = quant.index8_quantize(w)

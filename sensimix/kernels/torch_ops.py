@@ -276,11 +276,7 @@ class ReferenceIndex8Kernel(Index8Kernel):
 
 def index8_embedding(ids: torch.Tensor, q: torch.Tensor, weight_range: torch.Tensor,
                      dtype: torch.dtype) -> torch.Tensor:
-    """Gather int8 rows, then dequantize only those: the QAT model's elementwise ops in its order, in place on one
-    fp32 tensor (bit for bit ``index8_dequantize``; its three fresh [tokens, H] temporaries cost their page faults)."""
+    """Gather int8 rows, then dequantize only those (same elementwise math as the QAT model)."""
     lo, hi = weight_range.float()
     rows = q.index_select(0, ids.reshape(-1))
-    if torch.is_grad_enabled() and weight_range.requires_grad:
-        return index8_dequantize(rows, lo, hi, dtype).view(*ids.shape, q.shape[1])
-    w = rows.float().sub_(QMIN).mul_(index8_step(lo, hi)).add_(lo)
-    return w.to(dtype).view(*ids.shape, q.shape[1])
+    return index8_dequantize(rows, lo, hi, dtype).view(*ids.shape, q.shape[1])
