@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import shutil
 import statistics
 import subprocess
 import sys
@@ -74,12 +73,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_loops(folder: Path) -> ctypes.CDLL:
-    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    from sensimix.kernels.native import compiler
+
+    cc = compiler()  # the package's own choice: $CC, else cc, else gcc
     if cc is None:
-        raise SystemExit("cpu_peaks: no C compiler (cc, gcc or clang) on PATH")
+        raise SystemExit("cpu_peaks: no C compiler found (looked for $CC, cc, gcc): install gcc or clang")
     src, lib = folder / "loops.c", folder / "loops.so"
     src.write_text(C_SOURCE)
-    subprocess.run([cc, "-O2", "-shared", "-fPIC", "-mavx2", "-mfma", str(src), "-o", str(lib)], check=True)
+    subprocess.run([*cc, "-O2", "-shared", "-fPIC", "-mavx2", "-mfma", str(src), "-o", str(lib)], check=True)
     dll = ctypes.CDLL(str(lib))
     for name in LOOPS:
         getattr(dll, name).argtypes = [ctypes.c_int64]
