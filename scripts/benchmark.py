@@ -133,7 +133,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.rows is not None:
         args.rows = [pattern.strip() for pattern in args.rows.split(",") if pattern.strip()]
         keys = row_keys()
-        unmatched = [pattern for pattern in args.rows if not fnmatch.filter(keys, pattern)]
+        unmatched = [pattern for pattern in args.rows if not any(fnmatch.fnmatchcase(k, pattern) for k in keys)]
         if not args.rows:
             p.error("--rows: give at least one pattern, e.g. --rows 'bert3-ort-int8-bucketed,sensimix-2+1-*'")
         if unmatched:
