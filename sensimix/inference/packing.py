@@ -25,7 +25,7 @@ from ..kernels.torch_ops import scratch
 def _gather(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``t.index_select(0, rows)`` into a reused buffer on CPU (a group's layout is dead once its attention ran; a
     fresh tens-of-MB layout per group and layer cost its page faults every time)."""
-    if t.device.type != "cpu" or (torch.is_grad_enabled() and t.requires_grad):  # out= has no autograd
+    if torch.is_grad_enabled() and t.requires_grad:  # out= has no autograd (off CPU scratch is a fresh tensor)
         return t.index_select(0, rows)
     shape = (rows.numel(), *t.shape[1:])
     out = scratch(math.prod(shape), t, t.dtype, slot="attention layout").view(shape)
