@@ -49,7 +49,9 @@ import torch
 import torch.nn.functional as F
 
 from sensimix import kernels
+from sensimix.cli.common import SEED, int_at_least
 from sensimix.devices import resolve_device
+from sensimix.io import check_json_target
 from sensimix.quant import index8_quantize, pack_signs
 from sensimix.sources import bert_config
 from sensimix.vv import BERT_FP16, BERT_FP32, ModelTimer, VVRun, VVSettings
@@ -80,6 +82,10 @@ GOALS = (("fast_time_vs_best_peer", "sensimix-2+1-fast", "best peer", 0.75, "tim
          ("exact_weight_memory_vs_bert_fp32", "sensimix-2+1-fp32", BERT_FP32, 0.15, "memory"))
 
 
+class UsageError(ValueError):
+    """A setting or given folder the run cannot use, found before any work: one line, exit 2."""
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N]")
@@ -87,28 +93,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the BERT every row starts from: random:<geometry> or a BERT folder (default: %(default)s)")
     p.add_argument("--quick", action="store_true",
                    help="a 6-layer BERT of bert-tiny's width, batch 8 x 32, 2 rounds: every row in seconds (tests)")
-    p.add_argument("--examples", type=int, default=None,
+    p.add_argument("--examples", type=int_at_least(1), default=None,
                    help="examples per round (default: one batch on CPU, 20 batches on CUDA)")
-    p.add_argument("--batch-size", type=int, default=None, help="default: 64 (quick: 8)")
-    p.add_argument("--seq-len", type=int, default=None, help="padded sequence length (default: 128; quick: 32)")
-    p.add_argument("--rounds", type=int, default=None,
+    p.add_argument("--batch-size", type=int_at_least(1), default=None, help="default: 64 (quick: 8)")
+    p.add_argument("--seq-len", type=int_at_least(5, 512), default=None, help="padded sequence length (default: 128; quick: 32)")
+    p.add_argument("--rounds", type=int_at_least(1), default=None,
                    help="interleaved timing rounds; the median is reported (default: 3; quick: 2)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed batches per model (default: 1 CPU, 3 CUDA)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads, also ONNX Runtime's threads")
+    p.add_argument("--warmup", type=int_at_least(0, 1000), default=None, help="untimed batches per model (default: 1 CPU, 3 CUDA)")
+    p.add_argument("--threads", type=int_at_least(1), default=None, help="torch.set_num_threads, also ONNX Runtime's threads")
     p.add_argument("--glue-dir", default=None, help="glue_data folder with QNLI/dev.tsv (default: $GLUE_DIR)")
-    p.add_argument("--buckets", type=int, default=BUCKETS, help="length buckets of the bucketed rows (default: 4)")
+    p.add_argument("--buckets", type=int_at_least(1), default=BUCKETS, help="length buckets of the bucketed rows (default: 4)")
     p.add_argument("--no-ort-fusion", action="store_true",
                    help="time the plain ONNX export (no ONNX Runtime BERT fusion) for the ORT rows")
     p.add_argument("--no-memory", action="store_true", help="skip the weight-memory measurement")
     p.add_argument("--keep-models", default=None, metavar="DIR", help="build the folders and ONNX files here, keep them")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--gemm", action=argparse.BooleanOptionalAction, default=None,
                    help="also time each kernel's GEMM at the BERT shapes (default: on CUDA only)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="on CUDA, also time SensiMix (2+1) fp16 under torch.compile (it compiles in its warm-up: "
                         "~100 s on an H200 machine)")
-    p.add_argument("--gemm-m", type=int, default=16384, help="rows of the GEMM benchmark (default: 128 x 128)")
-    p.add_argument("--gemm-reps", type=int, default=None, help="timed calls per GEMM (default: 2 CPU, 50 CUDA)")
+    p.add_argument("--gemm-m", type=int_at_least(1), default=16384, help="rows of the GEMM benchmark (default: 128 x 128)")
+    p.add_argument("--gemm-reps", type=int_at_least(1), default=None, help="timed calls per GEMM (default: 2 CPU, 50 CUDA)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--rows", default=None, metavar="PATTERNS",
                    help="time only the rows whose keys match these comma-separated shell patterns (the baseline "
@@ -128,8 +134,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.examples = args.batch_size * (20 if cuda and not args.quick else 1)
     if args.gemm is None:
         args.gemm = cuda and not args.quick
-    if args.buckets < 1:
-        p.error(f"--buckets must be >= 1, got {args.buckets}")
+    if args.quick and args.bert != p.get_default("bert"):
+        p.error("--quick times its own 6-layer BERT of bert-tiny's width: drop --bert, or --quick")
+    if args.json is not None:  # before the run: a bad path must not cost the results
+        try:
+            check_json_target(args.json, "--json", reads={"--bert": args.bert, "--glue-dir": args.glue_dir,
+                                                          "--keep-models": args.keep_models})
+        except ValueError as exc:
+            p.error(str(exc))
     if args.rows is not None:
         args.rows = [pattern.strip() for pattern in args.rows.split(",") if pattern.strip()]
         keys = row_keys()
@@ -278,7 +290,10 @@ def build(args: argparse.Namespace, root: Path) -> tuple[VVRun, dict[tuple[int, 
                           glue_dir=args.glue_dir, bert=bert_source, layers=SENSIMIX_MODELS[0][0],
                           eightbit_layers=SENSIMIX_MODELS[0][1], seed=args.seed, keep_models=args.keep_models,
                           overwrite=True, accuracy=None, progress=not args.no_progress)
-    run = VVRun(settings, root)
+    try:  # the settings and the given folders, checked before any work
+        run = VVRun(settings, root)
+    except (ValueError, FileNotFoundError) as exc:
+        raise UsageError(str(exc)) from None
     s, out = run.s, Path(run.s.keep_models or root)
     bert, sensimix21 = run.folders
     sensimix = {SENSIMIX_MODELS[0]: sensimix21}
@@ -532,7 +547,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     start, load_start = time.perf_counter(), os.getloadavg() if hasattr(os, "getloadavg") else None
     with tempfile.TemporaryDirectory(prefix="sensimix-benchmark-") as tmp:
-        results: dict[str, Any] = {"schema": SCHEMA, **run_models(args, Path(tmp))}
+        try:
+            results: dict[str, Any] = {"schema": SCHEMA, **run_models(args, Path(tmp))}
+        except UsageError as exc:
+            print(f"benchmark.py: error: {exc}", file=sys.stderr)
+            return 2
     env = results["environment"]
     env.update(THP_MEM_ALLOC_ENABLE=os.environ.get("THP_MEM_ALLOC_ENABLE"),
                quantized_engine=str(kernels.quantized_engine()), load_average_at_start=load_start)

@@ -226,8 +226,9 @@ def read_tensors(folder: str | os.PathLike, spec: Spec, raw: dict[str, Any], geo
     check_tensors(tensors, spec, source, geometry)
     has_checksum = verify_checksum(raw, tensors, source)
     if not has_checksum:
-        log.info("%s has no %s (written before checksums): tensors checked by name, dtype, shape and range only",
-                 folder / "config.json", CHECKSUM_KEY)
+        log.warning("%s has no %s (written before checksums, or removed): tensors checked by name, dtype, shape "
+                    "and range only, and the config's fields cannot be checked against the weights; re-export the "
+                    "folder to add one", folder / "config.json", CHECKSUM_KEY)
     if verify_all:
         for other in (folder / n for n in WEIGHT_FILES if n != source.name):
             if not other.is_file():

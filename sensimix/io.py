@@ -178,7 +178,14 @@ def reserve_output(out: str | os.PathLike) -> Iterator[Path]:
         out.parent.mkdir(parents=True, exist_ok=True)
         lock = _lock_path(out)
         while True:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+            try:
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+            except OSError as exc:
+                for folder in made:  # the parents this hold created, deepest first: nothing is left behind
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()
+                raise OutputError(f"cannot write {out}: its lock file {lock} cannot be created ({exc.strerror}); "
+                                  f"make {out.parent} writable or choose another place") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -412,6 +419,22 @@ def check_file_target(path: str | os.PathLike, what: str = "the output file") ->
         raise OutputError(f"{what} {target}: cannot create a file in {target.parent} ({exc.strerror})") from None
     os.close(fd)
     os.unlink(probe)
+    return target
+
+
+def check_json_target(path: str | os.PathLike, what: str = "--json",
+                      reads: dict[str, str | os.PathLike | None] | None = None) -> Path:
+    """:func:`check_file_target` for a results file (``--json``), plus: not inside a folder the command ``reads``
+    ({flag: path}: e.g. ``--model``, whose config.json or weights it would replace), and an existing file is
+    replaced only if it holds a JSON document (an earlier result), never e.g. a checkpoint or a script."""
+    target = check_file_target(path, what)
+    check_apart(target, reads or {}, what, replaces=False)
+    if target.exists():
+        try:
+            read_json(target, what=f"the existing {what} file")
+        except (OSError, ValueError):
+            raise OutputError(f"{what} {target} exists and is not a JSON file, so it is not an earlier result; "
+                              f"choose another {what} (or remove it yourself)") from None
     return target
 
 

@@ -261,3 +261,23 @@ def test_rows_option_selects_rows_and_refuses_unknown_patterns(capsys):
         with pytest.raises(SystemExit):
             bench.parse_args(["--rows", bad])
         assert message in capsys.readouterr().err
+
+
+def test_bad_settings_are_one_line_before_any_work(tmp_path, capsys):
+    bench = load_script()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    for argv, message in ((["--rounds", "0"], "argument --rounds: must be >= 1, got 0"),
+                          (["--seq-len", "100000"], "argument --seq-len: must be in [5, 512]"),
+                          (["--threads", "-1"], "argument --threads: must be >= 1"),
+                          (["--quick", "--bert", "random:bert-tiny"], "--quick times its own"),
+                          (["--json", str(tmp_path / "missing" / "b.json")], "does not exist; create it first"),
+                          (["--json", str(notes)], "exists and is not a JSON file")):
+        with pytest.raises(SystemExit):
+            bench.parse_args(argv)
+        assert message in capsys.readouterr().err
+    assert notes.read_text() == "mine"
+    # a folder the run cannot use: one line and exit 2, found before any model is built
+    assert bench.main(["--quick", "--glue-dir", str(tmp_path / "nope"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("benchmark.py: error: --glue-dir points to") and "Traceback" not in err

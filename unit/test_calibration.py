@@ -90,7 +90,8 @@ def test_a_passed_calibration_makes_fast_take_int16_for_this_checkpoint_only(fol
 
 @needs_int16
 @pytest.mark.parametrize("damage", ["other weights", "not json", "unknown kernel", "not a record", "kernel a list",
-                                    "exact kernel", "passed, counts fail", "passed, counts missing"])
+                                    "exact kernel", "passed, counts fail", "passed, counts missing",
+                                    "passed a string", "config without a checksum"])
 def test_a_record_that_does_not_belong_is_ignored_with_a_warning(folder, caplog, damage: str) -> None:
     folder, inputs, qat = folder
     calibrate(folder, _labelled(folder, inputs), data="ragged", min_examples=1)
@@ -111,6 +112,12 @@ def test_a_record_that_does_not_belong_is_ignored_with_a_warning(folder, caplog,
         path.write_text(json.dumps({**record, "passed": True, "equal": 0, "agreement": 0.0}))
     elif damage == "passed, counts missing":
         path.write_text(json.dumps({k: v for k, v in record.items() if k != "exact_accuracy"}))
+    elif damage == "passed a string":
+        path.write_text(json.dumps({**record, "passed": "yes"}))
+    elif damage == "config without a checksum":  # the record cannot be tied to the weights (nor can the config)
+        config = json.loads((folder / "config.json").read_text())
+        del config["sensimix_checksum"]
+        (folder / "config.json").write_text(json.dumps(config))
     else:
         path.write_text(json.dumps([record]))
     with caplog.at_level(logging.WARNING, logger="sensimix.calibration"):
@@ -190,11 +197,20 @@ def test_calibration_takes_train_examples_the_training_never_saw_else_dev(tiny_g
     trained, held = numbered.shuffled_subset(8, 3).text_a, numbered.held_out(8, 3, 100).text_a
     assert len(trained) == 8 and sorted(trained + held, key=int) == numbered.text_a  # one permutation, split
     assert numbered.held_out(8, 3, 5).text_a == held[:5] and len(numbered.held_out(40, 3, 5)) == 0
+    pairs = Examples(["a", "bbb", "cc", "d"], ["zzzz", "", "y", "xx"], [0, 1, 0, 1])  # both texts count, ties keep order
+    assert pairs.longest(2).text_a == ["a", "bbb"] and pairs.longest(9).text_a == pairs.text_a
     held = load_glue("sst-2", "train", tiny_glue_dir).held_out(8, 3, 100)
     monkeypatch.setattr(calibration, "MIN_EXAMPLES", 20)
     examples, data, held_out = calibration.calibration_examples("sst-2", tiny_glue_dir, train_limit=8, seed=3)
     assert held_out and examples.text_a == held.text_a
     assert data == "sst-2 train: 24 examples held out of training (seed 3)"
+    # more held out than wanted: the longest (rounding has the most tokens to act on there), in held-out order
+    examples, data, held_out = calibration.calibration_examples("sst-2", tiny_glue_dir, train_limit=8, seed=3,
+                                                                count=5)
+    size = sorted(len(t) for t in held.text_a)
+    assert held_out and len(examples) == 5 and min(len(t) for t in examples.text_a) >= size[-5]
+    assert examples.text_a == [t for t in held.text_a if t in examples.text_a]
+    assert data == "sst-2 train: the 5 longest of 24 examples held out of training (seed 3)"
     for limit in (None, 16, 32, 1000):  # the whole split, or fewer than MIN_EXAMPLES left: dev
         examples, data, held_out = calibration.calibration_examples("sst-2", tiny_glue_dir, train_limit=limit,
                                                                     seed=3)
@@ -262,6 +278,12 @@ def test_cli_calibrate_auto_takes_the_held_out_examples_and_held_out_insists(tin
     args = ["--task", "sst-2", "--glue-dir", str(tiny_glue_dir), "--max-seq-length", "32"]
     assert main(["calibrate", "--model", str(subset), *args]) == 0
     assert "of 24 sst-2 train: 24 examples held out of training (seed 3) predictions" in capsys.readouterr().out
+    assert main(["calibrate", "--model", str(subset), *args[2:]]) == 0  # --task: the one it was trained on
+    assert "of 24 sst-2 train: 24 examples held out of training (seed 3) predictions" in capsys.readouterr().out
+    record = (subset / RECORD).read_text()
+    assert main(["calibrate", "--model", str(subset), "--task", "qnli", *args[2:]]) == 2  # another: refused
+    assert "--task qnli, but" in caplog.text and "was trained on sst-2" in caplog.text
+    assert (subset / RECORD).read_text() == record
     assert main(["calibrate", "--model", str(whole), *args]) == 0  # trained on all of train: dev
     assert json.loads((whole / RECORD).read_text())["data"] == "sst-2 dev"
     (whole / RECORD).unlink()

@@ -226,6 +226,41 @@ def test_cli_prints_certified_lines_and_json(which, sensimix_dir, bert_dir, glue
     assert data["device"] == "cpu" and data["kind"] == which
 
 
+def test_cli_json_never_replaces_the_model_or_a_file_that_is_not_a_result(sensimix_dir, tmp_path, caplog) -> None:
+    args = ["evaluate", "--model", str(sensimix_dir), "--synthetic", "--examples", "4", "--batch-size", "4",
+            "--max-seq-length", "16", "--device", "cpu", "--warmup-batches", "0", "--json"]
+    weights = {p.name: p.read_bytes() for p in sensimix_dir.iterdir() if p.is_file()}
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    for target, message in ((sensimix_dir / "model.safetensors", "is inside the --model folder"),
+                            (sensimix_dir / "config.json", "is inside the --model folder"),
+                            (sensimix_dir / "new.json", "is inside the --model folder"),
+                            (notes, "exists and is not a JSON file")):
+        caplog.clear()
+        assert cli.main([*args, str(target)]) == 2
+        assert message in caplog.text
+    assert {p.name: p.read_bytes() for p in sensimix_dir.iterdir() if p.is_file()} == weights
+    assert notes.read_text() == "mine"
+    earlier = tmp_path / "earlier.json"  # an earlier result is replaced
+    earlier.write_text("{}")
+    assert cli.main([*args, str(earlier)]) == 0 and json.loads(earlier.read_text())["num_examples"] == 4
+
+
+def test_cli_task_defaults_to_the_trained_one_and_refuses_another(sensimix_dir, glue_dir, tmp_path, capsys,
+                                                                  caplog) -> None:
+    import shutil
+
+    trained = tmp_path / "trained"
+    shutil.copytree(sensimix_dir, trained)
+    (trained / "training_metrics.json").write_text(json.dumps({"task": "qnli"}))
+    args = ["evaluate", "--model", str(trained), "--glue-dir", str(glue_dir), "--batch-size", "4",
+            "--max-seq-length", "32", "--device", "cpu", "--warmup-batches", "0"]
+    assert cli.main(args) == 0 and "Num examples = 6" in capsys.readouterr().out
+    (trained / "training_metrics.json").write_text(json.dumps({"task": "sst2"}))
+    assert cli.main([*args, "--task", "qnli"]) == 2
+    assert "--task qnli, but" in caplog.text and "was trained on sst-2 (its training_metrics.json)" in caplog.text
+
+
 def test_cli_synthetic_needs_no_data(sensimix_dir, capsys) -> None:
     code = cli.main(["evaluate", "--model", str(sensimix_dir), "--synthetic", "--examples", "6", "--batch-size",
                      "4", "--max-seq-length", "16", "--device", "cpu", "--warmup-batches", "0"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from .common import add_data_arguments, int_at_least
 
@@ -33,7 +34,7 @@ examples:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="packed SensiMix folder (written by compress or export)")
-    add_data_arguments(p)
+    add_data_arguments(p, model_task=True)
     p.add_argument("--split", default="auto", choices=["auto", "held-out", "dev", "train"],
                    help="which examples (above; default: %(default)s)")
     p.add_argument("--examples", type=int_at_least(200), default=4096, metavar="N",
@@ -47,11 +48,14 @@ def run(args: argparse.Namespace) -> int:
     from .. import calibration
     from ..calibration import calibrate, calibration_examples, training_subset
     from ..checkpoint import read_config
+    from ..io import check_file_target
     from ..sources import load_tokenizer
-    from ..train.data import check_task_labels, load_glue
+    from ..train.data import check_task_labels, load_glue, resolve_task
     from ..vv.measure import check_inputs_fit, check_length_fits, examples_inputs
 
     config = read_config(args.model)  # a packed folder, before any data is read
+    args.task = resolve_task(args.model, args.task, "sst-2", "a verdict there would say nothing of the predictions "
+                             "it makes: pass its own task")
     check_task_labels(args.model, config.num_labels, args.task, "calibrate it on its own task")
     check_length_fits(args.max_seq_length, config, args.model)
     if args.split in ("auto", "held-out"):
@@ -67,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         data = f"{args.task} {args.split}"
     inputs = examples_inputs(examples, load_tokenizer(args.model), args.max_seq_length)
     check_inputs_fit(inputs, config, f"{data} tokenized for {args.model}")
+    check_file_target(Path(args.model) / calibration.RECORD, "the calibration record")  # before the measuring
     record = calibrate(args.model, inputs, data=data, max_examples=args.examples)
     if record is None:
         print("not calibrated: this CPU cannot run the int16 kernel (see the log); precision fast stays exact")

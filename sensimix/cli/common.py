@@ -54,10 +54,13 @@ def add_glue_arguments(p: argparse.ArgumentParser, *,
                         "online users only; needs `pip install 'sensimix[hub]'`)")
 
 
-def add_data_arguments(p: argparse.ArgumentParser, *, default_task: str = "sst-2") -> None:
-    """``--task`` and the GLUE source options."""
-    p.add_argument("--task", default=default_task, choices=["qnli", "sst-2", "sst2", "mrpc", "rte", "cola"],
-                   help="GLUE task (default: %(default)s)")
+def add_data_arguments(p: argparse.ArgumentParser, *, default_task: str = "sst-2", model_task: bool = False) -> None:
+    """``--task`` and the GLUE source options. ``model_task``: --task defaults to None, meaning the task the
+    --model folder was trained on (:func:`sensimix.train.data.resolve_task`), else ``default_task``."""
+    default = (f"the task --model was trained on (its training_metrics.json), else {default_task}" if model_task
+               else default_task)
+    p.add_argument("--task", default=None if model_task else default_task,
+                   choices=["qnli", "sst-2", "sst2", "mrpc", "rte", "cola"], help=f"GLUE task (default: {default})")
     add_glue_arguments(p)
 
 

@@ -47,7 +47,7 @@ PRECISIONS = ("fp32", "fp16", "bf16", "fast")  # sensimix.inference.PRECISIONS (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="BERT folder or packed SensiMix folder")
-    add_data_arguments(p, default_task="qnli")
+    add_data_arguments(p, default_task="qnli", model_task=True)
     p.add_argument("--split", default="dev", choices=["dev", "train"], help="default: %(default)s")
     p.add_argument("--examples", type=int_at_least(1), default=None, metavar="N",
                    help="examples to run (default: the whole split; with --synthetic 5,463, QNLI dev's size); "
@@ -59,8 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="activation precision (default: %(default)s, the certified math; 'fast': SensiMix's "
                         "fastest recipe within the agreement bar; see above)")
-    p.add_argument("--warmup-batches", type=int_at_least(0), default=2,
-                   help="untimed batches before timing (default: %(default)s)")
+    p.add_argument("--warmup-batches", type=int_at_least(0, 1000), default=2,
+                   help="untimed batches before timing, cycling through the run's (default: %(default)s)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the --model folder)")
     p.add_argument("--synthetic", action="store_true",
                    help="random QNLI-shaped inputs instead of GLUE data (times only; accuracy is meaningless; "
@@ -70,16 +70,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index8-kernel", default=None,
                    help="SensiMix 8-bit kernel (default: exact, or the fast recipe's with --precision fast; "
                         "'int16', 'int8', 'fbgemm' and 'bf16' round activations: approximate)")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="also write the results as JSON (a new file, or an earlier JSON result to replace; not "
+                        "inside --model)")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..devices import device_name, resolve_device
-    from ..io import check_file_target
+    from ..io import check_json_target
     from ..sources import load_tokenizer
-    from ..train.data import check_task_labels
+    from ..train.data import check_task_labels, resolve_task
     from ..vv.measure import (
         check_examples_fit,
         check_inputs_fit,
@@ -92,8 +94,12 @@ def run(args: argparse.Namespace) -> int:
         task_inputs,
     )
 
-    if args.json is not None:
-        check_file_target(args.json, "--json")  # before the run, not after it (an empty name included)
+    if args.json is not None:  # before the run, not after it (an empty name included)
+        check_json_target(args.json, "--json", reads={"--model": args.model, "--tokenizer": args.tokenizer,
+                                                      "--glue-dir": args.glue_dir})
+    if not args.synthetic:
+        args.task = resolve_task(args.model, args.task, "qnli", "an accuracy there would mean nothing; pass its own "
+                                 "task, or time it with --synthetic")
     if args.examples is not None:
         check_examples_fit(args.examples, args.max_seq_length)
     device = resolve_device(args.device)

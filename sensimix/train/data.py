@@ -82,6 +82,12 @@ class Examples:
         order = np.random.default_rng(seed).permutation(len(self))[limit:limit + count]
         return self.select([int(i) for i in order])
 
+    def longest(self, count: int) -> Examples:
+        """The ``count`` examples with the most characters (both texts), in their order here."""
+        size = [len(a) + (len(self.text_b[i]) if self.text_b is not None else 0) for i, a in enumerate(self.text_a)]
+        keep = sorted(sorted(range(len(self)), key=lambda i: -size[i])[:count])
+        return self.select(keep)
+
 
 def task_spec(task: str) -> TaskSpec:
     key = ALIASES.get(str(task).lower(), str(task).lower())
@@ -247,6 +253,43 @@ def check_task_labels(model: str | os.PathLike, model_labels: int, task: str, fi
     wanted = num_labels(task)
     if model_labels != wanted:
         raise ValueError(f"{model} classifies into {model_labels} labels, but {task} has {wanted}: {fix}")
+
+
+METRICS_FILE = "training_metrics.json"  # written by compress and finetune beside the weights
+
+
+def trained_task(model: str | os.PathLike) -> str | None:
+    """The GLUE task (its key, e.g. ``sst-2``) that ``model``'s training_metrics.json says it was trained on; None
+    where the folder records none (another source, a hub id) or the file cannot be read (logged)."""
+    from ..io import read_json
+
+    path = Path(model) / METRICS_FILE
+    if not path.is_file():
+        return None
+    try:
+        metrics = read_json(path, what="training metrics")
+    except (OSError, ValueError) as exc:
+        log.warning("the task %s was trained on is unknown: %s", model, exc)
+        return None
+    task = metrics.get("task") if isinstance(metrics, dict) else None
+    if not isinstance(task, str):
+        return None
+    key = ALIASES.get(task.lower(), task.lower())
+    return key if key in TASKS else None
+
+
+def resolve_task(model: str | os.PathLike, task: str | None, default: str, fix: str) -> str:
+    """The task to run ``model`` on: ``task``, or (None) the one it was trained on, else ``default``. A ``task``
+    other than the one its training_metrics.json records is refused with ``fix``: every figure measured on it
+    (an accuracy, a calibration verdict) would be about data the model does not classify."""
+    trained = trained_task(model)
+    if task is None:
+        if trained is not None:
+            log.info("--task %s: the task %s was trained on (its %s)", trained, model, METRICS_FILE)
+        return trained or default
+    if trained is not None and task_spec(task).name != TASKS[trained].name:
+        raise ValueError(f"--task {task}, but {model} was trained on {trained} (its {METRICS_FILE}): {fix}")
+    return task
 
 
 class Features:
