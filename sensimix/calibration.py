@@ -8,11 +8,11 @@ measured: :func:`calibrate` runs a saved folder on labelled examples with the ex
 kernel, and writes ``fast_calibration.json`` beside the weights::
 
     {"schema": "sensimix-fast-calibration/1", "index8_kernel": "int16", "passed": true,
-     "examples": 4096, "equal": 4095, "exact_accuracy": 0.8203, "candidate_accuracy": 0.8206,
-     "data": "sst-2 train: 4096 examples held out of training (seed 42)", "checkpoint": {<sensimix_checksum>}, ...}
+     "examples": 4096, "equal": 4093, "exact_accuracy": 0.8203, "candidate_accuracy": 0.8206,
+     "data": "sst-2 train: the 4096 longest of 65349 examples held out of training (seed 42)", ...}
 
-The examples (:func:`calibration_examples`): train examples the model never saw when it was trained on a subset,
-else the dev split; ``sensimix compress`` and ``sensimix calibrate`` choose the same way.
+The examples (:func:`calibration_examples`): the longest train examples the model never saw when it was trained on a
+subset, else the dev split; ``sensimix compress`` and ``sensimix calibrate`` choose the same way.
 
 It passes with at least :data:`MIN_EXAMPLES` examples, >= 99.5% of the predictions equal and the accuracies
 within 0.3 points (the bar of ``pytest acceptance``'s ``fast_agreement``). ``precision="fast"`` then takes the

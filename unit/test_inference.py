@@ -555,6 +555,8 @@ def test_bad_load_options(packed) -> None:
         Packed.from_pretrained(folder, precision=torch.float64)
     with pytest.raises(ValueError, match="precision must be one of fp32, fp16, bf16, fast"):
         Packed.from_pretrained(folder, precision="int4")
+    with pytest.raises(ValueError, match="precision must be one of fp32, fp16, bf16, fast or a torch float dtype"):
+        Packed.from_pretrained(folder, precision=16)
     with pytest.raises(TypeError, match="unexpected argument\\(s\\) \\['hidden_size'\\]"):
         Packed.from_pretrained(folder, hidden_size=3)
     for flag in ("check_inputs", "compile", "verify_all_files"):  # "no" is truthy: a switch takes a bool only

@@ -20,6 +20,7 @@ from sensimix.qat import from_bert
 from sensimix.vv.measure import (
     InferenceResult,
     NonFiniteLogits,
+    is_sensimix_folder,
     load_for_inference,
     make_batches,
     run_inference,
@@ -415,3 +416,17 @@ def test_make_batches_can_carry_the_packing() -> None:
     inputs = synthetic_inputs(10, max_seq_length=16, vocab_size=50)
     batches = make_batches(inputs, batch_size=4, packing=True)
     assert all(b["packing"].batch_shape == tuple(b["input_ids"].shape) for b in batches)
+
+
+def test_a_sensimix_config_without_its_format_field_is_named_not_read_as_bert(sensimix_dir, bert_dir,
+                                                                             tmp_path) -> None:
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(sensimix_dir, damaged)
+    config = json.loads((damaged / "config.json").read_text())
+    del config["sensimix_format"]
+    (damaged / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="describes a SensiMix model but has no sensimix_format"):
+        is_sensimix_folder(damaged)
+    assert is_sensimix_folder(sensimix_dir) and not is_sensimix_folder(bert_dir)

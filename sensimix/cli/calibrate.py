@@ -16,18 +16,20 @@ the accuracy within 0.3 points (the bar of the acceptance suite's fast_agreement
 from_pretrained(folder, precision="fast") uses int16 on CPUs with AVX2; with no record, a failed one or a record
 of other weights, fast runs the exact path.
 
-Which examples (--split): "auto" (the default) takes train examples the model never saw when its
+Which examples (--split): "auto" (the default) takes the N longest train examples the model never saw when its
 training_metrics.json says compress trained it on a seeded subset of this task's train split (--train-limit)
 leaving at least 200 out, else the dev split; "held-out" insists on the former, "dev" and "train" take the first N
 examples of that split. Held-out examples keep the dev split independent evidence: pytest acceptance and sensimix
-verify judge fast against the exact path there.
+verify judge fast against the exact path there. The longest, because rounding acts on every token: a split of short
+phrases (SST-2's train) would understate the changes longer inputs see. --task defaults to the task the folder was
+trained on (its training_metrics.json); another is refused.
 
 `sensimix compress` does this after training, choosing as "auto" does (--no-fast-calibration skips it); run this
 command for folders written without it, or to measure on other data. The record is tied to the weights by
 config.json's checksum; the folder is locked while it is measured, and only that one file is written.
 
 examples:
-  sensimix calibrate --model out/sst2-2+1 --task sst-2 --glue-dir glue_data
+  sensimix calibrate --model out/sst2-2+1 --glue-dir glue_data
   sensimix calibrate --model out/qnli-2+1 --task qnli --glue-dir glue_data --split dev --examples 2000
 """
 

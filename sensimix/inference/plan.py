@@ -85,8 +85,8 @@ def fast_index8_kernel(device: torch.device | str, calibrated: str | None = None
     1,000 examples (63% accuracy: many logits near the decision boundary), nor on (3+3); no property of a
     checkpoint tells these apart before its predictions are measured. So ``fast`` is exact unless the
     checkpoint's predictions were measured on the candidate (:mod:`sensimix.calibration`, run by ``sensimix
-    compress`` on its task's dev split), and the approximate kernels (``int16``, ``bf16``, ``int8``, ``fbgemm``)
-    are available by name.
+    compress`` on the longest train examples it left out), and the approximate kernels (``int16``, ``bf16``,
+    ``int8``, ``fbgemm``) are available by name.
     """
     device = torch.device(device)
     if calibrated in kernels.INDEX8_KERNELS and kernels.INDEX8_KERNELS[calibrated].unavailable(device) is None:
@@ -107,6 +107,9 @@ def make_plan(device: torch.device | str = "cpu", precision: str | torch.dtype |
     if not isinstance(precision, str):
         from ..devices import dtype_name
 
+        if not isinstance(precision, torch.dtype):  # e.g. 16: name every choice, fast included
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)} or a torch float dtype, got "
+                             f"{precision!r}")
         precision = dtype_name(precision)
     precision = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(precision, precision)
     if precision not in PRECISIONS:

@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,7 +35,13 @@ def is_sensimix_folder(path: str | os.PathLike) -> bool:
     """A packed SensiMix folder (config.json has ``sensimix_format``), as opposed to a plain BERT folder."""
     from ..io import read_config_json
 
-    return "sensimix_format" in read_config_json(path, expected="a BERT or SensiMix checkpoint folder")
+    config = read_config_json(path, expected="a BERT or SensiMix checkpoint folder")
+    if "sensimix_format" in config:
+        return True
+    if config.get("model_type") == "sensimix" or "num_8bit_layers" in config:  # not a BERT: say so, in one line
+        raise ValueError(f"{Path(path) / 'config.json'} describes a SensiMix model but has no sensimix_format: it "
+                         f"was edited or damaged; restore it, or re-export the model")
+    return False
 
 
 def load_for_inference(path: str | os.PathLike, device: str = "cpu", precision: str = "fp32", *,
