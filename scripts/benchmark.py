@@ -96,13 +96,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--examples", type=int_at_least(1), default=None,
                    help="examples per round (default: one batch on CPU, 20 batches on CUDA)")
     p.add_argument("--batch-size", type=int_at_least(1), default=None, help="default: 64 (quick: 8)")
-    p.add_argument("--seq-len", type=int_at_least(5, 512), default=None, help="padded sequence length (default: 128; quick: 32)")
+    p.add_argument("--seq-len", type=int_at_least(5, 512), default=None,
+                   help="padded sequence length (default: 128; quick: 32)")
     p.add_argument("--rounds", type=int_at_least(1), default=None,
                    help="interleaved timing rounds; the median is reported (default: 3; quick: 2)")
-    p.add_argument("--warmup", type=int_at_least(0, 1000), default=None, help="untimed batches per model (default: 1 CPU, 3 CUDA)")
-    p.add_argument("--threads", type=int_at_least(1), default=None, help="torch.set_num_threads, also ONNX Runtime's threads")
+    p.add_argument("--warmup", type=int_at_least(0, 1000), default=None,
+                   help="untimed batches per model (default: 1 CPU, 3 CUDA)")
+    p.add_argument("--threads", type=int_at_least(1), default=None,
+                   help="torch.set_num_threads, also ONNX Runtime's threads")
     p.add_argument("--glue-dir", default=None, help="glue_data folder with QNLI/dev.tsv (default: $GLUE_DIR)")
-    p.add_argument("--buckets", type=int_at_least(1), default=BUCKETS, help="length buckets of the bucketed rows (default: 4)")
+    p.add_argument("--buckets", type=int_at_least(1), default=BUCKETS,
+                   help="length buckets of the bucketed rows (default: 4)")
     p.add_argument("--no-ort-fusion", action="store_true",
                    help="time the plain ONNX export (no ONNX Runtime BERT fusion) for the ORT rows")
     p.add_argument("--no-memory", action="store_true", help="skip the weight-memory measurement")
@@ -113,8 +117,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="on CUDA, also time SensiMix (2+1) fp16 under torch.compile (it compiles in its warm-up: "
                         "~100 s on an H200 machine)")
-    p.add_argument("--gemm-m", type=int_at_least(1), default=16384, help="rows of the GEMM benchmark (default: 128 x 128)")
-    p.add_argument("--gemm-reps", type=int_at_least(1), default=None, help="timed calls per GEMM (default: 2 CPU, 50 CUDA)")
+    p.add_argument("--gemm-m", type=int_at_least(1), default=16384,
+                   help="rows of the GEMM benchmark (default: 128 x 128)")
+    p.add_argument("--gemm-reps", type=int_at_least(1), default=None,
+                   help="timed calls per GEMM (default: 2 CPU, 50 CUDA)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--rows", default=None, metavar="PATTERNS",
                    help="time only the rows whose keys match these comma-separated shell patterns (the baseline "

@@ -116,9 +116,9 @@ def training_subset(folder: str | os.PathLike, task: str) -> tuple[int | None, i
     """(train_limit, seed) with which ``sensimix compress`` trained ``folder`` on ``task``, from its
     training_metrics.json; (None, 42) where it recorded no training on a subset of that task's train split."""
     from .io import read_json
-    from .train.data import task_spec
+    from .train.data import METRICS_FILE, task_spec
 
-    path = Path(folder) / "training_metrics.json"
+    path = Path(folder) / METRICS_FILE
     try:
         metrics = read_json(path, what="training metrics") if path.is_file() else {}
     except (OSError, ValueError) as exc:

@@ -197,7 +197,7 @@ def test_calibration_takes_train_examples_the_training_never_saw_else_dev(tiny_g
     trained, held = numbered.shuffled_subset(8, 3).text_a, numbered.held_out(8, 3, 100).text_a
     assert len(trained) == 8 and sorted(trained + held, key=int) == numbered.text_a  # one permutation, split
     assert numbered.held_out(8, 3, 5).text_a == held[:5] and len(numbered.held_out(40, 3, 5)) == 0
-    pairs = Examples(["a", "bbb", "cc", "d"], ["zzzz", "", "y", "xx"], [0, 1, 0, 1])  # both texts count, ties keep order
+    pairs = Examples(["a", "bbb", "cc", "d"], ["zzzz", "", "y", "xx"], [0, 1, 0, 1])  # both texts count; ties: order
     assert pairs.longest(2).text_a == ["a", "bbb"] and pairs.longest(9).text_a == pairs.text_a
     held = load_glue("sst-2", "train", tiny_glue_dir).held_out(8, 3, 100)
     monkeypatch.setattr(calibration, "MIN_EXAMPLES", 20)
