@@ -222,11 +222,13 @@ def from_bert(
     # transformers prints a table of every tensor of the dropped upper layers as UNEXPECTED; say it briefly instead
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
+    from safetensors import SafetensorError
+
     try:
         # a fine-tuned head for another label count is re-initialised (and logged), not a load error
         model, info = SensiMixQATForSequenceClassification.from_pretrained(
             os.fspath(source), config=config, output_loading_info=True, ignore_mismatched_sizes=True)
-    except (pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueError) as exc:
+    except (pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueError, SafetensorError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise SourceError(f"{source}: cannot load its weights ({type(exc).__name__}: {first}); the weight files are "
                           f"missing, truncated, unsafe to unpickle or do not match config.json") from exc
@@ -254,6 +256,10 @@ def _log_loading_info(info: dict, source: object, kept: int, teacher_layers: int
         log.info("newly initialised (not in %s): %s", source, ", ".join(sorted(info["missing_keys"])))
     if unexpected:
         log.warning("ignored tensors of %s that SensiMix does not use: %s", source, ", ".join(sorted(unexpected)))
-    if info.get("mismatched_keys"):
-        log.info("re-initialised (another shape in %s): %s", source,
-                 ", ".join(sorted(str(k[0] if isinstance(k, tuple) else k) for k in info["mismatched_keys"])))
+    mismatched = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys", ()))
+    body = [k for k in mismatched if not k.startswith(_HEAD)]
+    if body:  # config.json and the weights disagree: the encoder would start from random values there
+        raise SourceError(f"{source}: its weights do not match its config.json: {len(body)} encoder tensor(s) have "
+                          f"another shape (e.g. {', '.join(body[:3])}); fix config.json or re-save the model")
+    if mismatched:  # a fine-tuned head for another label count
+        log.info("re-initialised (another shape in %s): %s", source, ", ".join(mismatched))

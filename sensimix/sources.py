@@ -224,7 +224,7 @@ def load_tokenizer(source: str | os.PathLike):
                           f"tokenizer.json), or a hub id when online")
     if folder.is_dir() and not any((folder / f).is_file() for f in ("vocab.txt", "tokenizer.json")):
         raise SourceError(f"{folder} has no tokenizer files (vocab.txt or tokenizer.json): copy them from the BERT "
-                          f"the model was made from, or pass --tokenizer <folder with vocab.txt>")
+                          f"the model was made from (evaluate also takes --tokenizer <folder with vocab.txt>)")
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError, TypeError) as exc:

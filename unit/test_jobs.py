@@ -219,3 +219,47 @@ def test_diverged_training_writes_nothing(tiny_bert_dir, tiny_glue_dir, tmp_path
     with pytest.raises(ValueError, match="hold NaN or inf .*training diverged. Nothing was written; lower the"):
         compress(tiny_bert_dir, "sst-2", tmp_path / "out", glue_dir=tiny_glue_dir, settings=_settings())
     assert list(tmp_path.iterdir()) == []
+
+
+def test_what_would_train_silently_wrong_is_refused(tiny_bert_dir, tiny_glue_dir, tmp_path, monkeypatch):
+    """A teacher of another task, distillation options without a teacher, a BERT whose encoder tensors have
+    another shape than its config.json says, a truncated weights file: one clear error each, nothing written."""
+    from sensimix.sources import SourceError
+    from sensimix.train import jobs
+
+    monkeypatch.setattr(jobs, "train", lambda *a, **k: pytest.fail("training started"))
+    teacher = _variant(tiny_bert_dir, tmp_path / "mrpc-teacher")
+    (teacher / "training_metrics.json").write_text(json.dumps({"task": "mrpc"}))
+    with pytest.raises(ValueError, match="was fine-tuned on mrpc .*but --task is sst-2"):
+        compress(tiny_bert_dir, "sst-2", tmp_path / "out", teacher=teacher, glue_dir=tiny_glue_dir,
+                 settings=_settings())
+    with pytest.raises(ValueError, match="--distill-alpha, --distill-hidden shape the distillation from --teacher"):
+        compress(tiny_bert_dir, "sst-2", tmp_path / "out", glue_dir=tiny_glue_dir,
+                 settings=_settings(distill_alpha=0.9, distill_hidden=1.0))
+    cfg = json.loads((tiny_bert_dir / "config.json").read_text())
+    wider = _variant(tiny_bert_dir, tmp_path / "wider-ffn", intermediate_size=cfg["intermediate_size"] + 8)
+    with pytest.raises(SourceError, match="encoder tensor\\(s\\) have another shape"):
+        compress(wider, "sst-2", tmp_path / "out", settings=_settings(max_steps=0))
+    cut = _variant(tiny_bert_dir, tmp_path / "cut")
+    weights = cut / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:64])
+    with pytest.raises(SourceError, match="cannot load its weights"):
+        compress(cut, "sst-2", tmp_path / "out", settings=_settings(max_steps=0))
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_interrupted_calibration_says_the_folder_was_written(tiny_bert_dir, tiny_glue_dir, tmp_path, monkeypatch,
+                                                                caplog):
+    from sensimix import calibration, cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(calibration, "calibrate", interrupted)
+    out = tmp_path / "sm"
+    code = cli.main(["compress", "--bert", str(tiny_bert_dir), "--task", "sst-2", "--glue-dir", str(tiny_glue_dir),
+                     "--layers", "2", "--8bit-layers", "1", "--max-steps", "1", "--batch-size", "8",
+                     "--max-seq-length", "32", "--out", str(out)])
+    assert code == 130 and (out / "config.json").is_file() and not (out / calibration.RECORD).exists()
+    assert "interrupted; " in caplog.text and "was written, without a fast calibration record" in caplog.text
+    assert "nothing was written" not in caplog.text

@@ -583,6 +583,12 @@ def test_verify_refuses_bad_options_before_any_work(tmp_path, caplog):
         assert exc.value.code == 2
     assert main(_verify_args(tmp_path / "out", "--examples", str(10**12))) == 2  # would not fit in memory
     assert "would stage" in caplog.text
+    # accepted and then ignored would be worse than refused
+    assert main(_verify_args(tmp_path / "out", "--skip-accuracy", "--accuracy-max-gap", "1")) == 2
+    assert "--accuracy-max-gap set the accuracy criteria, which --skip-accuracy skips: drop it" in caplog.text
+    assert main(_verify_args(tmp_path / "out", "--accuracy-reference", str(tmp_path), "--accuracy-pretrained",
+                             "x", "--accuracy-reference-epochs", "5")) == 2
+    assert "--accuracy-reference-epochs shape the fine-tuning of the fp32 reference" in caplog.text
     assert not (tmp_path / "out").exists()
     model = tmp_path / "model"
     model.mkdir()

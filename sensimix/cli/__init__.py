@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         log.error("%s", _one_line(exc))
         return 2
-    except KeyboardInterrupt:
-        log.error("interrupted; nothing was written")
+    except KeyboardInterrupt as exc:  # a job interrupted after its output was in place says what it left
+        log.error("interrupted; %s", getattr(exc, "written", None) or "nothing was written")
         return 130
     finally:
         if "torch.distributed" in sys.modules:  # under torchrun: close the process group the Trainer opened

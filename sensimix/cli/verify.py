@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..io import check_apart, check_file_target, check_output_dir, reserve_output
     from ..vv import VVRun, VVSettings, render_markdown, write_report
-    from ..vv.accuracy import accuracy_settings_from
+    from ..vv.accuracy import accuracy_settings_from, changed_accuracy_flags
     from ..vv.report import REPORT_FILES
 
     log = logging.getLogger("sensimix.verify")
@@ -133,6 +133,10 @@ def run(args: argparse.Namespace) -> int:
                          f"is judged as it is (its config.json fixes its (a+b)): drop them")
     accuracy = accuracy_settings_from(lambda dest: getattr(args, dest), args.device)  # checked even when skipped
     if args.skip_accuracy:
+        moot = changed_accuracy_flags(lambda dest: getattr(args, dest))
+        if moot:
+            raise ValueError(f"{', '.join(moot)} set the accuracy criteria, which --skip-accuracy skips: drop "
+                             f"{'them' if len(moot) > 1 else 'it'}, or --skip-accuracy")
         accuracy = None
     settings = VVSettings(
         device=args.device, examples=args.examples, trials=args.trials, warmup_batches=args.warmup_batches,

@@ -26,10 +26,10 @@ from ..io import (
     reserve_output,
     write_json,
 )
-from ..sources import bert_config, load_bert_classifier, load_tokenizer, save_tokenizer
+from ..sources import SourceError, bert_config, load_bert_classifier, load_tokenizer, save_tokenizer
 from ..vv.measure import check_length_fits
 from . import distributed
-from .data import num_labels, prepare_task_data, resolve_glue_dir, task_file
+from .data import METRICS_FILE, num_labels, prepare_task_data, resolve_glue_dir, task_file, task_spec, trained_task
 from .recipe import TrainSettings, train
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def _check_before_training(source: str | os.PathLike, task: str, out: str | os.P
     if settings.max_steps != 0:  # without training no text is tokenized to that length
         check_length_fits(settings.max_seq_length, config, source)
     if teacher is not None:
-        _check_teacher(teacher, config, source, settings)
+        _check_teacher(teacher, config, source, settings, task)
     num_labels(task)  # an unknown task name fails here
     if settings.max_steps != 0:
         words = len(load_tokenizer(source))
@@ -73,10 +73,19 @@ def _check_before_training(source: str | os.PathLike, task: str, out: str | os.P
 
 
 def _check_teacher(teacher: str | os.PathLike, student: Any, source: str | os.PathLike,
-                   settings: TrainSettings) -> None:
+                   settings: TrainSettings, task: str) -> None:
     """A teacher reads the student's batches (the same token ids and lengths); with ``--distill-hidden`` its hidden
-    states are compared with the student's, so the widths must match too."""
-    config = bert_config(teacher, allow_qat=False)
+    states are compared with the student's, so the widths must match too. Its logits must be this task's labels:
+    a teacher whose training_metrics.json records another task is refused."""
+    try:
+        config = bert_config(teacher, allow_qat=False)
+    except SourceError as exc:
+        raise SourceError(f"--teacher: {exc} (the teacher is an fp32 BERT fine-tuned on {task}, e.g. by sensimix "
+                          f"finetune)") from None
+    trained = trained_task(teacher)
+    if trained is not None and task_spec(trained).name != task_spec(task).name:
+        raise ValueError(f"--teacher {teacher} was fine-tuned on {trained} (its {METRICS_FILE}), but --task is "
+                         f"{task}: its logits score another task's labels; use a teacher fine-tuned on {task}")
     if config.vocab_size != student.vocab_size:
         raise ValueError(f"--teacher {teacher} has vocab_size {config.vocab_size:,}, --bert {source} "
                          f"{student.vocab_size:,}: distillation feeds both the same token ids; use a teacher "
@@ -156,6 +165,12 @@ def compress(bert: str | os.PathLike, task: str, out: str | os.PathLike, *, glue
     settings = settings or TrainSettings()
     if settings.distill and teacher is None:
         raise ValueError("--distill needs --teacher <fine-tuned BERT folder>")
+    defaults = TrainSettings()
+    shaping = [f"--{name.replace('_', '-')}" for name in ("distill_alpha", "distill_temperature", "distill_hidden")
+               if getattr(settings, name) != getattr(defaults, name)]
+    if shaping and teacher is None:  # accepted and ignored would be worse than refused
+        raise ValueError(f"{', '.join(shaping)} shape the distillation from --teacher, and there is none: pass "
+                         f"--teacher <fine-tuned BERT folder>, or drop them")
     settings = dataclasses.replace(settings, distill=teacher is not None)  # the metrics record what ran
     out = _check_before_training(bert, task, out, overwrite, settings, glue_dir, hub_data, teacher)
     with _reserve(out):
@@ -172,8 +187,12 @@ def compress(bert: str | os.PathLike, task: str, out: str | os.PathLike, *, glue
             train_ds, dev_ds = prepare_task_data(task, tokenizer, glue_dir, max_seq_length=settings.max_seq_length,
                                                  train_limit=settings.train_limit, eval_limit=settings.eval_limit,
                                                  seed=settings.seed, hub=hub_data)
-            teacher_model = (load_bert_classifier(teacher, num_labels(task), trained_head=True)
-                             if teacher is not None else None)
+            try:
+                teacher_model = (load_bert_classifier(teacher, num_labels(task), trained_head=True)
+                                 if teacher is not None else None)
+            except SourceError as exc:  # e.g. a pre-trained BERT without a classifier: name the option
+                raise SourceError(f"--teacher: {exc} (the teacher is an fp32 BERT fine-tuned on {task}, e.g. by "
+                                  f"sensimix finetune)") from None
             with tempfile.TemporaryDirectory(prefix="sensimix-train-") as work:
                 run_metrics, schedule = train(model, tokenizer, train_ds, dev_ds, settings, work,
                                               teacher=teacher_model)
@@ -211,3 +230,7 @@ def _calibrate_fast(out: Path, task: str, tokenizer: Any, glue_dir: str | os.Pat
         (out / RECORD).unlink(missing_ok=True)
         log.warning("fast calibration of %s failed (%s: %s): precision fast runs the exact path", out,
                     type(exc).__name__, exc)
+    except KeyboardInterrupt as exc:  # the folder is already in place: the command must not say "nothing written"
+        exc.written = (f"{out} was written, without a fast calibration record (precision fast runs the exact "
+                       f"path); `sensimix calibrate --model {out}` measures it")
+        raise

@@ -119,7 +119,19 @@ def accuracy_settings_from(get: Callable[[str], Any], device: str) -> AccuracySe
     if values["train_limit"] is not None and values["train_limit"] < 0:
         raise ValueError(f"--accuracy-train-limit must be >= 0 (0 = all), got {values['train_limit']}")
     values["train_limit"] = values["train_limit"] or None  # 0 = all
+    defaults = AccuracySettings()
+    if values["reference"] is not None:  # a given reference is not fine-tuned: these would be ignored
+        moot = [ACCURACY_FLAGS[n] for n in ("pretrained", "reference_epochs") if values[n] != getattr(defaults, n)]
+        if moot:
+            raise ValueError(f"{', '.join(moot)} shape the fine-tuning of the fp32 reference, and "
+                             f"--accuracy-reference {values['reference']} is used as it is: drop them")
     return AccuracySettings(device=device, **values)
+
+
+def changed_accuracy_flags(get: Callable[[str], Any]) -> list[str]:
+    """The ``--accuracy-*`` options set to other than their defaults (``get(dest)`` reads one)."""
+    defaults = AccuracySettings()
+    return [ACCURACY_FLAGS[n] for n in ACCURACY_OPTIONS if get(f"accuracy_{n}") != getattr(defaults, n)]
 
 
 @dataclass
