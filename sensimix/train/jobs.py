@@ -171,7 +171,9 @@ def compress(bert: str | os.PathLike, task: str, out: str | os.PathLike, *, glue
     if shaping and teacher is None:  # accepted and ignored would be worse than refused
         raise ValueError(f"{', '.join(shaping)} shape the distillation from --teacher, and there is none: pass "
                          f"--teacher <fine-tuned BERT folder>, or drop them")
-    settings = dataclasses.replace(settings, distill=teacher is not None)  # the metrics record what ran
+    trains = settings.max_steps != 0  # the metrics record what ran: without training, no distillation or calibration
+    settings = dataclasses.replace(settings, distill=teacher is not None and trains,
+                                   fast_calibration=settings.fast_calibration and trains)
     out = _check_before_training(bert, task, out, overwrite, settings, glue_dir, hub_data, teacher)
     with _reserve(out):
         set_seed(settings.seed)
@@ -179,7 +181,7 @@ def compress(bert: str | os.PathLike, task: str, out: str | os.PathLike, *, glue
         model = from_bert(bert, num_hidden_layers=layers, num_8bit_layers=eightbit_layers, num_labels=num_labels(task))
         log.info("%s: %d mixed layer(s) %s, recipe ABWR=%s PT=%s ILF=%s distill=%s", model.config.describe(),
                  model.config.num_mixed_layers, model.config.mixed_layers, settings.abwr, settings.pt, settings.ilf,
-                 teacher is not None)
+                 settings.distill)
         metrics: dict = {"settings": settings.as_dict(), "bert": str(bert), "task": task,
                          "model": model.config.describe()}
         schedule: list = []
@@ -209,7 +211,7 @@ def compress(bert: str | os.PathLike, task: str, out: str | os.PathLike, *, glue
             if writer:
                 export_checkpoint(model, out, tokenizer, overwrite=overwrite,
                                   extra_json={"training_metrics.json": metrics})
-                if settings.max_steps != 0 and settings.fast_calibration:
+                if settings.fast_calibration:
                     _calibrate_fast(Path(out), task, tokenizer, glue_dir, settings, hub_data)
     return TrainResult(path=Path(out), metrics=metrics, schedule=schedule, model=model)
 
