@@ -39,8 +39,9 @@ def is_sensimix_folder(path: str | os.PathLike) -> bool:
     if "sensimix_format" in config:
         return True
     if config.get("model_type") == "sensimix" or "num_8bit_layers" in config:  # not a BERT: say so, in one line
-        raise ValueError(f"{Path(path) / 'config.json'} describes a SensiMix model but has no sensimix_format: it "
-                         f"was edited or damaged; restore it, or re-export the model")
+        raise ValueError(f"{Path(path) / 'config.json'} describes a SensiMix model but has no sensimix_format: a "
+                         f"QAT training checkpoint, or a packed config.json that was edited; pass the packed folder "
+                         f"compress wrote (or restore it, or re-export the model)")
     return False
 
 
