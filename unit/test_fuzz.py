@@ -363,5 +363,5 @@ def test_a_model_folder_without_tokenizer_files_is_named(tiny_bert_dir, tmp_path
     bert = Path(shutil.copytree(tiny_bert_dir, tmp_path / "bert"))
     for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         (bert / name).unlink(missing_ok=True)
-    with pytest.raises(SourceError, match="has no tokenizer files .*pass --tokenizer"):
+    with pytest.raises(SourceError, match="has no tokenizer files .*copy them from the BERT .*--tokenizer"):
         load_tokenizer(bert)

@@ -308,11 +308,15 @@ def test_verify_help_teaches_the_criteria():
         assert words in verify.DESCRIPTION
     # the --accuracy-* options (shared with pytest's) round-trip into AccuracySettings
     assert accuracy.accuracy_settings_from(lambda d: getattr(args, d), "cpu") == accuracy.AccuracySettings(device="cpu")
-    args = p.parse_args(["--accuracy-train-limit", "0", "--accuracy-min", "0.8", "--accuracy-reference", "ref",
-                         "--accuracy-pretrained", "bert-dir"])
+    args = p.parse_args(["--accuracy-train-limit", "0", "--accuracy-min", "0.8", "--accuracy-reference", "ref"])
     s = accuracy.accuracy_settings_from(lambda d: getattr(args, d), "cpu")
     assert (s.train_limit, s.min_accuracy, s.reference) == (None, 0.8, "ref")  # 0 = the whole train set
-    assert s.pretrained == "bert-dir"
+    args = p.parse_args(["--accuracy-pretrained", "bert-dir", "--accuracy-reference-epochs", "3"])
+    s = accuracy.accuracy_settings_from(lambda d: getattr(args, d), "cpu")
+    assert (s.pretrained, s.reference_epochs, s.reference) == ("bert-dir", 3.0, None)
+    args = p.parse_args(["--accuracy-reference", "ref", "--accuracy-pretrained", "bert-dir"])
+    with pytest.raises(ValueError, match="--accuracy-pretrained shape the fine-tuning of the fp32 reference"):
+        accuracy.accuracy_settings_from(lambda d: getattr(args, d), "cpu")  # a given reference is not fine-tuned
 
 
 def test_verify_end_to_end_fails_on_a_bad_ratio(tmp_path, monkeypatch, capsys):
