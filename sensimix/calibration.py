@@ -116,7 +116,7 @@ def training_subset(folder: str | os.PathLike, task: str) -> tuple[int | None, i
     """(train_limit, seed) with which ``sensimix compress`` trained ``folder`` on ``task``, from its
     training_metrics.json; (None, 42) where it recorded no training on a subset of that task's train split."""
     from .io import read_json
-    from .train.data import METRICS_FILE, task_spec
+    from .train.data import METRICS_FILE, TASKS, recorded_task, task_spec
 
     path = Path(folder) / METRICS_FILE
     try:
@@ -125,9 +125,9 @@ def training_subset(folder: str | os.PathLike, task: str) -> tuple[int | None, i
         raise ValueError(f"{exc}; it says which train examples the model never saw: calibrate with --split dev "
                          f"instead") from exc
     settings = metrics.get("settings") if isinstance(metrics, dict) else None
-    trained = metrics.get("task") if isinstance(metrics, dict) else None
+    trained = recorded_task(metrics)
     try:
-        same_task = isinstance(trained, str) and task_spec(trained).name == task_spec(task).name
+        same_task = trained is not None and TASKS[trained].name == task_spec(task).name
     except ValueError:  # a task name this version does not know
         same_task = False
     if not isinstance(settings, dict) or not same_task:

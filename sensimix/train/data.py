@@ -271,6 +271,12 @@ def trained_task(model: str | os.PathLike) -> str | None:
     except (OSError, ValueError) as exc:
         log.warning("the task %s was trained on is unknown: %s", model, exc)
         return None
+    return recorded_task(metrics)
+
+
+def recorded_task(metrics: Any) -> str | None:
+    """The task key (e.g. ``sst-2``) a parsed training_metrics.json names; None where it names none this version
+    knows."""
     task = metrics.get("task") if isinstance(metrics, dict) else None
     if not isinstance(task, str):
         return None
