@@ -80,8 +80,7 @@ def _check_teacher(teacher: str | os.PathLike, student: Any, source: str | os.Pa
     try:
         config = bert_config(teacher, allow_qat=False)
     except SourceError as exc:
-        raise SourceError(f"--teacher: {exc} (the teacher is an fp32 BERT fine-tuned on {task}, e.g. by sensimix "
-                          f"finetune)") from None
+        raise _teacher_error(exc, task) from None
     trained = trained_task(teacher)
     if trained is not None and task_spec(trained).name != task_spec(task).name:
         raise ValueError(f"--teacher {teacher} was fine-tuned on {trained} (its {METRICS_FILE}), but --task is "
@@ -96,6 +95,12 @@ def _check_teacher(teacher: str | os.PathLike, student: Any, source: str | os.Pa
         raise ValueError(f"--distill-hidden compares hidden states, but --teacher {teacher} has hidden_size "
                          f"{config.hidden_size} and --bert {source} {student.hidden_size}: use --distill-hidden 0 "
                          f"(logits only) or a teacher of the same width")
+
+
+def _teacher_error(exc: SourceError, task: str) -> SourceError:
+    """A teacher's load error, naming the option and what a teacher is."""
+    return SourceError(f"--teacher: {exc} (the teacher is an fp32 BERT fine-tuned on {task}, e.g. by sensimix "
+                       f"finetune)")
 
 
 def _reserve(out: Path) -> contextlib.AbstractContextManager:
@@ -192,9 +197,8 @@ def compress(bert: str | os.PathLike, task: str, out: str | os.PathLike, *, glue
             try:
                 teacher_model = (load_bert_classifier(teacher, num_labels(task), trained_head=True)
                                  if teacher is not None else None)
-            except SourceError as exc:  # e.g. a pre-trained BERT without a classifier: name the option
-                raise SourceError(f"--teacher: {exc} (the teacher is an fp32 BERT fine-tuned on {task}, e.g. by "
-                                  f"sensimix finetune)") from None
+            except SourceError as exc:  # e.g. a pre-trained BERT without a classifier
+                raise _teacher_error(exc, task) from None
             with tempfile.TemporaryDirectory(prefix="sensimix-train-") as work:
                 run_metrics, schedule = train(model, tokenizer, train_ds, dev_ds, settings, work,
                                               teacher=teacher_model)
