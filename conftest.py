@@ -64,6 +64,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int):
 @pytest.fixture(scope="session")
 def glue_dir(request: pytest.FixtureRequest) -> Path | None:
     """``--glue-dir`` or ``$GLUE_DIR`` (a folder that must exist), else None: tests needing data skip."""
-    from sensimix.train.data import resolve_glue_dir
+    from sensimix.data import resolve_glue_dir
 
     return resolve_glue_dir(request.config.getoption("--glue-dir"))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from sensimix.vv.procedure import FAST_ACCURACY_DELTA, FAST_AGREEMENT
+from sensimix.calibration_record import FAST_ACCURACY_DELTA, FAST_AGREEMENT
 
 pytestmark = [pytest.mark.accuracy, pytest.mark.slow]
 

@@ -74,7 +74,7 @@ DEFAULTS = {"batch_size": 64, "seq_len": 128, "rounds": 3}  # and one batch on C
                                                              # dev pairs), 20 batches on CUDA
 # issue 10's goals, computed from this run's rows: (id, model, against, at most, what)
 # the benchmark's models are untrained, so their fast is exact; a trained checkpoint whose calibration passed
-# (sensimix.calibration) runs fast on the int16 row's kernel: its goal is reported beside (CPU with AVX2 only)
+# (sensimix.calibration_record) runs fast on the int16 row's kernel: its goal is reported beside (CPU with AVX2 only)
 GOALS = (("fast_time_vs_best_peer", "sensimix-2+1-fast", "best peer", 0.75, "time"),
          ("calibrated_fast_time_vs_best_peer", "sensimix-2+1-fp32-8bit-int16", "best peer", 0.75, "time"),
          ("exact_time_vs_bert_fp32", "sensimix-2+1-fp32", BERT_FP32, 0.12, "time"),

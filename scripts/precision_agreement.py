@@ -23,7 +23,7 @@ from sensimix import SensiMixForSequenceClassification  # noqa: E402
 from sensimix.devices import resolve_device  # noqa: E402
 from sensimix.io import write_json  # noqa: E402
 from sensimix.sources import load_tokenizer  # noqa: E402
-from sensimix.vv.measure import make_batches, run_inference, task_inputs  # noqa: E402
+from sensimix.measure import make_batches, run_inference, task_inputs  # noqa: E402
 from sensimix.vv.procedure import environment  # noqa: E402
 
 

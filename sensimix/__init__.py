@@ -10,9 +10,9 @@ from typing import Any
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from .config import SensiMixConfig
+from .version import __version__
 
 __all__ = ["SensiMixConfig", "SensiMixForSequenceClassification", "__version__"]
-__version__ = "0.2.0"
 
 
 class _AutoEntry:

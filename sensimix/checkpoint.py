@@ -34,8 +34,9 @@ from typing import Any
 
 import torch
 
-from . import calibration
+from .calibration_record import RECORD as CALIBRATION_RECORD
 from .config import SensiMixConfig
+from .data import METRICS_FILE
 from .io import atomic_dir, brief, read_config_json, write_json
 from .sources import save_tokenizer
 
@@ -256,7 +257,7 @@ def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
 # files of a replaced folder that are never carried into its new version: weights the new one does not hold, and
 # the old model's training record
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx")
-_NOT_CARRIED = ("training_metrics.json", calibration.RECORD)  # records of the weights replaced
+NOT_CARRIED = (METRICS_FILE, CALIBRATION_RECORD)  # records of the weights replaced
 
 
 def _carry_other_files(old: Path, new: Path) -> None:
@@ -264,7 +265,7 @@ def _carry_other_files(old: Path, new: Path) -> None:
     if not old.is_dir():
         return
     for entry in old.iterdir():
-        if (new / entry.name).exists() or entry.name.endswith(_WEIGHT_SUFFIXES) or entry.name in _NOT_CARRIED:
+        if (new / entry.name).exists() or entry.name.endswith(_WEIGHT_SUFFIXES) or entry.name in NOT_CARRIED:
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.copytree(entry, new / entry.name, symlinks=True)

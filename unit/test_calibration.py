@@ -1,4 +1,4 @@
-"""``fast``'s per-checkpoint calibration (sensimix.calibration): the verdict, the record, and what ``fast`` loads."""
+"""``fast``'s per-checkpoint calibration (sensimix.calibration_record, sensimix.train.calibrate): the verdict, the record, and what ``fast`` loads."""
 
 import json
 import logging
@@ -8,8 +8,10 @@ import torch
 from test_cuda_paths import logits_of, qat_model  # noqa: F401 - qat_model is a fixture
 
 from sensimix import SensiMixForSequenceClassification as Packed
-from sensimix import calibration, kernels
-from sensimix.calibration import RECORD, calibrate, judge
+from sensimix import calibration_record, kernels
+from sensimix.calibration_record import RECORD, judge
+from sensimix.train import calibrate as measuring
+from sensimix.train.calibrate import calibrate
 from sensimix.export import export_checkpoint
 from sensimix.train import TrainSettings, compress
 
@@ -91,7 +93,9 @@ def test_a_passed_calibration_makes_fast_take_int16_for_this_checkpoint_only(fol
 @needs_int16
 @pytest.mark.parametrize("damage", ["other weights", "not json", "unknown kernel", "not a record", "kernel a list",
                                     "exact kernel", "passed, counts fail", "passed, counts missing",
-                                    "passed a string", "config without a checksum"])
+                                    "passed a string", "config without a checksum", "counts infinite",
+                                    "counts NaN", "counts fractional", "accuracy above 1", "accuracy NaN",
+                                    "equal above examples"])
 def test_a_record_that_does_not_belong_is_ignored_with_a_warning(folder, caplog, damage: str) -> None:
     folder, inputs, qat = folder
     calibrate(folder, _labelled(folder, inputs), data="ragged", min_examples=1)
@@ -114,13 +118,23 @@ def test_a_record_that_does_not_belong_is_ignored_with_a_warning(folder, caplog,
         path.write_text(json.dumps({k: v for k, v in record.items() if k != "exact_accuracy"}))
     elif damage == "passed a string":
         path.write_text(json.dumps({**record, "passed": "yes"}))
+    elif damage in ("counts infinite", "counts NaN"):  # Python's json writes and reads Infinity / NaN
+        bad = float("inf") if damage == "counts infinite" else float("nan")
+        path.write_text(json.dumps({**record, "examples": bad, "equal": bad}))
+    elif damage == "counts fractional":
+        path.write_text(json.dumps({**record, "examples": record["examples"] + 0.5, "equal": record["equal"] + 0.5}))
+    elif damage in ("accuracy above 1", "accuracy NaN"):
+        bad = 1.5 if damage == "accuracy above 1" else float("nan")
+        path.write_text(json.dumps({**record, "exact_accuracy": bad, "candidate_accuracy": bad}))
+    elif damage == "equal above examples":
+        path.write_text(json.dumps({**record, "equal": record["examples"] + 1}))
     elif damage == "config without a checksum":  # the record cannot be tied to the weights (nor can the config)
         config = json.loads((folder / "config.json").read_text())
         del config["sensimix_checksum"]
         (folder / "config.json").write_text(json.dumps(config))
     else:
         path.write_text(json.dumps([record]))
-    with caplog.at_level(logging.WARNING, logger="sensimix.calibration"):
+    with caplog.at_level(logging.WARNING, logger="sensimix.calibration_record"):
         model = Packed.from_pretrained(folder, precision="fast")
     assert model.plan.exact and not model.plan.calibrated
     assert any(RECORD in r.getMessage() and "exact path" in r.getMessage() for r in caplog.records)
@@ -129,13 +143,13 @@ def test_a_record_that_does_not_belong_is_ignored_with_a_warning(folder, caplog,
 @needs_int16
 def test_a_failed_calibration_keeps_fast_exact(folder, monkeypatch) -> None:
     folder, inputs, qat = folder
-    real = calibration._predictions
+    real = measuring._predictions
 
     def flipped(model, inputs, index8_kernel):
         preds = real(model, inputs, index8_kernel)
         return 1 - preds if index8_kernel else preds  # the candidate changes every prediction
 
-    monkeypatch.setattr(calibration, "_predictions", flipped)
+    monkeypatch.setattr(measuring, "_predictions", flipped)
     record = calibrate(folder, _labelled(folder, inputs), data="ragged", min_examples=1)
     assert not record["passed"] and "predictions changed" in record["reason"]
     assert json.loads((folder / RECORD).read_text())["passed"] is False
@@ -177,7 +191,7 @@ def test_compress_records_its_calibration_and_can_skip_it(tiny_bert_dir, tiny_gl
                       settings=_settings())
     assert not (result.path / RECORD).exists() and "fewer than the 200 a verdict needs" in caplog.text
     assert Packed.from_pretrained(result.path, precision="fast").plan.exact
-    monkeypatch.setattr(calibration, "MIN_EXAMPLES", 8)  # with a bar it can meet, the verdict is recorded
+    monkeypatch.setattr(calibration_record, "MIN_EXAMPLES", 8)  # with a bar it can meet, the verdict is recorded
     result = compress(tiny_bert_dir, "sst-2", tmp_path / "sm1", glue_dir=tiny_glue_dir, layers=2, eightbit_layers=1,
                       settings=_settings())
     record = json.loads((result.path / RECORD).read_text())
@@ -191,7 +205,7 @@ def test_compress_records_its_calibration_and_can_skip_it(tiny_bert_dir, tiny_gl
 
 
 def test_calibration_takes_train_examples_the_training_never_saw_else_dev(tiny_glue_dir, monkeypatch) -> None:
-    from sensimix.train.data import Examples, load_glue
+    from sensimix.data import Examples, load_glue
 
     numbered = Examples([str(i) for i in range(32)], None, [0] * 32)
     trained, held = numbered.shuffled_subset(8, 3).text_a, numbered.held_out(8, 3, 100).text_a
@@ -200,19 +214,19 @@ def test_calibration_takes_train_examples_the_training_never_saw_else_dev(tiny_g
     pairs = Examples(["a", "bbb", "cc", "d"], ["zzzz", "", "y", "xx"], [0, 1, 0, 1])  # both texts count; ties: order
     assert pairs.longest(2).text_a == ["a", "bbb"] and pairs.longest(9).text_a == pairs.text_a
     held = load_glue("sst-2", "train", tiny_glue_dir).held_out(8, 3, 100)
-    monkeypatch.setattr(calibration, "MIN_EXAMPLES", 20)
-    examples, data, held_out = calibration.calibration_examples("sst-2", tiny_glue_dir, train_limit=8, seed=3)
+    monkeypatch.setattr(calibration_record, "MIN_EXAMPLES", 20)
+    examples, data, held_out = measuring.calibration_examples("sst-2", tiny_glue_dir, train_limit=8, seed=3)
     assert held_out and examples.text_a == held.text_a
     assert data == "sst-2 train: 24 examples held out of training (seed 3)"
     # more held out than wanted: the longest (rounding has the most tokens to act on there), in held-out order
-    examples, data, held_out = calibration.calibration_examples("sst-2", tiny_glue_dir, train_limit=8, seed=3,
+    examples, data, held_out = measuring.calibration_examples("sst-2", tiny_glue_dir, train_limit=8, seed=3,
                                                                 count=5)
     size = sorted(len(t) for t in held.text_a)
     assert held_out and len(examples) == 5 and min(len(t) for t in examples.text_a) >= size[-5]
     assert examples.text_a == [t for t in held.text_a if t in examples.text_a]
     assert data == "sst-2 train: the 5 longest of 24 examples held out of training (seed 3)"
     for limit in (None, 16, 32, 1000):  # the whole split, or fewer than MIN_EXAMPLES left: dev
-        examples, data, held_out = calibration.calibration_examples("sst-2", tiny_glue_dir, train_limit=limit,
+        examples, data, held_out = measuring.calibration_examples("sst-2", tiny_glue_dir, train_limit=limit,
                                                                     seed=3)
         assert (data, held_out, len(examples)) == ("sst-2 dev", False, 8)
 
@@ -220,7 +234,7 @@ def test_calibration_takes_train_examples_the_training_never_saw_else_dev(tiny_g
 @needs_int16
 def test_compress_calibrates_on_the_train_examples_it_left_out(tiny_bert_dir, tiny_glue_dir, tmp_path,
                                                                  monkeypatch) -> None:
-    monkeypatch.setattr(calibration, "MIN_EXAMPLES", 20)
+    monkeypatch.setattr(calibration_record, "MIN_EXAMPLES", 20)
     result = compress(tiny_bert_dir, "sst-2", tmp_path / "sm", glue_dir=tiny_glue_dir, layers=2, eightbit_layers=1,
                       settings=_settings(train_limit=8))
     record = json.loads((result.path / RECORD).read_text())
@@ -239,7 +253,7 @@ def test_cli_calibrate_writes_the_record_and_prints_the_verdict(tiny_bert_dir, t
                    settings=_settings(max_steps=0)).path
     args = ["calibrate", "--model", str(out), "--task", "sst-2", "--glue-dir", str(tiny_glue_dir),
             "--max-seq-length", "32"]
-    monkeypatch.setattr(calibration, "MIN_EXAMPLES", 8)
+    monkeypatch.setattr(calibration_record, "MIN_EXAMPLES", 8)
     assert main(args) == 0
     printed = capsys.readouterr().out
     record = (out / RECORD).read_text()
@@ -247,7 +261,7 @@ def test_cli_calibrate_writes_the_record_and_prints_the_verdict(tiny_bert_dir, t
     assert f"of 8 sst-2 dev predictions equal on int16; {verdict}" in printed
     assert json.loads(record)["data"] == "sst-2 dev"
     # at the real bar 8 examples cannot give a verdict: refused, and the record above is kept as it was
-    monkeypatch.setattr(calibration, "MIN_EXAMPLES", 200)
+    monkeypatch.setattr(calibration_record, "MIN_EXAMPLES", 200)
     assert main(args) == 2 and (out / RECORD).read_text() == record
     assert "sst-2 dev holds 8 examples, fewer than the 200 a verdict needs; nothing written" in caplog.text
     with pytest.raises(SystemExit) as refused:  # argparse: --examples below the bar
@@ -270,7 +284,7 @@ def test_cli_calibrate_auto_takes_the_held_out_examples_and_held_out_insists(tin
                                                                               monkeypatch, capsys, caplog) -> None:
     from sensimix.cli import main
 
-    monkeypatch.setattr(calibration, "MIN_EXAMPLES", 8)
+    monkeypatch.setattr(calibration_record, "MIN_EXAMPLES", 8)
     subset = compress(tiny_bert_dir, "sst-2", tmp_path / "sub", glue_dir=tiny_glue_dir, layers=2, eightbit_layers=1,
                       settings=_settings(train_limit=8, fast_calibration=False)).path
     whole = compress(tiny_bert_dir, "sst-2", tmp_path / "whole", glue_dir=tiny_glue_dir, layers=2,
@@ -297,12 +311,12 @@ def test_cli_calibrate_auto_takes_the_held_out_examples_and_held_out_insists(tin
 def test_reports_describe_the_record_in_one_line(folder) -> None:
     # what the V&V report and the acceptance suite print beside fast's plan: why fast ran what it ran
     folder, inputs, qat = folder
-    assert calibration.describe_record(folder) == "no record"
+    assert calibration_record.describe_record(folder) == "no record"
     calibrate(folder, _labelled(folder, inputs), data="ragged", min_examples=1)
     record = json.loads((folder / RECORD).read_text())
     n = record["examples"]
-    assert calibration.describe_record(folder) == f"int16 passed: {n} of {n} predictions equal on ragged"
+    assert calibration_record.describe_record(folder) == f"int16 passed: {n} of {n} predictions equal on ragged"
     (folder / RECORD).write_text(json.dumps({**record, "passed": False, "reason": "too few", "equal": n - 1}))
-    assert calibration.describe_record(folder) == f"int16 failed (too few): {n - 1} of {n} predictions equal on ragged"
+    assert calibration_record.describe_record(folder) == f"int16 failed (too few): {n - 1} of {n} predictions equal on ragged"
     (folder / RECORD).write_text("{ half")
-    assert calibration.describe_record(folder).startswith("unreadable record (")
+    assert calibration_record.describe_record(folder).startswith("unreadable record (")

@@ -49,7 +49,7 @@ from sensimix.kernels import reference, triton_kernels
 from sensimix.kernels.cuda import FP8, fp8_supported
 from sensimix.kernels.triton_kernels import sign_operand, triton_available
 from sensimix.qat import from_bert
-from sensimix.vv.measure import make_batches, run_inference
+from sensimix.measure import make_batches, run_inference
 from sensimix.vv.procedure import sensimix_precision
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -514,7 +514,7 @@ def test_imports_and_collection_without_datasets() -> None:
         import sys
         sys.modules["datasets"] = None  # `import datasets` now raises ImportError, as on the GPU image
         import sensimix, sensimix.vv, sensimix.train, sensimix.kernels, sensimix.inference
-        from sensimix.train import data
+        from sensimix import data
         try:
             data._read_hub(data.task_spec("sst-2"), "dev")
         except ImportError as exc:

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from sensimix.train import data
+from sensimix import data
 
 
 def _write(root, task, split, text):
@@ -128,7 +128,7 @@ def test_offline_bert_setting_supplies_the_random_vocabulary(tiny_bert_dir, tmp_
 
 
 def test_a_model_with_other_labels_than_the_task_is_refused() -> None:
-    from sensimix.train.data import check_task_labels
+    from sensimix.data import check_task_labels
 
     check_task_labels("m", 2, "sst-2", "fix")  # SST-2 has 2 labels
     with pytest.raises(ValueError, match=r"^m classifies into 3 labels, but sst-2 has 2: evaluate it on its own task$"):

@@ -1,6 +1,6 @@
 """Safe writes (sensimix.io): one writer per target, atomic replacement, nothing lost on a crash or a kill.
 
-Processes that race or die are real subprocesses. They load ``sensimix/io.py`` on its own (it needs only the
+Processes that race or die are real subprocesses. They load ``sensimix/io/folders.py`` on its own (it needs only the
 standard library), so each starts in milliseconds instead of importing torch.
 """
 
@@ -18,14 +18,16 @@ from pathlib import Path
 
 import pytest
 
-import sensimix.io as sio
+import sensimix.io.folders as sio
 from sensimix.io import (
     OutputError,
     atomic_dir,
     check_output_dir,
     raise_on_sigterm,
+    read_json,
     recover_interrupted,
     reserve_output,
+    write_json,
 )
 
 IO_FILE = Path(sio.__file__)
@@ -346,8 +348,8 @@ def test_an_output_under_a_file_is_refused(tmp_path):
 
 def test_write_json_replaces_whole_files_and_writes_nan_as_null(tmp_path):
     path = tmp_path / "r.json"
-    sio.write_json(path, {"acc": float("nan"), "x": [1.0, float("inf")]})
-    assert sio.read_json(path) == {"acc": None, "x": [1.0, None]} and listing(tmp_path) == ["r.json"]
+    write_json(path, {"acc": float("nan"), "x": [1.0, float("inf")]})
+    assert read_json(path) == {"acc": None, "x": [1.0, None]} and listing(tmp_path) == ["r.json"]
 
 
 @pytest.mark.parametrize("content,match", [
@@ -357,7 +359,7 @@ def test_read_json_errors_name_the_file(tmp_path, content, match):
     path = tmp_path / "config.json"
     path.write_bytes(content)
     with pytest.raises(ValueError, match=match):
-        sio.read_json(path)
+        read_json(path)
 
 
 def test_locks_are_released_when_the_writer_fails(tmp_path):

@@ -250,16 +250,17 @@ def test_what_would_train_silently_wrong_is_refused(tiny_bert_dir, tiny_glue_dir
 
 def test_an_interrupted_calibration_says_the_folder_was_written(tiny_bert_dir, tiny_glue_dir, tmp_path, monkeypatch,
                                                                 caplog):
-    from sensimix import calibration, cli
+    from sensimix import calibration_record, cli
+    from sensimix.train import calibrate as measuring
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(calibration, "calibrate", interrupted)
+    monkeypatch.setattr(measuring, "calibrate", interrupted)
     out = tmp_path / "sm"
     code = cli.main(["compress", "--bert", str(tiny_bert_dir), "--task", "sst-2", "--glue-dir", str(tiny_glue_dir),
                      "--layers", "2", "--8bit-layers", "1", "--max-steps", "1", "--batch-size", "8",
                      "--max-seq-length", "32", "--out", str(out)])
-    assert code == 130 and (out / "config.json").is_file() and not (out / calibration.RECORD).exists()
+    assert code == 130 and (out / "config.json").is_file() and not (out / calibration_record.RECORD).exists()
     assert "interrupted; " in caplog.text and "was written, without a fast calibration record" in caplog.text
     assert "nothing was written" not in caplog.text

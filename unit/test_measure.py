@@ -1,4 +1,4 @@
-"""The measurement API (sensimix.vv.measure) and `sensimix evaluate`: inputs, batching/cycling, the timing loop,
+"""The measurement API (sensimix.measure) and `sensimix evaluate`: inputs, batching/cycling, the timing loop,
 both model kinds, the certified log lines."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from transformers import BertConfig, BertForSequenceClassification, BertTokenize
 from sensimix import SensiMixForSequenceClassification, cli
 from sensimix.export import export_checkpoint
 from sensimix.qat import from_bert
-from sensimix.vv.measure import (
+from sensimix.measure import (
     InferenceResult,
     NonFiniteLogits,
     is_sensimix_folder,
@@ -271,7 +271,7 @@ def test_cli_synthetic_needs_no_data(sensimix_dir, capsys) -> None:
 
 
 def test_cli_hub_data_reads_the_hub_without_a_glue_folder(sensimix_dir, monkeypatch, capsys) -> None:
-    from sensimix.train import data
+    from sensimix import data
 
     monkeypatch.delenv("GLUE_DIR", raising=False)
     rows = data.Examples([q for q, _, _ in QNLI_ROWS], [s for _, s, _ in QNLI_ROWS],

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(offline_bert() is None, reason="the packaged Min
 @pytest.fixture(scope="module")
 def sentences(glue_dir) -> list[str]:
     if glue_dir is not None and (glue_dir / "SST-2" / "dev.tsv").is_file():
-        from sensimix.train.data import load_glue
+        from sensimix.data import load_glue
 
         return load_glue("sst-2", "dev", glue_dir).text_a[:128]
     words = "the a film movie was is not very good bad great awful story acting plot boring fun".split()

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from sensimix import quant
 from sensimix.cli.common import finite_float, int_at_least
 from sensimix.config import MAX_LAYERS, SIGN_PRESERVING_ACTS, SensiMixConfig
-from sensimix.train import data
+from sensimix import data
 
 QUANT_EXAMPLES = 300
 PACK_EXAMPLES = 300

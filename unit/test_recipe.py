@@ -7,7 +7,7 @@ import torch
 
 from sensimix.qat import from_bert
 from sensimix.train import recipe
-from sensimix.train.data import Examples, tokenize
+from sensimix.data import Examples, tokenize
 
 
 @pytest.mark.parametrize("pt,ilf,expected", [

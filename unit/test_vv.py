@@ -350,7 +350,7 @@ def test_verify_end_to_end_fails_on_a_bad_ratio(tmp_path, monkeypatch, capsys):
 def test_verify_reads_qnli_from_the_hub_when_asked(tmp_path, monkeypatch):
     """--hub-data with no GLUE folder: the timing data is QNLI dev from the hub (the download is faked here)."""
     from sensimix.cli import main
-    from sensimix.train import data
+    from sensimix import data
 
     calls = []
 
@@ -512,7 +512,7 @@ def test_a_qnli_dev_other_than_glues_is_named_in_the_report(tmp_path, tiny_vocab
 
 
 def test_the_baseline_runs_with_default_runtime_options(small_folders):
-    from sensimix.vv.measure import load_for_inference
+    from sensimix.measure import load_for_inference
 
     bert, _ = small_folders
     config = json.loads((bert / "config.json").read_text())

@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 
-from .. import __version__
+from ..version import __version__
 
 COMMANDS = {
     "compress": "sensimix.cli.compress",

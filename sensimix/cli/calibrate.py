@@ -47,13 +47,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import calibration
-    from ..calibration import calibrate, calibration_examples, training_subset
+    from ..calibration_record import MIN_EXAMPLES, RECORD
+    from ..train.calibrate import calibrate, calibration_examples, training_subset
     from ..checkpoint import read_config
     from ..io import check_file_target
     from ..sources import load_tokenizer
-    from ..train.data import check_task_labels, load_glue, resolve_task
-    from ..vv.measure import check_inputs_fit, check_length_fits, examples_inputs
+    from ..data import check_task_labels, load_glue, resolve_task
+    from ..measure import check_inputs_fit, check_length_fits, examples_inputs
 
     config = read_config(args.model)  # a packed folder, before any data is read
     args.task = resolve_task(args.model, args.task, "sst-2", "a verdict there would say nothing of the predictions "
@@ -66,14 +66,14 @@ def run(args: argparse.Namespace) -> int:
                                                         hub=args.hub_data, count=args.examples)
         if args.split == "held-out" and not held_out:
             raise ValueError(f"{args.model} was not trained on a subset of {args.task} train leaving "
-                             f"{calibration.MIN_EXAMPLES} examples out (its training_metrics.json; compress "
+                             f"{MIN_EXAMPLES} examples out (its training_metrics.json; compress "
                              f"--train-limit): use --split dev")
     else:
         examples = load_glue(args.task, args.split, args.glue_dir, hub=args.hub_data)
         data = f"{args.task} {args.split}"
     inputs = examples_inputs(examples, load_tokenizer(args.model), args.max_seq_length)
     check_inputs_fit(inputs, config, f"{data} tokenized for {args.model}")
-    check_file_target(Path(args.model) / calibration.RECORD, "the calibration record")  # before the measuring
+    check_file_target(Path(args.model) / RECORD, "the calibration record")  # before the measuring
     record = calibrate(args.model, inputs, data=data, max_examples=args.examples)
     if record is None:
         print("not calibrated: this CPU cannot run the int16 kernel (see the log); precision fast stays exact")

@@ -56,7 +56,7 @@ def add_glue_arguments(p: argparse.ArgumentParser, *,
 
 def add_data_arguments(p: argparse.ArgumentParser, *, default_task: str = "sst-2", model_task: bool = False) -> None:
     """``--task`` and the GLUE source options. ``model_task``: --task defaults to None, meaning the task the
-    --model folder was trained on (:func:`sensimix.train.data.resolve_task`), else ``default_task``."""
+    --model folder was trained on (:func:`sensimix.data.resolve_task`), else ``default_task``."""
     default = (f"the task --model was trained on (its training_metrics.json), else {default_task}" if model_task
                else default_task)
     p.add_argument("--task", default=None if model_task else default_task,

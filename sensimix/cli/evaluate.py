@@ -81,8 +81,8 @@ def run(args: argparse.Namespace) -> int:
     from ..devices import device_name, resolve_device
     from ..io import check_json_target
     from ..sources import load_tokenizer
-    from ..train.data import check_task_labels, resolve_task
-    from ..vv.measure import (
+    from ..data import check_task_labels, resolve_task
+    from ..measure import (
         check_examples_fit,
         check_inputs_fit,
         check_length_fits,

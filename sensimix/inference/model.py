@@ -24,14 +24,14 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from .. import calibration, checkpoint
+from .. import checkpoint
 from ..config import SensiMixConfig
 from . import loading
 from .encoder import Attention, SensiMixModel
 from .inputs import check_inputs, check_labels
 from .layers import Embedding, Index8Embedding, Linear, PackedModule
 from .packing import Packing
-from .plan import FAST, InferencePlan, make_plan
+from .plan import InferencePlan, checkpoint_plan, make_plan
 
 log = logging.getLogger(__name__)
 
@@ -135,15 +135,11 @@ class SensiMixForSequenceClassification(PreTrainedModel):
                 raise TypeError(f"{cls.__name__}.from_pretrained: {name} must be True or False, got {value!r}")
         request = dict(precision=precision, binary_kernel=binary_kernel, index8_kernel=index8_kernel,
                        fuse_qkv=fuse_qkv, skip_padding=skip_padding)
-        plan = make_plan(device or "cpu", **request)
+        make_plan(device or "cpu", **request)  # a bad request fails here, before any file is read
         folder = loading.local_folder(pretrained_model_name_or_path, subfolder, hub)
         raw = checkpoint.read_raw_config(folder)
         config = checkpoint.config_from_raw(raw, folder / "config.json")
-        if plan.precision == FAST and index8_kernel in (None, "auto"):
-            calibrated = calibration.calibrated_index8_kernel(folder, raw)  # read_tensors proves the checksum
-            if calibrated:
-                request["calibrated_index8"] = calibrated
-                plan = make_plan(device or "cpu", **request)
+        plan, request = checkpoint_plan(device or "cpu", request, folder=folder, raw_config=raw)
         if override is not None and not hasattr(override, "to_dict"):
             raise ValueError(f"config must be a SensiMixConfig, got {type(override).__name__}")
         if override is not None or fields:

@@ -12,7 +12,7 @@ precision        what runs
 ``fast``         the fastest recipe measured within the agreement bar (>= 99.5% of trained-model predictions
                  equal to the exact path's, accuracy within 0.3 points): the exact path with the device's fastest
                  exact kernels, except on a CPU for a checkpoint whose ``fast_calibration.json`` shows that the
-                 approximate ``int16`` 8-bit kernel kept its predictions (:mod:`sensimix.calibration`; see
+                 approximate ``int16`` 8-bit kernel kept its predictions (:mod:`sensimix.calibration_record`; see
                  :func:`fast_index8_kernel` for why rounded activations cannot qualify without measuring).
 ================ ================================================================================================
 
@@ -22,11 +22,15 @@ Its agreement with the exact path on trained models is measured (``sensimix.vv.a
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from .. import kernels
+from ..calibration_record import calibrated_index8_kernel
+from ..checkpoint import CHECKSUM_KEY
 from ..devices import resolve_device, torch_dtype
 
 log = logging.getLogger(__name__)
@@ -84,7 +88,7 @@ def fast_index8_kernel(device: torch.device | str, calibrated: str | None = None
     within 0.3 points. ``int16`` meets it on well-trained (2+1) models but not on the (2+1) that CI trains on
     1,000 examples (63% accuracy: many logits near the decision boundary), nor on (3+3); no property of a
     checkpoint tells these apart before its predictions are measured. So ``fast`` is exact unless the
-    checkpoint's predictions were measured on the candidate (:mod:`sensimix.calibration`, run by ``sensimix
+    checkpoint's predictions were measured on the candidate (:mod:`sensimix.train.calibrate`, run by ``sensimix
     compress`` on the longest train examples it left out), and the approximate kernels (``int16``, ``bf16``,
     ``int8``, ``fbgemm``) are available by name.
     """
@@ -94,16 +98,10 @@ def fast_index8_kernel(device: torch.device | str, calibrated: str | None = None
     return kernels.default_index8_kernel(device)
 
 
-def make_plan(device: torch.device | str = "cpu", precision: str | torch.dtype | None = None, *,
-              binary_kernel: str | None = None, index8_kernel: str | None = None, fuse_qkv: bool | None = None,
-              skip_padding: bool | None = None, calibrated_index8: str | None = None) -> InferencePlan:
-    """Resolve a precision (default: fp32, exact, on every device) and kernel choices into a checked plan;
-    ``calibrated_index8``: the 8-bit kernel a checkpoint was calibrated for (used by ``fast`` alone)."""
-    dev = torch.device(resolve_device(device))
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
+def _precision_name(precision: str | torch.dtype | None) -> str:
+    """One of :data:`PRECISIONS` for a precision name or torch dtype (None: fp32); anything else is refused."""
     if precision is None:
-        precision = "fp32"
+        return "fp32"
     if not isinstance(precision, str):
         from ..devices import dtype_name
 
@@ -114,6 +112,18 @@ def make_plan(device: torch.device | str = "cpu", precision: str | torch.dtype |
     precision = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(precision, precision)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+def make_plan(device: torch.device | str = "cpu", precision: str | torch.dtype | None = None, *,
+              binary_kernel: str | None = None, index8_kernel: str | None = None, fuse_qkv: bool | None = None,
+              skip_padding: bool | None = None, calibrated_index8: str | None = None) -> InferencePlan:
+    """Resolve a precision (default: fp32, exact, on every device) and kernel choices into a checked plan;
+    ``calibrated_index8``: the 8-bit kernel a checkpoint was calibrated for (used by ``fast`` alone)."""
+    dev = torch.device(resolve_device(device))
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    precision = _precision_name(precision)
     calibrated = False
     if precision == FAST:
         dtype = torch.float32
@@ -132,3 +142,23 @@ def make_plan(device: torch.device | str = "cpu", precision: str | torch.dtype |
     return InferencePlan(device=dev, precision=precision, dtype=dtype, binary_kernel=binary.name,
                          index8_kernel=index8.name, fuse_qkv=fuse_qkv,
                          skip_padding=True if skip_padding is None else bool(skip_padding), calibrated=calibrated)
+
+
+def checkpoint_plan(device: torch.device | str, request: dict[str, Any], *, folder: str | os.PathLike,
+                    raw_config: dict[str, Any]) -> tuple[InferencePlan, dict[str, Any]]:
+    """The plan a packed folder runs with, and the full request it was made from (what ``.to(device)`` replays):
+    the one place that turns a folder's facts (config.json, its fast calibration record), the device and the
+    caller's request (``make_plan``'s keywords) into kernels.
+
+    ``fast`` with the 8-bit kernel left to the plan reads the folder's calibration record
+    (:func:`sensimix.calibration_record.calibrated_index8_kernel`: it must be valid, passed and measured on these
+    weights, whose checksum the loader then proves) and takes the kernel it names where the device runs it;
+    every other request is decided by :func:`make_plan` alone.
+    """
+    request = dict(request)
+    asks_fast = _precision_name(request.get("precision")) == FAST
+    if asks_fast and request.get("index8_kernel") in (None, "auto"):
+        calibrated = calibrated_index8_kernel(folder, raw_config.get(CHECKSUM_KEY))
+        if calibrated:
+            request["calibrated_index8"] = calibrated
+    return make_plan(device, **request), request

@@ -28,7 +28,7 @@ APPROXIMATE; CPU), ``bf16`` (bf16 weights and activations, bias/GELU in oneDNN's
 ``bf16x3`` (fp32 activations split exactly into three bf16 parts, one bf16 tensor-core GEMM with fp32 accumulation:
 fp32-grade results, not bitwise the QAT model's; CUDA, by name until a GPU times it), ``reference``. Approximate
 kernels are never a default; ``fast`` runs one (``int16``) only for a checkpoint whose calibration record shows it
-kept that model's predictions (:mod:`sensimix.calibration`, :func:`sensimix.inference.plan.fast_index8_kernel`);
+kept that model's predictions (:mod:`sensimix.calibration_record`, :func:`sensimix.inference.plan.fast_index8_kernel`);
 otherwise they are chosen by name.
 """
 

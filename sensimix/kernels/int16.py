@@ -19,7 +19,7 @@ Why ``precision="fast"`` takes it only for a calibrated checkpoint: a 1-bit FFN 
 perturbation upstream flips signs near 0. On well-trained (2+1) models the 15-bit rounding kept every SST-2 and
 MRPC dev prediction but one, yet it changed 12 of 872 of the weakly trained (2+1) ``pytest acceptance`` makes, and
 11 of a (3+3)'s (:func:`sensimix.inference.plan.fast_index8_kernel`). So ``fast`` uses it where the checkpoint's
-``fast_calibration.json`` shows it kept that model's predictions (:mod:`sensimix.calibration`); elsewhere ask for
+``fast_calibration.json`` shows it kept that model's predictions (:mod:`sensimix.calibration_record`); elsewhere ask for
 it by name: ``index8_kernel="int16"``.
 """
 

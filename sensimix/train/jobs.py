@@ -27,9 +27,9 @@ from ..io import (
     write_json,
 )
 from ..sources import SourceError, bert_config, load_bert_classifier, load_tokenizer, save_tokenizer
-from ..vv.measure import check_length_fits
+from ..measure import check_length_fits
 from . import distributed
-from .data import METRICS_FILE, num_labels, prepare_task_data, resolve_glue_dir, task_file, task_spec, trained_task
+from ..data import METRICS_FILE, num_labels, prepare_task_data, resolve_glue_dir, task_file, task_spec, trained_task
 from .recipe import TrainSettings, train
 
 log = logging.getLogger(__name__)
@@ -223,10 +223,11 @@ def compress(bert: str | os.PathLike, task: str, out: str | os.PathLike, *, glue
 def _calibrate_fast(out: Path, task: str, tokenizer: Any, glue_dir: str | os.PathLike | None,
                     settings: TrainSettings, hub: bool) -> None:
     """Measure fast's approximate 8-bit kernel on the exported folder (still under the job's lock), over train
-    examples this run did not train on, else the dev split (:func:`sensimix.calibration.calibration_examples`).
+    examples this run did not train on, else the dev split (:func:`sensimix.train.calibrate.calibration_examples`).
     The folder is complete without it: a failure is logged and ``fast`` stays exact."""
-    from ..calibration import RECORD, calibrate, calibration_examples
-    from ..vv.measure import examples_inputs
+    from ..calibration_record import RECORD
+    from .calibrate import calibrate, calibration_examples
+    from ..measure import examples_inputs
 
     try:
         examples, data, _ = calibration_examples(task, glue_dir, train_limit=settings.train_limit,

@@ -71,7 +71,7 @@ class TrainSettings:
     device: str = "auto"             # auto | cpu | cuda
     logging_steps: int = 50
     dataloader_workers: int = 0
-    fast_calibration: bool = True    # compress: measure fast's approximate kernel (calibration.py)
+    fast_calibration: bool = True    # compress: measure fast's approximate kernel (train/calibrate.py)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

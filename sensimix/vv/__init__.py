@@ -1,7 +1,7 @@
 """Verification & validation: the KOTCA KST-21-049 criteria measured, judged and reported.
 
 Layers, top to bottom: :mod:`.run` (one V&V run: settings, folders, sizes, timing, accuracy, report), the
-measurements (:mod:`.sizes`, :mod:`.timing`, :mod:`.accuracy`, built on :mod:`.measure`), the judgement
+measurements (:mod:`.sizes`, :mod:`.timing`, :mod:`.accuracy`, built on :mod:`sensimix.measure`), the judgement
 (:mod:`.criteria`), the writers (:mod:`.report`) and the procedure's constants (:mod:`.procedure`).
 """
 

@@ -192,7 +192,7 @@ def default_reference_model() -> str:
 def accuracy_data_missing(glue_dir: str | os.PathLike | None, *, hub: bool = False) -> str | None:
     """Why the accuracy criterion cannot run with ``glue_dir`` (None when SST-2 train and dev are there, or
     when there is no local folder and ``hub`` allows reading SST-2 from the hub)."""
-    from ..train.data import resolve_glue_dir
+    from ..data import resolve_glue_dir
 
     try:
         root = resolve_glue_dir(glue_dir)
@@ -211,7 +211,7 @@ def accuracy_data_missing(glue_dir: str | os.PathLike | None, *, hub: bool = Fal
 
 def evaluate_folder(folder: str | os.PathLike, inputs: dict, device: str, precision: str):
     """(model, InferenceResult) of a saved folder on pre-tokenized inputs."""
-    from .measure import load_for_inference, make_batches, run_inference
+    from ..measure import load_for_inference, make_batches, run_inference
 
     model = load_for_inference(folder, device=device, precision=precision)
     batches = make_batches(inputs, batch_size=128, device=device)
@@ -220,7 +220,7 @@ def evaluate_folder(folder: str | os.PathLike, inputs: dict, device: str, precis
 
 def fast_vs_exact(folder: str | os.PathLike, split: str, inputs: dict, device: str) -> Agreement:
     """Agreement of the ``fast`` recipe with the exact path on one saved SensiMix folder."""
-    from ..calibration import describe_record
+    from ..calibration_record import describe_record
 
     _, exact = evaluate_folder(folder, inputs, device, "fp32")
     fast_model, fast = evaluate_folder(folder, inputs, device, "fast")
@@ -238,7 +238,7 @@ def measure_accuracy(glue_dir: str | os.PathLike | None, workdir: str | os.PathL
     from ..devices import resolve_device
     from ..sources import load_tokenizer
     from ..train import TrainSettings, compress, finetune
-    from .measure import task_inputs
+    from ..measure import task_inputs
 
     s = settings or AccuracySettings()
     reason = accuracy_data_missing(glue_dir, hub=hub)

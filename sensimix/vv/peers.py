@@ -39,7 +39,7 @@ BUCKETS = 4
 OPSET = 17
 # the modules a loader imports, imported before the RSS baseline of weight_memory so they do not count
 RUNTIME_MODULES = ("torch", "transformers", "transformers.models.bert.modeling_bert", "torch.ao.quantization",
-                   "sensimix.inference", "sensimix.vv.measure", "sensimix.vv.peers")
+                   "sensimix.inference", "sensimix.measure", "sensimix.vv.peers")
 INT8_OPS = frozenset({"MatMulInteger", "DynamicQuantizeLinear", "QAttention", "QEmbedLayerNormalization",
                       "DynamicQuantizeMatMul", "QGemm"})
 
@@ -245,7 +245,7 @@ RUNTIMES = ("certified", "transformers", "torch-int8", "ort", "sensimix")
 class ModelSpec:
     """One model of the benchmark: what it is (``key``, ``name``, ``group``) and how to load it.
 
-    ``runtime``: ``certified`` (:func:`sensimix.vv.measure.load_for_inference` of a BERT folder: the V&V
+    ``runtime``: ``certified`` (:func:`sensimix.measure.load_for_inference` of a BERT folder: the V&V
     baseline), ``transformers`` / ``torch-int8`` (:func:`load_bert`, then :func:`torch_dynamic_int8`), ``ort``
     (:class:`OrtClassifier` of an ONNX file) or ``sensimix`` (``SensiMixForSequenceClassification``).
     ``buckets``: wrap the model in :class:`LengthBuckets`. ``reference``: the key of the row whose logits and
@@ -284,7 +284,7 @@ def load_model(spec: ModelSpec, device: str = "cpu", *, shared: dict[str, nn.Mod
     if spec.skipped:
         raise ValueError(f"{spec.name} cannot run here: {spec.skipped}")
     if spec.runtime == "certified":
-        from .measure import load_for_inference
+        from ..measure import load_for_inference
 
         model = load_for_inference(spec.path, device=device, precision=spec.precision, weights="pytorch_model.bin")
     elif spec.runtime in ("transformers", "torch-int8"):

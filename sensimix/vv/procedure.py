@@ -9,12 +9,12 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from ..calibration_record import FAST_ACCURACY_DELTA, FAST_AGREEMENT  # noqa: F401 - the agreement bar, one home
+
 SCHEMA = "sensimix-kotca-report/2"
 SIZE_THRESHOLD = 0.10          # criterion 1: SensiMix / BERT pytorch_model.bin
 TIME_THRESHOLD = 0.20          # criterion 2: SensiMix / BERT fp32 inference time, mean of per-trial ratios
 FP16_TIME_THRESHOLD = 0.20     # beyond the certificate: vs the fp16 BERT a GPU user would deploy instead
-FAST_AGREEMENT = 0.995         # beyond the certificate: fast vs exact predictions on trained models
-FAST_ACCURACY_DELTA = 0.3      # ... and their accuracies within this many points
 CERTIFIED_EXAMPLES = 104_743   # "Num examples = 104743" in the certified logs (QNLI train size)
 CPU_DEFAULT_EXAMPLES = 256     # two batches: BERT-base fp32 takes 15-90 s per 128 x 128 batch on 2 cores
 # GLUE's QNLI/dev.tsv (download_glue_data.py; 5,463 pairs): a timing file that differs is named in the report
@@ -76,7 +76,7 @@ def environment(device: str) -> dict[str, Any]:
     import torch
     import transformers
 
-    from .. import __version__
+    from ..version import __version__
     from ..devices import cpu_features, device_name
 
     env: dict[str, Any] = {

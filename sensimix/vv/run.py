@@ -25,7 +25,7 @@ from .criteria import (
     size_criterion,
     time_criterion,
 )
-from .measure import check_examples_fit, is_sensimix_folder, load_for_inference
+from ..measure import check_examples_fit, is_sensimix_folder, load_for_inference
 from .procedure import (
     BERT_FP16,
     BERT_FP32,
@@ -70,7 +70,7 @@ class VVSettings:
 
     def resolved(self) -> VVSettings:
         """Device defaults filled in and every value checked; raises ValueError naming the option."""
-        from ..train.data import resolve_glue_dir
+        from ..data import resolve_glue_dir
 
         device = resolve_device(self.device)
         s = dataclasses.replace(
@@ -151,7 +151,7 @@ class VVRun:
 
     def _check_timing_data(self) -> None:
         """QNLI dev, when the GLUE folder has it, is read (and checked) now, not after the models are built."""
-        from ..train.data import load_glue
+        from ..data import load_glue
 
         root = self.s.glue_dir
         dev = None if root is None else Path(root) / "QNLI" / "dev.tsv"
@@ -165,7 +165,7 @@ class VVRun:
         """SST-2 and the accuracy models' sources, when accuracy will be measured: checked now, not after the
         timing (minutes on CUDA)."""
         from ..sources import bert_config
-        from ..train.data import load_glue
+        from ..data import load_glue
 
         s = self.s
         if s.accuracy is None or accuracy_data_missing(s.glue_dir, hub=s.hub):
@@ -219,7 +219,7 @@ class VVRun:
         """(batches on the device, what they are). On CUDA each carries its token packing (made on the CPU while
         staging, as a variable-length collator would), so the timed SensiMix forward needs no host sync."""
         from ..sources import bert_config, load_tokenizer
-        from .measure import check_inputs_fit
+        from ..measure import check_inputs_fit
 
         s = self.s
         bert, _ = self.folders

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .measure import InferenceResult, make_batches, run_inference, synthetic_inputs, task_inputs
+from ..measure import InferenceResult, make_batches, run_inference, synthetic_inputs, task_inputs
 from .procedure import (
     BATCH_SIZE,
     BERT_FP16,
@@ -39,7 +39,7 @@ def timing_inputs(tokenizer: Any, *, glue_dir: str | os.PathLike | None = None, 
     to ``max_seq_length``, padded to it): cost depends on shapes and padding, not on the ids, so times (not
     accuracies) compare. With ``hub`` and no local folder, QNLI dev comes from the hub (online users only).
     """
-    from ..train.data import resolve_glue_dir
+    from ..data import resolve_glue_dir
 
     root = resolve_glue_dir(glue_dir)
     local = root is not None and (root / "QNLI" / "dev.tsv").is_file()

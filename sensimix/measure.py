@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..devices import certified_fp32, resolve_device
+from .devices import certified_fp32, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class NonFiniteLogits(ValueError):
 
 def is_sensimix_folder(path: str | os.PathLike) -> bool:
     """A packed SensiMix folder (config.json has ``sensimix_format``), as opposed to a plain BERT folder."""
-    from ..io import read_config_json
+    from .io import read_config_json
 
     config = read_config_json(path, expected="a BERT or SensiMix checkpoint folder")
     if "sensimix_format" in config:
@@ -55,7 +55,7 @@ def load_for_inference(path: str | os.PathLike, device: str = "cpu", precision: 
     (``fast``: its approximate fastest recipe). ``weights`` names the file to load (``pytorch_model.bin``: the one
     the size criterion judges).
     """
-    from ..inference.plan import FAST, PRECISIONS
+    from .inference.plan import FAST, PRECISIONS
 
     device = resolve_device(device)
     if precision not in PRECISIONS:
@@ -63,7 +63,7 @@ def load_for_inference(path: str | os.PathLike, device: str = "cpu", precision: 
     if precision == "fp32":
         certified_fp32(device)
     if is_sensimix_folder(path):
-        from ..inference import SensiMixForSequenceClassification
+        from .inference import SensiMixForSequenceClassification
 
         return SensiMixForSequenceClassification.from_pretrained(
             path, device=device, precision=precision, binary_kernel=binary_kernel, index8_kernel=index8_kernel,
@@ -73,8 +73,8 @@ def load_for_inference(path: str | os.PathLike, device: str = "cpu", precision: 
     if precision == FAST:
         raise ValueError(f"{path} is a plain BERT folder: precision 'fast' is SensiMix's approximate recipe; run "
                          f"the BERT baseline in fp32 (certified), fp16 or bf16")
-    from ..devices import torch_dtype
-    from ..sources import bert_config, load_bert_classifier
+    from .devices import torch_dtype
+    from .sources import bert_config, load_bert_classifier
 
     config = bert_config(path, allow_qat=False)
     if config.is_decoder or config.add_cross_attention:
@@ -100,7 +100,7 @@ def task_inputs(task: str, tokenizer: Any, glue_dir: str | os.PathLike | None = 
     """``input_ids``, ``token_type_ids``, ``attention_mask`` [N, max_seq_length] (padded to max length, like the
     certified cached features) and ``labels`` [N] of a GLUE task split (``hub``: from the hub when no local
     GLUE folder is given; online users only)."""
-    from ..train.data import load_glue
+    from .data import load_glue
 
     if max_seq_length < 2:
         raise ValueError(f"max_seq_length must be >= 2, got {max_seq_length}")
@@ -108,8 +108,8 @@ def task_inputs(task: str, tokenizer: Any, glue_dir: str | os.PathLike | None = 
 
 
 def examples_inputs(examples: Any, tokenizer: Any, max_seq_length: int = 128) -> dict[str, torch.Tensor]:
-    """:func:`task_inputs` of examples already loaded (a :class:`sensimix.train.data.Examples`)."""
-    from ..train.data import tokenize
+    """:func:`task_inputs` of examples already loaded (a :class:`sensimix.data.Examples`)."""
+    from .data import tokenize
 
     features = tokenize(examples, tokenizer, max_length=max_seq_length, pad_to_max=True)
     return {k: torch.tensor(features.columns[k], dtype=torch.long) for k in (*INPUT_KEYS, "labels")}
@@ -229,7 +229,7 @@ def make_batches(inputs: dict[str, torch.Tensor], batch_size: int = 128, num_exa
         cpu = {k: inputs[k].index_select(0, idx) for k in keys}
         batch: dict[str, Any] = {k: v.to(device) for k, v in cpu.items()}
         if packing and "attention_mask" in cpu:
-            from ..inference.packing import Packing
+            from .inference.packing import Packing
 
             made = Packing.of(cpu["attention_mask"])
             if made is not None:
@@ -259,7 +259,7 @@ class InferenceResult:
 def _takes_packing(model: torch.nn.Module) -> bool:
     """Whether a batch's staged :class:`Packing` goes to ``model``: SensiMix models that skip padding only (a packing
     passed in wins over the plan, so a model told to keep padding would otherwise run packed, unnoticed)."""
-    from ..inference import SensiMixForSequenceClassification
+    from .inference import SensiMixForSequenceClassification
 
     return isinstance(model, SensiMixForSequenceClassification) and model.skip_padding
 

@@ -261,7 +261,7 @@ METRICS_FILE = "training_metrics.json"  # written by compress and finetune besid
 def trained_task(model: str | os.PathLike) -> str | None:
     """The GLUE task (its key, e.g. ``sst-2``) that ``model``'s training_metrics.json says it was trained on; None
     where the folder records none (another source, a hub id) or the file cannot be read (logged)."""
-    from ..io import read_json
+    from .io import read_json
 
     path = Path(model) / METRICS_FILE
     if not path.is_file():

@@ -1,15 +1,7 @@
-"""Safe file writes: output folders checked before work starts, written atomically, never lost.
+"""Output folders: checked before work starts, locked for a whole job, written atomically, never lost.
 
-* :func:`check_output_dir` validates an output folder up front (not the current folder, a writable parent, not
-  existing unless ``overwrite``), so a bad ``--out`` fails in seconds, not after training.
-* :func:`reserve_output` holds an exclusive lock on a target for a whole job: a second process writing the same
-  target fails at once with a clear message instead of silently replacing the first one's result.
-* :func:`atomic_dir` builds a folder in a temp folder beside the target and moves it into place with one rename:
-  ``RENAME_NOREPLACE`` for a new target (a folder that appeared meanwhile is never replaced), ``RENAME_EXCHANGE``
-  for an overwrite (the target is the old or the new version at every instant). Where the file system lacks
-  those, the overwrite keeps the old version in a hidden folder until the new one is in place, and restores it
-  if the process died in between. The temp folder is removed on any error, KeyboardInterrupt and SIGTERM.
-* :func:`read_json` / :func:`write_json`: bounded, clear-error reads; atomic writes.
+Dependency-free on purpose (only the standard library): unit/test_io.py loads this file alone in child processes
+that race each other for a lock or are killed mid-commit.
 """
 
 from __future__ import annotations
@@ -18,24 +10,13 @@ import contextlib
 import ctypes
 import errno
 import fcntl
-import json
 import os
 import shutil
 import signal
-import stat
 import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-MAX_JSON_BYTES = 8 << 20  # config.json and friends are a few KB; refuse to parse anything huge
-
-
-def brief(exc: BaseException, limit: int = 160) -> str:
-    """The first line of an exception's text, cut to ``limit`` characters (torch's messages run to paragraphs)."""
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return first if len(first) <= limit else first[:limit] + "..."
 
 
 class OutputError(ValueError):
@@ -48,43 +29,6 @@ def _umask() -> int:
     return mask
 
 
-# ---------------------------------------------------------------------------------------------------
-# reads
-# ---------------------------------------------------------------------------------------------------
-def read_json(path: str | os.PathLike, *, what: str = "a JSON file", error: type[Exception] = ValueError) -> Any:
-    """The JSON in ``path``; any problem is one ``error`` (or FileNotFoundError) naming the file and ``what``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path.parent} has no {path.name}: not {what}")
-    size = path.stat().st_size
-    if size > MAX_JSON_BYTES:
-        raise error(f"{path} is {size:,} bytes; {what} has a small {path.name} (limit {MAX_JSON_BYTES:,})")
-    try:
-        return json.loads(path.read_bytes().decode("utf-8-sig"))
-    except UnicodeDecodeError as exc:
-        raise error(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-    except json.JSONDecodeError as exc:
-        raise error(f"{path} is not valid JSON ({exc})") from exc
-    except RecursionError as exc:
-        raise error(f"{path} is nested too deeply to be {what}") from exc
-
-
-def read_config_json(folder: str | os.PathLike, *, expected: str, error: type[Exception] = ValueError) -> dict:
-    """The JSON object in ``<folder>/config.json``; errors name the folder or file and what was ``expected``."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is not a folder: expected {expected}")
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder} has no config.json: not a checkpoint folder (expected {expected})")
-    raw = read_json(folder / "config.json", what=expected, error=error)
-    if not isinstance(raw, dict):
-        raise error(f"{folder / 'config.json'} must hold a JSON object, got {type(raw).__name__}")
-    return raw
-
-
-# ---------------------------------------------------------------------------------------------------
-# output folders
-# ---------------------------------------------------------------------------------------------------
 def _absolute(path: str | os.PathLike) -> Path:
     """``path`` made absolute and normalized ("a/../b" -> "b"): one spelling per folder, for locks and renames."""
     return Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
@@ -374,97 +318,3 @@ def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool = False,
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-
-
-def _finite(data: Any) -> Any:
-    """``data`` with NaN/inf floats replaced by None: strict JSON that every reader accepts."""
-    if isinstance(data, float):
-        return data if data == data and abs(data) != float("inf") else None
-    if isinstance(data, dict):
-        return {k: _finite(v) for k, v in data.items()}
-    if isinstance(data, (list, tuple)):
-        return [_finite(v) for v in data]
-    return data
-
-
-def _check_target_kind(target: Path, what: str) -> None:
-    """An existing ``target`` is a regular file: a rename over it would replace a symlink, a folder or a device
-    such as /dev/null by a plain file."""
-    try:
-        mode = os.lstat(target).st_mode
-    except FileNotFoundError:
-        return
-    if stat.S_ISLNK(mode):
-        raise OutputError(f"{what} {target} is a symbolic link; give the path of the file itself "
-                          f"({os.path.realpath(target)})")
-    if stat.S_ISDIR(mode):
-        raise OutputError(f"{what} {target} is a folder; give a file name")
-    if not stat.S_ISREG(mode):
-        raise OutputError(f"{what} {target} exists and is not a regular file (a device, pipe or socket); give the "
-                          f"path of a new or regular file")
-
-
-def check_file_target(path: str | os.PathLike, what: str = "the output file") -> Path:
-    """Where a file will be written (a temp file renamed over it), checked before the work: a new or regular file,
-    in an existing folder that takes a new file."""
-    if not str(path).strip():
-        raise OutputError(f"{what} is empty; give a file name")
-    target = Path(path)
-    _check_target_kind(target, what)
-    if not target.parent.is_dir():
-        raise OutputError(f"{what} {target}: the folder {target.parent} does not exist; create it first")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    except OSError as exc:
-        raise OutputError(f"{what} {target}: cannot create a file in {target.parent} ({exc.strerror})") from None
-    os.close(fd)
-    os.unlink(probe)
-    return target
-
-
-def check_json_target(path: str | os.PathLike, what: str = "--json",
-                      reads: dict[str, str | os.PathLike | None] | None = None) -> Path:
-    """:func:`check_file_target` for a results file (``--json``), plus: not inside a folder the command ``reads``
-    ({flag: path}: e.g. ``--model``, whose config.json or weights it would replace), and an existing file is
-    replaced only if it holds a JSON document (an earlier result), never e.g. a checkpoint or a script."""
-    target = check_file_target(path, what)
-    check_apart(target, reads or {}, what, replaces=False)
-    if target.exists():
-        try:
-            read_json(target, what=f"the existing {what} file")
-        except (OSError, ValueError):
-            raise OutputError(f"{what} {target} exists and is not a JSON file, so it is not an earlier result; "
-                              f"choose another {what} (or remove it yourself)") from None
-    return target
-
-
-def _write_atomically(path: str | os.PathLike, write: Any, *, encoding: str | None = None) -> None:
-    """``write(f)`` into a temp file beside ``path``, renamed over it: readers never see half a file."""
-    path = Path(path)
-    _check_target_kind(path, "the output file")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())
-        with os.fdopen(fd, "w", encoding=encoding) as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def write_json(path: str | os.PathLike, data: object) -> None:
-    """Write JSON (NaN/inf as null) through a temp file + rename, so readers never see half a file."""
-    data = _finite(data)
-
-    def dump(f: Any) -> None:
-        json.dump(data, f, indent=2, sort_keys=True, default=str, allow_nan=False)
-        f.write("\n")
-
-    _write_atomically(path, dump)
-
-
-def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write text through a temp file + rename."""
-    _write_atomically(path, lambda f: f.write(text), encoding="utf-8")

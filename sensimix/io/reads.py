@@ -1,0 +1,47 @@
+"""Bounded reads of small JSON files: one clear error naming the file and what it should have been."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+MAX_JSON_BYTES = 8 << 20  # config.json and friends are a few KB; refuse to parse anything huge
+
+
+def brief(exc: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's text, cut to ``limit`` characters (torch's messages run to paragraphs)."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return first if len(first) <= limit else first[:limit] + "..."
+
+
+def read_json(path: str | os.PathLike, *, what: str = "a JSON file", error: type[Exception] = ValueError) -> Any:
+    """The JSON in ``path``; any problem is one ``error`` (or FileNotFoundError) naming the file and ``what``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path.parent} has no {path.name}: not {what}")
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise error(f"{path} is {size:,} bytes; {what} has a small {path.name} (limit {MAX_JSON_BYTES:,})")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise error(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except json.JSONDecodeError as exc:
+        raise error(f"{path} is not valid JSON ({exc})") from exc
+    except RecursionError as exc:
+        raise error(f"{path} is nested too deeply to be {what}") from exc
+
+
+def read_config_json(folder: str | os.PathLike, *, expected: str, error: type[Exception] = ValueError) -> dict:
+    """The JSON object in ``<folder>/config.json``; errors name the folder or file and what was ``expected``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder: expected {expected}")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: not a checkpoint folder (expected {expected})")
+    raw = read_json(folder / "config.json", what=expected, error=error)
+    if not isinstance(raw, dict):
+        raise error(f"{folder / 'config.json'} must hold a JSON object, got {type(raw).__name__}")
+    return raw
