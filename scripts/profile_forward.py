@@ -36,7 +36,7 @@ from sensimix.devices import device_name, resolve_device
 from sensimix.inference import SensiMixForSequenceClassification
 from sensimix.sources import load_tokenizer
 from sensimix.measure import INPUT_KEYS, forward_batch, make_batches, synthetic_inputs, task_inputs
-from sensimix.vv.peers import load_bert
+from sensimix.bench.peers import load_bert
 from sensimix.vv.sizes import build_bert_folder, build_sensimix_folder
 
 log = logging.getLogger("profile")

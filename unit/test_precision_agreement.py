@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
+
+from helpers import load_script
 
 from sensimix.export import export_checkpoint
 from sensimix.inference.plan import fast_index8_kernel
 from sensimix.qat import from_bert
 from sensimix.sources import load_tokenizer
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "precision_agreement.py"
-
 
 def test_each_precision_is_compared_with_the_exact_path(tiny_bert_dir, tiny_glue_dir, tmp_path):
-    spec = importlib.util.spec_from_file_location("precision_agreement", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("precision_agreement")
     folder = export_checkpoint(from_bert(tiny_bert_dir, num_hidden_layers=2, num_8bit_layers=1), tmp_path / "sm",
                                load_tokenizer(tiny_bert_dir))
     out = tmp_path / "agreement.json"

@@ -1,8 +1,8 @@
 """One V&V run: settings checked up front, then sizes, timing, accuracy and the report, step by step.
 
 ``sensimix verify`` runs every step in order; the acceptance suite runs them one test at a time (its timing
-tests drive :meth:`VVRun.timer` under pytest-benchmark); ``scripts/benchmark.py`` takes the certified folders and
-batches from it. All three therefore measure the same folders, inputs and models the same way.
+tests drive :meth:`VVRun.timer` under pytest-benchmark); the benchmark (:mod:`sensimix.bench.run`) takes the certified folders
+and batches from it. All three therefore measure the same folders, inputs and models the same way.
 """
 
 from __future__ import annotations

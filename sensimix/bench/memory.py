@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .peers import RUNTIME_MODULES, ModelSpec, load_model, ort_missing
+from .models import RUNTIME_MODULES, ModelSpec, load_model
+from .peers import ort_missing
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,4 @@
-"""What a CPU user deploys instead of SensiMix, built from the V&V run's BERT folder, and how much memory each
-model holds once loaded.
+"""What a CPU user deploys instead of SensiMix, built from the V&V run's BERT folder.
 
 Beside the certified baseline (transformers BERT fp32, eager attention) a user who wants a small, fast BERT
 classifier on a CPU truncates BERT and runs it as
@@ -12,9 +11,8 @@ classifier on a CPU truncates BERT and runs it as
   each either fed the padded batch or **length-bucketed** (:class:`LengthBuckets`: the batch sorted by attended
   length, split in 4 equal buckets, each cut to its longest sequence).
 
-Every model -- peers and SensiMix alike -- is described by a :class:`ModelSpec` (what to load from which file),
-so :func:`load_model` can build it in the benchmark and again in a fresh process for
-:func:`sensimix.vv.memory.weight_memory`.
+Each row of the benchmark -- peers and SensiMix alike -- is a :class:`sensimix.bench.models.ModelSpec`, loaded by
+:func:`sensimix.bench.models.load_model` with the builders here.
 ONNX Runtime is optional (``pip install 'sensimix[bench]'``); :func:`ort_missing` says why a row cannot run.
 """
 
@@ -37,9 +35,6 @@ log = logging.getLogger(__name__)
 
 BUCKETS = 4
 OPSET = 17
-# the modules a loader imports, imported before the RSS baseline of weight_memory so they do not count
-RUNTIME_MODULES = ("torch", "transformers", "transformers.models.bert.modeling_bert", "torch.ao.quantization",
-                   "sensimix.inference", "sensimix.measure", "sensimix.vv.peers")
 INT8_OPS = frozenset({"MatMulInteger", "DynamicQuantizeLinear", "QAttention", "QEmbedLayerNormalization",
                       "DynamicQuantizeMatMul", "QGemm"})
 
@@ -233,80 +228,3 @@ class LengthBuckets(nn.Module):
         if out is None:
             raise ValueError("an empty batch")
         return out
-
-
-# ---------------------------------------------------------------------------------------------------
-# every row of the benchmark, loadable anywhere
-# ---------------------------------------------------------------------------------------------------
-RUNTIMES = ("certified", "transformers", "torch-int8", "ort", "sensimix")
-
-
-@dataclass
-class ModelSpec:
-    """One model of the benchmark: what it is (``key``, ``name``, ``group``) and how to load it.
-
-    ``runtime``: ``certified`` (:func:`sensimix.measure.load_for_inference` of a BERT folder: the V&V
-    baseline), ``transformers`` / ``torch-int8`` (:func:`load_bert`, then :func:`torch_dynamic_int8`), ``ort``
-    (:class:`OrtClassifier` of an ONNX file) or ``sensimix`` (``SensiMixForSequenceClassification``).
-    ``buckets``: wrap the model in :class:`LengthBuckets`. ``reference``: the key of the row whose logits and
-    predictions this one is compared with (None: itself a reference).
-    """
-
-    key: str
-    name: str
-    group: str                      # baseline | peer | sensimix
-    runtime: str
-    path: str                       # BERT folder, ONNX file or packed SensiMix folder
-    precision: str = "fp32"
-    layers: int | None = None       # first encoder layers of the BERT folder (None: all)
-    attention: str = "sdpa"         # transformers rows
-    skip_padding: bool | None = None  # SensiMix rows (None: the plan's choice)
-    kernels: tuple[str | None, str | None] = (None, None)  # SensiMix rows: (1-bit, 8-bit) kernel; None: the plan's
-    compiled: bool = False          # SensiMix rows: torch.compile the forward
-    buckets: int | None = None
-    reference: str | None = None
-    skipped: str | None = None      # why this row cannot run here (then it is reported, not timed)
-
-    def __post_init__(self) -> None:
-        if self.runtime not in RUNTIMES:
-            raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
-
-    def loads(self) -> tuple:
-        """What :func:`load_model` loads (the weights it holds), whatever the row's name, bucketing or compilation."""
-        return self.runtime, self.path, self.precision, self.layers, self.attention, self.skip_padding, self.kernels
-
-
-def load_model(spec: ModelSpec, device: str = "cpu", *, shared: dict[str, nn.Module] | None = None) -> nn.Module:
-    """The model ``spec`` describes, in eval mode on ``device``. ``shared``: ONNX Runtime sessions by file, so a
-    padded and a bucketed row share one session (and its memory) within a process."""
-    from ..devices import torch_dtype
-
-    if spec.skipped:
-        raise ValueError(f"{spec.name} cannot run here: {spec.skipped}")
-    if spec.runtime == "certified":
-        from ..measure import load_for_inference
-
-        model = load_for_inference(spec.path, device=device, precision=spec.precision, weights="pytorch_model.bin")
-    elif spec.runtime in ("transformers", "torch-int8"):
-        if spec.runtime == "torch-int8":
-            model = torch_dynamic_int8(load_bert(spec.path, layers=spec.layers, attention=spec.attention))
-        else:
-            model = load_bert(spec.path, layers=spec.layers, attention=spec.attention,
-                              dtype=torch_dtype(spec.precision)).to(device)
-    elif spec.runtime == "ort":
-        if shared is not None and spec.path in shared:
-            model = shared[spec.path]
-        else:
-            model = OrtClassifier(spec.path)
-            if shared is not None:
-                shared[spec.path] = model
-    else:
-        from ..inference import SensiMixForSequenceClassification
-
-        model = SensiMixForSequenceClassification.from_pretrained(
-            spec.path, device=device, precision=spec.precision, skip_padding=spec.skip_padding,
-            binary_kernel=spec.kernels[0], index8_kernel=spec.kernels[1], compile=spec.compiled)
-        model.check_inputs = False  # the batches were checked against the model when staged (as in the V&V run)
-    if spec.buckets:
-        model = LengthBuckets(model, spec.buckets)
-    return model.eval()
