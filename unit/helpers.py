@@ -1,7 +1,8 @@
 """Helpers shared by the unit test modules (their fixtures are in conftest.py; no test module imports another).
 
-:func:`load_script` for the tests of scripts/ (tools, not library code: they are run, not imported), and the rows
-a CPU benchmark run times.
+Tiny models and inputs (:data:`GEOMETRY`, :func:`build_qat`, :func:`ragged_inputs`, :func:`problem`), spies that
+record which code ran (:class:`Calls`, :class:`Launches`), the marks of tests that need a device or Triton's
+interpreter, and :func:`load_script` for the tests of scripts/ (tools, not library code: they are run, not imported).
 """
 
 from __future__ import annotations
@@ -11,13 +12,113 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
 import torch
+from transformers import BertConfig
 
 from sensimix import kernels
+from sensimix.kernels.cuda import fp8_supported
+from sensimix.kernels.triton_kernels import triton_available
+from sensimix.qat import from_bert
+from sensimix.quant import pack_signs
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# ---------------------------------------------------------------------------------------------------
+# where a test can run
+# ---------------------------------------------------------------------------------------------------
 CUDA = torch.cuda.is_available()
 CPU = torch.device("cpu")
+gpu = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")]  # scripts/gpu_check.py runs these
+INTERPRETER = triton_available(CPU)  # triton importable and TRITON_INTERPRET=1
+needs_interpreter = pytest.mark.skipif(
+    not INTERPRETER, reason="Triton kernels run on CPU only in Triton's interpreter (TRITON_INTERPRET=1 with triton "
+                            "importable): test_interpreter_runs_the_kernel_tests runs these in a subprocess")
+needs_fp8_cpu = pytest.mark.skipif(not fp8_supported(CPU), reason="this torch has no float8 / torch._scaled_mm")
+
+
+# ---------------------------------------------------------------------------------------------------
+# tiny models and inputs
+# ---------------------------------------------------------------------------------------------------
+# odd intermediate size (100: not a multiple of 8 or 32) exercises the padded bit paths
+GEOMETRY = dict(vocab_size=100, hidden_size=64, num_attention_heads=4, intermediate_size=100,
+                max_position_embeddings=32, type_vocab_size=2)
+
+
+def build_qat(layers: int = 4, eightbit: int = 2, seed: int = 0, intermediate_size: int | None = None):
+    """A tiny QAT model of :data:`GEOMETRY` (``intermediate_size``: another FFN width) with nonzero biases,
+    rounded to fp16 (what the checkpoint stores), every 1-bit FFN binarized, eval mode."""
+    geometry = {**GEOMETRY, **({} if intermediate_size is None else {"intermediate_size": intermediate_size})}
+    qat = from_bert(BertConfig(**geometry, num_hidden_layers=layers), num_hidden_layers=layers,
+                    num_8bit_layers=eightbit, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in qat.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    qat.round_float_tensors_to_fp16_()
+    qat.set_binarized_layers(qat.config.mixed_layers)
+    return qat.eval()
+
+
+SEQ = 24
+LENGTHS = [24, 1, 2, 3, 5, 8, 9, 13, 16, 17, 20, 23]  # one unpadded row, one [CLS]-only row, padding at the end
+
+
+def ragged_inputs(seed: int = 4) -> dict[str, torch.Tensor]:
+    """A batch of :data:`LENGTHS` (right-padded to :data:`SEQ`) of :data:`GEOMETRY`'s vocabulary, two segments."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, GEOMETRY["vocab_size"], (len(LENGTHS), SEQ), generator=g)
+    mask = (torch.arange(SEQ)[None, :] < torch.tensor(LENGTHS)[:, None]).long()
+    types = ((torch.arange(SEQ)[None, :] >= torch.tensor(LENGTHS)[:, None] // 2) & mask.bool()).long()
+    return {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask, "token_type_ids": types}
+
+
+def logits_of(model, inputs: dict[str, torch.Tensor], device: str = "cpu") -> torch.Tensor:
+    """``model``'s fp32 logits on the CPU for ``inputs`` run on ``device``."""
+    with torch.inference_mode():
+        return model(**{k: v.to(device) for k, v in inputs.items()}).logits.float().cpu()
+
+
+def problem(m: int, k: int, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Activations with exact zeros (sign(0) = -1), packed weights, and biases that hit acc + b == 0 exactly."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    x[:, ::5] = 0.0
+    bits = pack_signs(torch.randn(n, k, generator=g))
+    # integers and half-integers in [-6, 6] make ties (acc + b == 0 -> sign -1) common; fp16-representable
+    bias = (torch.randint(-12, 13, (n,), generator=g) / 2).to(torch.float32)
+    return x, bits, bias
+
+
+# ---------------------------------------------------------------------------------------------------
+# spies: which code ran
+# ---------------------------------------------------------------------------------------------------
+class Calls:
+    """Delegates to ``fn`` and keeps each call's arguments."""
+
+    def __init__(self, fn) -> None:
+        self.fn, self.calls = fn, []
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        return self.fn(*args, **kwargs)
+
+
+class Launches:
+    """A Triton kernel's stand-in that counts ``kernel[grid](...)`` launches."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel, self.count = kernel, 0
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.count += 1
+            return launch(*args, **kwargs)
+
+        return run
 
 
 # ---------------------------------------------------------------------------------------------------

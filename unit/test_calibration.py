@@ -5,7 +5,7 @@ import logging
 
 import pytest
 import torch
-from test_cuda_paths import logits_of, qat_model  # noqa: F401 - qat_model is a fixture
+from helpers import logits_of
 
 from sensimix import SensiMixForSequenceClassification as Packed
 from sensimix import calibration_record, kernels
@@ -55,7 +55,7 @@ def test_judge_passes_at_the_acceptance_bar_and_names_each_failure() -> None:
 # the record and what fast loads
 # ---------------------------------------------------------------------------------------------------
 @pytest.fixture
-def folder(qat_model, tmp_path):  # noqa: F811 - the imported fixture
+def folder(qat_model, tmp_path):
     qat, inputs = qat_model
     return export_checkpoint(qat, tmp_path / "sensimix"), inputs, qat
 

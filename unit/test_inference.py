@@ -9,35 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import GEOMETRY, build_qat
 from safetensors.torch import load_file, save_file
-from transformers import BertConfig
 
 from sensimix import SensiMixForSequenceClassification as Packed
 from sensimix import kernels
 from sensimix.checkpoint import CheckpointError
 from sensimix.export import convert, export_checkpoint
 from sensimix.inference import Packing, make_plan, plan
-from sensimix.qat import from_bert
 
-# odd intermediate size (100: not a multiple of 8 or 32) exercises the padded bit paths
-GEOMETRY = dict(vocab_size=100, hidden_size=64, num_attention_heads=4, intermediate_size=100,
-                max_position_embeddings=32, type_vocab_size=2)
 FIXTURE = Path(__file__).parent / "fixtures" / "packed-v1-main"
-
-
-def build_qat(layers: int = 4, eightbit: int = 2, seed: int = 0):
-    """A tiny QAT model with nonzero biases, rounded to fp16 (what the checkpoint stores), every 1-bit FFN
-    binarized, eval mode."""
-    qat = from_bert(BertConfig(**GEOMETRY, num_hidden_layers=layers), num_hidden_layers=layers,
-                    num_8bit_layers=eightbit, seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in qat.named_parameters():
-            if name.endswith("bias"):
-                p.copy_(0.5 * torch.randn(p.shape, generator=g))
-    qat.round_float_tensors_to_fp16_()
-    qat.set_binarized_layers(qat.config.mixed_layers)
-    return qat.eval()
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from helpers import problem
 
 from sensimix import kernels
 from sensimix.kernels import reference
@@ -30,17 +31,6 @@ SHAPES = [(1, 7, 3), (5, 100, 96), (17, 64, 17), (33, 200, 50), (16, 768, 40), (
 
 def cpu_binary_kernels() -> list[str]:
     return [name for name, k in kernels.BINARY_KERNELS.items() if k.unavailable(torch.device("cpu")) is None]
-
-
-def problem(m: int, k: int, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Activations with exact zeros (sign(0) = -1), packed weights, and biases that hit acc + b == 0 exactly."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, k, generator=g)
-    x[:, ::5] = 0.0
-    bits = pack_signs(torch.randn(n, k, generator=g))
-    # integers and half-integers in [-6, 6] make ties (acc + b == 0 -> sign -1) common; fp16-representable
-    bias = (torch.randint(-12, 13, (n,), generator=g) / 2).to(torch.float32)
-    return x, bits, bias
 
 
 def test_reference_binary_matmul_counts_agreements() -> None:
