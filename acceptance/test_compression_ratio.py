@@ -8,6 +8,8 @@ its model.safetensors (the file transformers loads), which is held to the same b
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from sensimix.checkpoint import WEIGHTS_SAFETENSORS
@@ -21,10 +23,20 @@ def sizes(vv_run) -> SizeReport:
     return vv_run.sizes()
 
 
-def test_certified_folder_contents(vv_run):
-    for folder in vv_run.folders:
+def test_the_folders_are_bert_base_and_its_sensimix_2_1(vv_run):
+    # what the certified folders held: bert-base-uncased (12 layers of 768, 12 heads, FFN 3072, its 30,522-token
+    # vocabulary) and its SensiMix (2+1): the first 3 layers, 2 of them 8-bit, the same width and vocabulary
+    bert, sensimix = vv_run.folders
+    for folder in (bert, sensimix):
         missing = [f for f in (*CERTIFIED_FOLDER_FILES, WEIGHTS_SAFETENSORS) if not (folder / f).is_file()]
         assert not missing, f"{folder} lacks {missing}; the certified folders held {CERTIFIED_FOLDER_FILES}"
+        vocab = (folder / "vocab.txt").read_text(encoding="utf-8").splitlines()
+        assert len(vocab) == 30522 and (vocab[0], *vocab[100:104]) == ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+    geometry = ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
+                "vocab_size")
+    b, s = (json.loads((folder / "config.json").read_text()) for folder in (bert, sensimix))
+    assert tuple(b[k] for k in geometry) == ("bert", 12, 768, 12, 3072, 30522)
+    assert tuple(s[k] for k in geometry) == ("sensimix", 3, 768, 12, 3072, 30522) and s["num_8bit_layers"] == 2
 
 
 def test_bert_baseline_is_bert_base_fp32(sizes):

@@ -171,7 +171,7 @@ def test_history_skips_broken_lines(tmp_path, caplog):
 
 
 # ---------------------------------------------------------------------------------------------------
-# timing bookkeeping (with a fake run_inference: the real one is tested in unit/test_evaluate.py)
+# timing bookkeeping (with a fake run_inference: the real one is tested in unit/test_measure.py)
 # ---------------------------------------------------------------------------------------------------
 @pytest.fixture
 def fake_evaluate(monkeypatch):
