@@ -6,9 +6,10 @@ int8, padded and length-bucketed); the like-for-like row (every layer of the BER
 with padding skipped); then each model of :data:`SENSIMIX_MODELS` in each of its :class:`Variant` s.
 
 To time SensiMix another way, add one :class:`Variant` line to :data:`EVERY_VARIANT` (SensiMix (2+1)) or
-:data:`EXACT_AND_FAST` (every model); a variant that names a kernel is listed only where that kernel runs. 1-bit
-kernels get their row without a line (:func:`other_exact_kernels`). Another SensiMix model is one
-:class:`SensiMixModel` line in :data:`SENSIMIX_MODELS`.
+:data:`EXACT_AND_FAST` (every model); a variant that names a kernel is listed only where that kernel runs (a new
+8-bit kernel is such a line). Each other exact 1-bit kernel the device runs fast, and the other exact 8-bit kernel,
+get their rows without a line (:func:`other_exact_kernels`). Another SensiMix model is one :class:`SensiMixModel`
+line in :data:`SENSIMIX_MODELS` (its folder is compressed from the same BERT).
 """
 
 from __future__ import annotations
