@@ -6,7 +6,13 @@ inference modules of :mod:`sensimix.inference`:
 
 * ``FakeIndex8Embedding`` / ``FakeIndex8Linear``: 8-bit index quantization with an identity STE;
 * ``FakeBinaryLinear``: the 1-bit FFN linears of the mixed layers, ``sign(x) @ W'^T + b`` where ``W'`` is
-  ``sign(W)`` (hardtanh STE) once the layer is binarized, or ``W`` itself before that (Prioritized Training).
+  ``sign(W)`` (hardtanh STE) once the layer is binarized, or ``W`` itself before that (Prioritized Training);
+* ``Fp16Linear`` / ``Fp16LayerNorm`` / ``Fp16Embedding``: the pooler and classifier, the LayerNorms and the
+  token-type embeddings, whose tensors the checkpoint stores in fp16.
+
+Every tensor the checkpoint stores in fp16 (those, and the biases of the quantized linears) is rounded to fp16 in
+every forward, with an identity straight-through gradient to its fp32 master value (:func:`sensimix.quant.ste_fp16`):
+the model trains in the arithmetic it is deployed in, so export changes nothing it computed.
 
 Parameter names are those of ``transformers``' BERT, so a pre-trained BERT loads into it unchanged and
 ``save_pretrained`` / ``from_pretrained`` round-trip the fp32 master weights (training checkpoints). The packed
@@ -29,7 +35,7 @@ from transformers import BertConfig, BertForSequenceClassification
 from transformers.utils import logging as hf_logging
 
 from .config import SensiMixConfig
-from .quant import abwr, ste_index8, ste_sign_input, ste_sign_weight
+from .quant import abwr, ste_fp16, ste_index8, ste_sign_input, ste_sign_weight
 from .sources import SourceError, bert_config, is_random
 
 log = logging.getLogger(__name__)
@@ -42,7 +48,7 @@ class FakeIndex8Linear(nn.Linear):
     """nn.Linear whose weight is 8-bit index fake-quantized in every forward (bias stays float)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, ste_index8(self.weight), self.bias)
+        return F.linear(x, ste_index8(self.weight), ste_fp16(self.bias))
 
 
 class FakeIndex8Embedding(nn.Embedding):
@@ -68,10 +74,31 @@ class FakeBinaryLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = ste_sign_weight(self.weight) if self.binarized else self.weight
         y = F.linear(ste_sign_input(x), w)
-        return y if self.bias is None else y + self.bias
+        return y if self.bias is None else y + ste_fp16(self.bias)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", binarized={self.binarized}"
+
+
+class Fp16Linear(nn.Linear):
+    """A float linear the checkpoint stores in fp16 (pooler, classifier): weight and bias rounded in every forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, ste_fp16(self.weight), ste_fp16(self.bias))
+
+
+class Fp16LayerNorm(nn.LayerNorm):
+    """A LayerNorm whose weight and bias the checkpoint stores in fp16: rounded in every forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.normalized_shape, ste_fp16(self.weight), ste_fp16(self.bias), self.eps)
+
+
+class Fp16Embedding(nn.Embedding):
+    """A float embedding table the checkpoint stores in fp16 (token types): rounded in every forward."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, ste_fp16(self.weight), self.padding_idx)
 
 
 def _swap(parent: nn.Module, name: str, cls: type[nn.Module]) -> None:
@@ -83,6 +110,10 @@ def _swap(parent: nn.Module, name: str, cls: type[nn.Module]) -> None:
     elif isinstance(old, nn.Embedding):
         new = cls(old.num_embeddings, old.embedding_dim, padding_idx=old.padding_idx, device="meta")
         new.weight = old.weight
+    elif isinstance(old, nn.LayerNorm):
+        new = cls(old.normalized_shape, eps=old.eps, elementwise_affine=old.elementwise_affine,
+                  bias=old.bias is not None, device="meta")
+        new.weight, new.bias = old.weight, old.bias
     else:  # pragma: no cover - guarded by the callers
         raise TypeError(f"cannot quantize {type(old).__name__} at {name}")
     setattr(parent, name, new)
@@ -102,15 +133,22 @@ def ffn_linears(layer: nn.Module) -> Iterator[tuple[nn.Module, str]]:
 
 
 def quantize_bert_for_training(bert: nn.Module, config: SensiMixConfig) -> None:
-    """Swap a ``BertModel``'s embeddings and encoder Linears for their SensiMix QAT twins, in place."""
+    """Swap a ``BertModel``'s modules for their SensiMix QAT twins, in place: 8-bit embeddings and encoder Linears,
+    1-bit FFNs, and fp16-stored twins of every other module with float tensors (LayerNorms, token types, pooler)."""
     _swap(bert.embeddings, "word_embeddings", FakeIndex8Embedding)
     _swap(bert.embeddings, "position_embeddings", FakeIndex8Embedding)
+    _swap(bert.embeddings, "token_type_embeddings", Fp16Embedding)
+    _swap(bert.embeddings, "LayerNorm", Fp16LayerNorm)
     for i, layer in enumerate(bert.encoder.layer):
         for parent, attr in attention_linears(layer):
             _swap(parent, attr, FakeIndex8Linear)
         ffn_cls = FakeBinaryLinear if i >= config.num_8bit_layers else FakeIndex8Linear
         for parent, attr in ffn_linears(layer):
             _swap(parent, attr, ffn_cls)
+        _swap(layer.attention.output, "LayerNorm", Fp16LayerNorm)
+        _swap(layer.output, "LayerNorm", Fp16LayerNorm)
+    if bert.pooler is not None:
+        _swap(bert.pooler, "dense", Fp16Linear)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -136,6 +174,7 @@ class SensiMixQATForSequenceClassification(BertForSequenceClassification):
             )
         super().__init__(config)
         quantize_bert_for_training(self.bert, config)
+        _swap(self, "classifier", Fp16Linear)
 
     # -- 1-bit FFN control (Inverse Layer-wise Fine-tuning) ----------------------------------------
     def binary_linears(self, layers: Iterable[int] | None = None) -> Iterator[tuple[int, FakeBinaryLinear]]:
@@ -175,8 +214,9 @@ class SensiMixQATForSequenceClassification(BertForSequenceClassification):
     @torch.no_grad()
     def round_float_tensors_to_fp16_(self) -> int:
         """Round every float tensor the checkpoint stores in fp16 (biases, LayerNorms, token-type embeddings,
-        pooler, classifier) to fp16 values, in place; returns how many tensors. After it, the model computes
-        what its exported checkpoint computes, so an evaluation of it is the checkpoint's."""
+        pooler, classifier) to fp16 values in place, master weights included; returns how many tensors. The forward
+        rounds them already (the ``Fp16*`` modules), so this changes no output: it makes the master weights
+        themselves what the checkpoint stores."""
         quantized = self.quantized_weight_names()
         count = 0
         for name, t in self.state_dict(keep_vars=True).items():

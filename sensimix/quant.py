@@ -135,6 +135,18 @@ class _Index8STE(torch.autograd.Function):
         return grad
 
 
+class _Fp16STE(torch.autograd.Function):
+    """Forward: the fp16 value (what the checkpoint stores), in the input's dtype. Backward: identity."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return t.to(torch.float16).to(t.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad
+
+
 class _SignInputSTE(torch.autograd.Function):
     """Forward: sign(x). Backward: identity (the input STE of SENSIMIX.md section 3)."""
 
@@ -164,6 +176,12 @@ class _SignWeightSTE(torch.autograd.Function):
 def ste_index8(w: torch.Tensor) -> torch.Tensor:
     """8-bit index fake-quantization with identity straight-through gradient."""
     return _Index8STE.apply(w)
+
+
+def ste_fp16(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` rounded to fp16 (the checkpoint stores biases, LayerNorms, token types, pooler and classifier in fp16)
+    with an identity straight-through gradient to the fp32 master value; None passes through."""
+    return None if t is None else _Fp16STE.apply(t)
 
 
 def ste_sign_input(x: torch.Tensor) -> torch.Tensor:

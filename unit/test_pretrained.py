@@ -34,7 +34,8 @@ def test_minilm_3_plus_3_untrained_export_predicts_exactly_like_the_qat_model(se
 
     source = offline_bert()
     qat = from_bert(source, num_hidden_layers=6, num_8bit_layers=3, num_labels=2, seed=0)
-    qat.round_float_tensors_to_fp16_()  # what the checkpoint stores
+    # no rounding of the master weights: the QAT forward rounds what the checkpoint stores in fp16 (before it did not,
+    # and this model's export differed by up to 0.12 in logits and in 13 of 64 predictions)
     qat.set_binarized_layers(qat.config.mixed_layers)
     qat.eval()
     tiny = [name for name, p in qat.named_parameters() if "intermediate.dense.bias" in name and
@@ -47,4 +48,4 @@ def test_minilm_3_plus_3_untrained_export_predicts_exactly_like_the_qat_model(se
         want = qat(**inputs).logits
         got = packed(**inputs).logits
     assert torch.equal(got.argmax(-1), want.argmax(-1)), "every prediction equal"
-    assert (got - want).abs().max().item() <= 1e-4
+    assert (got - want).abs().max().item() <= 1e-5

@@ -5,6 +5,9 @@ import torch
 from transformers import BertConfig
 
 from sensimix.qat import (
+    Fp16Embedding,
+    Fp16LayerNorm,
+    Fp16Linear,
     FakeBinaryLinear,
     FakeIndex8Embedding,
     FakeIndex8Linear,
@@ -27,13 +30,15 @@ def test_module_roles_follow_the_split(tiny_bert_config):
     m = from_bert(tiny_bert_config, num_hidden_layers=3, num_8bit_layers=1, seed=0)
     emb = m.bert.embeddings
     assert isinstance(emb.word_embeddings, FakeIndex8Embedding) and isinstance(emb.position_embeddings, FakeIndex8Embedding)
-    assert type(emb.token_type_embeddings) is torch.nn.Embedding  # token types stay floating point
+    assert type(emb.token_type_embeddings) is Fp16Embedding  # token types stay floating point (fp16 on disk)
+    assert type(emb.LayerNorm) is Fp16LayerNorm
     for i, layer in enumerate(m.bert.encoder.layer):
         assert isinstance(layer.attention.self.query, FakeIndex8Linear)
         assert isinstance(layer.attention.output.dense, FakeIndex8Linear)
         ffn = FakeBinaryLinear if i >= 1 else FakeIndex8Linear
         assert type(layer.intermediate.dense) is ffn and type(layer.output.dense) is ffn
-    assert type(m.bert.pooler.dense) is torch.nn.Linear and type(m.classifier) is torch.nn.Linear
+        assert type(layer.attention.output.LayerNorm) is Fp16LayerNorm and type(layer.output.LayerNorm) is Fp16LayerNorm
+    assert type(m.bert.pooler.dense) is Fp16Linear and type(m.classifier) is Fp16Linear
     assert len(m.bert.encoder.layer) == 3
 
 
@@ -189,3 +194,34 @@ def test_missing_encoder_weights_are_an_error(tiny_bert_dir, tmp_path):
     save_file({k: v for k, v in tensors.items() if "layer.0." not in k}, str(folder / "model.safetensors"))
     with pytest.raises(SourceError, match="lacks .* encoder weight"):
         from_bert(folder, num_hidden_layers=2, num_8bit_layers=1)
+
+
+def test_the_forward_computes_with_the_fp16_values_the_checkpoint_stores():
+    """Every float tensor the checkpoint stores in fp16 is rounded to fp16 in the forward (identity gradient): moving
+    a master value by a quarter of an fp16 step changes no output, and gradients still reach every master value."""
+    from sensimix.export import packed_state_dict
+
+    torch.manual_seed(0)
+    model = from_bert(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=24, max_position_embeddings=16), num_hidden_layers=2,
+                      num_8bit_layers=1, num_labels=2).eval()
+    model.set_binarized_layers([1])
+    stored_fp16 = {n for n, t in packed_state_dict(model).items()
+                   if t.dtype == torch.float16 and not n.endswith(".weight_range")}  # ranges: fp16 by design
+    params = dict(model.named_parameters())
+    assert stored_fp16 and stored_fp16 <= set(params)  # biases, LayerNorms, token types, pooler, classifier
+    ids, types = torch.randint(0, 50, (3, 7)), torch.tensor([[0, 0, 0, 1, 1, 1, 1]] * 3)
+    with torch.no_grad():
+        for name in stored_fp16:
+            params[name].copy_(params[name].half().float())
+        exact = model(input_ids=ids, token_type_ids=types).logits
+        for name in stored_fp16:  # a quarter of an fp16 step (normal range) off the stored value, either way
+            p = params[name]
+            p.add_(p.abs().clamp_min(2 ** -14) * 2 ** -13 * torch.where(torch.rand_like(p) < 0.5, -1.0, 1.0))
+            assert not torch.equal(p, p.half().float())
+        moved = model(input_ids=ids, token_type_ids=types).logits
+    assert torch.equal(moved, exact)
+    model.train()
+    model(input_ids=ids, token_type_ids=types, labels=torch.tensor([0, 1, 0])).loss.backward()
+    no_gradient = sorted(n for n in stored_fp16 if params[n].grad is None or not params[n].grad.abs().sum() > 0)
+    assert no_gradient == [], "the straight-through gradient reaches every fp16-stored master value"
