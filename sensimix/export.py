@@ -62,9 +62,9 @@ def convert(model: SensiMixQATForSequenceClassification, device: torch.device | 
 
     Every 1-bit FFN is converted binarized, whatever the training schedule reached; a warning says so when the
     model was not fully binarized (its eval accuracy then differs from the packed model's). Biases, LayerNorms,
-    pooler and classifier are stored in fp16, so the packed model computes what ``model`` computes after
-    ``model.round_float_tensors_to_fp16_()`` (logits within 1e-5); before that they differ by the fp16 rounding
-    (~1e-4 of the logits, more on a model with large biases).
+    pooler and classifier are stored in fp16, which the QAT forward rounds them to as well
+    (:func:`sensimix.quant.ste_fp16`), so the packed model computes what ``model`` computes in eval mode (logits
+    within 1e-5: only the order of float sums differs).
     """
     check_finite(dict(model.state_dict()), f"the {model.config.describe()} to convert")
     mixed = model.config.mixed_layers
