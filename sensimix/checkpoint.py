@@ -54,6 +54,8 @@ CONFIG_ONLY_KEYS = (*FORMAT_FIELDS, CHECKSUM_KEY, "architectures", "model_type",
 MODEL_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                 "hidden_act", "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "num_8bit_layers",
                 "num_labels", "sensimix_format", "sign_of_zero", "bit_order")
+# fields added after packed-v1 was released: in the checksum when present (a folder without them keeps its digest)
+OPTIONAL_MODEL_FIELDS = ("activation_quant",)
 
 Spec = dict[str, tuple[torch.dtype, tuple[int, ...]]]
 
@@ -116,10 +118,12 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def config_digest(fields: dict[str, Any]) -> str:
-    """SHA-256 of the :data:`MODEL_FIELDS` values, canonical JSON."""
+    """SHA-256 of the :data:`MODEL_FIELDS` values (and of the :data:`OPTIONAL_MODEL_FIELDS` a config sets),
+    canonical JSON."""
     picked = {k: fields.get(k) for k in MODEL_FIELDS}
     if picked["num_labels"] is None:  # config.json spells the label count as id2label
         picked["num_labels"] = len(fields.get("id2label") or {}) or None
+    picked.update({k: fields[k] for k in OPTIONAL_MODEL_FIELDS if fields.get(k) is not None})
     return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()
 
 
@@ -291,6 +295,9 @@ def write_folder(out: str | os.PathLike, config: SensiMixConfig, tensors: dict[s
     fields = config.to_dict()
     for key in ("dtype", "torch_dtype", "_name_or_path"):
         fields.pop(key, None)
+    for key in OPTIONAL_MODEL_FIELDS:  # unset: not written, so such a folder is what the earlier release wrote
+        if fields.get(key) is None:
+            fields.pop(key, None)
     fields.update(FORMAT_FIELDS, architectures=["SensiMixForSequenceClassification"])
     fields[CHECKSUM_KEY] = checksum(fields, tensors)
     target = Path(out)

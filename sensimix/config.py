@@ -20,6 +20,9 @@ MAX_VOCAB = 1 << 21
 MAX_LAYERS = 256
 MAX_PARAMETERS = 20_000_000_000
 
+ACTIVATION_QUANT = "a8"     # the one value of activation_quant (sensimix.a8.A8)
+A8_ACTIVATIONS = ("gelu", "relu")  # sensimix.a8 specifies their rounding
+
 # activations f with f(z) > 0 iff z > 0: sign(f(z)) == sign(z), so a mixed layer may skip f exactly
 SIGN_PRESERVING_ACTS = frozenset({"gelu", "gelu_new", "gelu_fast", "gelu_python", "gelu_pytorch_tanh", "quick_gelu",
                                   "relu", "silu", "swish", "tanh"})
@@ -84,12 +87,15 @@ class SensiMixConfig(BertConfig):
     Args:
         num_8bit_layers: a, the number of leading encoder layers quantized entirely to 8 bits.
             ``0 <= a <= num_hidden_layers``; the remaining layers get a 1-bit FFN.
+        activation_quant: None (the default: the 8-bit linears read fp32 activations) or ``"a8"``: every 8-bit
+            linear's input is quantized per row to 8-bit integers and the model computes :mod:`sensimix.a8`'s
+            specified arithmetic (integer GEMMs; LayerNorms, GELUs and attention with fixed roundings).
         **kwargs: any :class:`BertConfig` field (``num_hidden_layers`` is N = a + b).
     """
 
     model_type = "sensimix"
 
-    def __init__(self, num_8bit_layers: int = 2, **kwargs: Any) -> None:
+    def __init__(self, num_8bit_layers: int = 2, activation_quant: str | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("num_hidden_layers", 3)
         _label_maps(kwargs)
         try:
@@ -98,6 +104,7 @@ class SensiMixConfig(BertConfig):
             # dataclass errors are neither TypeError nor ValueError): one ValueError, on one line
             raise ValueError(" ".join(str(exc).split())) from exc
         self.num_8bit_layers = num_8bit_layers
+        self.activation_quant = activation_quant
         self.validate_sensimix()
 
     # -- validation -------------------------------------------------------------------------------
@@ -120,6 +127,13 @@ class SensiMixConfig(BertConfig):
             raise ValueError(f"hidden_act {act!r} is not supported; SensiMix needs an activation f with f(z) > 0 "
                              f"iff z > 0 (so the 1-bit FFN can skip it exactly): "
                              f"{', '.join(sorted(SIGN_PRESERVING_ACTS))}")
+        quant = getattr(self, "activation_quant", None)
+        if quant is not None and quant != ACTIVATION_QUANT:
+            raise ValueError(f"activation_quant must be absent (fp32 activations) or {ACTIVATION_QUANT!r} (8-bit "
+                             f"activations; compress --activations a8), got {_shown(quant)}")
+        if quant == ACTIVATION_QUANT and act not in A8_ACTIVATIONS:
+            raise ValueError(f"hidden_act {act!r} has no A8 rule (its rounding must be specified to deploy it "
+                             f"exactly); A8 models take {' or '.join(A8_ACTIVATIONS)}: train with fp32 activations")
         kind = getattr(self, "position_embedding_type", "absolute")
         if kind != "absolute":
             raise ValueError(f"position_embedding_type {kind!r} is not supported: SensiMix (like bert-base) uses "
@@ -136,5 +150,10 @@ class SensiMixConfig(BertConfig):
         """Indices of the layers whose FFN is 1-bit (the top b layers)."""
         return list(range(self.num_8bit_layers, self.num_hidden_layers))
 
+    @property
+    def a8(self) -> bool:
+        """Whether the 8-bit linears read 8-bit activations (``activation_quant == "a8"``)."""
+        return getattr(self, "activation_quant", None) == ACTIVATION_QUANT
+
     def describe(self) -> str:
-        return f"SensiMix ({self.num_8bit_layers}+{self.num_mixed_layers})"
+        return f"SensiMix ({self.num_8bit_layers}+{self.num_mixed_layers})" + (" A8" if self.a8 else "")

@@ -96,7 +96,7 @@ def card_slug(device: str) -> str:
 
 
 # x86 flags that decide which CPU kernels are fast (names as /proc/cpuinfo spells them)
-CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile",
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile",
              "amx_int8", "amx_bf16", "avx512_vpopcntdq")
 
 

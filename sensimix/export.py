@@ -74,6 +74,7 @@ def convert(model: SensiMixQATForSequenceClassification, device: torch.device | 
     config = _packed_config(model)
     packed = SensiMixForSequenceClassification.from_state_dict(config, packed_state_dict(model), source="QAT model")
     if device is not None or precision is not None or plan:
+        plan.setdefault("activations", "a8" if config.a8 else "fp32")
         packed.prepare(make_plan(device or "cpu", precision, **plan))
     return packed
 

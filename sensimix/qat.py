@@ -27,14 +27,17 @@ import os
 import pickle
 import re
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
+from transformers.models.bert.modeling_bert import BertSelfAttention
 from transformers.utils import logging as hf_logging
 
 from .config import SensiMixConfig
+from . import a8
 from .quant import abwr, ste_fp16, ste_index8, ste_sign_input, ste_sign_weight
 from .sources import SourceError, bert_config, is_random
 
@@ -45,10 +48,21 @@ log = logging.getLogger(__name__)
 # quantization-aware modules
 # ---------------------------------------------------------------------------------------------------
 class FakeIndex8Linear(nn.Linear):
-    """nn.Linear whose weight is 8-bit index fake-quantized in every forward (bias stays float)."""
+    """nn.Linear whose weight is 8-bit index fake-quantized in every forward (bias stays float, fp16-rounded).
+
+    With ``a8`` (an A8 model) its input is quantized per row too and the forward is the deployed integer arithmetic
+    itself (:func:`sensimix.a8.ste_linear`), in training and in eval alike.
+    """
+
+    a8: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.a8:
+            return a8.ste_linear(x, self.weight, self.bias)
         return F.linear(x, ste_index8(self.weight), ste_fp16(self.bias))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", a8" if self.a8 else "")
 
 
 class FakeIndex8Embedding(nn.Embedding):
@@ -88,10 +102,44 @@ class Fp16Linear(nn.Linear):
 
 
 class Fp16LayerNorm(nn.LayerNorm):
-    """A LayerNorm whose weight and bias the checkpoint stores in fp16: rounded in every forward."""
+    """A LayerNorm whose weight and bias the checkpoint stores in fp16: rounded in every forward. In an A8 model
+    in eval mode it is :func:`sensimix.a8.layer_norm` (the deployed rounding; training uses torch's, which differs
+    by float rounding only)."""
+
+    a8: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.a8 and not self.training:
+            return a8.eval_layer_norm(x, self.weight, self.bias, self.eps)
         return F.layer_norm(x, self.normalized_shape, ste_fp16(self.weight), ste_fp16(self.bias), self.eps)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", a8" if self.a8 else "")
+
+
+class A8Gelu(nn.Module):
+    """The GELU of an A8 model's 8-bit FFN: :func:`sensimix.a8.gelu` in eval mode, torch's erf GELU in training."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x) if self.training else a8.eval_gelu(x)
+
+
+class A8SelfAttention(BertSelfAttention):
+    """BERT self-attention whose eval forward is :func:`sensimix.a8.attention` (fp64 sums rounded once: what the
+    packed runtime computes); training runs transformers' own (with its dropout)."""
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args: Any,
+                **kwargs: Any) -> tuple[torch.Tensor, None]:
+        if self.training:
+            return super().forward(hidden_states, attention_mask, *args, **kwargs)
+        lead = hidden_states.shape[:-1]
+        heads = (*lead, -1, self.attention_head_size)
+        q, k, v = (m(hidden_states).view(heads).transpose(1, 2) for m in (self.query, self.key, self.value))
+        keep = None
+        if attention_mask is not None:  # sdpa passes a bool mask (True: attend), eager an additive 0 / -inf one
+            keep = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+        ctx = a8.eval_attention(q, k, v, keep, self.scaling)
+        return ctx.transpose(1, 2).reshape(*lead, -1), None
 
 
 class Fp16Embedding(nn.Embedding):
@@ -142,13 +190,21 @@ def quantize_bert_for_training(bert: nn.Module, config: SensiMixConfig) -> None:
     for i, layer in enumerate(bert.encoder.layer):
         for parent, attr in attention_linears(layer):
             _swap(parent, attr, FakeIndex8Linear)
-        ffn_cls = FakeBinaryLinear if i >= config.num_8bit_layers else FakeIndex8Linear
+        eightbit = i < config.num_8bit_layers
         for parent, attr in ffn_linears(layer):
-            _swap(parent, attr, ffn_cls)
+            _swap(parent, attr, FakeIndex8Linear if eightbit else FakeBinaryLinear)
         _swap(layer.attention.output, "LayerNorm", Fp16LayerNorm)
         _swap(layer.output, "LayerNorm", Fp16LayerNorm)
+        if config.a8:
+            layer.attention.self.__class__ = A8SelfAttention  # the same module and parameters, another forward
+            if eightbit and config.hidden_act == "gelu":  # ReLU is exact anywhere; a mixed layer keeps only signs
+                layer.intermediate.intermediate_act_fn = A8Gelu()
     if bert.pooler is not None:
         _swap(bert.pooler, "dense", Fp16Linear)
+    if config.a8:
+        for module in bert.modules():
+            if isinstance(module, (FakeIndex8Linear, Fp16LayerNorm)):
+                module.a8 = True
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -232,6 +288,7 @@ def from_bert(
     num_hidden_layers: int = 3,
     num_8bit_layers: int = 2,
     num_labels: int = 2,
+    activation_quant: str | None = None,
     seed: int | None = None,
     **config_overrides: object,
 ) -> SensiMixQATForSequenceClassification:
@@ -239,14 +296,14 @@ def from_bert(
 
     ``source`` is a local checkpoint folder or hub id (pre-trained or fine-tuned BERT; a fine-tuned
     classifier head with the same ``num_labels`` is kept), ``random:bert-base`` or a ``BertConfig`` for
-    random weights.
+    random weights. ``activation_quant="a8"`` makes an A8 model (:mod:`sensimix.a8`).
     """
     tcfg = bert_config(source)
     fields = tcfg.to_dict()
     for key in ("model_type", "architectures", "transformers_version", "num_8bit_layers", "_name_or_path"):
         fields.pop(key, None)
     fields.update(config_overrides)
-    fields.update(num_hidden_layers=num_hidden_layers, num_labels=num_labels)
+    fields.update(num_hidden_layers=num_hidden_layers, num_labels=num_labels, activation_quant=activation_quant)
     if "id2label" in fields and len(fields["id2label"]) != num_labels:
         fields.pop("id2label")
         fields.pop("label2id", None)

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sensimix"
 # bottom-up; a unit may import units of lower layers and of its own layer (no circle either way)
 LAYERS: list[tuple[str, ...]] = [
     ("version", "io", "devices"),
-    ("config", "quant", "data"),
+    ("config", "quant", "a8", "data"),
     ("sources", "kernels"),
     ("qat", "calibration_record"),
     ("checkpoint",),

@@ -4,13 +4,14 @@ name is the checkpoint's tensor name (``bert.encoder.layer.0.attention.self.quer
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .. import a8
 from ..config import SensiMixConfig
+from ..kernels import a8native
 from ..kernels.base import add_residual
 from .layers import BinaryLinear, Embedding, FusedIndex8Linear, Index8Embedding, Index8Linear, LayerNorm, Linear
-from .packing import Packing
+from .packing import Attend, Packing, sdpa
 from .plan import InferencePlan
 
 
@@ -55,6 +56,8 @@ class Attention(nn.Module):
         self.scale = (c.hidden_size // c.num_attention_heads) ** -0.5
         self.qkv: FusedIndex8Linear | None = None  # Q, K and V as one GEMM
         self.kv: FusedIndex8Linear | None = None  # K and V as one GEMM, Q apart (the last layer)
+        self.attend: Attend = sdpa  # an A8 plan's: sensimix.a8.attention
+        self.native = False  # an A8 plan on a CPU: the packed sequences' attention in C (the same bits)
 
     def prepare(self, plan: InferencePlan, query_apart: bool = False) -> None:
         """Kernel operands for ``plan``. Linears that read the same x run as one GEMM where the plan fuses (one
@@ -62,6 +65,8 @@ class Attention(nn.Module):
         queries only and folds keys and values into them) Q on its own, and K and V for a full-layer call."""
         s = self.self
         self.qkv = self.kv = None
+        self.attend = a8.attention if plan.a8 else sdpa
+        self.native = plan.a8 and plan.device.type == "cpu" and a8native.attention_unavailable() is None
         if plan.fuse_qkv and query_apart:
             self.kv = FusedIndex8Linear([s.key, s.value], plan)
             for part in (s.key, s.value):
@@ -126,19 +131,42 @@ class Attention(nn.Module):
         ctx = torch.bmm(z.transpose(0, 1), wv.view(heads, -1, hidden).transpose(1, 2)).transpose(0, 1)
         return first, (ctx + bv.view(heads, -1)).reshape(first.shape)  # [B, heads, d] -> [B, H]
 
+    def _first_token_exact(self, x: torch.Tensor, mask: torch.Tensor | None,
+                           packing: Packing | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """What :meth:`_first_token` computes, without folding: keys and values projected for every token, then
+        ``self.attend`` of the first token's query. An A8 plan runs this: its projections round their input rows,
+        which no fold into the query can reproduce bit for bit."""
+        first = x.index_select(0, packing.cls) if packing is not None else x[:, 0]
+        if self.qkv is not None:
+            qkv = self._qkv(x)
+            q = qkv.index_select(0, packing.cls)[:, 0] if packing is not None else qkv[:, 0, 0]
+            kv = qkv[..., 1:, :, :]
+        else:
+            q, kv = self._heads(self.self.query(first), first.shape[:-1], 1)[:, 0], self._kv(x)  # q [B, heads, d]
+        if packing is not None and self.native and packing.lens is not None:
+            return first, a8native.packed_attention(q, kv, packing.cls, packing.lens, self.scale, first_only=True)
+        if packing is not None:
+            return first, packing.first_attention(q, kv, self.scale, self.attend)
+        k, v = (t.transpose(1, 2) for t in kv.unbind(-3))  # [B, heads, S, d]
+        ctx = self.attend(q[:, :, None, :], k, v, mask, self.scale)  # [B, heads, 1, d]
+        return first, ctx.reshape(first.shape)
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, packing: Packing | None = None,
                 first_only: bool = False) -> torch.Tensor:
         """``x`` [B, S, H] with ``mask``, or packed [T, H] with ``packing`` (then ``mask`` is unused). With
         ``first_only``, the output of each sequence's first token only, [B, H]: keys and values of every token,
         the query of the first."""
         if first_only:
-            x, ctx = self._first_token(x, mask, packing)
+            x, ctx = (self._first_token_exact if self.attend is not sdpa else self._first_token)(x, mask, packing)
+        elif packing is not None and self.native and packing.lens is not None:
+            qkv = self._qkv(x)
+            ctx = a8native.packed_attention(qkv[:, 0], qkv[:, 1:], packing.cls, packing.lens, self.scale)
         elif packing is not None:
-            ctx = packing.attention(self._qkv(x), self.scale)
+            ctx = packing.attention(self._qkv(x), self.scale, self.attend)
         else:
             # [B, S, heads, d] -> [B, heads, S, d] strided views (SDPA takes strided inputs)
             q, k, v = (t.transpose(1, 2) for t in self._qkv(x).unbind(-3))
-            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+            ctx = self.attend(q, k, v, mask, self.scale)
             ctx = ctx.transpose(1, 2).reshape(x.shape)
         return self.output.dense.forward_add_norm(ctx, x, self.output.LayerNorm)
 

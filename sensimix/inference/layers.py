@@ -12,13 +12,14 @@ built on :mod:`sensimix.quant`; :func:`sensimix.export.convert` applies them to 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import kernels
-from ..kernels import Prepared
+from .. import a8, kernels
+from ..kernels import Prepared, a8native
 from ..quant import index8_dequantize, index8_quantize, pack_signs
 from .plan import InferencePlan
 
@@ -206,15 +207,24 @@ class Linear(PackedModule):
 
 
 class LayerNorm(Linear):
-    """LayerNorm with fp16 weight and bias in the file."""
+    """LayerNorm with fp16 weight and bias in the file; an A8 plan's is :func:`sensimix.a8.layer_norm`."""
 
     def __init__(self, dim: int, eps: float) -> None:
         PackedModule.__init__(self)
         self.register_buffer("weight", torch.empty(dim, dtype=torch.float16))
         self.register_buffer("bias", torch.empty(dim, dtype=torch.float16))
         self.eps = eps
+        self.a8: Callable[..., torch.Tensor] | None = None  # an A8 plan's LayerNorm (sensimix.a8's, or its C twin)
+
+    def prepare(self, plan: InferencePlan) -> None:
+        super().prepare(plan)
+        self.a8 = a8.layer_norm if plan.a8 else None
+        if plan.a8 and plan.device.type == "cpu" and a8native.unavailable_reason("a8-avx2") is None:
+            self.a8 = a8native.layer_norm  # the same bits, in C (torch's fp64 moments take ~30x longer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.a8 is not None:
+            return self.a8(x, self.op_weight, self.op_bias, self.eps)
         return F.layer_norm(x, self.op_weight.shape, self.op_weight, self.op_bias, self.eps)
 
 

@@ -31,7 +31,7 @@ from .encoder import Attention, SensiMixModel
 from .inputs import check_inputs, check_labels
 from .layers import Embedding, Index8Embedding, Linear, PackedModule
 from .packing import Packing
-from .plan import InferencePlan, checkpoint_plan, make_plan
+from .plan import InferencePlan, check_request, checkpoint_plan, make_plan
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class SensiMixForSequenceClassification(PreTrainedModel):
                 raise TypeError(f"{cls.__name__}.from_pretrained: {name} must be True or False, got {value!r}")
         request = dict(precision=precision, binary_kernel=binary_kernel, index8_kernel=index8_kernel,
                        fuse_qkv=fuse_qkv, skip_padding=skip_padding)
-        make_plan(device or "cpu", **request)  # a bad request fails here, before any file is read
+        check_request(request)  # a bad request fails here, before any file is read
         folder = loading.local_folder(pretrained_model_name_or_path, subfolder, hub)
         raw = checkpoint.read_raw_config(folder)
         config = checkpoint.config_from_raw(raw, folder / "config.json")
@@ -165,6 +165,11 @@ class SensiMixForSequenceClassification(PreTrainedModel):
         refuses to write tensors or model fields other than those the model computes with.
         """
         self._check_model_fields("prepare")
+        wanted = "a8" if self.config.a8 else "fp32"
+        if plan.activations != wanted:
+            raise ValueError(f"prepare: the plan is for {plan.activations} activations, but this is "
+                             f"{'an A8 checkpoint' if self.config.a8 else 'a checkpoint with fp32 activations'}: "
+                             f"make_plan(..., activations={wanted!r})")
         if not getattr(self, "_holds_weights", True):
             raise RuntimeError("this model holds no weights (built from a config, its buffers are uninitialised): "
                                "load a folder with from_pretrained, or export a quantization-aware model "
@@ -282,7 +287,8 @@ class SensiMixForSequenceClassification(PreTrainedModel):
             # the new device's defaults
             p = self.plan
             request = getattr(self, "plan_request", None) or dict(precision=p.precision, fuse_qkv=p.fuse_qkv,
-                                                                   skip_padding=p.skip_padding)
+                                                                   skip_padding=p.skip_padding,
+                                                                   activations=p.activations)
             self.prepare(make_plan(device, **request))
         return self
 

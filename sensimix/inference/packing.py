@@ -13,6 +13,7 @@ the way variable-length attention pipelines pass ``cu_seqlens`` from the data co
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import ClassVar
 
@@ -30,6 +31,15 @@ def _gather(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     shape = (rows.numel(), *t.shape[1:])
     out = scratch(math.prod(shape), t, t.dtype, slot="attention layout").view(shape)
     return torch.index_select(t, 0, rows, out=out)
+
+
+# attention of [rows, heads, Lq, d] queries over [rows, heads, Lk, d] keys and values with a bool mask of the keys
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+    """torch's scaled dot-product attention (the fp32 models' attention)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale)
 
 
 @dataclass(frozen=True, eq=False)  # holds tensors: identity, not elementwise, equality
@@ -68,6 +78,7 @@ class Packing:
     cls: torch.Tensor  # [B] packed row of each sequence's first token ([CLS], pooled), in batch order
     groups: tuple[_SpanGroup, ...]
     batch_shape: tuple[int, int] = (0, 0)  # [B, S] of the mask it was made from (checked against the inputs)
+    lens: torch.Tensor | None = None  # [B] attended tokens of each sequence: its packed rows are cls .. cls + lens - 1
 
     @classmethod
     def of(cls, attention_mask: torch.Tensor) -> Packing | None:
@@ -100,14 +111,15 @@ class Packing:
         where = torch.empty(bsz * seq, dtype=torch.long, device=m.device)
         where[flat_index] = torch.arange(len(flat_index), device=m.device)
         return cls(index=flat_index, positions=flat_index % seq, cls=where[torch.arange(bsz, device=m.device) * seq],
-                   groups=tuple(groups), batch_shape=(bsz, seq))
+                   groups=tuple(groups), batch_shape=(bsz, seq), lens=m.sum(dim=1))
 
     def to(self, device: torch.device | str) -> Packing:
         """The same packing with its index tensors on ``device`` (e.g. computed from a CPU mask, then staged)."""
         groups = tuple(replace(g, **{f.name: getattr(g, f.name).to(device) for f in fields(g)
                                      if isinstance(getattr(g, f.name), torch.Tensor)}) for g in self.groups)
         return Packing(index=self.index.to(device), positions=self.positions.to(device), cls=self.cls.to(device),
-                       groups=groups, batch_shape=self.batch_shape)
+                       groups=groups, batch_shape=self.batch_shape,
+                       lens=None if self.lens is None else self.lens.to(device))
 
     @property
     def device(self) -> torch.device:
@@ -117,28 +129,43 @@ class Packing:
         """The attended entries of a [B, S] input (ids, token types), packed: [T]."""
         return t.reshape(-1).index_select(0, self.index)
 
-    def attention(self, qkv: torch.Tensor, scale: float) -> torch.Tensor:
-        """SDPA of packed [T, 3, heads, d] Q/K/V, one call per span group; returns packed [T, heads * d]."""
+    def attention(self, qkv: torch.Tensor, scale: float, attend: Attend = sdpa) -> torch.Tensor:
+        """``attend`` (default SDPA) of packed [T, 3, heads, d] Q/K/V, one call per span group; returns packed
+        [T, heads * d]."""
         tokens, heads = qkv.shape[0], qkv.shape[2]
         flat = qkv.reshape(tokens, -1)
         if torch.is_grad_enabled() and qkv.requires_grad:  # out= has no autograd: the groups' rows, concatenated
-            return torch.cat([self._group_attention(flat, g, heads, scale).index_select(0, g.slots)
+            return torch.cat([self._group_attention(flat, g, heads, scale, attend).index_select(0, g.slots)
                               for g in self.groups])
         out = flat.new_empty(tokens, flat.shape[1] // 3)
         for g in self.groups:
-            torch.index_select(self._group_attention(flat, g, heads, scale), 0, g.slots,
+            torch.index_select(self._group_attention(flat, g, heads, scale, attend), 0, g.slots,
                                out=out[g.start:g.start + g.count])
         return out
 
     @staticmethod
-    def _group_attention(flat: torch.Tensor, g: _SpanGroup, heads: int, scale: float) -> torch.Tensor:
-        """SDPA of one group's [rows, span] layout: [rows * span, heads * d], padded slots included."""
+    def _group_attention(flat: torch.Tensor, g: _SpanGroup, heads: int, scale: float,
+                         attend: Attend) -> torch.Tensor:
+        """``attend`` of one group's [rows, span] layout: [rows * span, heads * d], padded slots included."""
         layout = _gather(flat, g.gather).view(g.rows, g.span, 3, heads, -1)
         q, k, v = (t.transpose(1, 2) for t in layout.unbind(2))
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask, scale=scale)
+        ctx = attend(q, k, v, g.mask, scale)
         # [rows, heads, span, d] -> [rows * span, heads * d]: a view when SDPA's output is stored
         # [rows, span, heads, d] (the CPU kernels do), so the caller's gather is the only pass
         return ctx.transpose(1, 2).reshape(g.rows * g.span, -1)
+
+    def first_attention(self, q: torch.Tensor, kv: torch.Tensor, scale: float, attend: Attend) -> torch.Tensor:
+        """``attend`` of each sequence's query q [B, heads, d] (batch order) over its packed keys and values
+        kv [T, 2, heads, d]: [B, heads * d] in batch order (the last layer's attention for its first token)."""
+        heads = kv.shape[2]
+        flat = kv.reshape(kv.shape[0], -1)
+        out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+        for g in self.groups:
+            layout = _gather(flat, g.gather).view(g.rows, g.span, 2, heads, -1)  # padded slots: finite stand-ins
+            k, v = (t.transpose(1, 2) for t in layout.unbind(2))
+            ctx = attend(q.index_select(0, g.seqs)[:, :, None, :], k, v, g.mask, scale)  # [rows, heads, 1, d]
+            out.index_copy_(0, g.seqs, ctx.reshape(g.rows, -1))
+        return out
 
     def mix_first(self, u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Each sequence's softmax-weighted mean of its packed tokens x [T, H], weighted by the scores u . x_j of

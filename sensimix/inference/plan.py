@@ -16,6 +16,11 @@ precision        what runs
                  :func:`fast_index8_kernel` for why rounded activations cannot qualify without measuring).
 ================ ================================================================================================
 
+An A8 checkpoint (``activation_quant: "a8"``, :mod:`sensimix.a8`) is one arithmetic: integer GEMMs with fixed
+float roundings around them. Its plans are ``fp32`` and ``fast``, both EXACT, both on the device's fastest A8
+kernel (no calibration is needed: nothing is approximated); fp16 and bf16 would change its arithmetic and are
+refused. The plan records ``activations`` (``fp32`` or ``a8``), and a model refuses a plan of the other kind.
+
 Its agreement with the exact path on trained models is measured (``sensimix.vv.accuracy``) and reported.
 """
 
@@ -31,12 +36,14 @@ import torch
 from .. import kernels
 from ..calibration_record import calibrated_index8_kernel
 from ..checkpoint import CHECKSUM_KEY
+from ..config import ACTIVATION_QUANT as A8
 from ..devices import resolve_device, torch_dtype
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "bf16", "fast")
 FAST = "fast"
+ACTIVATIONS = ("fp32", A8)
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,11 @@ class InferencePlan:
     fuse_qkv: bool
     skip_padding: bool
     calibrated: bool = False     # fast took the approximate 8-bit kernel this checkpoint was calibrated for
+    activations: str = "fp32"    # the checkpoint's arithmetic: fp32 activations, or a8 (sensimix.a8)
+
+    @property
+    def a8(self) -> bool:
+        return self.activations == A8
 
     @property
     def exact(self) -> bool:
@@ -61,7 +73,7 @@ class InferencePlan:
     def describe(self) -> str:
         kind = "exact" if self.exact else ("approximate, calibrated for this checkpoint" if self.calibrated
                                            else "approximate")
-        return (f"precision {self.precision} ({kind}), 1-bit kernel "
+        return (f"precision {self.precision} ({kind}{', A8' if self.a8 else ''}), 1-bit kernel "
                 f"{self.binary_kernel}, 8-bit kernel {self.index8_kernel}"
                 + (", Q/K/V fused" if self.fuse_qkv else "") + (", padding skipped" if self.skip_padding else ""))
 
@@ -117,15 +129,24 @@ def _precision_name(precision: str | torch.dtype | None) -> str:
 
 def make_plan(device: torch.device | str = "cpu", precision: str | torch.dtype | None = None, *,
               binary_kernel: str | None = None, index8_kernel: str | None = None, fuse_qkv: bool | None = None,
-              skip_padding: bool | None = None, calibrated_index8: str | None = None) -> InferencePlan:
+              skip_padding: bool | None = None, calibrated_index8: str | None = None,
+              activations: str = "fp32") -> InferencePlan:
     """Resolve a precision (default: fp32, exact, on every device) and kernel choices into a checked plan;
-    ``calibrated_index8``: the 8-bit kernel a checkpoint was calibrated for (used by ``fast`` alone)."""
+    ``calibrated_index8``: the 8-bit kernel a checkpoint was calibrated for (used by ``fast`` alone);
+    ``activations``: the checkpoint's arithmetic (``fp32``, or ``a8`` for an A8 checkpoint)."""
     dev = torch.device(resolve_device(device))
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     precision = _precision_name(precision)
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
     calibrated = False
-    if precision == FAST:
+    if activations == A8:
+        if precision not in ("fp32", FAST):
+            raise ValueError(f"precision {precision!r} would change an A8 checkpoint's arithmetic (integer GEMMs with "
+                             f"an fp32 epilogue, sensimix.a8); run it with precision fp32 or fast (both exact)")
+        dtype = torch.float32
+    elif precision == FAST:
         dtype = torch.float32
         if index8_kernel in (None, "auto"):
             index8_kernel = fast_index8_kernel(dev, calibrated_index8)
@@ -133,7 +154,7 @@ def make_plan(device: torch.device | str = "cpu", precision: str | torch.dtype |
     else:
         dtype = torch_dtype(precision)
     binary = kernels.binary_kernel(binary_kernel, dev)
-    index8 = kernels.index8_kernel(index8_kernel, dev)
+    index8 = kernels.index8_kernel(index8_kernel, dev, activations)
     if fuse_qkv is None:
         fuse_qkv = index8.fusable
     elif fuse_qkv and not index8.fusable:
@@ -141,7 +162,18 @@ def make_plan(device: torch.device | str = "cpu", precision: str | torch.dtype |
                          f"{', '.join(n for n, k in kernels.INDEX8_KERNELS.items() if k.fusable)}")
     return InferencePlan(device=dev, precision=precision, dtype=dtype, binary_kernel=binary.name,
                          index8_kernel=index8.name, fuse_qkv=fuse_qkv,
-                         skip_padding=True if skip_padding is None else bool(skip_padding), calibrated=calibrated)
+                         skip_padding=True if skip_padding is None else bool(skip_padding), calibrated=calibrated,
+                         activations=activations)
+
+
+def check_request(request: dict[str, Any]) -> None:
+    """The parts of a plan request that need no checkpoint -- the precision, kernel names that exist -- checked
+    before any file is read (whether the kernels suit the checkpoint and the device is :func:`make_plan`'s)."""
+    _precision_name(request.get("precision"))
+    for kind, table in (("binary", kernels.BINARY_KERNELS), ("index8", kernels.INDEX8_KERNELS)):
+        name = request.get(f"{kind}_kernel")
+        if name not in (None, "auto") and name not in table:
+            raise ValueError(f"unknown {kind} kernel {name!r}; choose one of: auto, {', '.join(table)}")
 
 
 def checkpoint_plan(device: torch.device | str, request: dict[str, Any], *, folder: str | os.PathLike,
@@ -153,11 +185,13 @@ def checkpoint_plan(device: torch.device | str, request: dict[str, Any], *, fold
     ``fast`` with the 8-bit kernel left to the plan reads the folder's calibration record
     (:func:`sensimix.calibration_record.calibrated_index8_kernel`: it must be valid, passed and measured on these
     weights, whose checksum the loader then proves) and takes the kernel it names where the device runs it;
-    every other request is decided by :func:`make_plan` alone.
+    every other request is decided by :func:`make_plan` alone. An A8 checkpoint (config.json's
+    ``activation_quant``) runs A8 kernels, and ignores any record: its ``fast`` is exact.
     """
     request = dict(request)
+    request["activations"] = A8 if raw_config.get("activation_quant") == A8 else "fp32"
     asks_fast = _precision_name(request.get("precision")) == FAST
-    if asks_fast and request.get("index8_kernel") in (None, "auto"):
+    if asks_fast and request["activations"] != A8 and request.get("index8_kernel") in (None, "auto"):
         calibrated = calibrated_index8_kernel(folder, raw_config.get(CHECKSUM_KEY))
         if calibrated:
             request["calibrated_index8"] = calibrated

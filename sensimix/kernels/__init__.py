@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import torch
 
+from .a8 import A8ReferenceKernel, A8TorchKernel
+from .a8native import A8NativeKernel
 from .base import BinaryKernel, Index8Kernel, Prepared
 from .cuda import Fp8BinaryKernel, SplitBf16Index8Kernel, fp8_supported
 from .fbgemm import FbgemmBinaryKernel, FbgemmIndex8Kernel, quantized_engine
@@ -65,8 +67,10 @@ BINARY_KERNELS: dict[str, BinaryKernel] = {
 }
 INDEX8_KERNELS: dict[str, Index8Kernel] = {
     k.name: k for k in (DenseIndex8Kernel(), DequantIndex8Kernel(), DynamicInt8Index8Kernel(), FbgemmIndex8Kernel(),
-                        Bf16Index8Kernel(), Int16Index8Kernel(), SplitBf16Index8Kernel(), ReferenceIndex8Kernel())
+                        Bf16Index8Kernel(), Int16Index8Kernel(), SplitBf16Index8Kernel(), ReferenceIndex8Kernel(),
+                        A8NativeKernel("a8-vnni"), A8NativeKernel("a8-avx2"), A8TorchKernel(), A8ReferenceKernel())
 }
+_A8_PREFERENCE = ("a8-vnni", "a8-avx2", "a8-torch")  # A8 checkpoints: the fastest exact A8 kernel the device runs
 _BINARY_PREFERENCE = ("fp8", "int8", "popcount", "fbgemm", "float")  # exact kernels, fastest first where each is fast
 
 
@@ -80,11 +84,19 @@ def default_binary_kernel(device: torch.device | str) -> str:
     return "float"
 
 
-def default_index8_kernel(device: torch.device | str) -> str:
-    """The exact 8-bit kernel for ``device``: ``dequant`` on CPU (int8 weight memory, dequantized per call at
-    ~1-2% of the GEMM's time), ``dense`` on CUDA (dequantized once at load: GEMMs are too fast there for a pass
-    over the weights per call)."""
-    return "dequant" if torch.device(device).type == "cpu" else "dense"
+def default_index8_kernel(device: torch.device | str, activations: str = "fp32") -> str:
+    """The exact 8-bit kernel for ``device`` and a checkpoint's ``activations``: for fp32 activations ``dequant``
+    on CPU (int8 weight memory, dequantized per call at ~1-2% of the GEMM's time), ``dense`` on CUDA (dequantized
+    once at load: GEMMs are too fast there for a pass over the weights per call); for A8 the first A8 kernel of
+    the preference list that runs there fast."""
+    device = torch.device(device)
+    if activations == "a8":
+        for name in _A8_PREFERENCE:
+            kernel = INDEX8_KERNELS[name]
+            if kernel.unavailable(device) is None and kernel.fast_on(device):
+                return name
+        return "a8-torch"
+    return "dequant" if device.type == "cpu" else "dense"
 
 
 def _resolve(kind: str, table: dict, name: str | None, device: torch.device | str, default):
@@ -103,6 +115,13 @@ def binary_kernel(name: str | None, device: torch.device | str) -> BinaryKernel:
     return _resolve("binary", BINARY_KERNELS, name, device, default_binary_kernel)
 
 
-def index8_kernel(name: str | None, device: torch.device | str) -> Index8Kernel:
-    """The 8-bit kernel called ``name`` (None/"auto": the device default), checked to run on ``device``."""
-    return _resolve("index8", INDEX8_KERNELS, name, device, default_index8_kernel)
+def index8_kernel(name: str | None, device: torch.device | str, activations: str = "fp32") -> Index8Kernel:
+    """The 8-bit kernel called ``name`` (None/"auto": the default for the device and the checkpoint's
+    ``activations``), checked to run on ``device`` and to compute that arithmetic."""
+    kernel = _resolve("index8", INDEX8_KERNELS, name, device, lambda d: default_index8_kernel(d, activations))
+    if kernel.activations != activations:
+        names = ", ".join(n for n, k in INDEX8_KERNELS.items() if k.activations == activations)
+        what = "an A8 checkpoint (8-bit activations)" if activations == "a8" else "a checkpoint with fp32 activations"
+        raise ValueError(f"index8 kernel {kernel.name!r} computes {kernel.activations} activations, but this is "
+                         f"{what}: choose one of {names}")
+    return kernel

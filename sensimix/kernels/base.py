@@ -120,10 +120,16 @@ def per_row_params(parts: Sequence[Index8Part], params: Sequence[torch.Tensor]) 
 
 
 class Index8Kernel:
-    """An 8-bit index linear kernel. Subclasses implement ``prepare_one`` (and ``linear``)."""
+    """An 8-bit index linear kernel. Subclasses implement ``prepare_one`` (and ``linear``).
+
+    ``activations`` names the arithmetic it computes: ``"fp32"`` (the linear of fp32 activations, for checkpoints
+    without ``activation_quant``) or ``"a8"`` (:mod:`sensimix.a8`, for A8 checkpoints). A plan pairs a checkpoint
+    with kernels of its own arithmetic only; ``exact`` is about that arithmetic.
+    """
 
     name: ClassVar[str]
     exact: ClassVar[bool] = True
+    activations: ClassVar[str] = "fp32"
     out_dtype: ClassVar[torch.dtype | None] = None  # None: the activation dtype
     fusable: ClassVar[bool] = False  # can run several linears that read the same input as one GEMM
 

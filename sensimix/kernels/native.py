@@ -112,7 +112,8 @@ def _load(source: str, flags: tuple[str, ...]) -> ctypes.CDLL:
     version = _run([*cc, "--version"])
     if version.returncode != 0:
         raise NativeBuildError(f"the C compiler `{' '.join(cc)}` does not run: {version.stderr.strip()[:200]}")
-    key = hashlib.sha256("\0".join([src.read_text(), *flags, *cc, version.stdout]).encode()).hexdigest()[:16]
+    headers = [h.read_text() for h in sorted(CSRC.glob("*.h"))]  # a source may include them: part of the build
+    key = hashlib.sha256("\0".join([src.read_text(), *headers, *flags, *cc, version.stdout]).encode()).hexdigest()[:16]
     folder = cache_dir()
     _private_folder(folder)
     lib = folder / f"{src.stem}-{key}.so"

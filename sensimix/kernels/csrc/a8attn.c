@@ -1,0 +1,166 @@
+/* A8 attention over packed sequences (sensimix/kernels/a8native.py), for x86 CPUs with AVX2:
+ * sensimix/a8.py's attention, bit for bit (a8_spec.h; compile with -ffp-contract=off).
+ *
+ * Per sequence b (its tokens are rows starts[b] .. starts[b] + lens[b] - 1 of k and v) and head h (columns
+ * h * d .. h * d + d - 1 of each row): s_j = f32(q . k_j summed in fp64) * scale; e_j = exp(s_j - max s) by the
+ * A8 exp (0 below -80); p_j = e_j / f32(sum e in fp64); out = f32(sum p_j v_j in fp64). Products of two fp32
+ * values are exact in fp64, so the sums' order changes nothing but fp64 roundings, which the rounding to fp32
+ * almost surely absorbs (the torch definition sums in another order; the tests compare bit for bit).
+ *
+ * Queries: every token of the sequence (rows starts[b] + i of q and out), or with first_only the sequence's
+ * first token alone (row b of q and of out: the pooled [CLS] of the last layer). Keys and values of a sequence are
+ * taken to fp64 once per head. Tasks (sequence, head) are shared out between `threads` POSIX threads by an atomic
+ * counter; every function is reentrant.
+ */
+#include <immintrin.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "a8_spec.h"
+
+#define ABI 1
+
+int64_t sensimix_a8_attention_abi(void) { return ABI; }
+
+typedef struct {
+    const float *q, *k, *v;
+    int64_t ldq, ldkv;
+    const int64_t *starts, *lens;
+    int64_t nseq, heads, d, maxlen;
+    float scale;
+    float *out;
+    int64_t ldo;
+    int first_only;
+    atomic_long *next;
+    int status;
+} job_t;
+
+/* out[d] = attention of one query q[d] over the sequence's keys kt (fp64, [d][L]: key j at column j) and
+ * values vd (fp64, [L][d]) */
+static void one_query(const float *q, const double *kt, const double *vd, int64_t len, int64_t d, float scale,
+                      float *s, float *out) {
+    int64_t j = 0;
+    for (; j + 4 <= len; j += 4) {
+        __m256d acc = _mm256_setzero_pd();
+        for (int64_t t = 0; t < d; t++)
+            acc = _mm256_add_pd(acc, _mm256_mul_pd(_mm256_set1_pd((double)q[t]), _mm256_loadu_pd(kt + t * len + j)));
+        _mm_storeu_ps(s + j, _mm_mul_ps(_mm256_cvtpd_ps(acc), _mm_set1_ps(scale)));
+    }
+    for (; j < len; j++) {
+        double acc = 0.0;
+        for (int64_t t = 0; t < d; t++) acc += (double)q[t] * kt[t * len + j];
+        s[j] = (float)acc * scale;
+    }
+    float m = s[0];
+    for (j = 1; j < len; j++) m = s[j] > m ? s[j] : m;
+    __m256d z0 = _mm256_setzero_pd(), z1 = _mm256_setzero_pd();
+    const __m256 vm = _mm256_set1_ps(m);
+    for (j = 0; j + 8 <= len; j += 8) {
+        __m256 e = softmax_exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), vm));
+        _mm256_storeu_ps(s + j, e);
+        z0 = _mm256_add_pd(z0, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
+        z1 = _mm256_add_pd(z1, _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1)));
+    }
+    double zsum = hsum4d(_mm256_add_pd(z0, z1));
+    if (j < len) {
+        float in[8] = {0}, e[8];
+        memcpy(in, s + j, (size_t)(len - j) * sizeof(float));
+        _mm256_storeu_ps(e, softmax_exp8(_mm256_sub_ps(_mm256_loadu_ps(in), vm)));
+        for (int64_t t = 0; t < len - j; t++) {
+            s[j + t] = e[t];
+            zsum += (double)e[t];
+        }
+    }
+    float z = (float)zsum;
+    for (j = 0; j < len; j++) s[j] = s[j] / z;
+    for (int64_t t0 = 0; t0 < d; t0 += 16) {
+        int64_t w = d - t0 < 16 ? d - t0 : 16;
+        __m256d acc[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()};
+        if (w == 16) {
+            for (j = 0; j < len; j++) {
+                __m256d p = _mm256_set1_pd((double)s[j]);
+                const double *row = vd + j * d + t0;
+                for (int c = 0; c < 4; c++) acc[c] = _mm256_add_pd(acc[c], _mm256_mul_pd(p, _mm256_loadu_pd(row + 4 * c)));
+            }
+            for (int c = 0; c < 4; c++) _mm_storeu_ps(out + t0 + 4 * c, _mm256_cvtpd_ps(acc[c]));
+        } else {
+            for (int64_t t = 0; t < w; t++) {
+                double a = 0.0;
+                for (j = 0; j < len; j++) a += (double)s[j] * vd[j * d + t0 + t];
+                out[t0 + t] = (float)a;
+            }
+        }
+    }
+}
+
+static void run_tasks(job_t *jb) {
+    int64_t d = jb->d;
+    double *kt = (double *)malloc((size_t)(2 * jb->maxlen * d) * sizeof(double));
+    float *s = (float *)malloc((size_t)(jb->maxlen + 8) * sizeof(float));
+    if (!kt || !s) {
+        free(kt);
+        free(s);
+        jb->status = -3;
+        return;
+    }
+    double *vd = kt + jb->maxlen * d;
+    for (;;) {
+        int64_t task = (int64_t)atomic_fetch_add(jb->next, 1);
+        if (task >= jb->nseq * jb->heads) break;
+        int64_t b = task / jb->heads, h = task % jb->heads, start = jb->starts[b], len = jb->lens[b];
+        for (int64_t j = 0; j < len; j++) {  /* the sequence's keys (transposed) and values, in fp64 */
+            const float *kr = jb->k + (start + j) * jb->ldkv + h * d, *vr = jb->v + (start + j) * jb->ldkv + h * d;
+            for (int64_t t = 0; t < d; t++) {
+                kt[t * len + j] = (double)kr[t];
+                vd[j * d + t] = (double)vr[t];
+            }
+        }
+        if (jb->first_only) {
+            one_query(jb->q + b * jb->ldq + h * d, kt, vd, len, d, jb->scale, s, jb->out + b * jb->ldo + h * d);
+        } else {
+            for (int64_t i = 0; i < len; i++)
+                one_query(jb->q + (start + i) * jb->ldq + h * d, kt, vd, len, d, jb->scale, s,
+                          jb->out + (start + i) * jb->ldo + h * d);
+        }
+    }
+    free(kt);
+    free(s);
+}
+
+static void *thread_main(void *arg) {
+    run_tasks((job_t *)arg);
+    return NULL;
+}
+
+/* see the header; lens[b] >= 1. Returns 0, or -3 when memory ran out. */
+int sensimix_a8_attention(const float *q, int64_t ldq, const float *k, const float *v, int64_t ldkv,
+                          const int64_t *starts, const int64_t *lens, int64_t nseq, int64_t heads, int64_t d,
+                          float scale, int first_only, float *out, int64_t ldo, int threads) {
+    job_t jobs[64];
+    pthread_t ids[64];
+    int started[64] = {0};
+    atomic_long next;
+    atomic_init(&next, 0);
+    int64_t maxlen = 1, tasks = nseq * heads;
+    for (int64_t b = 0; b < nseq; b++) maxlen = lens[b] > maxlen ? lens[b] : maxlen;
+    if (threads > 64) threads = 64;
+    if (threads > tasks) threads = (int)tasks;
+    if (threads < 1) threads = 1;
+    for (int t = 0; t < threads; t++)
+        jobs[t] = (job_t){.q = q, .k = k, .v = v, .ldq = ldq, .ldkv = ldkv, .starts = starts, .lens = lens,
+                          .nseq = nseq, .heads = heads, .d = d, .maxlen = maxlen, .scale = scale, .out = out,
+                          .ldo = ldo, .first_only = first_only, .next = &next, .status = 0};
+    for (int t = 1; t < threads; t++) started[t] = pthread_create(&ids[t], NULL, thread_main, &jobs[t]) == 0;
+    run_tasks(&jobs[0]);
+    int status = jobs[0].status;
+    for (int t = 1; t < threads; t++) {
+        if (started[t]) {
+            pthread_join(ids[t], NULL);
+            if (jobs[t].status) status = jobs[t].status;
+        }
+    }
+    return status;
+}
