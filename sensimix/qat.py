@@ -36,8 +36,8 @@ from transformers import BertConfig, BertForSequenceClassification
 from transformers.models.bert.modeling_bert import BertSelfAttention
 from transformers.utils import logging as hf_logging
 
-from .config import SensiMixConfig
 from . import a8
+from .config import SensiMixConfig
 from .quant import abwr, ste_fp16, ste_index8, ste_sign_input, ste_sign_weight
 from .sources import SourceError, bert_config, is_random
 

@@ -45,12 +45,14 @@ GEOMETRY = dict(vocab_size=100, hidden_size=64, num_attention_heads=4, intermedi
                 max_position_embeddings=32, type_vocab_size=2)
 
 
-def build_qat(layers: int = 4, eightbit: int = 2, seed: int = 0, intermediate_size: int | None = None):
-    """A tiny QAT model of :data:`GEOMETRY` (``intermediate_size``: another FFN width) with nonzero biases,
-    rounded to fp16 (what the checkpoint stores), every 1-bit FFN binarized, eval mode."""
+def build_qat(layers: int = 4, eightbit: int = 2, seed: int = 0, intermediate_size: int | None = None,
+              activation_quant: str | None = None):
+    """A tiny QAT model of :data:`GEOMETRY` (``intermediate_size``: another FFN width; ``activation_quant="a8"``: an
+    A8 model) with nonzero biases, rounded to fp16 (what the checkpoint stores), every 1-bit FFN binarized, eval
+    mode."""
     geometry = {**GEOMETRY, **({} if intermediate_size is None else {"intermediate_size": intermediate_size})}
     qat = from_bert(BertConfig(**geometry, num_hidden_layers=layers), num_hidden_layers=layers,
-                    num_8bit_layers=eightbit, seed=seed)
+                    num_8bit_layers=eightbit, seed=seed, activation_quant=activation_quant)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in qat.named_parameters():
@@ -149,4 +151,14 @@ def cpu_bench_rows() -> list[str]:
     return ["bert-fp32", "bert-torch-int8", *ORT_ROWS[:4], "bert3-fp32", "bert3-torch-int8", *ORT_ROWS[4:],
             "bert-runtime-fp32-skip", "sensimix-2+1-fp32", "sensimix-2+1-fast", "sensimix-2+1-fast-padded",
             "sensimix-2+1-bf16", *(f"sensimix-2+1-fp32-1bit-{n}" for n in fast_binary), "sensimix-2+1-fp32-8bit-dense",
-            *int16, "sensimix-3+3-fp32", "sensimix-3+3-fast"]
+            *int16, "sensimix-3+3-fp32", "sensimix-3+3-fast", *a8_bench_rows()]
+
+
+def a8_bench_rows() -> list[str]:
+    """The A8 models' rows of a CPU run: (2+1) exact, fast, fast with padding kept, each other A8 kernel this CPU
+    runs; (3+3) exact and fast."""
+    default = kernels.default_index8_kernel(CPU, "a8")
+    others = [n for n, k in kernels.INDEX8_KERNELS.items() if k.activations == "a8"
+              and n not in (default, "a8-reference") and k.unavailable(CPU) is None]
+    return ["sensimix-2+1-a8-fp32", "sensimix-2+1-a8-fast", "sensimix-2+1-a8-fast-padded",
+            *(f"sensimix-2+1-a8-fp32-8bit-{n}" for n in others), "sensimix-3+3-a8-fp32", "sensimix-3+3-a8-fast"]

@@ -76,7 +76,8 @@ def test_the_rows_hold_this_runs_rounds_and_goals(quick):
     assert rows[quick["best_peer"]]["group"] in ("baseline", "peer")
     goals = {g["id"]: g for g in quick["goals"]}
     assert list(goals) == ["fast_time_vs_best_peer", "calibrated_fast_time_vs_best_peer", "exact_time_vs_bert_fp32",
-                           "fast_weight_memory_vs_bert_fp32", "exact_weight_memory_vs_bert_fp32"]
+                           "fast_weight_memory_vs_bert_fp32", "exact_weight_memory_vs_bert_fp32",
+                           "a8_exact_time_vs_best_peer"]
     assert goals["fast_time_vs_best_peer"]["against"] == quick["best_peer"]
     int16 = "ms_per_batch" in rows.get("sensimix-2+1-fp32-8bit-int16", {})  # an AVX2 CPU with a C compiler
     assert [g["id"] for g in goals.values() if g["met"] is None] == ([] if int16 else

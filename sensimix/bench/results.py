@@ -1,4 +1,4 @@
-"""The benchmark's arithmetic: per-row figures from the timed rounds, the best peer, and issue 10's goals.
+"""The benchmark's arithmetic: per-row figures from the timed rounds, the best peer, and the goals (issues 10, 24).
 
 Every ratio is taken within one run (the rounds interleave every model), so load from other processes hits all rows
 alike: ``ratio_vs_bert_fp32`` is the median round of a row over the median round of the baseline, and
@@ -42,7 +42,9 @@ GOALS = (Goal("fast_time_vs_best_peer", "sensimix-2+1-fast", BEST_PEER, 0.75, "t
          Goal("calibrated_fast_time_vs_best_peer", "sensimix-2+1-fp32-8bit-int16", BEST_PEER, 0.75, "time"),
          Goal("exact_time_vs_bert_fp32", "sensimix-2+1-fp32", BERT_FP32, 0.12, "time"),
          Goal("fast_weight_memory_vs_bert_fp32", "sensimix-2+1-fast", BERT_FP32, 0.15, "memory"),
-         Goal("exact_weight_memory_vs_bert_fp32", "sensimix-2+1-fp32", BERT_FP32, 0.15, "memory"))
+         Goal("exact_weight_memory_vs_bert_fp32", "sensimix-2+1-fp32", BERT_FP32, 0.15, "memory"),
+         # issue 24: the A8 (2+1)'s exact integer kernels against the best peer (on every CPU kind)
+         Goal("a8_exact_time_vs_best_peer", "sensimix-2+1-a8-fp32", BEST_PEER, 0.6, "time"))
 
 
 def make_rows(specs: Sequence[ModelSpec], timers: Mapping[str, Any], trials: Sequence[Mapping[str, float]],

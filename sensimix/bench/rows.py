@@ -114,19 +114,22 @@ class SensiMixModel:
     layers: int
     eightbit: int
     variants: tuple[VariantEntry, ...] = EXACT_AND_FAST
+    activations: str = "fp32"  # or "a8": an A8 model (sensimix.a8)
 
     @property
-    def shape(self) -> tuple[int, int]:
-        """(layers, 8-bit layers): the key of its folder."""
-        return self.layers, self.eightbit
+    def shape(self) -> tuple:
+        """(layers, 8-bit layers), and "a8" for an A8 model: the key of its folder."""
+        return (self.layers, self.eightbit) + (() if self.activations == "fp32" else (self.activations,))
 
     @property
     def prefix(self) -> str:
-        return f"sensimix-{self.eightbit}+{self.layers - self.eightbit}"
+        return f"sensimix-{self.eightbit}+{self.layers - self.eightbit}" + \
+            ("" if self.activations == "fp32" else f"-{self.activations}")
 
     @property
     def name(self) -> str:
-        return f"SensiMix ({self.eightbit}+{self.layers - self.eightbit})"
+        return f"SensiMix ({self.eightbit}+{self.layers - self.eightbit})" + \
+            ("" if self.activations == "fp32" else f" {self.activations.upper()}")
 
     def variants_on(self, device: torch.device, compiled: bool = True) -> list[Variant]:
         """The model's variants listed for a run on ``device``, in the table's order."""
@@ -139,10 +142,27 @@ class SensiMixModel:
         return out
 
 
-# the first is the V&V run's SensiMix (2+1), timed every way; (3+3) exact and fast
+def other_a8_kernels(device: torch.device) -> list[Variant]:
+    """An A8 model's exact path on each other A8 kernel ``device`` runs (the default is timed already)."""
+    default = kernels.default_index8_kernel(device, "a8")
+    return [Variant(f"fp32-8bit-{n}", f"fp32, 8-bit {n}", "fp32", index8_kernel=n)
+            for n, k in kernels.INDEX8_KERNELS.items() if k.activations == "a8" and n not in (default, "a8-reference")
+            and (k.unavailable(device) is None or (device.type == "cuda" and not torch.cuda.is_available()
+                                                    and n == "a8-torch"))]
+
+
+A8_VARIANTS: tuple[VariantEntry, ...] = (
+    *EXACT_AND_FAST,
+    Variant("fast-padded", "fast, padding kept", "fast", skip_padding=False),
+    other_a8_kernels,
+)
+
+# the first is the V&V run's SensiMix (2+1), timed every way; (3+3) exact and fast; their A8 twins (8-bit activations)
 SENSIMIX_MODELS: tuple[SensiMixModel, ...] = (
     SensiMixModel(3, 2, EVERY_VARIANT),
     SensiMixModel(6, 3),
+    SensiMixModel(3, 2, A8_VARIANTS, activations="a8"),
+    SensiMixModel(6, 3, activations="a8"),
 )
 
 

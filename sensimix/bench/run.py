@@ -98,7 +98,8 @@ def build(s: BenchSettings, root: Path) -> tuple[VVRun, dict[tuple, Path], dict[
     sensimix: dict[tuple, Path] = {main.shape: sensimix21}
     for model in SENSIMIX_MODELS[1:]:
         sensimix[model.shape] = build_sensimix_folder(bert, out / model.prefix, layers=model.layers,
-                                                      eightbit_layers=model.eightbit, seed=vv.seed, overwrite=True)
+                                                      eightbit_layers=model.eightbit, seed=vv.seed, overwrite=True,
+                                                      activations=model.activations)
     depth = bert_config(bert, allow_qat=False).num_hidden_layers
     sensimix[LIKE_FOR_LIKE] = build_sensimix_folder(bert, out / "bert-runtime", layers=depth, eightbit_layers=depth,
                                                     seed=vv.seed, overwrite=True)

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import argparse
 
+from ..config import ACTIVATION_QUANT
 from .common import add_data_arguments, add_training_arguments, finite_float, int_at_least, settings_from_args
 
+ACTIVATIONS = ("fp32", ACTIVATION_QUANT)
 HELP = "compress a BERT checkpoint into a SensiMix (a+b) model (train with ABWR/PT/ILF, then export)"
 DESCRIPTION = """\
 Compress a BERT into SensiMix (a+b): keep its first N = a+b encoder layers, quantize embeddings and the
 first a layers to 8-bit indices, give the top b layers a 1-bit FFN, fine-tune on a GLUE task with ABWR,
 Prioritized Training and Inverse Layer-wise Fine-tuning, and write the compressed folder (config.json,
-pytorch_model.bin, model.safetensors, tokenizer files, training_metrics.json). After training it measures the
-approximate int16 8-bit kernel against the exact path and records the result (fast_calibration.json): on up
+pytorch_model.bin, model.safetensors, tokenizer files, training_metrics.json). With --activations a8 the 8-bit
+linears read 8-bit integers, in training and at inference alike (integer kernels, exact). With fp32 activations it
+measures, after training, the approximate int16 8-bit kernel against the exact path and records the result
+(fast_calibration.json): on up
 to 4,096 train examples it did not train on when --train-limit left at least 200 out, else on the dev split (which
 then stays independent evidence for the acceptance suite's fast_agreement). Precision "fast" takes that kernel only
 for models it kept.
@@ -23,6 +27,7 @@ replaced without --overwrite. A run whose weights diverge (NaN/inf) writes nothi
 
 examples:
   sensimix compress --bert ./minilm-sst2 --task sst-2 --glue-dir glue_data --out out/sst2-3+3 --layers 6 --8bit-layers 3
+  sensimix compress --bert ./minilm-sst2 --task sst-2 --out out/sst2-2+1-a8 --activations a8   # 8-bit activations
   sensimix compress --bert random:bert-base --max-steps 0 --out out/size-2+1      # size check, no data needed
   torchrun --nproc_per_node 4 -m sensimix compress ...                            # multi-GPU (DDP)
 """
@@ -38,6 +43,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="N = a+b encoder layers to keep (default: %(default)s)")
     p.add_argument("--8bit-layers", dest="eightbit_layers", type=int_at_least(0), default=2,
                    help="a = leading layers fully 8-bit; the other N-a get a 1-bit FFN (default: %(default)s)")
+    p.add_argument("--activations", choices=ACTIVATIONS, default="fp32",
+                   help="what the 8-bit linears read: fp32 activations, or a8: each input row quantized to 8-bit "
+                        "integers in training and at inference alike, so integer kernels compute the trained "
+                        "model bit for bit (sensimix/a8.py; no fast calibration needed) (default: %(default)s)")
     add_data_arguments(p)
     add_training_arguments(p)
     g = p.add_argument_group("recipe")
@@ -70,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     )
     result = compress(args.bert, args.task, args.out, glue_dir=args.glue_dir, layers=args.layers,
                       eightbit_layers=args.eightbit_layers, settings=settings, teacher=args.teacher,
-                      overwrite=args.overwrite, hub_data=args.hub_data)
+                      overwrite=args.overwrite, hub_data=args.hub_data, activations=args.activations)
     size = (result.path / "pytorch_model.bin").stat().st_size
     print(f"wrote {result.path}: pytorch_model.bin {size / 1e6:.1f} MB")
     if "eval_accuracy" in result.metrics:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import ACTIVATION_QUANT
 from ..devices import resolve_device
 from ..io import (
     atomic_dir,
@@ -159,8 +160,9 @@ def finetune(bert: str | os.PathLike, task: str, out: str | os.PathLike, *, glue
 def compress(bert: str | os.PathLike, task: str, out: str | os.PathLike, *, glue_dir: str | os.PathLike | None = None,
              layers: int = 3, eightbit_layers: int = 2, settings: TrainSettings | None = None,
              teacher: str | os.PathLike | None = None, overwrite: bool = False,
-             hub_data: bool = False) -> TrainResult:
-    """Build SensiMix (eightbit_layers + layers - eightbit_layers) from ``bert``, train it, export it to ``out``."""
+             hub_data: bool = False, activations: str = "fp32") -> TrainResult:
+    """Build SensiMix (eightbit_layers + layers - eightbit_layers) from ``bert``, train it, export it to ``out``.
+    ``activations="a8"``: an A8 model (:mod:`sensimix.a8`; its kernels are exact, so no fast calibration runs)."""
     from transformers import set_seed
 
     from ..checkpoint import check_finite
@@ -176,19 +178,22 @@ def compress(bert: str | os.PathLike, task: str, out: str | os.PathLike, *, glue
     if shaping and teacher is None:  # accepted and ignored would be worse than refused
         raise ValueError(f"{', '.join(shaping)} shape the distillation from --teacher, and there is none: pass "
                          f"--teacher <fine-tuned BERT folder>, or drop them")
+    if activations not in ("fp32", ACTIVATION_QUANT):
+        raise ValueError(f"--activations must be fp32 or {ACTIVATION_QUANT}, got {activations!r}")
     trains = settings.max_steps != 0  # the metrics record what ran: without training, no distillation or calibration
     settings = dataclasses.replace(settings, distill=teacher is not None and trains,
-                                   fast_calibration=settings.fast_calibration and trains)
+                                   fast_calibration=settings.fast_calibration and trains and activations == "fp32")
     out = _check_before_training(bert, task, out, overwrite, settings, glue_dir, hub_data, teacher)
     with _reserve(out):
         set_seed(settings.seed)
         tokenizer = load_tokenizer(bert)
-        model = from_bert(bert, num_hidden_layers=layers, num_8bit_layers=eightbit_layers, num_labels=num_labels(task))
+        model = from_bert(bert, num_hidden_layers=layers, num_8bit_layers=eightbit_layers, num_labels=num_labels(task),
+                          activation_quant=None if activations == "fp32" else activations)
         log.info("%s: %d mixed layer(s) %s, recipe ABWR=%s PT=%s ILF=%s distill=%s", model.config.describe(),
                  model.config.num_mixed_layers, model.config.mixed_layers, settings.abwr, settings.pt, settings.ilf,
                  settings.distill)
         metrics: dict = {"settings": settings.as_dict(), "bert": str(bert), "task": task,
-                         "model": model.config.describe()}
+                         "model": model.config.describe(), "activations": activations}
         schedule: list = []
         if settings.max_steps != 0:
             train_ds, dev_ds = prepare_task_data(task, tokenizer, glue_dir, max_seq_length=settings.max_seq_length,
@@ -226,8 +231,8 @@ def _calibrate_fast(out: Path, task: str, tokenizer: Any, glue_dir: str | os.Pat
     examples this run did not train on, else the dev split (:func:`sensimix.train.calibrate.calibration_examples`).
     The folder is complete without it: a failure is logged and ``fast`` stays exact."""
     from ..calibration_record import RECORD
-    from .calibrate import calibrate, calibration_examples
     from ..measure import examples_inputs
+    from .calibrate import calibrate, calibration_examples
 
     try:
         examples, data, _ = calibration_examples(task, glue_dir, train_limit=settings.train_limit,

@@ -61,6 +61,7 @@ class VVSettings:
     sensimix: str | os.PathLike | None = None  # an existing packed folder (else compressed from bert, untrained)
     layers: int = 3
     eightbit_layers: int = 2
+    activations: str = "fp32"            # the built SensiMix's: fp32 activations, or a8 (sensimix.a8)
     seed: int = 0
     keep_models: str | os.PathLike | None = None  # write the folders built here to this folder and keep them
     overwrite: bool = False              # may replace keep_models/bert and keep_models/sensimix
@@ -89,6 +90,8 @@ class VVSettings:
             raise ValueError(f"--warmup-batches must be >= 0, got {s.warmup_batches}")
         if not 0 <= s.eightbit_layers <= s.layers:
             raise ValueError(f"--8bit-layers must be in [0, --layers={s.layers}], got {s.eightbit_layers}")
+        if s.activations not in ("fp32", "a8"):
+            raise ValueError(f"--activations must be fp32 or a8, got {s.activations!r}")
         if s.accuracy is not None:
             s.accuracy = dataclasses.replace(s.accuracy, device=device, sensimix_precision=s.sensimix_precision)
         return s
@@ -198,10 +201,11 @@ class VVRun:
         if s.sensimix is not None:
             sensimix = Path(s.sensimix)
         else:
-            log.info("compressing %s into SensiMix (%d+%d) (quantize and export; no training)", bert,
-                     s.eightbit_layers, s.layers - s.eightbit_layers)
+            log.info("compressing %s into SensiMix (%d+%d)%s (quantize and export; no training)", bert,
+                     s.eightbit_layers, s.layers - s.eightbit_layers, " A8" if s.activations == "a8" else "")
             sensimix = build_sensimix_folder(bert, root / "sensimix", layers=s.layers,
-                                             eightbit_layers=s.eightbit_layers, seed=s.seed, overwrite=s.overwrite)
+                                             eightbit_layers=s.eightbit_layers, seed=s.seed, overwrite=s.overwrite,
+                                             activations=s.activations)
         return bert, sensimix
 
     # -- criterion 1 -----------------------------------------------------------------------------

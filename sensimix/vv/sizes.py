@@ -224,10 +224,12 @@ def build_bert_folder(out: str | os.PathLike, source: str | os.PathLike = "rando
 
 
 def build_sensimix_folder(bert_dir: str | os.PathLike, out: str | os.PathLike, *, layers: int = 3,
-                          eightbit_layers: int = 2, seed: int = 0, overwrite: bool = False) -> Path:
-    """The SensiMix side: ``sensimix compress --max-steps 0`` of ``bert_dir`` (quantize + export, no training)."""
+                          eightbit_layers: int = 2, seed: int = 0, overwrite: bool = False,
+                          activations: str = "fp32") -> Path:
+    """The SensiMix side: ``sensimix compress --max-steps 0`` of ``bert_dir`` (quantize + export, no training);
+    ``activations``: ``fp32`` or ``a8`` (an A8 model)."""
     from ..train import TrainSettings, compress
 
     settings = TrainSettings(max_steps=0, seed=seed, device="cpu")
     return compress(bert_dir, "qnli", out, layers=layers, eightbit_layers=eightbit_layers, settings=settings,
-                    overwrite=overwrite).path
+                    overwrite=overwrite, activations=activations).path
