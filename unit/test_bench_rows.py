@@ -24,7 +24,8 @@ from sensimix.bench.rows import (
     unmatched_patterns,
 )
 
-FOLDERS = {LIKE_FOR_LIKE: Path("bert-packed"), (3, 2): Path("sm21"), (6, 3): Path("sm33")}
+FOLDERS = {LIKE_FOR_LIKE: Path("bert-packed"), (3, 2): Path("sm21"), (6, 3): Path("sm33"),
+           (3, 2, "a8"): Path("sm21a8"), (6, 3, "a8"): Path("sm33a8")}
 NO_ORT = "onnxruntime/onnx not installed"
 CPU_ONLY = [*ORT_ROWS, "bert-torch-int8", "bert3-torch-int8"]
 # a CUDA run's rows, as listed where CUDA is absent: every 1-bit kernel but the sm_89+ default (fp8)
@@ -32,7 +33,9 @@ CUDA_ROWS = ["bert-fp32", "bert-fp16", "bert-torch-int8", *ORT_ROWS[:4], "bert3-
              "bert3-torch-int8", *ORT_ROWS[4:], "bert-runtime-fp16-skip", "sensimix-2+1-fp32", "sensimix-2+1-fast",
              "sensimix-2+1-fast-padded", "sensimix-2+1-bf16", "sensimix-2+1-fp16", "sensimix-2+1-fp16-1bit-int8",
              "sensimix-2+1-fp16-1bit-float", "sensimix-2+1-fp16-1bit-xnor", "sensimix-2+1-fp16-8bit-dequant",
-             "sensimix-2+1-fp32-8bit-bf16x3", "sensimix-2+1-fp16-compiled", "sensimix-3+3-fp32", "sensimix-3+3-fast"]
+             "sensimix-2+1-fp32-8bit-bf16x3", "sensimix-2+1-fp16-compiled", "sensimix-3+3-fp32", "sensimix-3+3-fast",
+             "sensimix-2+1-a8-fp32", "sensimix-2+1-a8-fast", "sensimix-2+1-a8-fast-padded", "sensimix-3+3-a8-fp32",
+             "sensimix-3+3-a8-fast"]
 
 
 def specs_on(device: str, **kwargs) -> dict[str, object]:
@@ -74,17 +77,18 @@ def test_what_each_sensimix_row_loads():
 
 def test_a_sensimix_variant_is_one_line(monkeypatch):
     # what the next precision or kernel costs: one Variant in the table
-    a8 = Variant("fast-a8", "fast, 8-bit activations", "fast", index8_kernel="int8")
-    monkeypatch.setattr(rows, "SENSIMIX_MODELS", (SensiMixModel(3, 2, (*EVERY_VARIANT, a8)), SensiMixModel(6, 3)))
+    extra = Variant("fast-int8", "fast, int8 activations", "fast", index8_kernel="int8")
+    monkeypatch.setattr(rows, "SENSIMIX_MODELS", (SensiMixModel(3, 2, (*EVERY_VARIANT, extra)), SensiMixModel(6, 3)))
     keys = list(specs_on("cpu"))
-    assert keys == [*cpu_bench_rows()[:-2], "sensimix-2+1-fast-a8", "sensimix-3+3-fp32", "sensimix-3+3-fast"]
-    spec = specs_on("cpu")["sensimix-2+1-fast-a8"]
-    assert (spec.name, spec.kernels, spec.reference) == ("SensiMix (2+1) fast, 8-bit activations", (None, "int8"),
+    fp32_rows = [k for k in cpu_bench_rows() if "-a8" not in k]
+    assert keys == [*fp32_rows[:-2], "sensimix-2+1-fast-int8", "sensimix-3+3-fp32", "sensimix-3+3-fast"]
+    spec = specs_on("cpu")["sensimix-2+1-fast-int8"]
+    assert (spec.name, spec.kernels, spec.reference) == ("SensiMix (2+1) fast, int8 activations", (None, "int8"),
                                                          "sensimix-2+1-fp32")
-    assert "sensimix-2+1-fast-a8" in row_keys()  # --rows can pick it
+    assert "sensimix-2+1-fast-int8" in row_keys()  # --rows can pick it
     # a row that names a kernel is listed only where the kernel runs
     monkeypatch.setitem(kernels.INDEX8_KERNELS, "int8", SimpleNamespace(unavailable=lambda device: "not here"))
-    assert "sensimix-2+1-fast-a8" not in specs_on("cpu")
+    assert "sensimix-2+1-fast-int8" not in specs_on("cpu")
 
 
 def test_a_variant_naming_an_unknown_kernel_is_one_clear_error():
