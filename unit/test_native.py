@@ -132,7 +132,8 @@ def test_no_install_and_no_compiler_is_one_line_and_a_fallback(fresh, monkeypatc
 
 def test_a_compiler_that_cannot_run_says_why(fresh, monkeypatch):
     monkeypatch.setenv("CC", str(fresh / "no-such-cc"))
-    with pytest.raises(native.NativeBuildError, match="could not run"):
+    with pytest.raises(native.NativeBuildError, match=r"no-such-cc` could not run: .* \(no installed library: .* "
+                                                      r"installed without building its C kernels\)"):
         native.load("popcount.c", ("-mavx2",))
     assert not any((fresh / "cache").rglob("*.so"))
 
@@ -326,3 +327,16 @@ def test_a_library_without_a_function_its_wrapper_binds_is_one_line(fresh, caplo
                                     lambda: native.load("popcount.c", ("-mavx2",)).sensimix_xnor_gemm, "fallback")
     assert reason.startswith("its library lacks a function") and "sensimix_xnor_gemm" in reason
     assert len(caplog.records) == 1 and caplog.records[0].exc_info is None
+
+
+def test_without_proc_a_library_is_opened_by_its_checked_real_path(monkeypatch, tmp_path):
+    from sensimix.kernels import native_trust
+
+    (tmp_path / "f").write_text("")
+    fd = os.open(tmp_path / "f", os.O_RDONLY)
+    try:
+        assert native_trust.fd_path(fd, tmp_path / "f") == f"/proc/self/fd/{fd}"
+        monkeypatch.setattr(native_trust.os.path, "exists", lambda path: False)
+        assert native_trust.fd_path(fd, tmp_path / "f") == str(tmp_path / "f")
+    finally:
+        os.close(fd)

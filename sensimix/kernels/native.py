@@ -48,6 +48,10 @@ class NativeBuildError(RuntimeError):
     """A C kernel could not be built or loaded here (the message says why and what to do instead)."""
 
 
+class _BuildFailed(NativeBuildError):
+    """The run-time compile failed (no compiler that runs, a compile error)."""
+
+
 def cache_dir() -> Path:
     """Where run-time builds are kept (see the module docstring)."""
     if os.environ.get("SENSIMIX_CACHE_DIR"):
@@ -139,7 +143,10 @@ def _load(build: NativeBuild) -> ctypes.CDLL:
                                f"no C compiler is found to build it now (looked for $CC, cc, gcc): install gcc or "
                                f"clang and reinstall sensimix")
     log.info("the %s library is built at run time: %s", build.name, why_not_installed)
-    return _load_or_build_in_cache(build, name, source, cc)
+    try:
+        return _load_or_build_in_cache(build, name, source, cc)
+    except _BuildFailed as exc:  # say why it was built at all: an install with a compiler avoids it
+        raise NativeBuildError(f"{exc} (no installed library: {why_not_installed})") from None
 
 
 def _load_installed(build: NativeBuild, name: str) -> tuple[ctypes.CDLL | None, str]:
@@ -191,11 +198,11 @@ def _build(build: NativeBuild, name: str, source: bytes, cc: list[str], folder_f
         done = _run(cmd)
         if done.returncode != 0:
             error = builds.first_error(done.stderr).replace(str(src), str(_source_path(build)))
-            raise NativeBuildError(f"compiling {build.source} failed (`{' '.join(cc)}`): {error}")
+            raise _BuildFailed(f"compiling {build.source} failed (`{' '.join(cc)}`): {error}")
         try:
             fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=private_fd)
         except OSError as exc:
-            raise NativeBuildError(f"the compiler wrote no library for {build.source} ({exc.strerror})") from None
+            raise _BuildFailed(f"the compiler wrote no library for {build.source} ({exc.strerror})") from None
         os.fchmod(fd, 0o755)  # whatever the umask: writable by this user only
         digest = sha256_of(fd)
         os.replace(name, name, src_dir_fd=private_fd, dst_dir_fd=folder_fd)  # atomic: whole or absent
@@ -231,4 +238,4 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     try:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise NativeBuildError(f"`{' '.join(cmd[:1])}` could not run: {exc}") from exc
+        raise _BuildFailed(f"`{' '.join(cmd[:1])}` could not run: {exc}") from exc
