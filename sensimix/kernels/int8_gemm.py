@@ -19,7 +19,8 @@ ones (A row-major ``(K, 1)``, B column-major ``(1, K)``, size-1 dimensions inclu
 column on CPU and pads per :func:`pad_for_int_mm` on CUDA (zeros add nothing to a product), and (4) checks once per
 process and device, on :data:`PROBES`, that what it calls gives the float64 products exactly. Where that check
 fails, :func:`int_mm` computes in float64 instead (exact: ``K * 2^14 < 2^53``), :func:`trusted` returns the reason
-(so no int8 kernel is a default there) and one warning names the shape. Every shape the 1-bit and 8-bit kernels can
+(on CPU no int8 kernel is then a default: :func:`sensimix.kernels.torch_ops.int_mm_fast_on`) and one warning names
+the shape. Every shape the 1-bit and 8-bit kernels can
 meet is swept in ``unit/test_kernel_shapes.py``.
 """
 
@@ -114,14 +115,15 @@ def _self_test(device: str) -> str | None:
             worst = int((got.long() - want.long()).abs().max())
             reason = (f"torch._int_mm gave wrong products on {device} for [M, K, N] = {[a.shape[0], *b.shape]} "
                       f"(off by up to {worst:,})")
-            log.warning("%s; int8 GEMMs there run in float64 (exact, slower) and no int8 kernel is a default", reason)
+            log.warning("%s; int8 GEMMs there run in float64 (exact, slower)%s", reason,
+                        "" if device.startswith("cuda") else " and no int8 kernel is a default")
             return reason
     return None
 
 
 def trusted(device: torch.device | str) -> str | None:
     """None where :func:`int_mm` runs on torch._int_mm on ``device``, else why not (checked once per process and
-    device; the reason is logged once): :func:`int_mm` is then exact in float64, not fast."""
+    device, at the first call; the reason is logged once): :func:`int_mm` is then exact in float64, not fast."""
     device = torch.device(device)
     if device.type not in ("cpu", "cuda"):
         return f"int_mm runs on CPU and CUDA, not {device.type}"

@@ -21,15 +21,14 @@ from .int8_gemm import has_int_mm, int_mm, pad_for_int_mm, trusted  # noqa: F401
 
 
 def int_mm_fast_on(device: torch.device) -> bool:
-    """``torch._int_mm`` is a real int8 GEMM: CUDA sm_80+, or a CPU with VNNI/AMX (else a slow reference loop),
-    and :func:`int_mm` found it right on ``device`` (:func:`.int8_gemm.trusted`)."""
+    """``torch._int_mm`` is a real int8 GEMM: CUDA sm_80+, or a CPU with VNNI/AMX (else a slow reference loop) on
+    which :func:`int_mm` found it right (:func:`.int8_gemm.trusted`). CUDA is judged by its capability alone (a plan
+    is made without touching the device); its :func:`int_mm` checks itself at its first call."""
     if not has_int_mm():
         return False
     if device.type == "cuda":
-        fast = torch.cuda.get_device_capability(device) >= (8, 0)
-    else:
-        fast = cpu_has_vnni()
-    return fast and trusted(device) is None
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    return cpu_has_vnni() and trusted(device) is None
 
 
 # ---------------------------------------------------------------------------------------------------
