@@ -176,7 +176,8 @@ def _load_or_build_in_cache(build: NativeBuild, name: str, source: bytes, cc: li
             fd, digest = _build(build, name, source, cc, folder_fd, folder)
             if sha256_of(fd) != digest:  # the inode the compiler wrote, read again just before loading
                 os.close(fd)
-                raise NativeBuildError(f"{folder / name} changed between its build and its loading; not loaded")
+                raise NativeBuildError(f"{folder / name} changed between its build and its loading; not "
+                                       f"loaded") from None
         return _dlopen(fd, folder / name, build, fix="delete it (it is rebuilt)")
     finally:
         os.close(folder_fd)
