@@ -6,7 +6,7 @@ silently wrong (no error, a wrong number):
 
 * CPU, K = 1: the output is left uninitialised (measured on torch 2.13, an AVX512-VNNI AMD EPYC: every M, every
   N >= 2, e.g. ``_int_mm(ones(3, 1), ones(8, 1).t())`` gave -2,066,522,096 and 32,607 for 1), so the exact 1-bit
-  ``int8`` kernel gave logits 0.58 off for ``intermediate_size=1``;
+  ``int8`` kernel gave logits 0.04 to 0.58 off the QAT model for ``intermediate_size=1``, different on every run;
 * CPU, a size-1 dimension whose stride is not the canonical one (e.g. 0, which torch allows and ``.contiguous()``
   keeps): oneDNN reads the leading dimension from the stride and rejects the call, leaving the output as it was
   (pytorch#195066);
@@ -20,8 +20,8 @@ column on CPU and pads per :func:`pad_for_int_mm` on CUDA (zeros add nothing to 
 process and device, on :data:`PROBES`, that what it calls gives the float64 products exactly. Where that check
 fails, :func:`int_mm` computes in float64 instead (exact: ``K * 2^14 < 2^53``), :func:`trusted` returns the reason
 (on CPU no int8 kernel is then a default: :func:`sensimix.kernels.torch_ops.int_mm_fast_on`) and one warning names
-the shape. Every shape the 1-bit and 8-bit kernels can
-meet is swept in ``unit/test_kernel_shapes.py``.
+the shape. ``unit/test_kernel_shapes.py`` sweeps small, odd and BERT-like shapes and strides through it and
+through every kernel.
 """
 
 from __future__ import annotations
