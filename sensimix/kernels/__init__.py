@@ -12,7 +12,7 @@ name          compute                                                 default wh
 ============= ======================================================= ======================================
 ``fp8``       ±1 e4m3, ``torch._scaled_mm`` (fp32 accumulation)        CUDA sm_89+ (Ada, Hopper)
 ``int8``      ±1 int8 (activations as {0,1} bits), ``torch._int_mm``   CUDA sm_80-86; CPUs with VNNI/AMX
-``popcount``  packed bits, AVX2 XNOR-popcount (C, built on first use)   other x86 CPUs with AVX2 and a C compiler
+``popcount``  packed bits, AVX2 XNOR-popcount (C, built at install)    other x86 CPUs with AVX2
 ``fbgemm``    {0,1} x ±1 on fbgemm's int8 GEMM, rounded back           x86 CPUs where ``popcount`` cannot run
 ``float``     ±1 fp32, dense GEMM                                     fallback
 ``xnor``      packed bits, Triton XNOR-popcount                       (opt-in; needs triton)

@@ -23,29 +23,22 @@ import functools
 
 import torch
 
-from . import native
+from . import native, native_builds
 from .a8 import A8Index8Kernel
 from .base import Prepared
 from .torch_ops import scratch
 
 _I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 _ERRORS = {-3: "out of memory"}
-ABI = 1
-# name -> (compiler flags, CPU flags it needs)
-BUILDS = {
-    "a8-vnni": (("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx2", "-ffp-contract=off"),
-                {"avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}),
-    "a8-avx2": (("-mavx2", "-ffp-contract=off"), {"avx2"}),
-}
+# kernel name -> its row of native_builds.BUILDS (the library, its flags and the CPU flags it needs)
+BUILDS = {"a8-vnni": "a8gemm-vnni", "a8-avx2": "a8gemm-avx2"}
+ATTENTION_BUILD = "a8attn-avx2"
 
 
 @functools.lru_cache(maxsize=None)
 def library(name: str) -> ctypes.CDLL:
-    """The C library of the build ``name`` (compiled on first use, then cached; see :mod:`.native`)."""
-    lib = native.load("a8gemm.c", BUILDS[name][0])
-    lib.sensimix_a8_abi.restype = _I64
-    if lib.sensimix_a8_abi() != ABI:
-        raise native.NativeBuildError(f"a8gemm.c's ABI is {lib.sensimix_a8_abi()}, this module expects {ABI}")
+    """The C library of the kernel ``name`` (installed, or built on first use; see :mod:`.native`)."""
+    lib = native.load_build(BUILDS[name])
     for fn, res, args in (
             ("sensimix_a8_vnni", _INT, []),
             ("sensimix_a8_mr", _I64, []),
@@ -65,15 +58,15 @@ def library(name: str) -> ctypes.CDLL:
         f = getattr(lib, fn)
         f.restype, f.argtypes = res, args
     if lib.sensimix_a8_vnni() != (name == "a8-vnni"):
-        raise native.NativeBuildError(f"the {name} build of a8gemm.c did not get its instruction set ({BUILDS[name][0]})")
+        raise native.NativeBuildError(f"the {BUILDS[name]} library did not get its instruction set")
     return lib
 
 
 @functools.lru_cache(maxsize=None)
 def unavailable_reason(name: str) -> str | None:
     """None where the build ``name`` runs on this CPU, else why not (checked once per process; may compile it)."""
-    return native.unavailable(f"{name} kernel", BUILDS[name][1], lambda: library(name),
-                              "A8 checkpoints run the a8-torch kernel")
+    return native.unavailable(f"{name} kernel", set(native_builds.by_name(BUILDS[name]).cpu_flags),
+                              lambda: library(name), "A8 checkpoints run the a8-torch kernel")
 
 
 def _check(status: int) -> None:
@@ -204,16 +197,10 @@ class A8NativeKernel(A8Index8Kernel):
         return out[:m].view(*lead, width)
 
 
-ATTENTION_BUILD = ("-mavx2", "-ffp-contract=off")
-
-
 @functools.lru_cache(maxsize=1)
 def attention_library() -> ctypes.CDLL:
-    """``csrc/a8attn.c`` (AVX2; compiled on first use, then cached)."""
-    lib = native.load("a8attn.c", ATTENTION_BUILD)
-    lib.sensimix_a8_attention_abi.restype = _I64
-    if lib.sensimix_a8_attention_abi() != ABI:
-        raise native.NativeBuildError(f"a8attn.c's ABI is {lib.sensimix_a8_attention_abi()}, this module expects {ABI}")
+    """``csrc/a8attn.c`` (AVX2; installed, or built on first use)."""
+    lib = native.load_build(ATTENTION_BUILD)
     lib.sensimix_a8_attention.restype = _INT
     lib.sensimix_a8_attention.argtypes = [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64,
                                           ctypes.c_float, _INT, _PTR, _I64, _INT]
@@ -223,7 +210,8 @@ def attention_library() -> ctypes.CDLL:
 @functools.lru_cache(maxsize=1)
 def attention_unavailable() -> str | None:
     """None where the C attention runs here, else why not (A8 plans then run :func:`sensimix.a8.attention`)."""
-    return native.unavailable("A8 attention kernel", {"avx2"}, attention_library,
+    return native.unavailable("A8 attention kernel", set(native_builds.by_name(ATTENTION_BUILD).cpu_flags),
+                              attention_library,
                               "A8 checkpoints run torch's definition of it")
 
 

@@ -31,17 +31,18 @@ import functools
 import torch
 
 from ..quant import index8_affine
-from . import native
+from . import native, native_builds
 from .base import Index8Kernel, Prepared, per_row_params
 from .torch_ops import scratch
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+BUILD = native_builds.by_name("int16gemm-avx2")  # source, compiler flags, CPU flags: one row of the table
 _ERRORS = {-3: "out of memory"}
 
 
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL:
-    lib = native.load("int16gemm.c", ("-mavx2", "-mfma"))
+    lib = native.load_build(BUILD)
     lib.sensimix_i16_mr.restype = _I64
     lib.sensimix_i16_mr.argtypes = []
     lib.sensimix_i16_packed_bytes.restype = _I64
@@ -67,7 +68,8 @@ def _library() -> ctypes.CDLL:
 @functools.lru_cache(maxsize=1)
 def unavailable_reason() -> str | None:
     """None where the kernel runs on this CPU, else why not (checked once per process; may compile it)."""
-    return native.unavailable("int16 kernel", {"avx2", "fma"}, _library, "fast and the default run the exact kernels")
+    return native.unavailable("int16 kernel", set(BUILD.cpu_flags), _library,
+                              "fast and the default run the exact kernels")
 
 
 # An activation operand (what ``linear_act_operand`` returns and ``linear`` reads): int16 rows [..., k + k % 2 + 4],

@@ -1,43 +1,59 @@
-"""The package's C kernels (``sensimix/kernels/csrc``): compiled with the system C compiler on first use, cached.
+"""The package's C kernels (``sensimix/kernels/csrc``): built when the package is installed, loaded with ctypes.
 
-A C kernel is one dependency-free source file (no Python or torch headers: it compiles in about a second) built
-into a shared library under a per-user cache folder and loaded with :mod:`ctypes`, whose foreign calls release
-the GIL. The library's file name carries a hash of the source, the flags and the compiler's version, so editing
-the source or changing the compiler builds a new one. The library is written under a temporary name and renamed
-into place (atomic), so concurrent processes never load a half-written file; the cache folder must belong to
-this user and be writable by nobody else, because loading a library runs its code.
+Where a library comes from, in this order:
 
-Where to cache: ``$SENSIMIX_CACHE_DIR``, else ``$XDG_CACHE_HOME/sensimix``, else ``~/.cache/sensimix``. Which
-compiler: ``$CC``, else ``cc``, else ``gcc``.
+1. **Installed**: ``setup.py`` compiles each row of :data:`.native_builds.BUILDS` into ``sensimix/kernels/_native/``
+   when the package is installed (``pip install .`` or ``pip install -e .``; a row that fails to build, e.g. without
+   a compiler, leaves the install working and is said once at run time). No writable cache is on this path.
+2. **Built at run time**, only where (1) has no library for the source as it is now: a source edited since the
+   install (an editable checkout), an install made without a compiler, or a source outside the table. It is built
+   into a private temporary folder (mode 0700) inside the per-user cache, from the bytes read and hashed, and
+   renamed into place; the next process loads it from there. Cache: ``$SENSIMIX_CACHE_DIR/kernels``, else
+   ``$XDG_CACHE_HOME/sensimix/kernels``, else ``~/.cache/sensimix/kernels``. Compiler: ``$CC``, else ``cc``, else
+   ``gcc``.
+
+Every file read on the way (the C source, the folders, the library) must be one that no other user could have
+written (:mod:`.native_trust`: owner this user or root, not writable by others, no links; checked through file
+descriptors). A library is opened by its descriptor (``/proc/self/fd/N``), so what is loaded is the file that was
+checked, and for a run-time build the file whose SHA-256 was taken right after the compiler wrote it. After loading,
+its ``sensimix_abi_version()`` must match the table. Any failure is a :class:`NativeBuildError` with one line
+naming the file and the fix; :func:`unavailable` turns it into the kernel's reason, logged once, and the next
+exact kernel runs.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import os
-import shlex
-import shutil
-import stat
+import secrets
 import subprocess
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from . import native_builds as builds
+from .native_builds import NativeBuild
+from .native_trust import UntrustedPath, fd_path, open_file, open_folder, read_all, sha256_of
+
 log = logging.getLogger(__name__)
 
-CSRC = Path(__file__).with_name("csrc")
+CSRC = builds.CSRC
+INSTALLED = Path(__file__).with_name("_native")  # where setup.py's build step puts the libraries
 BUILD_TIMEOUT_S = 120
+_OPEN_FDS: list[int] = []  # descriptors of loaded libraries: kept open, so that no later library reuses the number
 
 
 class NativeBuildError(RuntimeError):
     """A C kernel could not be built or loaded here (the message says why and what to do instead)."""
 
 
+class _BuildFailed(NativeBuildError):
+    """The run-time compile failed (no compiler that runs, a compile error)."""
+
+
 def cache_dir() -> Path:
-    """Where compiled kernels are kept (see the module docstring)."""
+    """Where run-time builds are kept (see the module docstring)."""
     if os.environ.get("SENSIMIX_CACHE_DIR"):
         root = Path(os.environ["SENSIMIX_CACHE_DIR"]).expanduser()
     elif os.environ.get("XDG_CACHE_HOME"):
@@ -48,91 +64,190 @@ def cache_dir() -> Path:
 
 
 def compiler() -> list[str] | None:
-    """The C compiler command ($CC may carry arguments), or None when there is none."""
-    if os.environ.get("CC"):
-        return shlex.split(os.environ["CC"])
-    found = shutil.which("cc") or shutil.which("gcc")
-    return [found] if found else None
-
-
-def _private_folder(path: Path) -> None:
-    """Create ``path`` (mode 0700), or check that an existing one is ours and not writable by others."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = path.stat()
-    if hasattr(os, "getuid") and st.st_uid != os.getuid():
-        raise NativeBuildError(f"the kernel cache {path} belongs to another user; set SENSIMIX_CACHE_DIR to a "
-                               f"folder of your own")
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise NativeBuildError(f"the kernel cache {path} is writable by other users (mode "
-                               f"{stat.S_IMODE(st.st_mode):o}); run `chmod go-w {path}` or set SENSIMIX_CACHE_DIR")
-
-
-def _run(cmd: list[str]) -> subprocess.CompletedProcess:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise NativeBuildError(f"`{' '.join(cmd[:1])}` could not run: {exc}") from exc
+    return builds.compiler()
 
 
 def unavailable(what: str, cpu_flags: set[str], library: Callable[[], object], fallback: str) -> str | None:
-    """None where the C kernel ``what`` runs on this CPU, else why not: a missing CPU flag, or its build failing
-    (``library()`` builds and loads it), which is logged once with what runs instead (``fallback``)."""
+    """None where the C kernel ``what`` runs on this CPU, else why not: a missing CPU flag, or its library failing
+    to build, load or bind (``library()`` loads it and binds its functions), logged once with what runs instead
+    (``fallback``): one line, never a traceback."""
     from ..devices import cpu_features
 
     if not cpu_flags <= cpu_features():
         return f"the {what} needs an x86 CPU with {' and '.join(f.upper() for f in sorted(cpu_flags))}"
     try:
         library()
-    except NativeBuildError as exc:
-        log.warning("the %s is unavailable, %s: %s", what, fallback, exc)
-        return str(exc)
+    except (NativeBuildError, AttributeError) as exc:  # AttributeError: a function the library lacks
+        reason = str(exc) if isinstance(exc, NativeBuildError) else f"its library lacks a function ({exc})"
+        log.warning("the %s is unavailable, %s: %s", what, fallback, reason)
+        return reason
     return None
 
 
 @functools.lru_cache(maxsize=None)
 def load(source: str, flags: tuple[str, ...]) -> ctypes.CDLL:
-    """The shared library built from ``csrc/<source>`` with ``flags`` (compiled on first use, then cached).
+    """The shared library built from ``csrc/<source>`` with ``flags``: the installed one, else built at run time.
 
-    Raises :class:`NativeBuildError` with the reason (no compiler, a compile error, an unusable cache folder, a
-    full disk, a missing source file): never another exception, so a caller can fall back on it.
+    Raises :class:`NativeBuildError` with the reason (no compiler, a compile error, a file another user could have
+    written, a library of another ABI, a full disk, a missing source file): never another exception, so a caller
+    can fall back on it.
     """
+    build = builds.find(source, tuple(flags))
+    if build is None:  # not in the table: never installed, built at run time (tests, a kernel being written)
+        build = NativeBuild(Path(source).stem, source, tuple(flags), frozenset(), abi=None)
+    return load_build(build)
+
+
+@functools.lru_cache(maxsize=None)
+def load_build(build: NativeBuild | str) -> ctypes.CDLL:
+    """:func:`load` for a row of :data:`.native_builds.BUILDS` (or its name); loaded once per process."""
     try:
-        return _load(source, flags)
-    except (OSError, RuntimeError) as exc:  # RuntimeError: Path.home() without a home; NativeBuildError passes
+        return _load(builds.by_name(build) if isinstance(build, str) else build)
+    except UntrustedPath as exc:
+        raise NativeBuildError(str(exc)) from None
+    except (OSError, RuntimeError, ValueError) as exc:  # RuntimeError: Path.home() without a home
         if isinstance(exc, NativeBuildError):
             raise
-        raise NativeBuildError(f"building {source} failed: {type(exc).__name__}: {exc}") from exc
+        raise NativeBuildError(f"building {build.source if isinstance(build, NativeBuild) else build} failed: "
+                               f"{type(exc).__name__}: {exc}") from exc
 
 
-def _load(source: str, flags: tuple[str, ...]) -> ctypes.CDLL:
+def _source_path(build: NativeBuild) -> Path:
+    return Path(build.source) if os.path.isabs(build.source) else CSRC / build.source
+
+
+def _source_files(build: NativeBuild) -> dict[str, bytes]:
+    """The source and the local headers it includes, each read through the checked folder: {file name: bytes},
+    the source first."""
+    path = _source_path(build)
+    fix = "reinstall sensimix where only you (or root) can write"
+    folder_fd, folder = open_folder(path.parent, fix=fix)
+    try:
+        def read(name: str) -> bytes:
+            fd = open_file(folder_fd, folder, name, fix=fix)
+            try:
+                return read_all(fd)
+            finally:
+                os.close(fd)
+
+        source = read(path.name)
+        return {path.name: source, **{h: read(h) for h in builds.local_includes(source)}}
+    finally:
+        os.close(folder_fd)
+
+
+def _load(build: NativeBuild) -> ctypes.CDLL:
+    files = _source_files(build)
+    source_name = next(iter(files))
+    source = builds.bundle(files[source_name], {n: b for n, b in files.items() if n != source_name})
+    name = builds.library_file(build, source)
+    why_not_installed = "it is not in native_builds.BUILDS"
+    if builds.find(build.source, build.flags) == build:
+        lib, why_not_installed = _load_installed(build, name)
+        if lib is not None:
+            return lib
     cc = compiler()
     if cc is None:
-        raise NativeBuildError("no C compiler found (looked for $CC, cc, gcc): install gcc or clang")
-    src = CSRC / source
-    version = _run([*cc, "--version"])
-    if version.returncode != 0:
-        raise NativeBuildError(f"the C compiler `{' '.join(cc)}` does not run: {version.stderr.strip()[:200]}")
-    headers = [h.read_text() for h in sorted(CSRC.glob("*.h"))]  # a source may include them: part of the build
-    key = hashlib.sha256("\0".join([src.read_text(), *headers, *flags, *cc, version.stdout]).encode()).hexdigest()[:16]
-    folder = cache_dir()
-    _private_folder(folder)
-    lib = folder / f"{src.stem}-{key}.so"
-    if not lib.exists():
-        fd, tmp = tempfile.mkstemp(prefix=f".{lib.name}.", suffix=".tmp", dir=folder)
-        os.close(fd)
-        try:
-            cmd = [*cc, "-O3", "-shared", "-fPIC", "-pthread", *flags, str(src), "-o", tmp]
-            log.info("compiling the %s kernel: %s", src.stem, " ".join(cmd))
-            done = _run(cmd)
-            if done.returncode != 0:
-                lines = done.stderr.strip().splitlines() or ["(no message)"]
-                first = next((line for line in lines if " error:" in line), lines[-1])  # not the notes after it
-                raise NativeBuildError(f"compiling {source} failed (`{' '.join(cc)}`): {first[:300]}")
-            os.replace(tmp, lib)  # atomic: another process sees the old state or the whole file
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        raise NativeBuildError(f"no library for {build.source} was built at install time ({why_not_installed}) and "
+                               f"no C compiler is found to build it now (looked for $CC, cc, gcc): install gcc or "
+                               f"clang and reinstall sensimix")
+    log.info("the %s library is built at run time: %s", build.name, why_not_installed)
     try:
-        return ctypes.CDLL(str(lib))
+        return _load_or_build_in_cache(build, name, files, cc)
+    except _BuildFailed as exc:  # say why it was built at all: an install with a compiler avoids it
+        raise NativeBuildError(f"{exc} (no installed library: {why_not_installed})") from None
+
+
+def _load_installed(build: NativeBuild, name: str) -> tuple[ctypes.CDLL | None, str]:
+    """(the installed library, "") or (None, why there is none); refuses one that another user could have written."""
+    fix = "reinstall sensimix where only you (or root) can write"
+    try:
+        folder_fd, folder = open_folder(INSTALLED, fix=fix)
+    except FileNotFoundError:
+        return None, f"{INSTALLED} does not exist: the package was installed without building its C kernels"
+    try:
+        fd = open_file(folder_fd, folder, name, fix=f"delete it and {fix}")
+    except FileNotFoundError:
+        return None, (f"{INSTALLED} holds no {name}: {build.source} changed since the install, or did not compile "
+                      f"then")
+    finally:
+        os.close(folder_fd)
+    return _dlopen(fd, folder / name, build, fix=f"delete it and {fix}"), ""
+
+
+def _load_or_build_in_cache(build: NativeBuild, name: str, files: dict[str, bytes], cc: list[str]) -> ctypes.CDLL:
+    fix = "set SENSIMIX_CACHE_DIR to a folder of your own"
+    folder_fd, folder = open_folder(cache_dir(), create=True, fix=fix)
+    try:
+        try:
+            fd = open_file(folder_fd, folder, name, fix="delete it (it is rebuilt)")
+        except FileNotFoundError:
+            fd, digest = _build(build, name, files, cc, folder_fd, folder)
+            if sha256_of(fd) != digest:  # the inode the compiler wrote, read again just before loading
+                os.close(fd)
+                raise NativeBuildError(f"{folder / name} changed between its build and its loading; not "
+                                       f"loaded") from None
+        return _dlopen(fd, folder / name, build, fix="delete it (it is rebuilt)")
+    finally:
+        os.close(folder_fd)
+
+
+def _build(build: NativeBuild, name: str, files: dict[str, bytes], cc: list[str], folder_fd: int,
+           folder: Path) -> tuple[int, str]:
+    """Compile the source (``files``: it and its headers) in a private folder inside the cache, rename the library
+    into the cache; returns a descriptor of it (the inode just written, whatever happens to the names afterwards)
+    and its SHA-256."""
+    private = f".build-{secrets.token_hex(8)}"
+    os.mkdir(private, 0o700, dir_fd=folder_fd)
+    private_fd = os.open(private, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder_fd)
+    try:
+        src = folder / private / next(iter(files))
+        for file_name, data in files.items():  # compile exactly the bytes that were checked and hashed
+            with open(os.open(file_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=private_fd), "wb") as f:
+                f.write(data)
+        cmd = builds.compile_command(cc, build, src, folder / private / name)
+        log.info("compiling the %s kernel: %s", build.name, " ".join(cmd))
+        done = _run(cmd)
+        if done.returncode != 0:
+            error = builds.first_error(done.stderr).replace(str(src), str(_source_path(build)))
+            raise _BuildFailed(f"compiling {build.source} failed (`{' '.join(cc)}`): {error}")
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=private_fd)
+        except OSError as exc:
+            raise _BuildFailed(f"the compiler wrote no library for {build.source} ({exc.strerror})") from None
+        os.fchmod(fd, 0o755)  # whatever the umask: writable by this user only
+        digest = sha256_of(fd)
+        os.replace(name, name, src_dir_fd=private_fd, dst_dir_fd=folder_fd)  # atomic: whole or absent
+        return fd, digest
+    finally:
+        for entry in os.listdir(private_fd):  # the source copy, a library left by a failed step
+            os.unlink(entry, dir_fd=private_fd)
+        os.close(private_fd)
+        os.rmdir(private, dir_fd=folder_fd)
+
+
+def _dlopen(fd: int, path: Path, build: NativeBuild, *, fix: str) -> ctypes.CDLL:
+    """Load the file behind ``fd`` (the descriptor stays open for the life of the process) and check its ABI."""
+    try:
+        lib = ctypes.CDLL(fd_path(fd, path))
     except OSError as exc:
-        raise NativeBuildError(f"loading {lib} failed: {exc}") from exc
+        os.close(fd)
+        raise NativeBuildError(f"loading {path} failed: {exc}; {fix}") from None
+    _OPEN_FDS.append(fd)
+    if build.abi is not None:
+        try:
+            version = lib.sensimix_abi_version
+        except AttributeError:
+            raise NativeBuildError(f"{path} has no sensimix_abi_version(): it was not built from sensimix's "
+                                   f"{build.source}; {fix}") from None
+        version.restype, version.argtypes = ctypes.c_int64, []
+        if version() != build.abi:
+            raise NativeBuildError(f"{path} has ABI version {version()}, this sensimix needs {build.abi}; {fix}")
+    return lib
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise _BuildFailed(f"`{' '.join(cmd[:1])}` could not run: {exc}") from exc

@@ -39,9 +39,9 @@ class Bf16Index8Kernel(Index8Kernel):
 
     Returns bf16 whatever the input dtype: in a bf16-kernel model the next op (SDPA, GELU, the next bf16 linear)
     runs in bf16 too, and the residual add promotes back to fp32 before the LayerNorm. Rounding both operands to
-    bf16 (8 significant bits) gives a relative error of about 2^-9 per product, i.e. ~2^-9 * |x| |w| * sqrt(K)
-    on an output (random-sign rounding errors add up as a random walk). Fast only on CPUs with native bf16
-    (AVX512-BF16 / AMX); elsewhere oneDNN emulates bf16, slower than fp32.
+    bf16 (8 significant bits) gives a relative error of about 2^-9 per product (at most 2^-7: two roundings of at
+    most 2^-8 each), i.e. ~2^-9 * |x| |w| * sqrt(K) on an output (random-sign rounding errors add up as a random
+    walk). Fast only on CPUs with native bf16 (AVX512-BF16 / AMX); elsewhere oneDNN emulates bf16, slower than fp32.
 
     On CPUs with oneDNN the GEMM is ``mkldnn._linear_pointwise`` with the bias (and an erf GELU through
     ``linear_act``) applied in the GEMM epilogue: ``F.linear`` first broadcasts the bias into the [M, N] output (an

@@ -20,11 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from ..quant import pack_signs, unpack_bits
-from . import native
+from . import native, native_builds
 from .base import BinaryKernel
 
 VECTOR_BYTES = 32  # one AVX2 register
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+BUILD = native_builds.by_name("popcount-avx2")  # source, compiler flags, CPU flags: one row of the table
 _OUT_I32, _OUT_F32, _OUT_BITS = 0, 1, 2
 _ERRORS = {-1: "a row stride that is not a whole number of vectors", -3: "out of memory"}
 
@@ -36,7 +37,7 @@ def row_bytes(k: int) -> int:
 
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL:
-    lib = native.load("popcount.c", ("-mavx2",))
+    lib = native.load_build(BUILD)
     lib.sensimix_xnor_gemm.restype = ctypes.c_int
     lib.sensimix_xnor_gemm.argtypes = [_PTR, _I64, _PTR, _I64, _I64, _I64, ctypes.c_int, _PTR, _I64, _PTR, _PTR,
                                        ctypes.c_int]
@@ -49,7 +50,7 @@ def _library() -> ctypes.CDLL:
 def unavailable_reason() -> str | None:
     """None where the kernel runs on this CPU, else why not (checked once per process; may compile it)."""
     # an AVX2 CPU that cannot build it runs the 1-bit FFN on the next exact kernel, slower: said once
-    return native.unavailable("popcount kernel", {"avx2"}, _library, "the next exact kernel runs instead")
+    return native.unavailable("popcount kernel", set(BUILD.cpu_flags), _library, "the next exact kernel runs instead")
 
 
 def pack_rows(x: torch.Tensor, k: int) -> torch.Tensor:

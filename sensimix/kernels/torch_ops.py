@@ -1,6 +1,7 @@
 """Kernels made of plain torch ops: they run on CPU and CUDA alike.
 
-1-bit: ``int8`` (±1 weights, {0, 1} activations, ``torch._int_mm``), ``float`` (±1 fp32 GEMM), ``reference``.
+1-bit: ``int8`` (±1 weights, {0, 1} activations, :func:`.int8_gemm.int_mm`: ``torch._int_mm`` with its wrong shapes
+guarded), ``float`` (±1 fp32 GEMM), ``reference``.
 8-bit: ``dense`` (dequantized once at load, exact), ``dequant`` (int8 in memory, dequantized per call, exact),
 ``int8`` (dynamic per-row int8 activations through ``torch._int_mm``; APPROXIMATE), ``reference``.
 """
@@ -16,44 +17,18 @@ from ..devices import cpu_has_vnni
 from ..quant import QMIN, index8_affine, index8_dequantize, index8_step, unpack_signs
 from . import reference
 from .base import BinaryKernel, Index8Kernel, Prepared, per_row_params
-
-
-def has_int_mm() -> bool:
-    return hasattr(torch, "_int_mm")
-
-
-def pad_for_int_mm(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero-pad ``a`` [M, K] and ``b`` [K, N] for cuBLASLt int8: K and N multiples of 8, M > 16.
-
-    Zero rows/columns add nothing to the products, so the [M, N] corner of the result is unchanged.
-    ``b`` keeps its column-major layout (the fast one for cuBLASLt int8).
-    """
-    m, k = a.shape
-    n = b.shape[1]
-    kp, np_, mp = -(-k // 8) * 8, -(-n // 8) * 8, max(m, 17)
-    if (kp, mp) != (k, m):
-        a = F.pad(a, (0, kp - k, 0, mp - m))
-    if (kp, np_) != (k, n):
-        b = F.pad(b.t(), (0, kp - k, 0, np_ - n)).t()
-    return a, b
-
-
-def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` for int8 operands with int32 accumulation on any device; CUDA shape rules handled."""
-    if a.is_cuda:
-        m, n = a.shape[0], b.shape[1]
-        a, b = pad_for_int_mm(a, b)
-        return torch._int_mm(a.contiguous(), b)[:m, :n]
-    return torch._int_mm(a, b)
+from .int8_gemm import has_int_mm, int_mm, pad_for_int_mm, trusted  # noqa: F401 - int_mm, pad_for_int_mm: re-exported
 
 
 def int_mm_fast_on(device: torch.device) -> bool:
-    """``torch._int_mm`` is a real int8 GEMM: CUDA sm_80+, or a CPU with VNNI/AMX (else a slow reference loop)."""
+    """``torch._int_mm`` is a real int8 GEMM: CUDA sm_80+, or a CPU with VNNI/AMX (else a slow reference loop) on
+    which :func:`int_mm` found it right (:func:`.int8_gemm.trusted`). CUDA is judged by its capability alone (a plan
+    is made without touching the device); its :func:`int_mm` checks itself at its first call."""
     if not has_int_mm():
         return False
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device) >= (8, 0)
-    return cpu_has_vnni()
+    return cpu_has_vnni() and trusted(device) is None
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -38,9 +38,8 @@
 #endif
 #define MR 6      /* rows per micro-kernel call */
 #define MC 96     /* rows per block (a multiple of MR) */
-#define ABI 1
 
-int64_t sensimix_a8_abi(void) { return ABI; }
+int64_t sensimix_abi_version(void) { return 1; }  /* native_builds.BUILDS' abi */
 int sensimix_a8_vnni(void) { return VNNI; }
 int64_t sensimix_a8_mr(void) { return MR; }
 int64_t sensimix_a8_operand_bytes(int64_t k) { return kpad(k) + TAIL; }

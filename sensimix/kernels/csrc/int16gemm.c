@@ -75,6 +75,10 @@ static inline __m256 gelu256(__m256 y) {
     return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), y), one_plus_erf);
 }
 
+/* the calling convention of the functions below, checked by sensimix.kernels.native against native_builds.BUILDS:
+ * bump it with the row's abi whenever a signature or a layout the Python wrapper relies on changes */
+int64_t sensimix_abi_version(void) { return 1; }
+
 int64_t sensimix_i16_mr(void) { return MR; }
 
 int64_t sensimix_i16_packed_bytes(int64_t n, int64_t k) { return ((n + NR - 1) / NR) * ((k + 1) / 2) * 32; }

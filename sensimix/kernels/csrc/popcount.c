@@ -17,6 +17,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* the calling convention of the functions below, checked by sensimix.kernels.native against native_builds.BUILDS:
+ * bump it with the row's abi whenever a signature or a layout the Python wrapper relies on changes */
+int64_t sensimix_abi_version(void) { return 1; }
+
 enum { OUT_I32 = 0, OUT_F32 = 1, OUT_BITS = 2 };
 enum { MR = 4 };  /* rows of x per micro-kernel call: 4 byte counters + lookup + mask + temporaries fit 16 ymm */
 enum { MB = 64 };  /* rows per block a thread takes (at most) */
