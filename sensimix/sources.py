@@ -14,7 +14,7 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-from .io import brief, write_json
+from .io import brief, find_interrupted, write_json
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ def bert_config(source: str | os.PathLike | Any, *, allow_qat: bool = True):
                               + ", ".join(RANDOM_PREFIX + g for g in RANDOM_GEOMETRIES))
         return BertConfig(**RANDOM_GEOMETRIES[geometry])
     name = os.fspath(source)
+    find_interrupted(Path(name).expanduser())  # a folder an interrupted overwrite left missing is put back first
     if not looks_local(name):
         try:  # a hub id (online users)
             config = BertConfig.from_pretrained(name)
