@@ -271,12 +271,13 @@ def check_weights_fit(source: str | os.PathLike, config: Any, *, use_safetensors
         wanted = {k: v for k, v in wanted.items()
                   if not (k.startswith("bert.encoder.layer.") and int(k.split(".")[3]) >= layers)}
     missing = [k for k in wanted if k not in in_file]
-    other = [f"{k}: {list(in_file[k])} in the file, {list(v)} by config.json" for k, v in wanted.items()
+    other = [f"{k} is {list(in_file[k])} in the file, {list(v)} by config.json" for k, v in wanted.items()
              if k in in_file and in_file[k] != v]
     if other:
         raise SourceError(f"{source}: its weights do not match its config.json: some tensors have another shape "
-                          f"than config.json says ({'; '.join(other[:2])}{' ...' if len(other) > 2 else ''}); fix "
-                          f"config.json or re-save the model")
+                          f"than config.json says ({len(other)} encoder tensor(s) have another shape: "
+                          f"{'; '.join(other[:2])}{' ...' if len(other) > 2 else ''}); fix config.json or re-save the "
+                          f"model")
     if missing:
         raise SourceError(f"{source}: its weights do not match its config.json ({config.num_hidden_layers} layers, "
                           f"hidden {config.hidden_size}): it lacks {len(missing)} encoder weight(s), missing "
