@@ -20,7 +20,13 @@ from sensimix.vv.accuracy import accuracy_settings_from
 ACCEPTANCE_DIR = Path(__file__).resolve().parent
 SETTINGS_KEY = pytest.StashKey[VVSettings]()
 RUN_KEY = pytest.StashKey[VVRun]()
+BAD_OPTION_KEY = pytest.StashKey[pytest.UsageError]()
 NOT_RUN = "not measured in this pytest session (test deselected or skipped)"
+
+
+# VVSettings field -> the pytest option that sets it (messages name the option the user typed, not verify's)
+KOTCA_FLAGS = {name: "--kotca-" + name.replace("_", "-")
+               for name in ("device", "examples", "trials", "warmup_batches", "sensimix_precision", "fp16_max_ratio")}
 
 
 def vv_settings(config: pytest.Config) -> VVSettings:
@@ -28,14 +34,18 @@ def vv_settings(config: pytest.Config) -> VVSettings:
     if SETTINGS_KEY not in config.stash:
         opt = config.getoption
         try:
+            report = opt("--kotca-report")
+            if report and Path(report).exists() and not Path(report).is_dir():
+                raise ValueError(f"--kotca-report {report} exists and is not a folder: name a folder for report.json "
+                                 f"and report.md")
             settings = VVSettings(
                 device=opt("--kotca-device"), examples=opt("--kotca-examples"), trials=opt("--kotca-trials"),
                 warmup_batches=opt("--kotca-warmup-batches"), sensimix_precision=opt("--kotca-sensimix-precision"),
                 fp16_max_ratio=opt("--kotca-fp16-max-ratio"), gate_fp16=opt("--kotca-gate-fp16"),
                 glue_dir=opt("--glue-dir"),
-                accuracy=accuracy_settings_from(opt, "auto"), progress=False).resolved()
+                accuracy=accuracy_settings_from(opt, "auto"), progress=False).resolved(KOTCA_FLAGS)
         except (ValueError, FileNotFoundError) as exc:
-            raise pytest.UsageError(str(exc)) from exc
+            raise pytest.UsageError(" ".join(str(exc).split())) from None
         config.stash[SETTINGS_KEY] = settings
     return config.stash[SETTINGS_KEY]
 
@@ -50,12 +60,26 @@ def run_id(s: VVSettings) -> str:
 # ---------------------------------------------------------------------------------------------------
 # hooks
 # ---------------------------------------------------------------------------------------------------
+def pytest_configure(config: pytest.Config) -> None:
+    # Every --kotca-* / --accuracy-* value is checked once, here. A bad one is raised from
+    # pytest_collection_modifyitems: pytest prints it as one usage-error line ("ERROR: --kotca-examples must be
+    # ..."), whether this conftest was loaded at start-up or during collection (`pytest --kotca-examples 0`, where a
+    # traceback from here or from pytest_generate_tests would be a collection error).
+    if not config.option.help:
+        try:
+            vv_settings(config)
+        except pytest.UsageError as exc:
+            config.stash[BAD_OPTION_KEY] = exc
+
+
 MODULE_ORDER = ("test_compression_ratio.py", "test_inference_time_ratio.py", "test_accuracy.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # Mark acceptance tests, and run them cheapest first (sizes: seconds, timing: minutes, accuracy: the
     # longest) so a broken criterion fails fast; pytest's default order is alphabetical.
+    if BAD_OPTION_KEY in config.stash:
+        raise config.stash[BAD_OPTION_KEY]
     slots = [i for i, item in enumerate(items) if ACCEPTANCE_DIR in Path(str(item.path)).parents]
     ours = [items[i] for i in slots]
     for item in ours:
@@ -69,7 +93,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     # Timing benchmarks are named after the run (e.g. test_sensimix_inference[cuda-qnli-104743-sensimixfp16]) so
     # that `--benchmark-compare` only pairs runs of the same device, data, size and SensiMix precision.
     if "kotca_run" in metafunc.fixturenames:
-        rid = run_id(vv_settings(metafunc.config))
+        bad = BAD_OPTION_KEY in metafunc.config.stash  # refused after collection (pytest_collection_modifyitems)
+        rid = "refused" if bad else run_id(vv_settings(metafunc.config))
         metafunc.parametrize("kotca_run", [rid], ids=[rid])
 
 

@@ -67,12 +67,20 @@ class Examples:
     def head(self, limit: int) -> Examples:
         return self.select(list(range(min(limit, len(self)))))
 
-    def shuffled_subset(self, limit: int, seed: int) -> Examples:
-        """A seeded random subset of ``limit`` examples (numpy's permutation, as ``datasets.shuffle`` draws it)."""
+    def subset_rows(self, limit: int, seed: int) -> list[int]:
+        """The rows of a seeded random subset of ``limit`` examples, in the order drawn (numpy's permutation, as
+        ``datasets.shuffle`` draws it)."""
         import numpy as np
 
-        order = np.random.default_rng(seed).permutation(len(self))[:limit]
-        return self.select([int(i) for i in order])
+        return [int(i) for i in np.random.default_rng(seed).permutation(len(self))[:limit]]
+
+    def shuffled_subset(self, limit: int, seed: int) -> Examples:
+        """A seeded random subset of ``limit`` examples (:meth:`subset_rows`)."""
+        return self.select(self.subset_rows(limit, seed))
+
+    def inputs(self, i: int) -> tuple[str, str | None]:
+        """The texts of example ``i``: what a model reads of it."""
+        return self.text_a[i], None if self.text_b is None else self.text_b[i]
 
     def held_out(self, limit: int, seed: int, count: int) -> Examples:
         """Up to ``count`` examples that ``shuffled_subset(limit, seed)`` leaves out (the same permutation's next
@@ -332,14 +340,3 @@ def tokenize(examples: Examples, tokenizer: Any, max_length: int = 128, pad_to_m
             columns[key].extend(enc[key])
     columns["labels"] = list(examples.labels)
     return Features(columns)
-
-
-def prepare_task_data(task: str, tokenizer: Any, glue_dir: str | os.PathLike | None, *, max_seq_length: int = 128,
-                      train_limit: int | None = None, eval_limit: int | None = None, seed: int = 42,
-                      hub: bool = False) -> tuple[Features, Features]:
-    """Tokenized (train, dev) sets of ``task``; ``train_limit`` keeps a seeded random subset of train."""
-    train = load_glue(task, "train", glue_dir, hub=hub)
-    if train_limit is not None and train_limit < len(train):
-        train = train.shuffled_subset(train_limit, seed)
-    dev = load_glue(task, "dev", glue_dir, hub=hub, limit=eval_limit)
-    return tokenize(train, tokenizer, max_seq_length), tokenize(dev, tokenizer, max_seq_length)

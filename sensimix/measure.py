@@ -145,6 +145,46 @@ def check_examples_fit(num_examples: int, max_seq_length: int, what: str = "--ex
                          f"(the certified run used 104,743)")
 
 
+def device_free_bytes(device: str) -> int | None:
+    """Memory free for tensors on ``device`` now: the GPU's free memory on CUDA, MemAvailable on the CPU."""
+    if str(device).startswith("cuda"):
+        try:
+            return int(torch.cuda.mem_get_info(torch.device(device))[0])
+        except (RuntimeError, AssertionError):
+            return None
+    return available_memory_bytes()
+
+
+def check_batch_fits(batch_size: int, inputs: dict[str, torch.Tensor], model: Any, device: str,
+                     num_examples: int | None = None, what: str = "--batch-size") -> None:
+    """Refuse, before any batch runs, a batch size whose forward cannot fit in the free memory of ``device``.
+
+    The bound is one the forward cannot go below: one FFN's intermediate activations, [tokens, intermediate_size]
+    in the model's dtype, for the largest batch ``make_batches`` will make (at most ``num_examples`` rows; only
+    the attended tokens for a SensiMix model that skips padding). The real peak is a few times that, so a batch
+    that passes may still fail; :func:`is_out_of_memory` tells that failure apart."""
+    ids = inputs["input_ids"]
+    rows = min(batch_size, len(ids) if num_examples is None else num_examples)
+    tokens = rows * ids.shape[1]
+    if getattr(model, "skip_padding", False) and inputs.get("attention_mask") is not None:
+        tokens = int(tokens * float(inputs["attention_mask"].float().mean()))  # padding never reaches the FFNs
+    dtype = getattr(model, "dtype", torch.float32)
+    need = tokens * model.config.intermediate_size * (torch.finfo(dtype).bits // 8)
+    free = device_free_bytes(device)
+    if free is not None and need > free:
+        fit = max(1, rows * free // need)
+        raise ValueError(f"{what} {batch_size:,}: one batch of {rows:,} examples x {ids.shape[1]} tokens needs at "
+                         f"least {need / 2**30:,.1f} GiB on {device} for one FFN's activations alone, more than the "
+                         f"{free / 2**30:,.1f} GiB free; use {what} {fit:,} or fewer (certified: 128)")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocator's failure (CPU or CUDA), not a bug."""
+    text = str(exc)
+    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and (
+        "can't allocate memory" in text or "out of memory" in text.lower()))
+
+
 def synthetic_inputs(num_examples: int, max_seq_length: int = 128, vocab_size: int = 30522,
                      seed: int = 0) -> dict[str, torch.Tensor]:
     """Random QNLI-shaped pairs ``[CLS] a [SEP] b [SEP]`` padded to ``max_seq_length``, with random labels.
@@ -315,9 +355,11 @@ def run_inference(model: torch.nn.Module, batches: list[dict[str, Any]], *, warm
         duration_ms = (time.perf_counter() - start) * 1e3
     bad = [i for i, ok in enumerate(torch.stack(finite).cpu().tolist()) if not ok]
     if bad:
+        fix = ("it runs in fp16, whose range ends at 65,504: run it in fp32 or bf16 (--precision)"
+               if getattr(model, "dtype", None) == torch.float16 else
+               "check its config.json (e.g. layer_norm_eps) and weights")
         raise NonFiniteLogits(f"the model produced NaN/inf logits on {len(bad)} of {len(batches)} batches (first: "
-                              f"batch {bad[0]}); nothing is scored or timed. Check its config.json (e.g. "
-                              f"layer_norm_eps) and weights")
+                              f"batch {bad[0]}); nothing is scored or timed. {fix[0].upper()}{fix[1:]}")
     preds = torch.cat(predictions).cpu()
     accuracy = None
     if all("labels" in b for b in batches):

@@ -39,7 +39,7 @@ from transformers.utils import logging as hf_logging
 from . import a8
 from .config import SensiMixConfig
 from .quant import abwr, ste_fp16, ste_index8, ste_sign_input, ste_sign_weight
-from .sources import SourceError, bert_config, is_random
+from .sources import SourceError, bert_config, check_weights_fit, is_random
 
 log = logging.getLogger(__name__)
 
@@ -322,9 +322,12 @@ def from_bert(
     from safetensors import SafetensorError
 
     try:
+        check_weights_fit(source, tcfg, layers=num_hidden_layers)  # from the file's index, before any allocation
         # a fine-tuned head for another label count is re-initialised (and logged), not a load error
         model, info = SensiMixQATForSequenceClassification.from_pretrained(
             os.fspath(source), config=config, output_loading_info=True, ignore_mismatched_sizes=True)
+    except SourceError:
+        raise
     except (pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueError, SafetensorError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise SourceError(f"{source}: cannot load its weights ({type(exc).__name__}: {first}); the weight files are "

@@ -14,7 +14,7 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-from .io import brief, write_json
+from .io import brief, find_interrupted, write_json
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ def bert_config(source: str | os.PathLike | Any, *, allow_qat: bool = True):
                               + ", ".join(RANDOM_PREFIX + g for g in RANDOM_GEOMETRIES))
         return BertConfig(**RANDOM_GEOMETRIES[geometry])
     name = os.fspath(source)
+    find_interrupted(Path(name).expanduser())  # a folder an interrupted overwrite left missing is put back first
     if not looks_local(name):
         try:  # a hub id (online users)
             config = BertConfig.from_pretrained(name)
@@ -146,19 +147,12 @@ def load_bert_classifier(source: str | os.PathLike, num_labels: int, *, dtype=No
     if use_safetensors is not None:
         kwargs["use_safetensors"] = use_safetensors
     try:
+        check_weights_fit(source, config, use_safetensors=use_safetensors)  # before transformers allocates the model
         model, info = BertForSequenceClassification.from_pretrained(os.fspath(source), **kwargs)
+    except SourceError:
+        raise
     except (pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueError, SafetensorError) as exc:
-        first = brief(exc)
-        if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc) or "Weights only" in str(exc):
-            raise SourceError(f"{source}: its pytorch_model.bin cannot be loaded safely (torch.load with "
-                              f"weights_only=True refused it: {first}); it holds objects other than tensors. Use a "
-                              f"folder with model.safetensors, or re-save the model from a trusted copy") from exc
-        if "ignore_mismatched_sizes" in str(exc):  # transformers' size-mismatch error points at a log line
-            raise SourceError(f"{source}: its weights do not match its config.json: some tensors have another shape "
-                              f"than config.json says (vocab_size, max_position_embeddings, hidden sizes or "
-                              f"num_labels); fix config.json or re-save the model") from exc
-        raise SourceError(f"{source}: cannot load the BERT weights ({type(exc).__name__}: {first}); the weight "
-                          f"files are missing, truncated or do not match config.json") from exc
+        raise _weights_error(source, exc) from exc
     missing = [k for k in info.get("missing_keys", ()) if trained_head or not k.startswith(_NEW_HEAD)]
     # an encoder weight the config has no place for (e.g. config.json names fewer layers than the file) means the
     # model is not the file's; another task's head is simply not used
@@ -166,16 +160,129 @@ def load_bert_classifier(source: str | os.PathLike, num_labels: int, *, dtype=No
                   if k.startswith("bert.") and k not in LEGACY_BERT_BUFFERS]
     mismatched = [k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys", ())]
     if missing or unexpected or mismatched:
-        parts = [f"{what} {', '.join(sorted(keys)[:3])}{' ...' if len(keys) > 3 else ''}"
-                 for what, keys in (("missing", missing), ("not in the model", unexpected),
-                                    ("of another shape", mismatched)) if keys]
-        raise SourceError(f"{source}: its weights do not match its config.json ({config.num_hidden_layers} layers, "
-                          f"hidden {config.hidden_size}): {'; '.join(parts)}. The model would run with random values "
-                          f"there; fix config.json or re-save the model")
+        raise _mismatch_error(source, config, missing, unexpected, mismatched)
     if any(k.startswith("classifier.") for k in info.get("missing_keys", ())):
         log.info("%s has no classifier weights: the %d-label head starts from random values", source, num_labels)
     _untie(model)
     return model
+
+
+def _weights_error(source: str | os.PathLike, exc: BaseException) -> SourceError:
+    """One line for a weight file that cannot be read: unsafe to unpickle, shapes transformers refused, or damaged."""
+    first = brief(exc)
+    if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc) or "Weights only" in str(exc):
+        return SourceError(f"{source}: its pytorch_model.bin cannot be loaded safely (torch.load with "
+                           f"weights_only=True refused it: {first}); it holds objects other than tensors. Use a "
+                           f"folder with model.safetensors, or re-save the model from a trusted copy")
+    if "ignore_mismatched_sizes" in str(exc):  # transformers' size-mismatch error points at a log line
+        return SourceError(f"{source}: its weights do not match its config.json: some tensors have another shape "
+                           f"than config.json says (vocab_size, max_position_embeddings, hidden sizes or "
+                           f"num_labels); fix config.json or re-save the model")
+    return SourceError(f"{source}: cannot load the BERT weights ({type(exc).__name__}: {first}); the weight files "
+                       f"are missing, truncated or do not match config.json")
+
+
+def _shown(names: list[str]) -> str:
+    return f"{', '.join(sorted(names)[:3])}{' ...' if len(names) > 3 else ''}"
+
+
+def _mismatch_error(source: str | os.PathLike, config: Any, missing: list[str], unexpected: list[str],
+                    mismatched: list[str]) -> SourceError:
+    parts = [f"{what} {_shown(keys)}" for what, keys in (("missing", missing), ("not in the model", unexpected),
+                                                          ("of another shape", mismatched)) if keys]
+    return SourceError(f"{source}: its weights do not match its config.json ({config.num_hidden_layers} layers, "
+                       f"hidden {config.hidden_size}): {'; '.join(parts)}. The model would run with random values "
+                       f"there; fix config.json or re-save the model")
+
+
+def _file_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
+    """Name -> shape of the tensors in one weight file, from its index alone: the safetensors header, or the torch
+    zip archive memory-mapped (no tensor is read). None for a pre-zip torch file (nothing to map: not checked)."""
+    import torch
+    from safetensors import safe_open
+
+    if path.name.endswith(".safetensors"):
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap" in str(exc) and "zipfile" in str(exc):  # the legacy format: transformers reads it as it is
+            return None
+        raise
+    return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)} if isinstance(state, dict) \
+        else {}
+
+
+def _weight_shapes(folder: Path, use_safetensors: bool | None) -> dict[str, tuple[int, ...]] | None:
+    """Name -> shape of the tensors in the weight file(s) transformers would load from ``folder`` (single or sharded
+    safetensors first, unless ``use_safetensors`` is False), or None where there is none to check."""
+    from .io import read_json
+
+    names = (["model.safetensors", "model.safetensors.index.json"] if use_safetensors is not False else []) + \
+        (["pytorch_model.bin", "pytorch_model.bin.index.json"] if use_safetensors is not True else [])
+    for name in names:
+        path = folder / name
+        if not path.is_file():
+            continue
+        files = [path]
+        if name.endswith(".index.json"):
+            weight_map = read_json(path, what="a sharded checkpoint index").get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise SourceError(f"{path}: its weight_map is not a map of tensor names to shard files")
+            files = [folder / shard for shard in sorted(set(weight_map.values()))]
+        shapes: dict[str, tuple[int, ...]] = {}
+        for file in files:
+            found = _file_shapes(file)
+            if found is None:
+                return None
+            shapes.update(found)
+        return shapes
+    return None
+
+
+def check_weights_fit(source: str | os.PathLike, config: Any, *, use_safetensors: bool | None = None,
+                      layers: int | None = None) -> None:
+    """Refuse a local BERT folder whose weight file does not hold the encoder its ``config`` declares, from the
+    file's index, before any tensor is allocated: transformers builds the whole model first, so a config.json that
+    declares a huge model beside a small file would take all the memory before a weight is looked at. ``layers``:
+    only the first so many encoder layers are needed (compress keeps them). The head (classifier, pooler) may be
+    new; tensors the config has no place for are left to the loader. A file whose index cannot be read raises what
+    its reader raised (the callers word it: truncated, unsafe to unpickle, ...)."""
+    import torch
+    from transformers import BertForSequenceClassification
+
+    folder = Path(os.fspath(source)).expanduser()
+    if is_random(source) or not folder.is_dir():
+        return
+    shapes = _weight_shapes(folder, use_safetensors)
+    if shapes is None:
+        return
+    legacy = {"LayerNorm.gamma": "LayerNorm.weight", "LayerNorm.beta": "LayerNorm.bias"}  # renamed on load
+    in_file = {}
+    for name, shape in shapes.items():
+        for old, new in legacy.items():
+            name = name[:-len(old)] + new if name.endswith(old) else name
+        in_file[name if name.startswith(("bert.", "classifier.", "cls.")) else f"bert.{name}"] = shape
+    with torch.device("meta"):
+        wanted = {k: tuple(v.shape) for k, v in BertForSequenceClassification(config).state_dict().items()
+                  if k.startswith("bert.") and not k.startswith(_NEW_HEAD)}
+    if layers is not None:
+        wanted = {k: v for k, v in wanted.items()
+                  if not (k.startswith("bert.encoder.layer.") and int(k.split(".")[3]) >= layers)}
+    missing = [k for k in wanted if k not in in_file]
+    other = [f"{k} is {list(in_file[k])} in the file, {list(v)} by config.json" for k, v in wanted.items()
+             if k in in_file and in_file[k] != v]
+    if other:
+        raise SourceError(f"{source}: its weights do not match its config.json: some tensors have another shape "
+                          f"than config.json says ({len(other)} encoder tensor(s) have another shape: "
+                          f"{'; '.join(other[:2])}{' ...' if len(other) > 2 else ''}); fix config.json or re-save the "
+                          f"model")
+    if missing:
+        raise SourceError(f"{source}: its weights do not match its config.json ({config.num_hidden_layers} layers, "
+                          f"hidden {config.hidden_size}): it lacks {len(missing)} encoder weight(s), missing "
+                          f"{_shown(missing)}. The model would run with random values there; fix config.json or "
+                          f"re-save the model")
 
 
 def _untie(model: Any) -> None:

@@ -11,10 +11,13 @@ from sensimix import SensiMixForSequenceClassification as Packed
 from sensimix import calibration_record, kernels
 from sensimix.calibration_record import RECORD, judge
 from sensimix.train import calibrate as measuring
+from sensimix.train import provenance
 from sensimix.train.calibrate import calibrate
 from sensimix.export import export_checkpoint
 from sensimix.train import TrainSettings, compress
 
+# what a calibration on tiny_glue_dir's train split, trained on 8 rows drawn with seed 3, says it measured
+HELD_8_3 = "sst-2 train: 20 examples held out of training (seed 3; 4 repeating a trained text left out)"
 needs_int16 = pytest.mark.skipif(kernels.INDEX8_KERNELS["int16"].unavailable(torch.device("cpu")) is not None,
                                  reason="the int16 kernel cannot run on this CPU (AVX2 and a C compiler)")
 
@@ -213,21 +216,27 @@ def test_calibration_takes_train_examples_the_training_never_saw_else_dev(tiny_g
     assert numbered.held_out(8, 3, 5).text_a == held[:5] and len(numbered.held_out(40, 3, 5)) == 0
     pairs = Examples(["a", "bbb", "cc", "d"], ["zzzz", "", "y", "xx"], [0, 1, 0, 1])  # both texts count; ties: order
     assert pairs.longest(2).text_a == ["a", "bbb"] and pairs.longest(9).text_a == pairs.text_a
-    held = load_glue("sst-2", "train", tiny_glue_dir).held_out(8, 3, 100)
+    train = load_glue("sst-2", "train", tiny_glue_dir)
+    seen = set(train.shuffled_subset(8, 3).text_a)  # the texts trained on: a repeat of one in another row was seen
+    held = [t for t in train.held_out(8, 3, 100).text_a if t not in seen]
+    assert len(held) == 20  # of 24 rows left out, 4 repeat a trained text
     monkeypatch.setattr(calibration_record, "MIN_EXAMPLES", 20)
-    examples, data, held_out = measuring.calibration_examples("sst-2", tiny_glue_dir, train_limit=8, seed=3)
-    assert held_out and examples.text_a == held.text_a
-    assert data == "sst-2 train: 24 examples held out of training (seed 3)"
+    _, trained = provenance.training_examples("sst-2", tiny_glue_dir, train_limit=8, seed=3)
+    examples, data, held_out = measuring.calibration_examples("sst-2", tiny_glue_dir, trained=trained)
+    assert held_out and examples.text_a == held
+    assert data == "sst-2 train: 20 examples held out of training (seed 3; 4 repeating a trained text left out)"
     # more held out than wanted: the longest (rounding has the most tokens to act on there), in held-out order
-    examples, data, held_out = measuring.calibration_examples("sst-2", tiny_glue_dir, train_limit=8, seed=3,
-                                                                count=5)
-    size = sorted(len(t) for t in held.text_a)
+    examples, data, held_out = measuring.calibration_examples("sst-2", tiny_glue_dir, trained=trained, count=5)
+    size = sorted(len(t) for t in held)
     assert held_out and len(examples) == 5 and min(len(t) for t in examples.text_a) >= size[-5]
-    assert examples.text_a == [t for t in held.text_a if t in examples.text_a]
-    assert data == "sst-2 train: the 5 longest of 24 examples held out of training (seed 3)"
+    rest = iter(held)
+    assert all(t in rest for t in examples.text_a)  # a subsequence
+    assert data == ("sst-2 train: the 5 longest of 20 examples held out of training (seed 3; 4 repeating a trained "
+                    "text left out)")
+    assert measuring.calibration_examples("sst-2", tiny_glue_dir, trained=None)[1:] == ("sst-2 dev", False)
     for limit in (None, 16, 32, 1000):  # the whole split, or fewer than MIN_EXAMPLES left: dev
-        examples, data, held_out = measuring.calibration_examples("sst-2", tiny_glue_dir, train_limit=limit,
-                                                                    seed=3)
+        _, trained = provenance.training_examples("sst-2", tiny_glue_dir, train_limit=limit, seed=3)
+        examples, data, held_out = measuring.calibration_examples("sst-2", tiny_glue_dir, trained=trained)
         assert (data, held_out, len(examples)) == ("sst-2 dev", False, 8)
 
 
@@ -238,7 +247,7 @@ def test_compress_calibrates_on_the_train_examples_it_left_out(tiny_bert_dir, ti
     result = compress(tiny_bert_dir, "sst-2", tmp_path / "sm", glue_dir=tiny_glue_dir, layers=2, eightbit_layers=1,
                       settings=_settings(train_limit=8))
     record = json.loads((result.path / RECORD).read_text())
-    assert record["data"] == "sst-2 train: 24 examples held out of training (seed 3)" and record["examples"] == 24
+    assert record["data"] == HELD_8_3 and record["examples"] == 20
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -291,9 +300,9 @@ def test_cli_calibrate_auto_takes_the_held_out_examples_and_held_out_insists(tin
                      eightbit_layers=1, settings=_settings(fast_calibration=False)).path
     args = ["--task", "sst-2", "--glue-dir", str(tiny_glue_dir), "--max-seq-length", "32"]
     assert main(["calibrate", "--model", str(subset), *args]) == 0
-    assert "of 24 sst-2 train: 24 examples held out of training (seed 3) predictions" in capsys.readouterr().out
+    assert f"of 20 {HELD_8_3} predictions" in capsys.readouterr().out
     assert main(["calibrate", "--model", str(subset), *args[2:]]) == 0  # --task: the one it was trained on
-    assert "of 24 sst-2 train: 24 examples held out of training (seed 3) predictions" in capsys.readouterr().out
+    assert f"of 20 {HELD_8_3} predictions" in capsys.readouterr().out
     record = (subset / RECORD).read_text()
     assert main(["calibrate", "--model", str(subset), "--task", "qnli", *args[2:]]) == 2  # another: refused
     assert "--task qnli, but" in caplog.text and "was trained on sst-2" in caplog.text

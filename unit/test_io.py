@@ -9,14 +9,12 @@ from __future__ import annotations
 import errno
 import os
 import signal
-import subprocess
-import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from io_helpers import DIES_BETWEEN_RENAMES, listing, make_version, spawn
 
 import sensimix.io.folders as sio
 from sensimix.io import (
@@ -29,31 +27,6 @@ from sensimix.io import (
     reserve_output,
     write_json,
 )
-
-IO_FILE = Path(sio.__file__)
-PRELUDE = f"""\
-import importlib.util, os, sys, time
-from pathlib import Path
-spec = importlib.util.spec_from_file_location("sio", {str(IO_FILE)!r})
-sio = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(sio)
-"""
-
-
-def spawn(code: str, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", PRELUDE + textwrap.dedent(code), *map(str, args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def make_version(folder: Path, text: str) -> Path:
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text(text)
-    return folder
-
-
-def listing(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir())
-
 
 @pytest.fixture
 def no_renameat2(monkeypatch):
@@ -206,17 +179,6 @@ def test_failed_first_rename_leaves_the_target_and_no_hidden_folder(tmp_path, mo
     assert listing(tmp_path) == ["out"]
 
 
-DIES_BETWEEN_RENAMES = """\
-sio._renameat2 = lambda src, dst, flags: False  # the fallback path
-real = os.replace
-def replace(src, dst):
-    if ".tmp." in Path(src).name:  # the old version is already hidden away: die before the new one lands
-        os._exit(9)
-    real(src, dst)
-sio.os.replace = replace
-with sio.atomic_dir(sys.argv[1], overwrite=True) as tmp:
-    (tmp / "config.json").write_text("new")
-"""
 
 
 def test_death_between_the_two_renames_is_recovered_by_the_next_write(tmp_path):

@@ -73,7 +73,8 @@ def installed(tmp_path_factory) -> Path:
 # install time
 # ---------------------------------------------------------------------------------------------------
 def test_install_builds_every_row_and_the_runtime_uses_them_without_a_compiler(fresh, installed, monkeypatch):
-    names = {native_builds.library_file(b, native_builds.source_path(b).read_bytes()) for b in native_builds.BUILDS}
+    names = {native_builds.library_file(b, native_builds.read_bundle(native_builds.source_path(b)))
+             for b in native_builds.BUILDS}
     assert {p.name for p in installed.glob("*.so")} == names
     monkeypatch.setattr(native, "INSTALLED", installed)
     monkeypatch.setenv("CC", str(fresh / "no-such-cc"))  # any attempt to compile would fail
@@ -93,7 +94,8 @@ def test_an_install_goes_on_where_a_library_does_not_build(tmp_path):
     done = setup_build(tmp_path / "one", {"CC": str(fake)})
     assert done.returncode == 0, done.stderr[-2000:]
     assert "int16gemm-avx2: cc: error: unrecognized option -mfma" in done.stdout + done.stderr
-    assert [p.name.split("-")[0] for p in (tmp_path / "one").rglob("*.so")] == ["popcount"]
+    built = sorted(p.name.split("-")[0] + "-" + p.name.split("-")[1] for p in (tmp_path / "one").rglob("*.so"))
+    assert built == ["a8attn-avx2", "a8gemm-avx2", "a8gemm-vnni", "popcount-avx2"]  # every row without -mfma
     done = setup_build(tmp_path / "none", {"CC": str(tmp_path / "no-such-cc")})
     assert done.returncode == 0 and not list((tmp_path / "none").rglob("*.so"))
 
@@ -340,3 +342,14 @@ def test_without_proc_a_library_is_opened_by_its_checked_real_path(monkeypatch, 
         assert native_trust.fd_path(fd, tmp_path / "f") == str(tmp_path / "f")
     finally:
         os.close(fd)
+
+
+def test_a_header_a_source_includes_is_part_of_its_build(tmp_path):
+    # editing i16_micro.h must rebuild int16gemm.c and a8gemm.c: the header's bytes are in the library's key
+    (tmp_path / "k.c").write_text('#include "a.h"\n#include <stdint.h>\nint64_t sensimix_abi_version(void) { return A; }\n')
+    (tmp_path / "a.h").write_text("#define A 1\n")
+    build = native_builds.NativeBuild("k", str(tmp_path / "k.c"), (), frozenset())
+    assert native_builds.local_includes((tmp_path / "k.c").read_bytes()) == ["a.h"]
+    before = native_builds.library_file(build, native_builds.read_bundle(tmp_path / "k.c"))
+    (tmp_path / "a.h").write_text("#define A 2\n")
+    assert native_builds.library_file(build, native_builds.read_bundle(tmp_path / "k.c")) != before

@@ -19,7 +19,10 @@ of other weights, fast runs the exact path.
 Which examples (--split): "auto" (the default) takes the N longest train examples the model never saw when its
 training_metrics.json says compress trained it on a seeded subset of this task's train split (--train-limit)
 leaving at least 200 out, else the dev split; "held-out" insists on the former, "dev" and "train" take the first N
-examples of that split. Held-out examples keep the dev split independent evidence: pytest acceptance and sensimix
+examples of that split. Held out means held out of the very data it was trained on: the train split given must
+hold the examples training_metrics.json records (same examples, same order: its train_data digests), and examples
+whose text was trained on under another row are left out. A folder written before that record, or given another
+train file (a copy in another order, rows added), is calibrated on dev with a warning ("held-out" is refused). Held-out examples keep the dev split independent evidence: pytest acceptance and sensimix
 verify judge fast against the exact path there. The longest, because rounding acts on every token: a split of short
 phrases (SST-2's train) would understate the changes longer inputs see. --task defaults to the task the folder was
 trained on (its training_metrics.json); another is refused.
@@ -47,8 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..calibration_record import MIN_EXAMPLES, RECORD
-    from ..train.calibrate import calibrate, calibration_examples, training_subset
+    from ..calibration_record import RECORD
+    from ..train.calibrate import calibrate, calibration_examples, trained_on
     from ..checkpoint import read_config
     from ..io import check_file_target
     from ..sources import load_tokenizer
@@ -60,14 +63,10 @@ def run(args: argparse.Namespace) -> int:
                              "it makes: pass its own task")
     check_task_labels(args.model, config.num_labels, args.task, "calibrate it on its own task")
     check_length_fits(args.max_seq_length, config, args.model)
-    if args.split in ("auto", "held-out"):
-        limit, seed = training_subset(args.model, args.task)
-        examples, data, held_out = calibration_examples(args.task, args.glue_dir, train_limit=limit, seed=seed,
-                                                        hub=args.hub_data, count=args.examples)
-        if args.split == "held-out" and not held_out:
-            raise ValueError(f"{args.model} was not trained on a subset of {args.task} train leaving "
-                             f"{MIN_EXAMPLES} examples out (its training_metrics.json; compress "
-                             f"--train-limit): use --split dev")
+    if args.split in ("auto", "held-out"):  # held out only of the very train split it was trained on
+        examples, data, _ = calibration_examples(args.task, args.glue_dir, trained=trained_on(args.model, args.task),
+                                                 hub=args.hub_data, count=args.examples,
+                                                 held_out_only=args.split == "held-out", model=args.model)
     else:
         examples = load_glue(args.task, args.split, args.glue_dir, hub=args.hub_data)
         data = f"{args.task} {args.split}"

@@ -26,7 +26,8 @@ What is timed ("duration"): only the model's forward passes over all batches, pl
 the device. Tokenization and host-to-device copies happen before the clock starts (inputs are staged on the
 device); --warmup-batches untimed batches run first; on CUDA the device is synchronized before starting and
 after stopping the clock. Everything runs under torch.inference_mode. A model that produces NaN/inf logits is
-an error (exit 2), never a score.
+an error (exit 2), never a score; so is a --batch-size whose forward cannot fit in the device's free memory (one
+line, before the run when its smallest need is already too much, else when the allocator gives up).
 
 Precision: fp32 is the certified baseline math (BERT: eager attention; CUDA: TF32 disabled) and, for SensiMix,
 the quantization-aware model's arithmetic (exact). fp16 uses SDPA attention for BERT and fp16 GEMMs for
@@ -83,9 +84,11 @@ def run(args: argparse.Namespace) -> int:
     from ..sources import load_tokenizer
     from ..data import check_task_labels, resolve_task
     from ..measure import (
+        check_batch_fits,
         check_examples_fit,
         check_inputs_fit,
         check_length_fits,
+        is_out_of_memory,
         is_sensimix_folder,
         load_for_inference,
         make_batches,
@@ -125,9 +128,16 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("sensimix.evaluate").info(
             "%s holds %s examples: cycling through it to run %s (the accuracy counts each repeat)", data,
             f"{available:,}", f"{args.examples:,}")
+    check_batch_fits(args.batch_size, inputs, model, device, args.examples)
     batches = make_batches(inputs, batch_size=args.batch_size, num_examples=args.examples, device=device,
                            packing=kind == "sensimix" and device.startswith("cuda"))
-    result = run_inference(model, batches, warmup_batches=args.warmup_batches, device=device)
+    try:
+        result = run_inference(model, batches, warmup_batches=args.warmup_batches, device=device)
+    except RuntimeError as exc:  # the bound above is a lower one: the allocator may still give up
+        if not is_out_of_memory(exc):
+            raise
+        raise ValueError(f"--batch-size {args.batch_size:,}: the forward ran out of memory on {device} "
+                         f"({' '.join(str(exc).split())[:160]}); use a smaller --batch-size (certified: 128)") from None
     lines = result.log_lines()
     for line in lines:
         print(line, flush=True)

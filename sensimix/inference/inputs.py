@@ -108,3 +108,15 @@ def check_labels(model: Any, labels: Any, batch: int) -> None:
     if model.check_inputs and (bad := _outside(labels, num_labels)):
         raise ValueError(f"labels must lie in [0, {num_labels}) (num_labels of this model), got values in "
                          f"[{bad[0]}, {bad[1]}]")
+
+
+def check_logits(model: Any, logits: torch.Tensor) -> None:
+    """fp16 logits that overflowed (NaN/inf) are an error naming the fix, never a prediction. ``forward`` calls it
+    when ``model.check_inputs`` (one host read on CUDA, like the input checks); without it (the timed paths,
+    ``compile``) nothing is read here, and :func:`sensimix.measure.run_inference` judges every batch's logits after
+    the timed region."""
+    bad = ~torch.isfinite(logits).all(dim=-1)
+    if bool(bad.any()):
+        raise ValueError(f"the fp16 forward overflowed: the logits of sequence(s) {_rows(bad)} are NaN/inf (fp16 holds "
+                         f"values up to 65,504, and this model's activations exceed it). Load it with precision='fp32' "
+                         f"(exact) or 'bf16' (fp32's range)")

@@ -28,7 +28,7 @@ from .. import checkpoint
 from ..config import SensiMixConfig
 from . import loading
 from .encoder import Attention, SensiMixModel
-from .inputs import check_inputs, check_labels
+from .inputs import check_inputs, check_labels, check_logits
 from .layers import Embedding, Index8Embedding, Linear, PackedModule
 from .packing import Packing
 from .plan import InferencePlan, check_request, checkpoint_plan, make_plan
@@ -109,7 +109,8 @@ class SensiMixForSequenceClassification(PreTrainedModel):
                 :mod:`sensimix.inference.plan`. transformers' ``dtype`` / ``torch_dtype`` is accepted too.
             binary_kernel / index8_kernel: kernel names (:mod:`sensimix.kernels`); None = the plan's choice.
             fuse_qkv / skip_padding: None = the plan's choice (both on when the kernel allows).
-            check_inputs: validate input values in every forward (token ids in range: one host sync on CUDA).
+            check_inputs: validate input values in every forward (token ids in range: one host sync on CUDA), and
+                fp16 logits after it (an overflow is an error naming the fix: another host read on CUDA).
             weights: ``auto``, ``model.safetensors`` or ``pytorch_model.bin``: the file to load.
             verify_all_files: also prove the other weight file holds the same tensors.
             compile: ``torch.compile`` the forward (``dynamic=True``: the packed token count varies per batch).
@@ -174,6 +175,8 @@ class SensiMixForSequenceClassification(PreTrainedModel):
             raise RuntimeError("this model holds no weights (built from a config, its buffers are uninitialised): "
                                "load a folder with from_pretrained, or export a quantization-aware model "
                                "(sensimix.export.convert)")
+        # what load_state_dict refuses (NaN/inf, a range with lo > hi, another shape) is refused when put in place too
+        self._check_spec(self.state_dict(), "prepare: the model's stored tensors")
         self._prepared_from = self._digests()
         for name, t in list(self.state_dict().items()):
             owner, attr = name.rsplit(".", 1)
@@ -394,6 +397,8 @@ class SensiMixForSequenceClassification(PreTrainedModel):
         # its keys and values folded into that query instead of projected for every token (Attention._first_token)
         cls_rows = last(x, mask, packing, first_only=True)
         logits = self.classifier(torch.tanh(bert.pooler.dense(cls_rows)))
+        if self.check_inputs and self.plan.dtype == torch.float16:  # the one precision whose range can overflow
+            check_logits(self, logits)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.float(), labels.to(logits.device).view(-1))

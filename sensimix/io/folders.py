@@ -96,61 +96,52 @@ def check_replaceable(out: Path, what: str = "--out") -> None:
                           f"another {what}")
 
 
-_HELD: dict[Path, tuple[int, int]] = {}  # target -> (lock fd, depth): re-entrant within one process
+# target -> (lock fd, depth, owning thread): re-entrant for the thread holding it only (compress holds it while its
+# export takes it again); another thread is refused as another process is by the flock
+_HELD: dict[Path, tuple[int, int, int]] = {}
 _HELD_GUARD = threading.Lock()
+_PENDING = -1  # the fd slot of a hold whose flock is being taken
 
 
 def _lock_path(out: Path) -> Path:
     return out.parent / f".{out.name}.lock"
 
 
+def _busy(out: Path, by: str) -> OutputError:
+    return OutputError(f"another {by} is writing {out} (it holds {_lock_path(out)}); wait for it to finish or "
+                       f"choose another output folder")
+
+
 @contextlib.contextmanager
 def reserve_output(out: str | os.PathLike) -> Iterator[Path]:
-    """Hold an exclusive lock on ``out`` (a ``.<name>.lock`` file beside it) for the block; re-entrant within a
-    process. Another process holding it: :class:`OutputError` at once (never a wait)."""
+    """Hold an exclusive lock on ``out`` (a ``.<name>.lock`` file beside it) for the block; re-entrant within the
+    thread that holds it. Another thread of this process, or another process, holding it: :class:`OutputError` at
+    once (never a wait)."""
     out = _absolute(out)
+    me = threading.get_ident()
     with _HELD_GUARD:
-        if out in _HELD:
-            fd, depth = _HELD[out]
-            _HELD[out] = (fd, depth + 1)
-            acquired = False
-        else:
-            acquired = True
+        held = _HELD.get(out)
+        if held is not None and held[2] != me:
+            raise _busy(out, "thread of this process")
+        acquired = held is None
+        _HELD[out] = (_PENDING, 1, me) if acquired else (held[0], held[1] + 1, me)
     made: list[Path] = []  # the parent folders this hold creates: removed again if the job writes nothing
     if acquired:
-        made = _missing_parents(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        lock = _lock_path(out)
-        while True:
-            try:
-                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
-            except OSError as exc:
-                for folder in made:  # the parents this hold created, deepest first: nothing is left behind
-                    with contextlib.suppress(OSError):
-                        folder.rmdir()
-                raise OutputError(f"cannot write {out}: its lock file {lock} cannot be created ({exc.strerror}); "
-                                  f"make {out.parent} writable or choose another place") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise OutputError(f"another process is writing {out} (it holds {lock}); wait for it to finish or "
-                                  f"choose another output folder") from None
-            try:  # the file we locked must still be the one at the path (a finishing holder unlinks it)
-                if os.fstat(fd).st_ino == os.stat(lock).st_ino:
-                    break
-            except FileNotFoundError:
-                pass
-            os.close(fd)
+        try:
+            fd, made = _take_lock(out)
+        except BaseException:
+            with _HELD_GUARD:
+                del _HELD[out]
+            raise
         with _HELD_GUARD:
-            _HELD[out] = (fd, 1)
+            _HELD[out] = (fd, 1, me)
     try:
         yield out
     finally:
         with _HELD_GUARD:
-            fd, depth = _HELD[out]
+            fd, depth, _ = _HELD[out]
             if depth > 1:
-                _HELD[out] = (fd, depth - 1)
+                _HELD[out] = (fd, depth - 1, me)
                 fd = None
             else:
                 del _HELD[out]
@@ -162,6 +153,33 @@ def reserve_output(out: str | os.PathLike) -> Iterator[Path]:
                 for folder in made:  # deepest first; rmdir fails (and keeps it) once anything else is inside
                     with contextlib.suppress(OSError):
                         os.rmdir(folder)
+
+
+def _take_lock(out: Path) -> tuple[int, list[Path]]:
+    """flock ``out``'s lock file (creating the parents it needs); returns its fd and the parents made."""
+    made = _missing_parents(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = _lock_path(out)
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        except OSError as exc:
+            for folder in made:  # the parents this hold created, deepest first: nothing is left behind
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise OutputError(f"cannot write {out}: its lock file {lock} cannot be created ({exc.strerror}); "
+                              f"make {out.parent} writable or choose another place") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise _busy(out, "process") from None
+        try:  # the file we locked must still be the one at the path (a finishing holder unlinks it)
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                return fd, made
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
 # renameat2(2) flags (Linux >= 3.15); file systems without them answer EINVAL
@@ -188,27 +206,90 @@ def _old_versions(out: Path) -> list[Path]:
     return sorted(out.parent.glob(f".{out.name}.old.*"))
 
 
+def previous_version(out: str | os.PathLike) -> Path | None:
+    """Where the previous version of a missing ``out`` lies whole (``.<name>.old.*/<name>``, the newest) when an
+    overwrite without ``RENAME_EXCHANGE`` was interrupted between its two renames; None when ``out`` exists or
+    nothing was left."""
+    out = _absolute(out)
+    if out.exists():
+        return None
+    kept = [p for p in _old_versions(out) if (p / out.name).exists()]
+    return max(kept, key=lambda p: p.stat().st_mtime) / out.name if kept else None
+
+
 def recover_interrupted(out: str | os.PathLike) -> Path | None:
     """Restore ``out`` from the hidden copy an interrupted overwrite left (fallback path only) and remove the
-    stale hidden folders; returns ``out`` when it was restored. Call it holding :func:`reserve_output`."""
+    stale hidden folders and the temp folders of writers that are gone; returns ``out`` when it was restored. Call
+    it holding :func:`reserve_output`."""
     out = _absolute(out)
     olds = _old_versions(out)
     restored = None
-    if not out.exists():
-        kept = [p for p in olds if (p / out.name).exists()]
-        if kept:  # the process died between the two renames: the previous version is whole in there
-            os.replace(max(kept, key=lambda p: p.stat().st_mtime) / out.name, out)
-            restored = out
+    previous = previous_version(out)
+    if previous is not None:  # the process died between the two renames: the previous version is whole in there
+        os.replace(previous, out)
+        restored = out
     for old in olds:  # the target exists now, so these are empty or a superseded version
         shutil.rmtree(old, ignore_errors=True)
+    _remove_stale_temps(out)
     return restored
 
 
+# Temp folders are owned: beside each ``.<name>.tmp.XXXX`` folder an ``.<name>.tmp.XXXX.owner`` file is flocked by
+# its writer until the folder is committed or removed. The kernel drops the flock when the writer dies (whatever
+# its pid is later reused for), so a lock that can be taken means the owner is gone; this process's own live temp
+# folders are also listed here (POSIX-lock emulations of flock, e.g. on NFS, let a process take its own lock again).
+_OWNER = ".owner"
+_LIVE_TEMPS: set[Path] = set()
+
+
+def _make_temp(out: Path) -> tuple[Path, int]:
+    """A new temp folder beside ``out`` and the fd of its flocked owner file (made first: a folder never exists
+    unowned)."""
+    while True:
+        fd, owner = tempfile.mkstemp(prefix=f".{out.name}.tmp.", suffix=_OWNER, dir=out.parent)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a file nobody else has opened yet
+        tmp = Path(owner[:-len(_OWNER)])
+        try:
+            os.mkdir(tmp, 0o777 & ~_umask())  # what mkdtemp's 0700 would hide: the result looks like any new folder
+        except FileExistsError:  # an unowned folder of that name (an older version's): draw another name
+            os.unlink(owner)
+            os.close(fd)
+            continue
+        _LIVE_TEMPS.add(tmp)
+        return tmp, fd
+
+
+def _drop_temp(tmp: Path, fd: int) -> None:
+    """Remove a temp folder (if still there) and then its owner file; the flock goes with the fd."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(f"{tmp}{_OWNER}")
+    _LIVE_TEMPS.discard(tmp)
+    os.close(fd)
+
+
 def _remove_stale_temps(out: Path) -> None:
-    """Temp folders of ``out`` left by a writer that was killed (SIGKILL, power loss): only the lock holder
-    writes them, and the caller holds the lock."""
-    for tmp in out.parent.glob(f".{out.name}.tmp.*"):
+    """Temp folders of ``out`` whose writer is provably gone (killed: SIGKILL, power loss): its owner file can be
+    flocked, or it has none (written by an older version, whose writer would hold the target lock we hold)."""
+    temps = {Path(str(p).removesuffix(_OWNER)) for p in out.parent.glob(f".{out.name}.tmp.*")}
+    for tmp in sorted(temps - _LIVE_TEMPS):
+        owner = f"{tmp}{_OWNER}"
+        try:
+            fd = os.open(owner, os.O_RDWR)
+        except FileNotFoundError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            continue
+        except OSError:
+            continue  # cannot tell: keep it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: its writer is alive (e.g. a writer that does not share our target lock)
+            os.close(fd)
+            continue
         shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(owner)
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -301,20 +382,17 @@ def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool = False,
         check_output_dir(out, overwrite=True, what="output folder", any_folder=any_folder)
     with reserve_output(out), raise_on_sigterm():
         recover_interrupted(out)
-        _remove_stale_temps(out)
         if out.exists() and not overwrite:
             raise FileExistsError(f"{out} already exists; pass --overwrite (overwrite=True) or choose another "
                                   f"output folder")
         if out.exists() and not any_folder:
             check_replaceable(out, "output folder")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp.", dir=out.parent))
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like any new folder
+        tmp, owner = _make_temp(out)
         try:
             yield tmp
             for f in tmp.rglob("*"):  # some writers (safetensors, mkstemp) create 0600 files
                 if f.is_file():
                     os.chmod(f, 0o666 & ~_umask())
             _commit(tmp, out, overwrite)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        finally:  # committed: only the owner file is left (and the old version, after an exchange)
+            _drop_temp(tmp, owner)

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
+
+from .folders import OutputError, previous_version, recover_interrupted, reserve_output
+
+log = logging.getLogger(__name__)
 
 MAX_JSON_BYTES = 8 << 20  # config.json and friends are a few KB; refuse to parse anything huge
 
@@ -37,6 +42,7 @@ def read_json(path: str | os.PathLike, *, what: str = "a JSON file", error: type
 def read_config_json(folder: str | os.PathLike, *, expected: str, error: type[Exception] = ValueError) -> dict:
     """The JSON object in ``<folder>/config.json``; errors name the folder or file and what was ``expected``."""
     folder = Path(folder)
+    find_interrupted(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder: expected {expected}")
     if not (folder / "config.json").is_file():
@@ -45,3 +51,23 @@ def read_config_json(folder: str | os.PathLike, *, expected: str, error: type[Ex
     if not isinstance(raw, dict):
         raise error(f"{folder / 'config.json'} must hold a JSON object, got {type(raw).__name__}")
     return raw
+
+
+def find_interrupted(folder: str | os.PathLike) -> None:
+    """Put back a ``folder`` that is missing because an overwrite of it (on a file system without the one-step
+    swap: NFS, many FUSE) was interrupted between its two renames -- under the writers' lock, as the next write to
+    it would -- so every reader finds the previous version. Where that cannot be done now (another writer holds the
+    lock, a read-only parent), ``FileNotFoundError`` says where the previous version is."""
+    hidden = previous_version(folder)
+    if hidden is None:
+        return
+    try:
+        with reserve_output(folder):
+            restored = recover_interrupted(folder)
+    except (OutputError, OSError) as exc:
+        raise FileNotFoundError(f"{folder} is missing: an overwrite of it was interrupted between its two renames, and "
+                                f"its previous version is whole in {hidden} ({brief(exc)}); the next write to "
+                                f"{folder} puts it back, or move it back yourself: mv {hidden} {folder}") from None
+    if restored:
+        log.warning("%s was missing (an overwrite of it was interrupted between its two renames): its previous "
+                    "version was put back from %s", folder, hidden)

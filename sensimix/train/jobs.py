@@ -30,7 +30,8 @@ from ..io import (
 from ..sources import SourceError, bert_config, load_bert_classifier, load_tokenizer, save_tokenizer
 from ..measure import check_length_fits
 from . import distributed
-from ..data import METRICS_FILE, num_labels, prepare_task_data, resolve_glue_dir, task_file, task_spec, trained_task
+from ..data import METRICS_FILE, num_labels, resolve_glue_dir, task_file, task_spec, trained_task
+from .provenance import FIELD as TRAIN_DATA, task_data
 from .recipe import TrainSettings, train
 
 log = logging.getLogger(__name__)
@@ -142,12 +143,13 @@ def finetune(bert: str | os.PathLike, task: str, out: str | os.PathLike, *, glue
         set_seed(settings.seed)
         tokenizer = load_tokenizer(bert)
         model = load_bert_classifier(bert, num_labels(task))
-        train_ds, dev_ds = prepare_task_data(task, tokenizer, glue_dir, max_seq_length=settings.max_seq_length,
-                                             train_limit=settings.train_limit, eval_limit=settings.eval_limit,
-                                             seed=settings.seed, hub=hub_data)
+        train_ds, dev_ds, train_data = task_data(task, tokenizer, glue_dir, max_seq_length=settings.max_seq_length,
+                                                 train_limit=settings.train_limit, eval_limit=settings.eval_limit,
+                                                 seed=settings.seed, hub=hub_data)
         with tempfile.TemporaryDirectory(prefix="sensimix-finetune-") as work:
             metrics, _ = train(model, tokenizer, train_ds, dev_ds, settings, work)
-        metrics.update(settings=settings.as_dict(), bert=str(bert), task=task, model="fp32 BERT")
+        metrics.update(settings=settings.as_dict(), bert=str(bert), task=task, model="fp32 BERT",
+                       **{TRAIN_DATA: train_data})
         log.info("dev accuracy of the fp32 reference: %.4f", metrics.get("eval_accuracy", float("nan")))
         metrics["world_size"] = distributed.world_size()
         with distributed.main_process_writes() as writer:  # under torchrun every rank holds the same weights
@@ -196,9 +198,9 @@ def compress(bert: str | os.PathLike, task: str, out: str | os.PathLike, *, glue
                          "model": model.config.describe(), "activations": activations}
         schedule: list = []
         if settings.max_steps != 0:
-            train_ds, dev_ds = prepare_task_data(task, tokenizer, glue_dir, max_seq_length=settings.max_seq_length,
-                                                 train_limit=settings.train_limit, eval_limit=settings.eval_limit,
-                                                 seed=settings.seed, hub=hub_data)
+            train_ds, dev_ds, metrics[TRAIN_DATA] = task_data(  # what identifies the examples trained on
+                task, tokenizer, glue_dir, max_seq_length=settings.max_seq_length, train_limit=settings.train_limit,
+                eval_limit=settings.eval_limit, seed=settings.seed, hub=hub_data)
             try:
                 teacher_model = (load_bert_classifier(teacher, num_labels(task), trained_head=True)
                                  if teacher is not None else None)
@@ -232,11 +234,10 @@ def _calibrate_fast(out: Path, task: str, tokenizer: Any, glue_dir: str | os.Pat
     The folder is complete without it: a failure is logged and ``fast`` stays exact."""
     from ..calibration_record import RECORD
     from ..measure import examples_inputs
-    from .calibrate import calibrate, calibration_examples
+    from .calibrate import calibrate, calibration_examples, trained_on
 
     try:
-        examples, data, _ = calibration_examples(task, glue_dir, train_limit=settings.train_limit,
-                                                 seed=settings.seed, hub=hub)
+        examples, data, _ = calibration_examples(task, glue_dir, trained=trained_on(out, task), hub=hub, model=out)
         calibrate(out, examples_inputs(examples, tokenizer, settings.max_seq_length), data=data)
     except (OSError, ValueError, RuntimeError, MemoryError) as exc:
         (out / RECORD).unlink(missing_ok=True)

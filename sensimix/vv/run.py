@@ -69,29 +69,45 @@ class VVSettings:
     accuracy_skip_reason: str | None = None
     progress: bool = True
 
-    def resolved(self) -> VVSettings:
-        """Device defaults filled in and every value checked; raises ValueError naming the option."""
+    def resolved(self, flags: dict[str, str] | None = None) -> VVSettings:
+        """Device defaults filled in and every value checked; raises ValueError naming the option: ``flags`` maps a
+        field to its option's name where it is not ``sensimix verify``'s (pytest's ``--kotca-examples``, ...)."""
+        import math
+
         from ..data import resolve_glue_dir
 
-        device = resolve_device(self.device)
+        def flag(name: str) -> str:
+            return (flags or {}).get(name) or ("--8bit-layers" if name == "eightbit_layers" else
+                                                f"--{name.replace('_', '-')}")
+
+        try:
+            device = resolve_device(self.device)
+        except ValueError as exc:
+            raise ValueError(f"{flag('device')}: {exc}") from None
+        try:
+            precision = sensimix_precision(self.sensimix_precision, device)
+        except ValueError as exc:
+            raise ValueError(f"{flag('sensimix_precision')}: {exc}") from None
         s = dataclasses.replace(
             self, device=device, examples=default_examples(device) if self.examples is None else self.examples,
             warmup_batches=default_warmup_batches(device) if self.warmup_batches is None else self.warmup_batches,
-            sensimix_precision=sensimix_precision(self.sensimix_precision, device),
-            glue_dir=resolve_glue_dir(self.glue_dir))
+            sensimix_precision=precision, glue_dir=resolve_glue_dir(self.glue_dir))
         for name in ("examples", "trials", "batch_size", "layers"):
             value = getattr(s, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+                raise ValueError(f"{flag(name)} must be an integer >= 1, got {value!r}")
         if not 5 <= s.max_seq_length <= 512:
-            raise ValueError(f"--max-seq-length must be in [5, 512], got {s.max_seq_length}")
-        check_examples_fit(s.examples, s.max_seq_length)
-        if s.warmup_batches < 0:
-            raise ValueError(f"--warmup-batches must be >= 0, got {s.warmup_batches}")
+            raise ValueError(f"{flag('max_seq_length')} must be in [5, 512], got {s.max_seq_length}")
+        check_examples_fit(s.examples, s.max_seq_length, flag("examples"))
+        if not isinstance(s.warmup_batches, int) or s.warmup_batches < 0:
+            raise ValueError(f"{flag('warmup_batches')} must be an integer >= 0, got {s.warmup_batches!r}")
+        ratio = s.fp16_max_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio <= 0:
+            raise ValueError(f"{flag('fp16_max_ratio')} must be a finite number > 0, got {ratio!r}")
         if not 0 <= s.eightbit_layers <= s.layers:
-            raise ValueError(f"--8bit-layers must be in [0, --layers={s.layers}], got {s.eightbit_layers}")
+            raise ValueError(f"{flag('eightbit_layers')} must be in [0, --layers={s.layers}], got {s.eightbit_layers}")
         if s.activations not in ("fp32", "a8"):
-            raise ValueError(f"--activations must be fp32 or a8, got {s.activations!r}")
+            raise ValueError(f"{flag('activations')} must be fp32 or a8, got {s.activations!r}")
         if s.accuracy is not None:
             s.accuracy = dataclasses.replace(s.accuracy, device=device, sensimix_precision=s.sensimix_precision)
         return s
