@@ -31,6 +31,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--kotca-fp16-max-ratio", type=float, default=0.20,
                 help="goal of the SensiMix / fp16 BERT time ratio on CUDA (default: 0.20); reported, gated only with "
                      "--kotca-gate-fp16")
+    g.addoption("--kotca-activations", default="fp32", choices=["fp32", "a8"],
+                help="the SensiMix (2+1) built here and the accuracy models: fp32 activations or a8 (8-bit "
+                     "activations, exact integer kernels) (default: %(default)s)")
     g.addoption("--kotca-gate-fp16", action="store_true",
                 help="fail when SensiMix / BERT fp16 misses --kotca-fp16-max-ratio (default: report it only)")
     g.addoption("--kotca-report", default=None, metavar="DIR",

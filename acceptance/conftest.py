@@ -26,7 +26,8 @@ NOT_RUN = "not measured in this pytest session (test deselected or skipped)"
 
 # VVSettings field -> the pytest option that sets it (messages name the option the user typed, not verify's)
 KOTCA_FLAGS = {name: "--kotca-" + name.replace("_", "-")
-               for name in ("device", "examples", "trials", "warmup_batches", "sensimix_precision", "fp16_max_ratio")}
+               for name in ("device", "examples", "trials", "warmup_batches", "sensimix_precision", "fp16_max_ratio",
+                            "activations")}
 
 
 def vv_settings(config: pytest.Config) -> VVSettings:
@@ -42,6 +43,7 @@ def vv_settings(config: pytest.Config) -> VVSettings:
                 device=opt("--kotca-device"), examples=opt("--kotca-examples"), trials=opt("--kotca-trials"),
                 warmup_batches=opt("--kotca-warmup-batches"), sensimix_precision=opt("--kotca-sensimix-precision"),
                 fp16_max_ratio=opt("--kotca-fp16-max-ratio"), gate_fp16=opt("--kotca-gate-fp16"),
+                activations=opt("--kotca-activations"),
                 glue_dir=opt("--glue-dir"),
                 accuracy=accuracy_settings_from(opt, "auto"), progress=False).resolved(KOTCA_FLAGS)
         except (ValueError, FileNotFoundError) as exc:
@@ -54,7 +56,8 @@ def run_id(s: VVSettings) -> str:
     """Part of every timing benchmark's name: histories compare like with like (device, data, count, precision)."""
     qnli = s.glue_dir is not None and (Path(s.glue_dir) / "QNLI" / "dev.tsv").is_file()
     data = "qnli" if qnli else "synthetic"
-    return f"{s.device.replace(':', '')}-{data}-{s.examples}-sensimix{s.sensimix_precision}"
+    variant = "" if s.activations == "fp32" else f"-{s.activations}"
+    return f"{s.device.replace(':', '')}-{data}-{s.examples}-sensimix{s.sensimix_precision}{variant}"
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -77,6 +77,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="N = a+b layers of the SensiMix built here (default: 3; not with --sensimix)")
     g.add_argument("--8bit-layers", dest="eightbit_layers", type=int_at_least(0), default=None,
                    help="a = fully 8-bit layers (default: 2, the certified (2+1); not with --sensimix)")
+    g.add_argument("--activations", choices=["fp32", "a8"], default=None,
+                   help="what the 8-bit linears of the SensiMix built here read, and of the accuracy models: fp32 "
+                        "activations, or a8 (8-bit activations trained in, exact integer kernels; sensimix/a8.py) "
+                        "(default: fp32; not with --sensimix, whose config.json says)")
     g.add_argument("--keep-models", default=None, metavar="DIR",
                    help="write the folders built here to DIR/bert and DIR/sensimix and keep them (default: a temp "
                         "folder); existing ones are refused unless --overwrite")
@@ -128,9 +132,10 @@ def run(args: argparse.Namespace) -> int:
             check_file_target(out / name, "--out")
     else:
         check_output_dir(out, what="--out")  # a writable location, found now rather than after the run
-    if args.sensimix and (args.layers is not None or args.eightbit_layers is not None):
-        raise ValueError(f"--layers and --8bit-layers shape the SensiMix verify builds; --sensimix {args.sensimix} "
-                         f"is judged as it is (its config.json fixes its (a+b)): drop them")
+    if args.sensimix and (args.layers is not None or args.eightbit_layers is not None or args.activations):
+        raise ValueError(f"--layers, --8bit-layers and --activations shape the SensiMix verify builds; --sensimix "
+                         f"{args.sensimix} is judged as it is (its config.json fixes its (a+b) and activations): drop "
+                         f"them")
     accuracy = accuracy_settings_from(lambda dest: getattr(args, dest), args.device)  # checked even when skipped
     if args.skip_accuracy:
         moot = changed_accuracy_flags(lambda dest: getattr(args, dest))
@@ -146,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
         hub=args.hub_data, bert=args.bert, sensimix=args.sensimix,
         layers=3 if args.layers is None else args.layers,
         eightbit_layers=2 if args.eightbit_layers is None else args.eightbit_layers,
+        activations=args.activations or VVSettings.activations,
         seed=args.seed, keep_models=args.keep_models, overwrite=args.overwrite,
         accuracy=accuracy, accuracy_skip_reason="skipped with --skip-accuracy" if args.skip_accuracy else None,
         progress=not args.no_progress)

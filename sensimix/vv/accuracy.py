@@ -50,6 +50,7 @@ class AccuracySettings:
     max_seq_length: int = 64            # SST-2 sentences: ~25 word pieces, 64 truncates almost none
     trainer_eval_limit: int = 200       # the trainers' per-epoch dev check (a log only; the criteria use all 872)
     distill: bool = True                # distil from the fp32 reference
+    activations: str = "fp32"           # the SensiMix models' (fp32 or a8): the V&V run's own, set by VVSettings
     seed: int = 42
     device: str = "auto"
     max_gap: float = 5.0                # points of accuracy (CI subset); the full-training goal is 1.0 for (3+3)
@@ -274,7 +275,8 @@ def measure_accuracy(glue_dir: str | os.PathLike | None, workdir: str | os.PathL
                  ", distilling from it" if s.distill else "")
         sm = compress(reference, ACCURACY_TASK, work / f"sensimix-{split}", glue_dir=glue_dir, layers=layers,
                       eightbit_layers=eightbit, settings=dataclasses.replace(base, epochs=epochs, distill=s.distill),
-                      teacher=reference if s.distill else None, overwrite=True, hub_data=hub)
+                      teacher=reference if s.distill else None, overwrite=True, hub_data=hub,
+                      activations=s.activations)
         metrics[f"sensimix-{split}"] = sm.metrics
         _, result = evaluate_folder(sm.path, inputs, device, precision)
         split_accuracy[split] = float(result.accuracy)

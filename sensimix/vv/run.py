@@ -109,7 +109,8 @@ class VVSettings:
         if s.activations not in ("fp32", "a8"):
             raise ValueError(f"{flag('activations')} must be fp32 or a8, got {s.activations!r}")
         if s.accuracy is not None:
-            s.accuracy = dataclasses.replace(s.accuracy, device=device, sensimix_precision=s.sensimix_precision)
+            s.accuracy = dataclasses.replace(s.accuracy, device=device, sensimix_precision=s.sensimix_precision,
+                                             activations=s.activations)
         return s
 
 

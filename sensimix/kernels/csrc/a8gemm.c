@@ -123,26 +123,43 @@ typedef struct {
     int status;
 } job_t;
 
-/* the epilogue of one row's NR (or fewer) columns from their exact int32 sums of q Q */
+/* the epilogue of 8 columns of one row from their exact int32 sums of q Q (sensimix/a8.py: linear_epilogue) */
+static inline __m256 epilogue8(__m256i acc, __m256i vzero, __m256 vtotal, __m256 vscale, __m256i colsum, __m256 s,
+                               __m256 c) {
+    __m256i a = _mm256_sub_epi32(acc, _mm256_mullo_epi32(vzero, colsum));
+    __m256 t1 = _mm256_mul_ps(_mm256_cvtepi32_ps(a), s);
+    __m256 t2 = _mm256_mul_ps(vtotal, c);
+    return _mm256_mul_ps(_mm256_add_ps(t1, t2), vscale);
+}
+
+/* one row's `cols` (<= NR) columns: loads straight from the panel's arrays where 8 columns are whole, through a
+ * zero-padded copy for the last few */
 static inline void epilogue(const int32_t *acc, int cols, int32_t zero, float scale, int32_t total,
                             const int32_t *colsum, const float *s, const float *c, const float *bias, float *o) {
     const __m256 vscale = _mm256_set1_ps(scale), vtotal = _mm256_set1_ps((float)total);
     const __m256i vzero = _mm256_set1_epi32(zero);
-    for (int h = 0; h < cols; h += 8) {
-        int w = cols - h < 8 ? cols - h : 8;
+    int h = 0;
+    for (; h + 8 <= cols; h += 8) {
+        __m256 v = epilogue8(_mm256_loadu_si256((const __m256i *)(acc + h)), vzero, vtotal, vscale,
+                             _mm256_loadu_si256((const __m256i *)(colsum + h)), _mm256_loadu_ps(s + h),
+                             _mm256_loadu_ps(c + h));
+        if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + h));
+        _mm256_storeu_ps(o + h, v);
+    }
+    if (h < cols) {
+        int w = cols - h;
         int32_t ai[8] = {0}, cs[8] = {0};
         float sv[8] = {0}, cv[8] = {0}, bv[8] = {0}, y[8];
         memcpy(ai, acc + h, (size_t)w * 4);
         memcpy(cs, colsum + h, (size_t)w * 4);
         memcpy(sv, s + h, (size_t)w * 4);
         memcpy(cv, c + h, (size_t)w * 4);
-        if (bias) memcpy(bv, bias + h, (size_t)w * 4);
-        __m256i a = _mm256_sub_epi32(_mm256_loadu_si256((const __m256i *)ai),
-                                     _mm256_mullo_epi32(vzero, _mm256_loadu_si256((const __m256i *)cs)));
-        __m256 t1 = _mm256_mul_ps(_mm256_cvtepi32_ps(a), _mm256_loadu_ps(sv));
-        __m256 t2 = _mm256_mul_ps(vtotal, _mm256_loadu_ps(cv));
-        __m256 v = _mm256_mul_ps(_mm256_add_ps(t1, t2), vscale);
-        if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bv));
+        __m256 v = epilogue8(_mm256_loadu_si256((const __m256i *)ai), vzero, vtotal, vscale,
+                             _mm256_loadu_si256((const __m256i *)cs), _mm256_loadu_ps(sv), _mm256_loadu_ps(cv));
+        if (bias) {
+            memcpy(bv, bias + h, (size_t)w * 4);
+            v = _mm256_add_ps(v, _mm256_loadu_ps(bv));
+        }
         _mm256_storeu_ps(y, v);
         memcpy(o + h, y, (size_t)w * 4);
     }
