@@ -7,7 +7,7 @@
  * values are exact in fp64, so the sums' order changes nothing but fp64 roundings, which the rounding to fp32
  * almost surely absorbs (the torch definition sums in another order; the tests compare bit for bit).
  *
- * Queries: every token of the sequence (rows starts[b] + i of q and out), or with first_only the sequence's
+ * Queries, QB at a time: every token of the sequence (rows starts[b] + i of q and out), or with first_only the sequence's
  * first token alone (row b of q and of out: the pooled [CLS] of the last layer). Keys and values of a sequence are
  * taken to fp64 once per head. Tasks (sequence, head) are shared out between `threads` POSIX threads by an atomic
  * counter; every function is reentrant.
@@ -36,27 +36,46 @@ typedef struct {
     int status;
 } job_t;
 
-/* out[d] = attention of one query q[d] over the sequence's keys kt (fp64, [d][L]: key j at column j) and
- * values vd (fp64, [L][d]) */
-static void one_query(const float *q, const double *kt, const double *vd, int64_t len, int64_t d, float scale,
-                      float *s, float *out) {
+/* scores s[r][j] = f32(q_r . k_j in fp64) * scale for QB queries (rows of q64, fp64 [QB][d]) and the sequence's
+ * keys (kt: fp64 [d][L], key j at column j). Products of fp32 values are exact in fp64, so a fused multiply-add
+ * rounds exactly as a multiply (exact) then an add would: FMA changes no bit here. */
+#define QB 4
+static void scores(const double *q64, int nq, const double *kt, int64_t len, int64_t d, float scale, float *s,
+                   int64_t lds) {
     int64_t j = 0;
-    for (; j + 4 <= len; j += 4) {
-        __m256d acc = _mm256_setzero_pd();
-        for (int64_t t = 0; t < d; t++)
-            acc = _mm256_add_pd(acc, _mm256_mul_pd(_mm256_set1_pd((double)q[t]), _mm256_loadu_pd(kt + t * len + j)));
-        _mm_storeu_ps(s + j, _mm_mul_ps(_mm256_cvtpd_ps(acc), _mm_set1_ps(scale)));
+    const __m128 vscale = _mm_set1_ps(scale);
+    for (; j + 8 <= len; j += 8) {
+        __m256d acc[QB][2];
+        for (int r = 0; r < QB; r++) acc[r][0] = acc[r][1] = _mm256_setzero_pd();
+        for (int64_t t = 0; t < d; t++) {
+            const __m256d k0 = _mm256_loadu_pd(kt + t * len + j), k1 = _mm256_loadu_pd(kt + t * len + j + 4);
+            for (int r = 0; r < QB; r++) {
+                const __m256d q = _mm256_broadcast_sd(q64 + r * d + t);
+                acc[r][0] = _mm256_fmadd_pd(q, k0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_pd(q, k1, acc[r][1]);
+            }
+        }
+        for (int r = 0; r < nq; r++) {
+            _mm_storeu_ps(s + r * lds + j, _mm_mul_ps(_mm256_cvtpd_ps(acc[r][0]), vscale));
+            _mm_storeu_ps(s + r * lds + j + 4, _mm_mul_ps(_mm256_cvtpd_ps(acc[r][1]), vscale));
+        }
     }
-    for (; j < len; j++) {
-        double acc = 0.0;
-        for (int64_t t = 0; t < d; t++) acc += (double)q[t] * kt[t * len + j];
-        s[j] = (float)acc * scale;
-    }
+    for (; j < len; j++)
+        for (int r = 0; r < nq; r++) {
+            double acc = 0.0;
+            for (int64_t t = 0; t < d; t++) acc += q64[r * d + t] * kt[t * len + j];
+            s[r * lds + j] = (float)acc * scale;
+        }
+}
+
+/* s[j] <- p_j = e_j / f32(sum e in fp64), e_j = exp(s_j - max s) (the A8 softmax, in place) */
+static void softmax_row(float *s, int64_t len) {
     float m = s[0];
-    for (j = 1; j < len; j++) m = s[j] > m ? s[j] : m;
+    for (int64_t j = 1; j < len; j++) m = s[j] > m ? s[j] : m;
     __m256d z0 = _mm256_setzero_pd(), z1 = _mm256_setzero_pd();
     const __m256 vm = _mm256_set1_ps(m);
-    for (j = 0; j + 8 <= len; j += 8) {
+    int64_t j = 0;
+    for (; j + 8 <= len; j += 8) {
         __m256 e = softmax_exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), vm));
         _mm256_storeu_ps(s + j, e);
         z0 = _mm256_add_pd(z0, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
@@ -72,39 +91,50 @@ static void one_query(const float *q, const double *kt, const double *vd, int64_
             zsum += (double)e[t];
         }
     }
-    float z = (float)zsum;
-    for (j = 0; j < len; j++) s[j] = s[j] / z;
-    for (int64_t t0 = 0; t0 < d; t0 += 16) {
-        int64_t w = d - t0 < 16 ? d - t0 : 16;
-        __m256d acc[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()};
-        if (w == 16) {
-            for (j = 0; j < len; j++) {
-                __m256d p = _mm256_set1_pd((double)s[j]);
-                const double *row = vd + j * d + t0;
-                for (int c = 0; c < 4; c++) acc[c] = _mm256_add_pd(acc[c], _mm256_mul_pd(p, _mm256_loadu_pd(row + 4 * c)));
-            }
-            for (int c = 0; c < 4; c++) _mm_storeu_ps(out + t0 + 4 * c, _mm256_cvtpd_ps(acc[c]));
-        } else {
-            for (int64_t t = 0; t < w; t++) {
-                double a = 0.0;
-                for (j = 0; j < len; j++) a += (double)s[j] * vd[j * d + t0 + t];
-                out[t0 + t] = (float)a;
+    const __m256 z = _mm256_set1_ps((float)zsum);
+    for (j = 0; j + 8 <= len; j += 8) _mm256_storeu_ps(s + j, _mm256_div_ps(_mm256_loadu_ps(s + j), z));
+    for (; j < len; j++) s[j] = s[j] / (float)zsum;
+}
+
+/* out[r][t] = f32(sum_j p[r][j] v_j[t] in fp64) for nq <= QB queries; vd: fp64 [L][d] */
+static void weighted(const float *p, int64_t ldp, int nq, const double *vd, int64_t len, int64_t d, float *out,
+                     int64_t ldo) {
+    int64_t t0 = 0;
+    for (; t0 + 8 <= d; t0 += 8) {
+        __m256d acc[QB][2];
+        for (int r = 0; r < QB; r++) acc[r][0] = acc[r][1] = _mm256_setzero_pd();
+        for (int64_t j = 0; j < len; j++) {
+            const __m256d v0 = _mm256_loadu_pd(vd + j * d + t0), v1 = _mm256_loadu_pd(vd + j * d + t0 + 4);
+            for (int r = 0; r < nq; r++) {
+                const __m256d pr = _mm256_set1_pd((double)p[r * ldp + j]);
+                acc[r][0] = _mm256_fmadd_pd(pr, v0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_pd(pr, v1, acc[r][1]);
             }
         }
+        for (int r = 0; r < nq; r++) {
+            _mm_storeu_ps(out + r * ldo + t0, _mm256_cvtpd_ps(acc[r][0]));
+            _mm_storeu_ps(out + r * ldo + t0 + 4, _mm256_cvtpd_ps(acc[r][1]));
+        }
     }
+    for (; t0 < d; t0++)
+        for (int r = 0; r < nq; r++) {
+            double a = 0.0;
+            for (int64_t j = 0; j < len; j++) a += (double)p[r * ldp + j] * vd[j * d + t0];
+            out[r * ldo + t0] = (float)a;
+        }
 }
 
 static void run_tasks(job_t *jb) {
-    int64_t d = jb->d;
-    double *kt = (double *)malloc((size_t)(2 * jb->maxlen * d) * sizeof(double));
-    float *s = (float *)malloc((size_t)(jb->maxlen + 8) * sizeof(float));
+    int64_t d = jb->d, maxlen = jb->maxlen, lds = maxlen + 8;
+    double *kt = (double *)malloc((size_t)(2 * maxlen * d + QB * d) * sizeof(double));
+    float *s = (float *)malloc((size_t)(QB * lds) * sizeof(float));
     if (!kt || !s) {
         free(kt);
         free(s);
         jb->status = -3;
         return;
     }
-    double *vd = kt + jb->maxlen * d;
+    double *vd = kt + maxlen * d, *q64 = vd + maxlen * d;
     for (;;) {
         int64_t task = (int64_t)atomic_fetch_add(jb->next, 1);
         if (task >= jb->nseq * jb->heads) break;
@@ -116,12 +146,18 @@ static void run_tasks(job_t *jb) {
                 vd[j * d + t] = (double)vr[t];
             }
         }
-        if (jb->first_only) {
-            one_query(jb->q + b * jb->ldq + h * d, kt, vd, len, d, jb->scale, s, jb->out + b * jb->ldo + h * d);
-        } else {
-            for (int64_t i = 0; i < len; i++)
-                one_query(jb->q + (start + i) * jb->ldq + h * d, kt, vd, len, d, jb->scale, s,
-                          jb->out + (start + i) * jb->ldo + h * d);
+        int64_t queries = jb->first_only ? 1 : len;
+        for (int64_t i0 = 0; i0 < queries; i0 += QB) {
+            int nq = (int)(queries - i0 < QB ? queries - i0 : QB);
+            for (int r = 0; r < QB; r++) {  /* rows past the last query: copies of it (their results unused) */
+                int64_t row = jb->first_only ? b : start + i0 + (r < nq ? r : nq - 1);
+                const float *qr = jb->q + row * jb->ldq + h * d;
+                for (int64_t t = 0; t < d; t++) q64[r * d + t] = (double)qr[t];
+            }
+            scores(q64, nq, kt, len, d, jb->scale, s, lds);
+            for (int r = 0; r < nq; r++) softmax_row(s + r * lds, len);
+            float *o = jb->out + (jb->first_only ? b : start + i0) * jb->ldo + h * d;
+            weighted(s, lds, nq, vd, len, d, o, jb->ldo);
         }
     }
     free(kt);
