@@ -144,3 +144,12 @@ def test_pretrained_minilm_a8_export_computes_the_qat_model_s_bits():
         want = qat(**inputs).logits
     for kernel in A8_KERNELS:
         assert torch.equal(logits_of(convert(qat, device="cpu", index8_kernel=kernel), inputs), want), kernel
+
+
+def test_calibrating_an_a8_folder_is_refused_in_one_line(a8_folder, caplog):
+    from sensimix import cli
+
+    assert cli.main(["calibrate", "--model", str(a8_folder), "--glue-dir", str(a8_folder)]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "is an A8 checkpoint" in errors[0] and "nothing to calibrate" in errors[0]
+    assert not (a8_folder / "fast_calibration.json").exists()

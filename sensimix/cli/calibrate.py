@@ -59,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
     from ..measure import check_inputs_fit, check_length_fits, examples_inputs
 
     config = read_config(args.model)  # a packed folder, before any data is read
+    if config.a8:
+        raise ValueError(f"{args.model} is an A8 checkpoint (8-bit activations trained in): its fast plan is its "
+                         f"exact integer kernels already, so there is nothing to calibrate")
     args.task = resolve_task(args.model, args.task, "sst-2", "a verdict there would say nothing of the predictions "
                              "it makes: pass its own task")
     check_task_labels(args.model, config.num_labels, args.task, "calibrate it on its own task")

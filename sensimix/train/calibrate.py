@@ -151,6 +151,9 @@ def calibrate(folder: str | os.PathLike, inputs: dict[str, torch.Tensor], *, dat
                          f"written: calibrate on a larger split")
     with reserve_output(folder):  # the weights cannot change under the measurement (compress holds it already)
         raw = read_raw_config(folder)
+        if raw.get("activation_quant") is not None:
+            raise ValueError(f"{folder} is an A8 checkpoint (8-bit activations trained in): its fast plan is its "
+                             f"exact integer kernels already, so there is nothing to calibrate")
         if not isinstance(raw.get(CHECKSUM_KEY), dict):
             raise ValueError(f"{folder}/config.json has no {CHECKSUM_KEY} (written before checksums): re-export "
                              f"the folder before calibrating it")
