@@ -34,9 +34,11 @@ The rules (fp32 unless said; ``rint`` rounds half to even):
   ``e = exp(s - max s)`` by the GELU's exp (:func:`exp_neg`; 0 below -80); ``p = e / f32(sum e in fp64)``;
   ``out = f32(sum p v in fp64)``.
 
+* **the head**: the pooler and classifier linears ``f32(x . w + b)`` with the sum and the bias in fp64, the pooler's
+  ``tanh = f32(tanh(f64(x)))``: logits too are the same bits in every implementation.
+
 Everything else of an A8 model is as in every SensiMix model: 8-bit embeddings gathered and dequantized, 1-bit FFNs
-(exact integers), residual adds (fp32), pooler and classifier (fp32 GEMMs: nothing is quantized after them, so
-their summation order moves logits by ~1e-7 only).
+(exact integers), residual adds (fp32).
 """
 
 from __future__ import annotations
@@ -208,6 +210,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Ten
     return torch.matmul(p.double(), v.double()).float()
 
 
+def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A float linear of the head (pooler, classifier): ``f32(x . w + b)`` with the sum and the bias in fp64."""
+    y = x.double() @ weight.double().t()
+    return (y if bias is None else y + bias.double()).float()
+
+
+def tanh(x: torch.Tensor) -> torch.Tensor:
+    """The pooler's tanh: ``f32(tanh(f64(x)))``."""
+    return torch.tanh(x.double()).float()
+
+
 # ---------------------------------------------------------------------------------------------------
 # training: the rules above in the forward, the float operations' gradients in the backward
 # ---------------------------------------------------------------------------------------------------
@@ -298,6 +311,16 @@ def eval_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, e
 def eval_gelu(x: torch.Tensor) -> torch.Tensor:
     """:func:`gelu` (gradients of the erf GELU)."""
     return specified(gelu, F.gelu, x)
+
+
+def eval_dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """:func:`dense` of the fp16-stored ``weight``/``bias`` (gradients of F.linear, straight through)."""
+    return specified(dense, F.linear, x, ste_fp16(weight), ste_fp16(bias))
+
+
+def eval_tanh(x: torch.Tensor) -> torch.Tensor:
+    """:func:`tanh` (gradients of torch.tanh)."""
+    return specified(tanh, torch.tanh, x)
 
 
 def eval_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None,

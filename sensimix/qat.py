@@ -95,10 +95,22 @@ class FakeBinaryLinear(nn.Linear):
 
 
 class Fp16Linear(nn.Linear):
-    """A float linear the checkpoint stores in fp16 (pooler, classifier): weight and bias rounded in every forward."""
+    """A float linear the checkpoint stores in fp16 (pooler, classifier): weight and bias rounded in every forward.
+    In an A8 model in eval mode it is :func:`sensimix.a8.dense` (fp64 sums rounded once)."""
+
+    a8: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.a8 and not self.training:
+            return a8.eval_dense(x, self.weight, self.bias)
         return F.linear(x, ste_fp16(self.weight), ste_fp16(self.bias))
+
+
+class A8Tanh(nn.Module):
+    """The pooler's tanh of an A8 model: :func:`sensimix.a8.tanh` in eval mode, torch's in training."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x) if self.training else a8.eval_tanh(x)
 
 
 class Fp16LayerNorm(nn.LayerNorm):
@@ -201,9 +213,11 @@ def quantize_bert_for_training(bert: nn.Module, config: SensiMixConfig) -> None:
                 layer.intermediate.intermediate_act_fn = A8Gelu()
     if bert.pooler is not None:
         _swap(bert.pooler, "dense", Fp16Linear)
+        if config.a8:
+            bert.pooler.activation = A8Tanh()
     if config.a8:
         for module in bert.modules():
-            if isinstance(module, (FakeIndex8Linear, Fp16LayerNorm)):
+            if isinstance(module, (FakeIndex8Linear, Fp16LayerNorm, Fp16Linear)):
                 module.a8 = True
 
 
@@ -231,6 +245,7 @@ class SensiMixQATForSequenceClassification(BertForSequenceClassification):
         super().__init__(config)
         quantize_bert_for_training(self.bert, config)
         _swap(self, "classifier", Fp16Linear)
+        self.classifier.a8 = config.a8
 
     # -- 1-bit FFN control (Inverse Layer-wise Fine-tuning) ----------------------------------------
     def binary_linears(self, layers: Iterable[int] | None = None) -> Iterator[tuple[int, FakeBinaryLinear]]:

@@ -201,8 +201,11 @@ class Linear(PackedModule):
     def prepare(self, plan: InferencePlan) -> None:
         self._operand("op_weight", self.weight.to(plan.dtype))
         self._operand("op_bias", self.bias.to(plan.dtype))
+        self.fp64_sums = plan.a8  # the head of an A8 model: fp64 sums rounded once (sensimix.a8.dense)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "fp64_sums", False):
+            return a8.dense(x, self.op_weight, self.op_bias)
         return F.linear(x, self.op_weight, self.op_bias)
 
 
@@ -214,17 +217,17 @@ class LayerNorm(Linear):
         self.register_buffer("weight", torch.empty(dim, dtype=torch.float16))
         self.register_buffer("bias", torch.empty(dim, dtype=torch.float16))
         self.eps = eps
-        self.a8: Callable[..., torch.Tensor] | None = None  # an A8 plan's LayerNorm (sensimix.a8's, or its C twin)
+        self.norm: Callable[..., torch.Tensor] | None = None  # an A8 plan's LayerNorm (sensimix.a8's, or its C twin)
 
     def prepare(self, plan: InferencePlan) -> None:
         super().prepare(plan)
-        self.a8 = a8.layer_norm if plan.a8 else None
+        self.norm = a8.layer_norm if plan.a8 else None
         if plan.a8 and plan.device.type == "cpu" and a8native.unavailable_reason("a8-avx2") is None:
-            self.a8 = a8native.layer_norm  # the same bits, in C (torch's fp64 moments take ~30x longer)
+            self.norm = a8native.layer_norm  # the same bits, in C (torch's fp64 moments take ~30x longer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.a8 is not None:
-            return self.a8(x, self.op_weight, self.op_bias, self.eps)
+        if self.norm is not None:
+            return self.norm(x, self.op_weight, self.op_bias, self.eps)
         return F.layer_norm(x, self.op_weight.shape, self.op_weight, self.op_bias, self.eps)
 
 

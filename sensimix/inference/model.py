@@ -24,7 +24,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from .. import checkpoint
+from .. import a8, checkpoint
 from ..config import SensiMixConfig
 from . import loading
 from .encoder import Attention, SensiMixModel
@@ -396,7 +396,8 @@ class SensiMixForSequenceClassification(PreTrainedModel):
         # FFN for that token alone (the same numbers for it; the other tokens' last outputs were never used), with
         # its keys and values folded into that query instead of projected for every token (Attention._first_token)
         cls_rows = last(x, mask, packing, first_only=True)
-        logits = self.classifier(torch.tanh(bert.pooler.dense(cls_rows)))
+        pooled = bert.pooler.dense(cls_rows)
+        logits = self.classifier(a8.tanh(pooled) if self.plan.a8 else torch.tanh(pooled))
         if self.check_inputs and self.plan.dtype == torch.float16:  # the one precision whose range can overflow
             check_logits(self, logits)
         loss = None
