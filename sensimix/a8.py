@@ -137,10 +137,10 @@ def linear(x: torch.Tensor, q: torch.Tensor, weight_range: torch.Tensor, bias: t
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     """LayerNorm over the last dimension with fp64 moments rounded to fp32 (module docstring), fp32."""
     x = x.float()
-    xd = x.double()
-    mean = xd.mean(-1, keepdim=True).float()
+    xd, n = x.double(), x.shape[-1]
+    mean = (xd.sum(-1, keepdim=True) / n).float()  # a division, as the rule says (a mean may multiply by 1/n)
     diff = xd - mean.double()
-    var = (diff * diff).mean(-1, keepdim=True).float()
+    var = ((diff * diff).sum(-1, keepdim=True) / n).float()
     # the correctly rounded fp32 square root: torch's fp32 sqrt on CPU is not (17% of values differ from IEEE's
     # by an ulp, measured); an fp64 root rounded to fp32 is, for every fp32 input (53 >= 2 * 24 + 2 bits)
     rstd = 1.0 / torch.sqrt((var + _f32(eps, x)).double()).float()

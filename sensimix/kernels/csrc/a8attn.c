@@ -37,35 +37,30 @@ typedef struct {
 } job_t;
 
 /* scores s[r][j] = f32(q_r . k_j in fp64) * scale for QB queries (rows of q64, fp64 [QB][d]) and the sequence's
- * keys (kt: fp64 [d][L], key j at column j). Products of fp32 values are exact in fp64, so a fused multiply-add
+ * keys (kt: fp64 [d][ldk], key j at column j, zero columns up to ldk; s holds ldk floats per row). Products of fp32 values are exact in fp64, so a fused multiply-add
  * rounds exactly as a multiply (exact) then an add would: FMA changes no bit here. */
 #define QB 4
-static void scores(const double *q64, int nq, const double *kt, int64_t len, int64_t d, float scale, float *s,
-                   int64_t lds) {
+static void scores(const double *q64, int nq, const double *kt, int64_t len, int64_t ldk, int64_t d, float scale,
+                   float *s, int64_t lds) {
     int64_t j = 0;
     const __m128 vscale = _mm_set1_ps(scale);
-    for (; j + 8 <= len; j += 8) {
+    for (; j < len; j += 8) {  /* kt's columns are zero up to ldk (a multiple of 8): those scores are not used */
         __m256d acc[QB][2];
         for (int r = 0; r < QB; r++) acc[r][0] = acc[r][1] = _mm256_setzero_pd();
         for (int64_t t = 0; t < d; t++) {
-            const __m256d k0 = _mm256_loadu_pd(kt + t * len + j), k1 = _mm256_loadu_pd(kt + t * len + j + 4);
+            const __m256d k0 = _mm256_loadu_pd(kt + t * ldk + j), k1 = _mm256_loadu_pd(kt + t * ldk + j + 4);
             for (int r = 0; r < QB; r++) {
                 const __m256d q = _mm256_broadcast_sd(q64 + r * d + t);
                 acc[r][0] = _mm256_fmadd_pd(q, k0, acc[r][0]);
                 acc[r][1] = _mm256_fmadd_pd(q, k1, acc[r][1]);
             }
         }
-        for (int r = 0; r < nq; r++) {
+        for (int r = 0; r < QB; r++) {  /* every row (s has QB): a fixed count keeps acc in registers */
             _mm_storeu_ps(s + r * lds + j, _mm_mul_ps(_mm256_cvtpd_ps(acc[r][0]), vscale));
             _mm_storeu_ps(s + r * lds + j + 4, _mm_mul_ps(_mm256_cvtpd_ps(acc[r][1]), vscale));
         }
     }
-    for (; j < len; j++)
-        for (int r = 0; r < nq; r++) {
-            double acc = 0.0;
-            for (int64_t t = 0; t < d; t++) acc += q64[r * d + t] * kt[t * len + j];
-            s[r * lds + j] = (float)acc * scale;
-        }
+    (void)nq;
 }
 
 /* s[j] <- p_j = e_j / f32(sum e in fp64), e_j = exp(s_j - max s) (the A8 softmax, in place) */
@@ -103,18 +98,20 @@ static void weighted(const float *p, int64_t ldp, int nq, const double *vd, int6
     for (; t0 + 8 <= d; t0 += 8) {
         __m256d acc[QB][2];
         for (int r = 0; r < QB; r++) acc[r][0] = acc[r][1] = _mm256_setzero_pd();
-        for (int64_t j = 0; j < len; j++) {
+        for (int64_t j = 0; j < len; j++) {  /* every row of p (rows past nq: finite leftovers, never stored) */
             const __m256d v0 = _mm256_loadu_pd(vd + j * d + t0), v1 = _mm256_loadu_pd(vd + j * d + t0 + 4);
-            for (int r = 0; r < nq; r++) {
+            for (int r = 0; r < QB; r++) {
                 const __m256d pr = _mm256_set1_pd((double)p[r * ldp + j]);
                 acc[r][0] = _mm256_fmadd_pd(pr, v0, acc[r][0]);
                 acc[r][1] = _mm256_fmadd_pd(pr, v1, acc[r][1]);
             }
         }
-        for (int r = 0; r < nq; r++) {
-            _mm_storeu_ps(out + r * ldo + t0, _mm256_cvtpd_ps(acc[r][0]));
-            _mm_storeu_ps(out + r * ldo + t0 + 4, _mm256_cvtpd_ps(acc[r][1]));
+        float rows[QB][8];
+        for (int r = 0; r < QB; r++) {
+            _mm_storeu_ps(rows[r], _mm256_cvtpd_ps(acc[r][0]));
+            _mm_storeu_ps(rows[r] + 4, _mm256_cvtpd_ps(acc[r][1]));
         }
+        for (int r = 0; r < nq; r++) memcpy(out + r * ldo + t0, rows[r], sizeof(rows[r]));
     }
     for (; t0 < d; t0++)
         for (int r = 0; r < nq; r++) {
@@ -125,9 +122,9 @@ static void weighted(const float *p, int64_t ldp, int nq, const double *vd, int6
 }
 
 static void run_tasks(job_t *jb) {
-    int64_t d = jb->d, maxlen = jb->maxlen, lds = maxlen + 8;
+    int64_t d = jb->d, maxlen = (jb->maxlen + 7) / 8 * 8, lds = maxlen + 8;
     double *kt = (double *)malloc((size_t)(2 * maxlen * d + QB * d) * sizeof(double));
-    float *s = (float *)malloc((size_t)(QB * lds) * sizeof(float));
+    float *s = (float *)calloc((size_t)(QB * lds), sizeof(float));  /* zeros: rows past nq stay finite */
     if (!kt || !s) {
         free(kt);
         free(s);
@@ -139,13 +136,16 @@ static void run_tasks(job_t *jb) {
         int64_t task = (int64_t)atomic_fetch_add(jb->next, 1);
         if (task >= jb->nseq * jb->heads) break;
         int64_t b = task / jb->heads, h = task % jb->heads, start = jb->starts[b], len = jb->lens[b];
+        int64_t ldk = (len + 7) / 8 * 8;  /* whole vectors of keys: the scores need no scalar tail */
         for (int64_t j = 0; j < len; j++) {  /* the sequence's keys (transposed) and values, in fp64 */
             const float *kr = jb->k + (start + j) * jb->ldkv + h * d, *vr = jb->v + (start + j) * jb->ldkv + h * d;
             for (int64_t t = 0; t < d; t++) {
-                kt[t * len + j] = (double)kr[t];
+                kt[t * ldk + j] = (double)kr[t];
                 vd[j * d + t] = (double)vr[t];
             }
         }
+        for (int64_t t = 0; t < d; t++)
+            for (int64_t j = len; j < ldk; j++) kt[t * ldk + j] = 0.0;
         int64_t queries = jb->first_only ? 1 : len;
         for (int64_t i0 = 0; i0 < queries; i0 += QB) {
             int nq = (int)(queries - i0 < QB ? queries - i0 : QB);
@@ -154,7 +154,7 @@ static void run_tasks(job_t *jb) {
                 const float *qr = jb->q + row * jb->ldq + h * d;
                 for (int64_t t = 0; t < d; t++) q64[r * d + t] = (double)qr[t];
             }
-            scores(q64, nq, kt, len, d, jb->scale, s, lds);
+            scores(q64, nq, kt, len, ldk, d, jb->scale, s, lds);
             for (int r = 0; r < nq; r++) softmax_row(s + r * lds, len);
             float *o = jb->out + (jb->first_only ? b : start + i0) * jb->ldo + h * d;
             weighted(s, lds, nq, vd, len, d, o, jb->ldo);
