@@ -101,12 +101,14 @@ def quantize_rows(x: torch.Tensor) -> Rows:
 
 
 def int_matmul(centred: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """``centred @ q^T`` exactly, as fp64 [M, N], for integer-valued fp32 operands: centred in [-255, 255] [M, K],
+    """``centred @ q^T`` exactly (fp32 for K <= 512, else fp64) [M, N], for integer-valued fp32 operands: centred in [-255, 255] [M, K],
     int8 indices q [N, K]. fp32 GEMMs over chunks of :data:`EXACT_CHUNK` columns (every partial sum is an integer
     below 2^24, so any summation order is exact; TF32 and bf16 tensor cores hold these integers exactly too), summed
     in fp64 (exact below 2^53)."""
     k = centred.shape[-1]
     w = q.to(torch.float32)
+    if k <= EXACT_CHUNK:  # one GEMM: its fp32 result holds the integers exactly already
+        return centred @ w.t()
     acc = None
     for k0 in range(0, k, EXACT_CHUNK):
         part = (centred[:, k0:k0 + EXACT_CHUNK] @ w[:, k0:k0 + EXACT_CHUNK].t()).double()
@@ -225,20 +227,22 @@ def tanh(x: torch.Tensor) -> torch.Tensor:
 # training: the rules above in the forward, the float operations' gradients in the backward
 # ---------------------------------------------------------------------------------------------------
 class _Linear(torch.autograd.Function):
-    """Forward: :func:`linear` of the weight's 8-bit indices and the fp16 bias (the deployed arithmetic, exactly).
+    """Forward: :func:`linear` of the weight's 8-bit indices and the fp16 bias (the deployed arithmetic, exactly),
+    computed by ``compute`` (default :func:`linear`; a caller may pass a kernel's, which gives the same bits).
     Backward: straight through both roundings -- the gradients of ``x_hat @ W_hat^T + b`` with ``x_hat`` the
     dequantized rows and ``W_hat`` the dequantized weight."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  # type: ignore[override]
+                compute: Callable | None) -> torch.Tensor:
         q, lo, hi = index8_quantize(weight)
-        s, c = index8_affine(lo, hi)
-        rows = quantize_rows(x)
-        b = None if bias is None else bias.detach().to(torch.float16).float()
-        y = linear_epilogue(int_matmul(rows.centred(), q), rows, s, c, b)
+        weight_range = torch.stack([lo, hi]).to(torch.float16)
+        b16 = None if bias is None else bias.detach().to(torch.float16)
+        y = (compute or linear)(x.detach().float(), q, weight_range, b16)
+        rows = quantize_rows(x)  # what the backward's x_hat is: the rows the forward rounded
         ctx.save_for_backward(rows.q, rows.zero, rows.scale, q, lo, hi)
         ctx.has_bias, ctx.lead = bias is not None, x.shape[:-1]
-        return y.view(*x.shape[:-1], weight.shape[0]).to(x.dtype)
+        return y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
@@ -249,12 +253,14 @@ class _Linear(torch.autograd.Function):
         grad_x = (g @ w_hat).view(*ctx.lead, w_hat.shape[1]) if ctx.needs_input_grad[0] else None
         grad_w = g.t() @ x_hat if ctx.needs_input_grad[1] else None
         grad_b = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b
+        return grad_x, grad_w, grad_b, None
 
 
-def ste_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The A8 linear of a fake-quantized 8-bit layer (fp32 master ``weight``, ``bias``), straight-through."""
-    return _Linear.apply(x, weight, bias)
+def ste_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               compute: Callable | None = None) -> torch.Tensor:
+    """The A8 linear of a fake-quantized 8-bit layer (fp32 master ``weight``, ``bias``), straight-through.
+    ``compute(x, q, weight_range, bias)``: what computes the forward (default :func:`linear`)."""
+    return _Linear.apply(x, weight, bias, compute)
 
 
 class _Specified(torch.autograd.Function):

@@ -26,7 +26,7 @@ import logging
 import os
 import pickle
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -58,11 +58,27 @@ class FakeIndex8Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.a8:
-            return a8.ste_linear(x, self.weight, self.bias)
+            return a8.ste_linear(x, self.weight, self.bias, _deployed_linear(x.device))
         return F.linear(x, ste_index8(self.weight), ste_fp16(self.bias))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", a8" if self.a8 else "")
+
+
+def _deployed_linear(device: torch.device) -> Callable | None:
+    """The device's A8 kernel as ``(x, q, weight_range, bias) -> y`` when it is a native one (the same bits as
+    :func:`sensimix.a8.linear`, several times faster on a CPU with VNNI); None: the torch definition."""
+    from . import kernels
+
+    name = kernels.default_index8_kernel(device, "a8")
+    if name in ("a8-torch", "a8-reference"):
+        return None
+    kernel = kernels.INDEX8_KERNELS[name]
+
+    def compute(x: torch.Tensor, q: torch.Tensor, weight_range: torch.Tensor, bias: torch.Tensor | None):
+        return kernel.linear(x.reshape(-1, x.shape[-1]).contiguous(), kernel.prepare([(q, weight_range, bias)],
+                                                                                     torch.float32))
+    return compute
 
 
 class FakeIndex8Embedding(nn.Embedding):
