@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run HERE (where the package and its MiniLM are installed), not on the GPU machine, in the checkout that makes the
 # device call (the tool sends that checkout): gathers into the git-ignored .gpu/ the two things the GPU image lacks,
-# which `run(command="bash scripts/gpu_check.sh", carry=[".gpu"], timeout_s=590)` then carries (scripts/gpu_check.py):
+# which `run(command="bash scripts/gpu_check.sh", carry=[".gpu"], timeout_s=470)` then carries (scripts/gpu_check.py):
 #   .gpu/minilm/  the packaged MiniLM-L6 with fp16 weights (the fp32 file is 91 MB, over the 64 MiB that travels);
 #                 config.json says float32, so it loads as fp32 and only the last mantissa bits differ
 #   .gpu/glue/    QNLI/dev.tsv (the timed examples) and SST-2/{train,dev}.tsv (accuracy) from $GLUE_DIR
@@ -52,5 +52,6 @@ if [ "$total" -ge $((62 * 1048576)) ]; then
   echo "gpu_prepare: too close to the 64 MiB limit: remove untracked files or carry less" >&2
   exit 1
 fi
-echo "device call: run(command=\"bash scripts/gpu_check.sh\", carry=[\".gpu\"], timeout_s=590)"
-echo "short rerun: run(command=\"MODE=short bash scripts/gpu_check.sh\", carry=[\".gpu\"], timeout_s=300)"
+echo "device calls: run(command=\"bash scripts/gpu_check.sh\", carry=[\".gpu\"], timeout_s=470)"
+echo "   then at once: run(command=\"MODE=bench bash scripts/gpu_check.sh\", carry=[\".gpu\"], timeout_s=300)"
+echo "short rerun:    run(command=\"MODE=short bash scripts/gpu_check.sh\", carry=[\".gpu\"], timeout_s=190)"

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Where one forward's time goes (not a test): SensiMix (2+1) beside a 3-layer BERT, profiled on one device.
+"""Where one forward's time goes (not a test): SensiMix (2+1), fp32 activations and A8, beside a 3-layer BERT,
+profiled on one device (on CUDA also replayed from CUDA graphs: ``from_pretrained(..., cuda_graphs=True)``).
 
 For each model, on the same staged batches (the first ``--batches`` x ``--batch-size`` QNLI dev pairs, or
 synthetic QNLI-shaped pairs without $GLUE_DIR):
@@ -132,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="sensimix-profile-") as tmp:
         bert = build_bert_folder(Path(tmp) / "bert", args.bert)
         sm21 = build_sensimix_folder(bert, Path(tmp) / "sensimix")
+        sm21a8 = build_sensimix_folder(bert, Path(tmp) / "sensimix-a8", activations="a8")
         n = args.batches * args.batch_size
         try:
             inputs = task_inputs("qnli", load_tokenizer(sm21), glue_dir=args.glue_dir, split="dev",
@@ -143,25 +145,30 @@ def main(argv: list[str] | None = None) -> int:
         batches = make_batches(inputs, batch_size=args.batch_size, num_examples=n, device=device, packing=True)
         fill = float(torch.cat([b["attention_mask"].float().flatten() for b in batches]).mean())
 
-        def sensimix(precision: str, skip_padding: bool | None = None) -> torch.nn.Module:
-            model = SensiMixForSequenceClassification.from_pretrained(sm21, device=device, precision=precision,
-                                                                      skip_padding=skip_padding)
+        def sensimix(precision: str, skip_padding: bool | None = None, folder: Path = sm21,
+                     cuda_graphs: bool = False) -> torch.nn.Module:
+            model = SensiMixForSequenceClassification.from_pretrained(folder, device=device, precision=precision,
+                                                                      skip_padding=skip_padding, cuda_graphs=cuda_graphs)
             model.check_inputs = False  # staged batches were checked once (as the V&V run times it)
             return model
 
         rows = {"sensimix-2+1-fast (exact)": lambda: sensimix("fast"),
                 "sensimix-2+1-fast, padding kept": lambda: sensimix("fast", skip_padding=False),
+                "sensimix-2+1-a8-fast (exact)": lambda: sensimix("fast", folder=sm21a8),
                 "bert3-fp32 (transformers, sdpa)": lambda: load_bert(bert, layers=3).to(device)}
         if cuda:
             rows.update({"sensimix-2+1-fp16": lambda: sensimix("fp16"),
                          "sensimix-2+1-fp16, padding kept": lambda: sensimix("fp16", skip_padding=False),
+                         "sensimix-2+1-fp16, CUDA graphs": lambda: sensimix("fp16", cuda_graphs=True),
+                         "sensimix-2+1-a8-fast, CUDA graphs": lambda: sensimix("fast", folder=sm21a8,
+                                                                               cuda_graphs=True),
                          "bert3-fp16 (transformers, sdpa)":
                              lambda: load_bert(bert, layers=3, dtype=torch.float16).to(device)})
         results: dict[str, Any] = {}
         with torch.inference_mode():
             for name, make in rows.items():
                 model = make()
-                for b in batches[:3]:
+                for b in batches[: len(batches) if "graphs" in name else 3]:  # graphs: every key captured first
                     forward_batch(model, b)
                 row = time_passes(model, batches, device, args.passes)
                 prof = profile(model, batches, device, args.top)
@@ -178,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{device_name(device)}; {data}; {args.batches} batches of {args.batch_size} x {args.seq_len}; "
           f"{100 * fill:.1f}% of tokens attended; median of {args.passes} passes")
     print(f"{'model':<36} {'ms':>8} {'host_ms':>8} {'kernels':>8} {'kernel_ms':>10} {'graph_ms':>10}")
+    # a CUDA-graph row's ms is its replays' wall time: host_ms far below the eager row's is what the graphs buy
     for name, r in results.items():
         def f(v: Any) -> str:
             return "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v)[:40])

@@ -8,6 +8,7 @@ interpreter, and :func:`load_script` for the tests of scripts/ (tools, not libra
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -35,6 +36,24 @@ needs_interpreter = pytest.mark.skipif(
     not INTERPRETER, reason="Triton kernels run on CPU only in Triton's interpreter (TRITON_INTERPRET=1 with triton "
                             "importable): test_interpreter_runs_the_kernel_tests runs these in a subprocess")
 needs_fp8_cpu = pytest.mark.skipif(not fp8_supported(CPU), reason="this torch has no float8 / torch._scaled_mm")
+INTERPRETER_DIR = ROOT / ".venv" / "triton-interpreter"  # scripts/install.sh: triton==3.6.0 numpy==2.2.6
+
+
+def interpreter_pythonpath() -> tuple[str | None, str]:
+    """(a folder to put first on PYTHONPATH for a triton whose interpreter works, or "" for this environment's own;
+    None when there is none) and why."""
+    if os.environ.get("SENSIMIX_TRITON_DIR"):
+        return os.environ["SENSIMIX_TRITON_DIR"], "$SENSIMIX_TRITON_DIR"
+    if (INTERPRETER_DIR / "triton").is_dir():
+        return str(INTERPRETER_DIR), str(INTERPRETER_DIR.relative_to(ROOT))
+    if importlib.util.find_spec("triton") is not None:
+        import numpy
+
+        if tuple(int(p) for p in numpy.__version__.split(".")[:2]) < (2, 4):
+            return "", "this environment's triton"
+        return None, (f"this environment's triton runs its interpreter with numpy {numpy.__version__} (>= 2.4 "
+                      f"breaks kernels with loops); run scripts/install.sh for {INTERPRETER_DIR.relative_to(ROOT)}")
+    return None, f"no triton: scripts/install.sh installs it into {INTERPRETER_DIR.relative_to(ROOT)}"
 
 
 # ---------------------------------------------------------------------------------------------------

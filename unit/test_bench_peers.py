@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import BertForSequenceClassification
 
-from sensimix.bench.peers import LengthBuckets
+from sensimix.bench.peers import CudaGraphed, LengthBuckets
 
 
 class Recorder(torch.nn.Module):
@@ -56,3 +56,22 @@ def test_length_buckets_cut_each_bucket_to_its_longest_sequence():
 def test_length_buckets_refuse_zero_buckets():
     with pytest.raises(ValueError, match="^buckets must be >= 1, got 0$"):
         LengthBuckets(torch.nn.Identity(), 0)
+
+
+def test_cuda_graphed_peer_twin_keeps_the_logits_and_one_buffer_set_per_shape(tiny_bert_config):
+    # the eager twin of a transformers peer replayed from CUDA graphs (capture=False on the CPU): the same logits,
+    # one entry per input shape, the second batch of a shape copied into the first one's buffers
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_bert_config).eval()
+    graphed = CudaGraphed(model, capture=False)
+    g = torch.Generator().manual_seed(1)
+    for ids in (torch.randint(5, 100, (3, 10), generator=g), torch.randint(5, 100, (3, 10), generator=g),
+                torch.randint(5, 100, (2, 7), generator=g)):
+        mask = torch.ones_like(ids)
+        mask[0, -2:] = 0
+        with torch.inference_mode():
+            want = model(input_ids=ids, attention_mask=mask).logits
+            got = graphed(ids, mask)
+        assert torch.equal(got, want)
+    assert {k[0]: e.calls for k, e in graphed.cache.entries.items()} == {(3, 10): 2, (2, 7): 1}
+    assert graphed.config is model.config  # run_inference reads max_position_embeddings from it

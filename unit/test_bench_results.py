@@ -115,3 +115,25 @@ def test_goals_without_a_peer_or_memory_are_not_measured():
     assert best_peer(lone) is None and "ratio_vs_best_peer" not in lone[0]
     got = goals(lone, None, [Goal("g", FAST, BEST_PEER, 0.75, "time"), Goal("m", FAST, "bert-fp32", 0.15, "memory")])
     assert [(g["against"], g["ratio"], g["met"]) for g in got] == [(BEST_PEER, None, None), ("bert-fp32", None, None)]
+
+
+def test_gpu_goals_judge_the_a8_graph_row_on_cuda_runs_only():
+    # a CUDA run's rows, made up: the A8 (2+1) with graphs 0.5 ms per batch, the 3-layer fp16 peer 1 ms (0.5: met),
+    # BERT fp32 20 ms (0.025: met), BERT fp16 2 ms (0.25: missed); the eager A8 row 0.8 ms (0.8: missed)
+    def row(key: str, group: str, ms: float) -> dict:
+        return {"key": key, "group": group, "ms_per_batch": ms, "ms_per_round": [ms]}
+
+    made = [row("bert-fp32", "baseline", 20.0), row("bert-fp16", "peer", 2.0), row("bert3-fp16", "peer", 1.0),
+            row("bert3-fp16-graphs", "peer", 0.7), row("sensimix-2+1-a8-fast-graphs", "sensimix", 0.5),
+            row("sensimix-2+1-a8-fast", "sensimix", 0.8)]
+    best = best_peer(made)
+    assert best == "bert3-fp16-graphs"
+    on_cuda = {g["id"]: (g["against"], g["ratio"], g["met"]) for g in goals(made, best, device="cuda:0")}
+    assert on_cuda["gpu_a8_time_vs_3layer_fp16"] == ("bert3-fp16", 0.5, True)
+    assert on_cuda["gpu_a8_time_vs_best_peer"] == ("bert3-fp16-graphs", pytest.approx(0.5 / 0.7), False)
+    assert on_cuda["gpu_a8_time_vs_bert_fp32"] == ("bert-fp32", 0.025, True)
+    assert on_cuda["gpu_a8_time_vs_bert_fp16"] == ("bert-fp16", 0.25, False)
+    assert on_cuda["gpu_a8_eager_time_vs_3layer_fp16"] == ("bert3-fp16", 0.8, False)
+    assert "a8_exact_time_vs_best_peer" not in on_cuda  # issue 24's CPU goal
+    on_cpu = [g["id"] for g in goals(made, best, device="cpu")]
+    assert "a8_exact_time_vs_best_peer" in on_cpu and not [g for g in on_cpu if g.startswith("gpu_")]

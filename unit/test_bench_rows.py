@@ -28,14 +28,21 @@ FOLDERS = {LIKE_FOR_LIKE: Path("bert-packed"), (3, 2): Path("sm21"), (6, 3): Pat
            (3, 2, "a8"): Path("sm21a8"), (6, 3, "a8"): Path("sm33a8")}
 NO_ORT = "onnxruntime/onnx not installed"
 CPU_ONLY = [*ORT_ROWS, "bert-torch-int8", "bert3-torch-int8"]
-# a CUDA run's rows, as listed where CUDA is absent: every 1-bit kernel but the sm_89+ default (fp8)
-CUDA_ROWS = ["bert-fp32", "bert-fp16", "bert-torch-int8", *ORT_ROWS[:4], "bert3-fp32", "bert3-fp16",
+# a CUDA run's rows, as listed where CUDA is absent: every 1-bit kernel but the sm_89+ default (fp8); the A8 default
+# there is a8-triton (its other A8 kernel: a8-torch); each geometry's GPU peers with CUDA graphs and torch.compile
+GRAPHED = ["fp32-graphs", "fast-graphs"]
+CUDA_ROWS = ["bert-fp32", "bert-fp16", "bert-fp32-graphs", "bert-fp16-graphs", "bert-fp16-compiled", "bert-torch-int8",
+             *ORT_ROWS[:4], "bert3-fp32", "bert3-fp16", "bert3-fp32-graphs", "bert3-fp16-graphs", "bert3-fp16-compiled",
              "bert3-torch-int8", *ORT_ROWS[4:], "bert-runtime-fp16-skip", "sensimix-2+1-fp32", "sensimix-2+1-fast",
              "sensimix-2+1-fast-padded", "sensimix-2+1-bf16", "sensimix-2+1-fp16", "sensimix-2+1-fp16-1bit-int8",
              "sensimix-2+1-fp16-1bit-float", "sensimix-2+1-fp16-1bit-xnor", "sensimix-2+1-fp16-8bit-dequant",
-             "sensimix-2+1-fp32-8bit-bf16x3", "sensimix-2+1-fp16-compiled", "sensimix-3+3-fp32", "sensimix-3+3-fast",
-             "sensimix-2+1-a8-fp32", "sensimix-2+1-a8-fast", "sensimix-2+1-a8-fast-padded", "sensimix-3+3-a8-fp32",
-             "sensimix-3+3-a8-fast"]
+             "sensimix-2+1-fp32-8bit-bf16x3", "sensimix-2+1-fp16-compiled",
+             *(f"sensimix-2+1-{v}-graphs" for v in ("fp32", "fast", "fast-padded", "bf16", "fp16")),
+             "sensimix-3+3-fp32", "sensimix-3+3-fast", *(f"sensimix-3+3-{v}" for v in GRAPHED),
+             "sensimix-2+1-a8-fp32", "sensimix-2+1-a8-fast", "sensimix-2+1-a8-fast-padded",
+             "sensimix-2+1-a8-fp32-8bit-a8-torch",
+             *(f"sensimix-2+1-a8-{v}-graphs" for v in ("fp32", "fast", "fast-padded", "fp32-8bit-a8-torch")),
+             "sensimix-3+3-a8-fp32", "sensimix-3+3-a8-fast", *(f"sensimix-3+3-a8-{v}" for v in GRAPHED)]
 
 
 def specs_on(device: str, **kwargs) -> dict[str, object]:
@@ -55,7 +62,27 @@ def test_cuda_rows_in_order_with_the_cpu_runtimes_skipped():
     cuda = specs_on("cuda")
     assert list(cuda) == CUDA_ROWS
     assert {k for k, s in cuda.items() if s.skipped} == set(CPU_ONLY)
-    assert "sensimix-2+1-fp16-compiled" not in specs_on("cuda", compiled=False)  # --no-compile
+    no_compile = specs_on("cuda", compiled=False)  # --no-compile
+    assert [k for k in cuda if k not in no_compile] == ["bert-fp16-compiled", "bert3-fp16-compiled",
+                                                        "sensimix-2+1-fp16-compiled"]
+
+
+@pytest.mark.skipif(CUDA, reason="lists a CUDA run's rows where CUDA is absent")
+def test_graph_rows_load_their_twin_with_cuda_graphs_and_only_on_cuda():
+    cuda, cpu = specs_on("cuda"), specs_on("cpu")
+    graphed = [k for k in cuda if k.endswith("-graphs")]
+    assert graphed and not [k for k in cpu if "graphs" in k or "compiled" in k]
+    for key in graphed:
+        spec = cuda[key]
+        assert spec.cuda_graphs and not spec.compiled, key
+        if key.startswith("sensimix"):  # the same folder and plan as the row without graphs
+            twin = cuda[key[:-len("-graphs")]]
+            assert not twin.cuda_graphs and spec.loads() == twin.loads() and spec.name == f"{twin.name}, CUDA graphs"
+        else:  # transformers SDPA (the certified baseline's eager attention would be another model)
+            assert (spec.runtime, spec.attention, spec.precision) == ("transformers", "sdpa", key.split("-")[1]), key
+    peer = cuda["bert3-fp16-graphs"]
+    assert (peer.runtime, peer.precision, peer.layers, peer.reference) == ("transformers", "fp16", 3, "bert3-fp32")
+    assert cuda["bert-fp16-graphs"].layers is None and cuda["bert-fp16-compiled"].compiled
 
 
 def test_what_each_sensimix_row_loads():

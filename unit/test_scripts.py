@@ -21,7 +21,7 @@ def test_profile_forward_script_runs_and_writes_its_json(tmp_path):
     assert saved["schema"] == "sensimix-profile/1" and saved["device"] == "cpu"
     rows = saved["rows"]
     assert set(rows) == {"sensimix-2+1-fast (exact)", "sensimix-2+1-fast, padding kept",
-                         "bert3-fp32 (transformers, sdpa)"}
+                         "sensimix-2+1-a8-fast (exact)", "bert3-fp32 (transformers, sdpa)"}
     assert all(r["ms"] > 0 and 0 < r["host_ms"] <= r["ms"] * 1.5 for r in rows.values())
 
 

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -20,7 +19,7 @@ import time
 
 import pytest
 import torch
-from helpers import CUDA, ROOT, Launches, needs_interpreter, problem
+from helpers import CUDA, ROOT, Launches, interpreter_pythonpath, needs_interpreter, problem
 
 from sensimix import kernels
 from sensimix.kernels import reference, triton_kernels
@@ -99,31 +98,15 @@ def test_xnor_triton_gemm_odd_shapes_in_interpreter(m: int, k: int, n: int) -> N
 # ---------------------------------------------------------------------------------------------------
 # the Triton tests in the interpreter, in a subprocess (CI's .venv keeps its numpy; triton lives apart)
 # ---------------------------------------------------------------------------------------------------
-INTERPRETER_DIR = ROOT / ".venv" / "triton-interpreter"  # scripts/install.sh: triton==3.6.0 numpy==2.2.6
 # the tests that launch a Triton kernel on the CPU in the interpreter: the XNOR GEMM, the sign pass on its own, and
-# through the FP8 kernel's linear_sign (its exactness tests and the CUDA plan's runtime)
-INTERPRETER_TESTS = ("xnor", "triton_kernel", "triton_gemm", "fp8_sign", "cuda_plan_fp8", "exact_on_cpu and fp8")
+# through the FP8 kernel's linear_sign (its exactness tests and the CUDA plan's runtime), the A8 kernel (a8-triton)
+INTERPRETER_TESTS = ("xnor", "triton_kernel", "triton_gemm", "fp8_sign", "cuda_plan_fp8", "exact_on_cpu and fp8",
+                     "a8_triton and in_interpreter")
 INTERPRETER_RUN = ["unit/test_kernels.py", "unit/test_fp8.py", "unit/test_triton.py", "unit/test_cuda_plan.py",
-                   "-m", "not gpu",
+                   "unit/test_triton_a8.py", "-m", "not gpu",
                    "-k", f"({' or '.join(f'({t})' for t in INTERPRETER_TESTS)}) and not on_cuda"]
-INTERPRETER_MIN_PASSED = 45  # 51 when written; a selection that shrinks fails here
+INTERPRETER_MIN_PASSED = 55  # 61 when written (10 of them a8-triton's); a selection that shrinks fails here
 
-
-def interpreter_pythonpath() -> tuple[str | None, str]:
-    """(a folder to put first on PYTHONPATH for a triton whose interpreter works, or "" for this environment's own;
-    None when there is none) and why."""
-    if os.environ.get("SENSIMIX_TRITON_DIR"):
-        return os.environ["SENSIMIX_TRITON_DIR"], "$SENSIMIX_TRITON_DIR"
-    if (INTERPRETER_DIR / "triton").is_dir():
-        return str(INTERPRETER_DIR), str(INTERPRETER_DIR.relative_to(ROOT))
-    if importlib.util.find_spec("triton") is not None:
-        import numpy
-
-        if tuple(int(p) for p in numpy.__version__.split(".")[:2]) < (2, 4):
-            return "", "this environment's triton"
-        return None, (f"this environment's triton runs its interpreter with numpy {numpy.__version__} (>= 2.4 "
-                      f"breaks kernels with loops); run scripts/install.sh for {INTERPRETER_DIR.relative_to(ROOT)}")
-    return None, f"no triton: scripts/install.sh installs it into {INTERPRETER_DIR.relative_to(ROOT)}"
 
 def pytest_counts(output: str) -> dict[str, int]:
     last = [ln for ln in output.strip().splitlines() if re.search(r"\d+ (passed|failed|skipped|error)", ln)]

@@ -1,5 +1,9 @@
 """Per-kernel GEMM throughput at BERT's shapes (``scripts/benchmark.py --gemm``): each 1-bit and 8-bit kernel the
-device runs, against the dense GEMM a float model would run there (fp32 on CPU, fp16 cuBLAS on CUDA)."""
+device runs, against the dense GEMM a float model would run there (fp32 on CPU, fp16 cuBLAS on CUDA).
+
+An A8 kernel (8-bit activations) is timed four ways: from fp32 rows (the rounding pass and the GEMM), from its own
+operand where it has one (the GEMM alone), and the two fused epilogues the runtime calls -- the GELU with the rounding
+for the next GEMM (an FFN's first linear) and the residual add with the LayerNorm (an output projection)."""
 
 from __future__ import annotations
 
@@ -65,7 +69,10 @@ def run_gemms(device: str, m: int, reps: int | None = None) -> list[dict[str, An
         q, lo, hi = index8_quantize(w)
         weight_range = torch.stack([lo, hi]).to(torch.float16).to(device)
         for name, kern in kernels.INDEX8_KERNELS.items():
-            if name == "reference" or kern.unavailable(dev):
+            if name in ("reference", "a8-reference") or kern.unavailable(dev):
+                continue
+            if kern.activations == "a8":
+                rows += a8_rows(kern, x.float(), q.to(device), weight_range, bias.float(), base_s, reps, device)
                 continue
             prepared = kern.prepare([(q.to(device), weight_range, bias)], dtype)
             s = time_call(lambda: kern.linear(x, prepared), reps, device)
@@ -74,4 +81,28 @@ def run_gemms(device: str, m: int, reps: int | None = None) -> list[dict[str, An
         for r in rows[first:]:
             log.info("GEMM %-28s M=%d K=%-4d N=%-4d %9.2f ms %8.2f TOPS %5.2fx", r["kernel"], m, k, n, r["ms"],
                      r["tops"], r["speedup"])
+    return rows
+
+
+def a8_rows(kern: kernels.Index8Kernel, x: torch.Tensor, q: torch.Tensor, weight_range: torch.Tensor,
+            bias: torch.Tensor, base_s: float, reps: int, device: str) -> list[dict[str, Any]]:
+    """An A8 kernel's rows at one shape (module docstring): ``ms``, ``tops`` and ``speedup`` over the dense GEMM."""
+    (m, k), n = x.shape, q.shape[0]
+    flops = 2 * m * k * n
+    p = kern.prepare([(q, weight_range, bias)], torch.float32)
+    g = torch.Generator().manual_seed(1)
+    residual = torch.randn(m, n, generator=g).to(device)
+    norm_w, norm_b = torch.ones(n, device=device), torch.zeros(n, device=device)
+    calls = {"": lambda: kern.linear(x, p),
+             " + GELU + rounding": lambda: kern.linear_act_operand(x, p, "gelu"),
+             " + residual + LayerNorm": lambda: kern.linear_add_norm(x, p, residual, norm_w, norm_b, 1e-12)}
+    operand = getattr(kern, "operand", None)
+    if operand is not None:  # a8-triton: its rounded rows made once, the GEMM alone
+        op = operand(x, k)
+        calls[", from its operand"] = lambda: kern.linear(op, p)
+    rows = []
+    for what, fn in calls.items():
+        s = time_call(fn, reps, device)
+        rows.append({"kernel": f"8-bit {kern.name} (A8){what}", "m": m, "k": k, "n": n, "ms": s * 1e3,
+                     "tops": flops / s / 1e12, "speedup": base_s / s})
     return rows

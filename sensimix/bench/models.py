@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .peers import LengthBuckets, OrtClassifier, load_bert, torch_dynamic_int8
+from .peers import CudaGraphed, LengthBuckets, OrtClassifier, load_bert, torch_dynamic_int8
 
 # the modules a loader imports, imported before the RSS baseline of weight_memory so they do not count
 RUNTIME_MODULES = ("torch", "transformers", "transformers.models.bert.modeling_bert", "torch.ao.quantization",
@@ -37,7 +37,8 @@ class ModelSpec:
     attention: str = "sdpa"         # transformers rows
     skip_padding: bool | None = None  # SensiMix rows (None: the plan's choice)
     kernels: tuple[str | None, str | None] = (None, None)  # SensiMix rows: (1-bit, 8-bit) kernel; None: the plan's
-    compiled: bool = False          # SensiMix rows: torch.compile the forward
+    compiled: bool = False          # SensiMix and transformers rows: torch.compile the forward
+    cuda_graphs: bool = False       # SensiMix and transformers rows: replay the forward from CUDA graphs
     buckets: int | None = None
     reference: str | None = None
     skipped: str | None = None      # why this row cannot run here (then it is reported, not timed)
@@ -68,6 +69,12 @@ def load_model(spec: ModelSpec, device: str = "cpu", *, shared: dict[str, nn.Mod
         else:
             model = load_bert(spec.path, layers=spec.layers, attention=spec.attention,
                               dtype=torch_dtype(spec.precision)).to(device)
+            if spec.compiled:  # what a GPU user does: the default mode, fixed shapes (padded batches)
+                import torch
+
+                model = torch.compile(model)
+            if spec.cuda_graphs:
+                model = CudaGraphed(model)
     elif spec.runtime == "ort":
         if shared is not None and spec.path in shared:
             model = shared[spec.path]
@@ -80,7 +87,8 @@ def load_model(spec: ModelSpec, device: str = "cpu", *, shared: dict[str, nn.Mod
 
         model = SensiMixForSequenceClassification.from_pretrained(
             spec.path, device=device, precision=spec.precision, skip_padding=spec.skip_padding,
-            binary_kernel=spec.kernels[0], index8_kernel=spec.kernels[1], compile=spec.compiled)
+            binary_kernel=spec.kernels[0], index8_kernel=spec.kernels[1], compile=spec.compiled,
+            cuda_graphs=spec.cuda_graphs)
         model.check_inputs = False  # the batches were checked against the model when staged (as in the V&V run)
     if spec.buckets:
         model = LengthBuckets(model, spec.buckets)

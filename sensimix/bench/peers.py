@@ -11,6 +11,9 @@ classifier on a CPU truncates BERT and runs it as
   each either fed the padded batch or **length-bucketed** (:class:`LengthBuckets`: the batch sorted by attended
   length, split in 4 equal buckets, each cut to its longest sequence).
 
+A GPU user runs transformers fp32/fp16 (SDPA), replayed from CUDA graphs (:class:`CudaGraphed`: padded batches have
+fixed shapes) or under ``torch.compile``.
+
 Each row of the benchmark -- peers and SensiMix alike -- is a :class:`sensimix.bench.models.ModelSpec`, loaded by
 :func:`sensimix.bench.models.load_model` with the builders here.
 ONNX Runtime is optional (``pip install 'sensimix[bench]'``); :func:`ort_missing` says why a row cannot run.
@@ -195,6 +198,31 @@ class OrtClassifier(nn.Module):
         given = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
         feed = {k: given[k].cpu().numpy() for k in self.inputs}
         return torch.from_numpy(self.session.run(None, feed)[0])
+
+
+class CudaGraphed(nn.Module):
+    """A classifier fed fixed-shape (padded) batches, replayed from one CUDA graph per input shape
+    (:class:`sensimix.inference.graphs.GraphCache`, the same capture and buffers as SensiMix's graphs); returns the
+    logits. ``capture=False``: the eager twin (CPU tests)."""
+
+    def __init__(self, inner: nn.Module, capture: bool = True) -> None:
+        from ..inference.graphs import GraphCache
+
+        super().__init__()
+        self.inner = inner
+        self.config = getattr(inner, "config", None)
+        self.cache = GraphCache(self._logits, capture=capture)
+
+    def _logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                token_type_ids: torch.Tensor | None) -> torch.Tensor:
+        out = self.inner(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        return out.logits if hasattr(out, "logits") else out
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
+        key = (tuple(input_ids.shape), attention_mask is not None, token_type_ids is not None)
+        return self.cache(key, {"input_ids": input_ids, "attention_mask": attention_mask,
+                                "token_type_ids": token_type_ids})
 
 
 class LengthBuckets(nn.Module):

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..vv import BERT_FP32
+from ..vv import BERT_FP16, BERT_FP32
 from .models import ModelSpec
 
 SCHEMA = "sensimix-benchmark/2"
@@ -26,13 +26,14 @@ MEMORY_FIELDS = ("cuda_allocated_bytes", "weight_memory_bytes")  # what a memory
 @dataclass(frozen=True)
 class Goal:
     """``model``'s time or weight memory (``what``) over that of ``against`` (a row key, or :data:`BEST_PEER`) is
-    to be at most ``max_ratio``."""
+    to be at most ``max_ratio``; ``only_on``: the device type whose runs judge it (None: every run)."""
 
     id: str
     model: str
     against: str
     max_ratio: float
     what: str  # time | memory
+    only_on: str | None = None
 
 
 # issue 10's goals. The benchmark's models are untrained, so their fast is exact; a trained checkpoint whose
@@ -44,7 +45,16 @@ GOALS = (Goal("fast_time_vs_best_peer", "sensimix-2+1-fast", BEST_PEER, 0.75, "t
          Goal("fast_weight_memory_vs_bert_fp32", "sensimix-2+1-fast", BERT_FP32, 0.15, "memory"),
          Goal("exact_weight_memory_vs_bert_fp32", "sensimix-2+1-fp32", BERT_FP32, 0.15, "memory"),
          # issue 24: the A8 (2+1)'s exact integer kernels against the best peer (on every CPU kind)
-         Goal("a8_exact_time_vs_best_peer", "sensimix-2+1-a8-fp32", BEST_PEER, 0.6, "time"))
+         Goal("a8_exact_time_vs_best_peer", "sensimix-2+1-a8-fp32", BEST_PEER, 0.6, "time", only_on="cpu"),
+         # issues 24 and 26 on a GPU: the A8 (2+1) as a user deploys it (exact, CUDA graphs) against the 3-layer fp16
+         # transformers BERT, the best GPU peer (CUDA graphs and torch.compile rows included), BERT-base fp32 and
+         # fp16 SDPA on the run's batches (run the benchmark at 128 x 128, the certified shape, for the latter two:
+         # scripts/gpu_check.py does); without graphs too, to show what the graphs buy
+         Goal("gpu_a8_time_vs_3layer_fp16", "sensimix-2+1-a8-fast-graphs", "bert3-fp16", 0.6, "time", only_on="cuda"),
+         Goal("gpu_a8_time_vs_best_peer", "sensimix-2+1-a8-fast-graphs", BEST_PEER, 0.6, "time", only_on="cuda"),
+         Goal("gpu_a8_time_vs_bert_fp32", "sensimix-2+1-a8-fast-graphs", BERT_FP32, 0.03, "time", only_on="cuda"),
+         Goal("gpu_a8_time_vs_bert_fp16", "sensimix-2+1-a8-fast-graphs", BERT_FP16, 0.20, "time", only_on="cuda"),
+         Goal("gpu_a8_eager_time_vs_3layer_fp16", "sensimix-2+1-a8-fast", "bert3-fp16", 0.6, "time", only_on="cuda"))
 
 
 def make_rows(specs: Sequence[ModelSpec], timers: Mapping[str, Any], trials: Sequence[Mapping[str, float]],
@@ -99,13 +109,17 @@ def best_peer(rows: list[dict[str, Any]]) -> str | None:
     return best["key"]
 
 
-def goals(rows: Sequence[Mapping[str, Any]], best: str | None,
-          table: Sequence[Goal] = GOALS) -> list[dict[str, Any]]:
+def goals(rows: Sequence[Mapping[str, Any]], best: str | None, table: Sequence[Goal] = GOALS,
+          device: str | None = None) -> list[dict[str, Any]]:
     """Each goal of ``table`` judged on this run's rows (informative: the V&V criteria are judged by `sensimix
-    verify`); ``ratio`` and ``met`` are None where a row is missing or was not measured."""
+    verify`); ``ratio`` and ``met`` are None where a row is missing or was not measured. ``device``: the run's
+    device, whose type leaves out the goals of another one (None: every goal)."""
     by_key = {r["key"]: r for r in rows}
+    kind = None if device is None else device.split(":")[0]
     out = []
     for goal in table:
+        if kind is not None and goal.only_on not in (None, kind):
+            continue
         row, ref = by_key.get(goal.model, {}), by_key.get(best if goal.against == BEST_PEER else goal.against, {})
         field = "ms_per_batch" if goal.what == "time" else next(
             (k for k in MEMORY_FIELDS if k in row and k in ref), None)

@@ -7,7 +7,7 @@ with padding skipped); then each model of :data:`SENSIMIX_MODELS` in each of its
 
 To time SensiMix another way, add one :class:`Variant` line to :data:`EVERY_VARIANT` (SensiMix (2+1)) or
 :data:`EXACT_AND_FAST` (every model); a variant that names a kernel is listed only where that kernel runs (a new
-8-bit kernel is such a line). Each other exact 1-bit kernel the device runs fast, and the other exact 8-bit kernel,
+8-bit kernel is such a line); :func:`with_graphs` adds a variant's CUDA-graph twin (one line). Each other exact 1-bit kernel the device runs fast, and the other exact 8-bit kernel,
 get their rows without a line (:func:`other_exact_kernels`). Another SensiMix model is one :class:`SensiMixModel`
 line in :data:`SENSIMIX_MODELS` (its folder is compressed from the same BERT).
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Union
 
@@ -50,6 +50,7 @@ class Variant:
     index8_kernel: str | None = None
     compiled: bool = False  # torch.compile; it compiles in its warm-up (listed only when asked for)
     only_on: str | None = None
+    cuda_graphs: bool = False  # the forward replayed from CUDA graphs (sensimix.inference.graphs)
 
     def __post_init__(self) -> None:
         for table, name, kind in ((kernels.BINARY_KERNELS, self.binary_kernel, "1-bit"),
@@ -85,17 +86,28 @@ def other_exact_kernels(device: torch.device) -> list[Variant]:
     return out
 
 
+def with_graphs(*variants: Variant) -> tuple[Variant, ...]:
+    """Each variant again, replayed from CUDA graphs (``<key>-graphs``; CUDA runs only)."""
+    return tuple(replace(v, key=f"{v.key}-graphs", title=f"{v.title}, CUDA graphs", cuda_graphs=True, only_on="cuda")
+                 for v in variants)
+
+
 # a model's variants, in the table's order: a Variant, or a function of the device that lists some
 VariantEntry = Union[Variant, Callable[[torch.device], list[Variant]]]
 EXACT_AND_FAST: tuple[VariantEntry, ...] = (
     Variant(EXACT, "fp32 (exact)", "fp32"),
     Variant("fast", "fast", "fast"),
 )
+FAST_PADDED = Variant("fast-padded", "fast, padding kept", "fast", skip_padding=False)
+BF16 = Variant("bf16", "bf16", "bf16")
+FP16 = Variant("fp16", "fp16", "fp16", only_on="cuda")
+# every model's exact and fast rows, with and without CUDA graphs
+GRAPHED_EXACT_AND_FAST: tuple[VariantEntry, ...] = (*EXACT_AND_FAST, *with_graphs(*EXACT_AND_FAST))
 EVERY_VARIANT: tuple[VariantEntry, ...] = (
     *EXACT_AND_FAST,
-    Variant("fast-padded", "fast, padding kept", "fast", skip_padding=False),
-    Variant("bf16", "bf16", "bf16"),
-    Variant("fp16", "fp16", "fp16", only_on="cuda"),
+    FAST_PADDED,
+    BF16,
+    FP16,
     other_exact_kernels,
     # approximate (15-bit activations): `fast` runs it only for a calibrated checkpoint (inference.plan)
     Variant("fp32-8bit-int16", "fp32, 8-bit int16 (approximate)", "fp32", index8_kernel="int16"),
@@ -103,6 +115,8 @@ EVERY_VARIANT: tuple[VariantEntry, ...] = (
     Variant("fp32-8bit-bf16x3", "fp32, 8-bit bf16x3 (bf16 tensor cores, fp32-grade)", "fp32",
             index8_kernel="bf16x3", only_on="cuda"),
     Variant("fp16-compiled", "fp16, torch.compile", "fp16", compiled=True, only_on="cuda"),
+    # every precision and padding mode again with CUDA graphs (issue 24: launches were 85% of the fp16 path's time)
+    *with_graphs(*EXACT_AND_FAST, FAST_PADDED, BF16, FP16),
 )
 
 
@@ -113,7 +127,7 @@ class SensiMixModel:
 
     layers: int
     eightbit: int
-    variants: tuple[VariantEntry, ...] = EXACT_AND_FAST
+    variants: tuple[VariantEntry, ...] = GRAPHED_EXACT_AND_FAST
     activations: str = "fp32"  # or "a8": an A8 model (sensimix.a8)
 
     @property
@@ -143,18 +157,23 @@ class SensiMixModel:
 
 
 def other_a8_kernels(device: torch.device) -> list[Variant]:
-    """An A8 model's exact path on each other A8 kernel ``device`` runs (the default is timed already)."""
-    default = kernels.default_index8_kernel(device, "a8")
-    return [Variant(f"fp32-8bit-{n}", f"fp32, 8-bit {n}", "fp32", index8_kernel=n)
-            for n, k in kernels.INDEX8_KERNELS.items() if k.activations == "a8" and n not in (default, "a8-reference")
-            and (k.unavailable(device) is None or (device.type == "cuda" and not torch.cuda.is_available()
-                                                    and n == "a8-torch"))]
+    """An A8 model's exact path on each other A8 kernel ``device`` runs (the default is timed already); a CUDA run's
+    rows listed where CUDA is absent: ``a8-torch`` (the default there is ``a8-triton``)."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        names = ["a8-torch"]
+    else:
+        default = kernels.default_index8_kernel(device, "a8")
+        names = [n for n, k in kernels.INDEX8_KERNELS.items() if k.activations == "a8"
+                 and n not in (default, "a8-reference") and k.unavailable(device) is None]
+    return [Variant(f"fp32-8bit-{n}", f"fp32, 8-bit {n}", "fp32", index8_kernel=n) for n in names]
 
 
 A8_VARIANTS: tuple[VariantEntry, ...] = (
     *EXACT_AND_FAST,
-    Variant("fast-padded", "fast, padding kept", "fast", skip_padding=False),
+    FAST_PADDED,
     other_a8_kernels,
+    *with_graphs(*EXACT_AND_FAST, FAST_PADDED,
+                 Variant("fp32-8bit-a8-torch", "fp32, 8-bit a8-torch", "fp32", index8_kernel="a8-torch")),
 )
 
 # the first is the V&V run's SensiMix (2+1), timed every way; (3+3) exact and fast; their A8 twins (8-bit activations)
@@ -173,10 +192,22 @@ def geometry_label(config: Any) -> str:
     return f"BERT {config.num_hidden_layers}L/{config.hidden_size}H"
 
 
+def gpu_peers(bert: Path, prefix: str, name: str, layers: int | None, ref: str, compiled: bool) -> list[ModelSpec]:
+    """What a GPU user runs to go fast: transformers fp32 and fp16 (SDPA) replayed from CUDA graphs (its padded
+    batches have fixed shapes), and with ``compiled`` fp16 under torch.compile."""
+    specs = [ModelSpec(f"{prefix}-{p}-graphs", f"{name} {p} + SDPA, CUDA graphs", "peer", "transformers", str(bert), p,
+                       layers=layers, cuda_graphs=True, reference=ref) for p in ("fp32", "fp16")]
+    if compiled:
+        specs.append(ModelSpec(f"{prefix}-fp16-compiled", f"{name} fp16 + SDPA, torch.compile", "peer",
+                               "transformers", str(bert), "fp16", layers=layers, compiled=True, reference=ref))
+    return specs
+
+
 def peer_specs(bert: Path, label: str, onnx: Mapping[str, Any], ort_reason: str | None, cuda: bool,
-               buckets: int) -> list[ModelSpec]:
-    """The peers, full geometry then 3 layers: transformers (3 layers; fp16 too on CUDA), PyTorch dynamic int8,
-    ONNX Runtime fp32 and int8, each padded and bucketed (the CPU runtimes are listed as skipped on CUDA)."""
+               buckets: int, compiled: bool = True) -> list[ModelSpec]:
+    """The peers, full geometry then 3 layers: transformers (3 layers; fp16 too on CUDA, and on CUDA each geometry
+    with CUDA graphs and torch.compile: :func:`gpu_peers`), PyTorch dynamic int8, ONNX Runtime fp32 and int8, each
+    padded and bucketed (the CPU runtimes are listed as skipped on CUDA)."""
     cpu_only = "a CPU runtime: timed in CPU runs" if cuda else None
     specs = []
     for prefix, name, layers in (("bert", label, None),
@@ -188,6 +219,8 @@ def peer_specs(bert: Path, label: str, onnx: Mapping[str, Any], ort_reason: str 
             if cuda:
                 specs.append(ModelSpec(f"{prefix}-fp16", f"{name} fp16 (transformers)", "peer", "transformers",
                                        str(bert), "fp16", layers=layers, reference=ref))
+        if cuda:
+            specs += gpu_peers(bert, prefix, name, layers, ref, compiled)
         specs.append(ModelSpec(f"{prefix}-torch-int8", f"{name} torch dynamic int8", "peer", "torch-int8", str(bert),
                                "int8", layers=layers, reference=ref, skipped=cpu_only))
         for precision in ("fp32", "int8"):
@@ -213,7 +246,7 @@ def model_specs(bert: Path, label: str, sensimix: Mapping[tuple, Path], onnx: Ma
     if cuda:
         specs.append(ModelSpec(BERT_FP16, f"{label} fp16 + SDPA", "peer", "certified", str(bert), "fp16",
                                reference=BERT_FP32))
-    specs += peer_specs(bert, label, onnx, ort_reason, cuda, buckets)
+    specs += peer_specs(bert, label, onnx, ort_reason, cuda, buckets, compiled)
     if LIKE_FOR_LIKE in sensimix:  # BERT's geometry and FLOPs through the packed runtime, padding skipped
         precision = "fp16" if cuda else "fp32"
         specs.append(ModelSpec(f"bert-runtime-{precision}-skip", f"{label} {precision}, padding skipped (runtime)",
@@ -225,6 +258,7 @@ def model_specs(bert: Path, label: str, sensimix: Mapping[tuple, Path], onnx: Ma
             specs.append(ModelSpec(f"{model.prefix}-{v.key}", f"{model.name} {v.title}", "sensimix", "sensimix",
                                    str(sensimix[model.shape]), v.precision, skip_padding=v.skip_padding,
                                    kernels=(v.binary_kernel, v.index8_kernel), compiled=v.compiled,
+                                   cuda_graphs=v.cuda_graphs,
                                    reference=None if v.key == EXACT else f"{model.prefix}-{EXACT}"))
     return specs
 

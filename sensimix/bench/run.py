@@ -137,8 +137,10 @@ def run_models(s: BenchSettings, root: Path) -> dict[str, Any]:
                 if spec.key in (BERT_FP32, BERT_FP16):
                     timer = run.timer(spec.key)  # the V&V run's own model, loaded as `sensimix verify` loads it
                 else:
+                    # a CUDA-graph row captures one graph per batch shape: all of them in its warm-up, not in a round
+                    warmup = len(batches) if spec.cuda_graphs else vv.warmup_batches
                     timer = ModelTimer(spec.key, load_model(spec, device, shared=shared), batches, device=device,
-                                       warmup_batches=vv.warmup_batches, precision=spec.precision)
+                                       warmup_batches=warmup, precision=spec.precision)
                 timer.warm_up()  # compiles, autotunes: before any round
         except Exception as exc:  # noqa: BLE001 - one row that cannot run (e.g. torch.compile here) is reported
             if spec.key == BERT_FP32:
@@ -172,7 +174,7 @@ def run_models(s: BenchSettings, root: Path) -> dict[str, Any]:
     run.release_models()
     best = best_peer(rows)
     return {"environment": run.environment, "data": data, "attended_fraction": fill, "rows": rows,
-            "best_peer": best, "goals": goals(rows, best), "timing_trials_ms": report.trials,
+            "best_peer": best, "goals": goals(rows, best, device=device), "timing_trials_ms": report.trials,
             "onnx": {k: v.to_dict() for k, v in onnx.items()}, "vv_settings": _plain(vars(vv))}
 
 

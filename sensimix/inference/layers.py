@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import a8, kernels
-from ..kernels import Prepared, a8native
+from ..kernels import Prepared, a8native, a8triton
 from ..quant import index8_dequantize, index8_quantize, pack_signs
 from .plan import InferencePlan
 
@@ -222,7 +222,9 @@ class LayerNorm(Linear):
     def prepare(self, plan: InferencePlan) -> None:
         super().prepare(plan)
         self.norm = a8.layer_norm if plan.a8 else None
-        if plan.a8 and plan.device.type == "cpu" and a8native.unavailable_reason("a8-avx2") is None:
+        if plan.a8 and plan.index8_kernel == "a8-triton":
+            self.norm = a8triton.layer_norm  # the same bits in Triton, its result's rounding handed to the next linear
+        elif plan.a8 and plan.device.type == "cpu" and a8native.unavailable_reason("a8-avx2") is None:
             self.norm = a8native.layer_norm  # the same bits, in C (torch's fp64 moments take ~30x longer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

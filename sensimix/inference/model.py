@@ -28,6 +28,7 @@ from .. import a8, checkpoint
 from ..config import SensiMixConfig
 from . import loading
 from .encoder import Attention, SensiMixModel
+from .graphs import PackedGraphs
 from .inputs import check_inputs, check_labels, check_logits
 from .layers import Embedding, Index8Embedding, Linear, PackedModule
 from .packing import Packing
@@ -54,6 +55,7 @@ class SensiMixForSequenceClassification(PreTrainedModel):
         self.bert = SensiMixModel(config)
         self.classifier = Linear(config.hidden_size, config.num_labels)
         self.plan: InferencePlan | None = None
+        self.graphs: PackedGraphs | None = None  # the plan's CUDA graphs (made anew by each prepare)
         self.check_inputs = True
         self._built_from = self._digests(tensors=False)[0]  # the model fields the module tree is built from
         self._holds_weights = False  # until a state dict is loaded: the buffers are uninitialised memory
@@ -96,7 +98,7 @@ class SensiMixForSequenceClassification(PreTrainedModel):
                         binary_kernel: str | None = None, index8_kernel: str | None = None,
                         fuse_qkv: bool | None = None, skip_padding: bool | None = None, check_inputs: bool = True,
                         weights: str = "auto", verify_all_files: bool = False, compile: bool = False,
-                        **kwargs: Any) -> SensiMixForSequenceClassification:
+                        cuda_graphs: bool = False, **kwargs: Any) -> SensiMixForSequenceClassification:
         """Load a packed checkpoint folder (model.safetensors preferred, else pytorch_model.bin).
 
         Args:
@@ -116,6 +118,9 @@ class SensiMixForSequenceClassification(PreTrainedModel):
             compile: ``torch.compile`` the forward (``dynamic=True``: the packed token count varies per batch).
                 The first calls compile (seconds to minutes): run them before any timing. Input value checks are
                 turned off (their host reads would split the graph); give checked inputs.
+            cuda_graphs: replay the forward from CUDA graphs, one per batch shape and token bucket, each captured at
+                its first batch (:mod:`sensimix.inference.graphs`); CUDA only. Pass ``packing=`` made on the CPU
+                beforehand to spare the host sync of making it (as with any skip_padding plan).
         """
         if model_args:
             raise TypeError(f"{cls.__name__}.from_pretrained takes no positional arguments after the path, got "
@@ -131,11 +136,15 @@ class SensiMixForSequenceClassification(PreTrainedModel):
             raise TypeError(f"{cls.__name__}.from_pretrained got unexpected argument(s) {sorted(kwargs)}; a packed "
                             f"checkpoint's config cannot be changed at load time")
         for name, value in (("check_inputs", check_inputs), ("compile", compile), ("verify_all_files",
-                                                                                    verify_all_files)):
+                                                                                    verify_all_files),
+                            ("cuda_graphs", cuda_graphs)):
             if not isinstance(value, bool):
                 raise TypeError(f"{cls.__name__}.from_pretrained: {name} must be True or False, got {value!r}")
+        if compile and cuda_graphs:
+            raise ValueError(f"{cls.__name__}.from_pretrained: choose compile=True or cuda_graphs=True, not both (each "
+                             f"replaces the other's launches)")
         request = dict(precision=precision, binary_kernel=binary_kernel, index8_kernel=index8_kernel,
-                       fuse_qkv=fuse_qkv, skip_padding=skip_padding)
+                       fuse_qkv=fuse_qkv, skip_padding=skip_padding, cuda_graphs=cuda_graphs)
         check_request(request)  # a bad request fails here, before any file is read
         folder = loading.local_folder(pretrained_model_name_or_path, subfolder, hub)
         raw = checkpoint.read_raw_config(folder)
@@ -192,6 +201,7 @@ class SensiMixForSequenceClassification(PreTrainedModel):
             if isinstance(module, PackedModule) and id(module) not in done:
                 module.prepare(plan)
         self.plan = plan
+        self.graphs = PackedGraphs(self) if plan.cuda_graphs else None  # graphs of old operands are void
 
     def _digests(self, tensors: bool = True) -> tuple[str, str | None]:
         """Checksums of the model fields and of the stored tensors (those of the checkpoint format)."""
@@ -291,7 +301,8 @@ class SensiMixForSequenceClassification(PreTrainedModel):
             p = self.plan
             request = getattr(self, "plan_request", None) or dict(precision=p.precision, fuse_qkv=p.fuse_qkv,
                                                                    skip_padding=p.skip_padding,
-                                                                   activations=p.activations)
+                                                                   activations=p.activations,
+                                                                   cuda_graphs=p.cuda_graphs)
             self.prepare(make_plan(device, **request))
         return self
 
@@ -380,8 +391,26 @@ class SensiMixForSequenceClassification(PreTrainedModel):
         check_inputs(self, input_ids, attention_mask, token_type_ids, packing)
         if labels is not None:
             check_labels(self, labels, input_ids.shape[0])
-        if packing is None and self.plan.skip_padding and attention_mask is not None:
-            packing = Packing.of(attention_mask)
+        skip = self.plan.skip_padding
+        if packing is None and skip and attention_mask is not None:
+            packing = Packing.of(attention_mask, keep_full=self.graphs is not None)
+        if self.graphs is not None and (packing is not None or attention_mask is None or not skip):
+            logits = self.graphs(input_ids, attention_mask, token_type_ids, packing, padded=not skip)
+        else:
+            logits = self._logits(input_ids, attention_mask, token_type_ids, packing)
+        if self.check_inputs and self.plan.dtype == torch.float16:  # the one precision whose range can overflow
+            check_logits(self, logits)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float(), labels.to(logits.device).view(-1))
+        if return_dict is False or (return_dict is None and getattr(self.config, "return_dict", True) is False):
+            return (logits,) if loss is None else (loss, logits)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+    def _logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                token_type_ids: torch.Tensor | None, packing: Packing | None) -> torch.Tensor:
+        """The forward's arithmetic on checked inputs (what a CUDA graph captures): packed rows with ``packing``,
+        else the padded batch with ``attention_mask``."""
         bert, mask = self.bert, None
         if packing is not None:
             types = None if token_type_ids is None else packing.tokens(token_type_ids)
@@ -397,12 +426,4 @@ class SensiMixForSequenceClassification(PreTrainedModel):
         # its keys and values folded into that query instead of projected for every token (Attention._first_token)
         cls_rows = last(x, mask, packing, first_only=True)
         pooled = bert.pooler.dense(cls_rows)
-        logits = self.classifier(a8.tanh(pooled) if self.plan.a8 else torch.tanh(pooled))
-        if self.check_inputs and self.plan.dtype == torch.float16:  # the one precision whose range can overflow
-            check_logits(self, logits)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.float(), labels.to(logits.device).view(-1))
-        if return_dict is False or (return_dict is None and getattr(self.config, "return_dict", True) is False):
-            return (logits,) if loss is None else (loss, logits)
-        return SequenceClassifierOutput(loss=loss, logits=logits)
+        return self.classifier(a8.tanh(pooled) if self.plan.a8 else torch.tanh(pooled))

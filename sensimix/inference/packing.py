@@ -81,11 +81,12 @@ class Packing:
     lens: torch.Tensor | None = None  # [B] attended tokens of each sequence: its packed rows are cls .. cls + lens - 1
 
     @classmethod
-    def of(cls, attention_mask: torch.Tensor) -> Packing | None:
-        """The packing of a [B, S] mask, or None when packing does not apply: no padding to drop, or a sequence
-        whose first token is masked (there is no attended [CLS] to pool; the padded path handles it as before)."""
+    def of(cls, attention_mask: torch.Tensor, keep_full: bool = False) -> Packing | None:
+        """The packing of a [B, S] mask, or None when packing does not apply: no padding to drop (unless
+        ``keep_full``: then every token, packed, as a CUDA graph of the packed forward wants), or a sequence whose
+        first token is masked (there is no attended [CLS] to pool; the padded path handles it as before)."""
         m = attention_mask.bool()
-        if m.all() or not m[:, 0].all():
+        if not m[:, 0].all() or (not keep_full and m.all()):
             return None
         bsz, seq = m.shape
         span = torch.where(m, torch.arange(1, seq + 1, device=m.device), 0).amax(dim=1)

@@ -59,6 +59,7 @@ class InferencePlan:
     skip_padding: bool
     calibrated: bool = False     # fast took the approximate 8-bit kernel this checkpoint was calibrated for
     activations: str = "fp32"    # the checkpoint's arithmetic: fp32 activations, or a8 (sensimix.a8)
+    cuda_graphs: bool = False    # the forward replayed from CUDA graphs (sensimix.inference.graphs)
 
     @property
     def a8(self) -> bool:
@@ -75,7 +76,8 @@ class InferencePlan:
                                            else "approximate")
         return (f"precision {self.precision} ({kind}{', A8' if self.a8 else ''}), 1-bit kernel "
                 f"{self.binary_kernel}, 8-bit kernel {self.index8_kernel}"
-                + (", Q/K/V fused" if self.fuse_qkv else "") + (", padding skipped" if self.skip_padding else ""))
+                + (", Q/K/V fused" if self.fuse_qkv else "") + (", padding skipped" if self.skip_padding else "")
+                + (", CUDA graphs" if self.cuda_graphs else ""))
 
 
 def fast_index8_kernel(device: torch.device | str, calibrated: str | None = None) -> str:
@@ -130,11 +132,16 @@ def _precision_name(precision: str | torch.dtype | None) -> str:
 def make_plan(device: torch.device | str = "cpu", precision: str | torch.dtype | None = None, *,
               binary_kernel: str | None = None, index8_kernel: str | None = None, fuse_qkv: bool | None = None,
               skip_padding: bool | None = None, calibrated_index8: str | None = None,
-              activations: str = "fp32") -> InferencePlan:
+              activations: str = "fp32", cuda_graphs: bool = False) -> InferencePlan:
     """Resolve a precision (default: fp32, exact, on every device) and kernel choices into a checked plan;
     ``calibrated_index8``: the 8-bit kernel a checkpoint was calibrated for (used by ``fast`` alone);
-    ``activations``: the checkpoint's arithmetic (``fp32``, or ``a8`` for an A8 checkpoint)."""
+    ``activations``: the checkpoint's arithmetic (``fp32``, or ``a8`` for an A8 checkpoint); ``cuda_graphs``: replay
+    the forward from CUDA graphs (CUDA only; :mod:`sensimix.inference.graphs`)."""
     dev = torch.device(resolve_device(device))
+    if not isinstance(cuda_graphs, bool):
+        raise TypeError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
+    if cuda_graphs and dev.type != "cuda":
+        raise ValueError(f"cuda_graphs=True replays the forward from CUDA graphs: it needs a CUDA device, not {dev}")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     precision = _precision_name(precision)
@@ -163,7 +170,7 @@ def make_plan(device: torch.device | str = "cpu", precision: str | torch.dtype |
     return InferencePlan(device=dev, precision=precision, dtype=dtype, binary_kernel=binary.name,
                          index8_kernel=index8.name, fuse_qkv=fuse_qkv,
                          skip_padding=True if skip_padding is None else bool(skip_padding), calibrated=calibrated,
-                         activations=activations)
+                         activations=activations, cuda_graphs=cuda_graphs)
 
 
 def check_request(request: dict[str, Any]) -> None:

@@ -3,7 +3,8 @@
 One module per backend family: :mod:`.base` (the interfaces), :mod:`.reference` (pure-torch definitions every
 kernel is tested against), :mod:`.torch_ops` (plain torch ops, CPU and CUDA), :mod:`.onednn` (bf16 GEMMs with
 fused epilogues), :mod:`.fbgemm` (torch's quantized engine), :mod:`.popcount` and :mod:`.int16` (C, AVX2; built
-by :mod:`.native`), :mod:`.cuda` (FP8 tensor cores), :mod:`.triton_kernels`.
+by :mod:`.native`), :mod:`.cuda` (FP8 tensor cores), :mod:`.triton_kernels`; for A8 checkpoints :mod:`.a8` (torch
+ops), :mod:`.a8native` (C) and :mod:`.a8triton` (int8 tensor cores in Triton: the CUDA default).
 
 1-bit linear (``sign(x) @ sign(W)^T + b``, exact in every kernel):
 
@@ -38,6 +39,7 @@ import torch
 
 from .a8 import A8ReferenceKernel, A8TorchKernel
 from .a8native import A8NativeKernel
+from .a8triton import A8TritonKernel
 from .base import BinaryKernel, Index8Kernel, Prepared
 from .cuda import Fp8BinaryKernel, SplitBf16Index8Kernel, fp8_supported
 from .fbgemm import FbgemmBinaryKernel, FbgemmIndex8Kernel, quantized_engine
@@ -68,9 +70,11 @@ BINARY_KERNELS: dict[str, BinaryKernel] = {
 INDEX8_KERNELS: dict[str, Index8Kernel] = {
     k.name: k for k in (DenseIndex8Kernel(), DequantIndex8Kernel(), DynamicInt8Index8Kernel(), FbgemmIndex8Kernel(),
                         Bf16Index8Kernel(), Int16Index8Kernel(), SplitBf16Index8Kernel(), ReferenceIndex8Kernel(),
-                        A8NativeKernel("a8-vnni"), A8NativeKernel("a8-avx2"), A8TorchKernel(), A8ReferenceKernel())
+                        A8TritonKernel(), A8NativeKernel("a8-vnni"), A8NativeKernel("a8-avx2"), A8TorchKernel(),
+                        A8ReferenceKernel())
 }
-_A8_PREFERENCE = ("a8-vnni", "a8-avx2", "a8-torch")  # A8 checkpoints: the fastest exact A8 kernel the device runs
+# A8 checkpoints: the fastest exact A8 kernel the device runs
+_A8_PREFERENCE = ("a8-triton", "a8-vnni", "a8-avx2", "a8-torch")
 _BINARY_PREFERENCE = ("fp8", "int8", "popcount", "fbgemm", "float")  # exact kernels, fastest first where each is fast
 
 
