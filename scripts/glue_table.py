@@ -17,10 +17,12 @@ Plans (several may be given; their runs are merged, each run once):
                ((2+1) without ILF is its full recipe, one 1-bit layer: not run)
 Each plan includes the fp32 reference of every (task, seed) (all SensiMix models are compressed from it).
 
-Time on this CPU (2-core AMD EPYC, shared with another training run; measured with short runs, MRPC train
-examples/s: reference 6.7, (3+3) 5.4, (3+3) A8 2.0, (2+1) 4.9): one MRPC seed of the five models ~4.5 h; the
-a8-decision plan ~12 h, the table ~38 h, the ablation ~50 h (~38 h after the table). On one CUDA GPU the same
-command trains on every example (SST-2's 67,349) in a fraction of that.
+Time on this CPU (2 cores of an AMD EPYC, shared with another training run, load average 4-6; short timed runs
+of 256-512 train examples, extrapolated; docs/glue.md): one MRPC run (3,668 train examples) takes: reference
+19 min, (3+3) 47 min, (3+3) A8 2h06, (2+1) 26 min, (2+1) A8 50 min: 4.5 h per seed. Per seed: SST-2 (2,000)
+~3.5 h, RTE ~3.9 h, CoLA (8,551) 10-15 h. Plans: a8-decision ~16 h; table ~40 h alone, ~29 h after a8-decision;
+ablation ~34 h alone, ~25 h after the table. The progress line re-estimates from the runs done. On one CUDA GPU
+the same command trains on every example (SST-2's 67,349).
 
 Examples:
   python scripts/glue_table.py --plan a8-decision --results glue-runs/cpu.jsonl           # the A8 decision first
@@ -126,11 +128,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     tr.add_argument("--keep-going", action="store_true", help="a failed run is reported and the next one starts "
                                                               "(exit 1 at the end) instead of stopping")
     args = p.parse_args(argv)
-    unknown = [(flag, v, ok) for flag, values, ok in (("--plan", args.plan, PLAN_NAMES), ("--tasks", args.tasks, TASK_ORDER),
-                                                       ("--models", args.models, MODELS),
-                                                       ("--activations", args.activations, ACTIVATIONS),
-                                                       ("--ablation", args.ablation, ABLATIONS))
-               for v in values or [] if v not in ok]
+    axes = (("--plan", args.plan, PLAN_NAMES), ("--tasks", args.tasks, TASK_ORDER), ("--models", args.models, MODELS),
+            ("--activations", args.activations, ACTIVATIONS), ("--ablation", args.ablation, ABLATIONS))
+    unknown = [(flag, v, ok) for flag, values, ok in axes for v in values or [] if v not in ok]
     if unknown:
         flag, value, ok = unknown[0]
         extra = " (QNLI has no train split here)" if value == "qnli" else ""

@@ -13,10 +13,11 @@ import torch
 from helpers import load_script
 
 from sensimix.bench.glue import metrics as M
-from sensimix.bench.glue.plans import CPU_TRAIN_LIMITS, RunSpec, plan_runs, protocol_for, spec_key
+from sensimix.bench.glue.plans import CPU_TRAIN_LIMITS, RunSpec, plan_runs, protocol_for
 from sensimix.bench.glue.results import SCHEMA, NotResultsFile, append_result, read_results
-from sensimix.bench.glue.runner import Context, duration, estimate_left, run_all
+from sensimix.bench.glue.runner import Context, duration, estimate_left, reference_problem, run_all
 from sensimix.bench.glue.summary import machine_slug, summarize, verdict
+from sensimix.train.provenance import training_examples
 
 REF, FULL = "fp32", "full"
 
@@ -122,7 +123,8 @@ RTE = {("fp32", "fp32", FULL): (0.60, 0.62, 0.64), ("3+3", "fp32", FULL): (0.59,
 
 
 def records() -> list[dict]:
-    out = [rec("rte", s, m, a, ab, score) for (m, a, ab), scores in RTE.items() for s, score in zip((42, 43, 44), scores)]
+    out = [rec("rte", s, m, a, ab, score) for (m, a, ab), scores in RTE.items()
+           for s, score in zip((42, 43, 44), scores)]
     out += [rec("rte", 42, "2+1", score=0.50), rec("rte", 42, "2+1", ablation="no-distill", score=0.49)]
     out += [rec("rte", 42, score=0.7, digest="p2")]  # another protocol: its own row, never averaged in
     return out
@@ -136,7 +138,8 @@ def test_summary_means_spreads_gaps_a8_and_ablation_by_hand():
     assert rows[("fp32", "fp32", "p2")]["metrics"]["accuracy"] == {"mean": pytest.approx(70.0), "spread": None, "n": 1}
     assert rows[("3+3", "fp32", "p1")]["model_mb"] == 12.0
     gaps = {(g["model"], g["activations"]): g["gap"]["accuracy"] for g in s["gap_to_reference"]}
-    assert gaps[("3+3", "fp32")]["mean"] == pytest.approx(1.0) and gaps[("3+3", "fp32")]["spread"] == pytest.approx(1.0)
+    assert gaps[("3+3", "fp32")]["mean"] == pytest.approx(1.0)
+    assert gaps[("3+3", "fp32")]["spread"] == pytest.approx(1.0)
     assert gaps[("2+1", "fp32")] == {"mean": pytest.approx(10.0), "spread": None, "n": 1, "seeds": [42]}
     (a8,) = s["a8_vs_fp32"]  # A8 - fp32 per seed: -1, +1, -1
     assert a8["difference"]["accuracy"]["mean"] == pytest.approx(-1 / 3)
@@ -224,6 +227,34 @@ def test_resume_runs_only_what_the_file_lacks_and_redoes_a_cut_last_line(tmp_pat
     changed.protocols["mrpc"] = protocol_for("mrpc", "cpu", "m", train_limits={"mrpc": 64})  # another protocol
     run_all(runs[:1], changed, results, read_results(results), execute=fake_execute(again), out=lines.append)
     assert again == runs[:1]
+
+
+def test_a_reference_folder_is_reused_only_when_it_is_the_one_asked_for(tmp_path, glue4):
+    ctx = Context(glue_dir=glue4, work=tmp_path, device="cpu", pretrained="/models/minilm",
+                  protocols={"rte": protocol_for("rte", "cpu", "minilm", train_limits={"rte": 8})},
+                  machine={})
+    spec, folder = R("rte", 3), ctx.reference_folder("rte", 3)
+    assert folder.parent == tmp_path / "references" and folder.name.startswith("rte-seed3-")
+    assert ctx.reference_folder("rte", 4) != folder
+    folder.mkdir(parents=True)
+    assert reference_problem(folder, spec, ctx) == "it lacks config.json, pytorch_model.bin, training_metrics.json"
+    (folder / "config.json").write_text("{}")
+    (folder / "pytorch_model.bin").write_bytes(b"0")
+    settings = ctx.protocols["rte"].settings(spec, "cpu").as_dict()
+    _, record = training_examples("rte", glue4, train_limit=8, seed=3)
+    metrics = {"task": "rte", "bert": "/models/minilm", "settings": settings, "train_data": record}
+
+    def problem(**changes) -> str | None:
+        (folder / "training_metrics.json").write_text(json.dumps(metrics | changes))
+        return reference_problem(folder, spec, ctx)
+
+    assert problem() is None
+    assert problem(settings=settings | {"device": "cuda", "logging_steps": 7}) is None  # they change no weight
+    assert problem(task="mrpc") == "it was fine-tuned on 'mrpc', not rte"
+    assert problem(bert="/elsewhere") == "it was fine-tuned from '/elsewhere', not /models/minilm"
+    assert problem(settings=settings | {"learning_rate": 1e-4}) == "its training settings differ (learning_rate)"
+    other = training_examples("rte", glue4, train_limit=8, seed=4)[1]
+    assert "its training data differ: this numpy draws other rows" in problem(train_data=other | {"seed": 3})
 
 
 def test_results_file_not_ours_is_refused_and_a_line_without_newline_is_kept(tmp_path):
@@ -338,7 +369,7 @@ def test_a_tiny_session_trains_resumes_reuses_the_reference_and_reports(capsys, 
     out = capsys.readouterr().out
     assert "3/3" in out and "left ~" in out
 
-    import sensimix.train as train
+    from sensimix import train
 
     monkeypatch.setattr(train, "finetune", lambda *a, **k: pytest.fail("the reference was fine-tuned again"))
     assert script.main(argv + ["--activations", "fp32", "--ablation", "full", "no-abwr"]) == 0

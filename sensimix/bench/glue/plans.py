@@ -184,7 +184,8 @@ class Protocol:
 
         common = dict(max_steps=self.max_steps, batch_size=self.batch_size, learning_rate=self.learning_rate,
                       max_seq_length=self.max_seq_length, seed=spec.seed, train_limit=self.train_limit,
-                      eval_limit=self.trainer_eval_limit, device=device, fast_calibration=False)
+                      eval_limit=self.trainer_eval_limit, fast_calibration=False,
+                      device="cuda" if str(device).startswith("cuda") else "cpu")  # Trainer: cuda:N is its own
         if spec.is_reference:
             return TrainSettings(epochs=self.reference_epochs, **common)
         return TrainSettings(epochs=self.sensimix_epochs(spec.model), abwr=spec.ablation != "no-abwr",
@@ -213,5 +214,4 @@ def protocol_for(task: str, device: str, pretrained: str, *, train_limits: dict[
     task (None: all); on CUDA all train examples. ``fields``: other :class:`Protocol` fields."""
     limits = train_limits or {}
     default = None if str(device).startswith("cuda") else CPU_TRAIN_LIMITS[task]
-    return Protocol(task, limits[task] if task in limits else default, max_seq_length or MAX_SEQ_LENGTH[task],
-                    pretrained, **fields)
+    return Protocol(task, limits.get(task, default), max_seq_length or MAX_SEQ_LENGTH[task], pretrained, **fields)

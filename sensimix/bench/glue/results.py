@@ -20,7 +20,7 @@ from ...io import write_text
 from ...io.files import _finite  # NaN/inf as null: strict JSON
 
 SCHEMA = "sensimix-glue-run/1"
-PREFIX = '{"schema": "%s"' % SCHEMA  # how every line we write starts (json.dumps keeps the key order)
+PREFIX = f'{{"schema": "{SCHEMA}"'  # how every line we write starts (json.dumps keeps the key order)
 REQUIRED = ("task", "model", "activations", "ablation", "seed", "protocol_digest", "metrics")
 
 

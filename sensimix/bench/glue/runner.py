@@ -139,9 +139,10 @@ def execute(spec: RunSpec, ctx: Context, out: Callable[[str], None] = print) -> 
         folder = ctx.work / "models" / f"{spec.task}-{spec.model}-{spec.activations}-{spec.ablation}-seed{spec.seed}"
         layers, eightbit = parse_split(spec.model)
         t = time.perf_counter()
+        teacher = reference if settings.distill else None
         training = compress(reference, spec.task, folder, glue_dir=ctx.glue_dir, layers=layers,
-                            eightbit_layers=eightbit, settings=settings, teacher=reference if settings.distill else None,
-                            overwrite=folder.exists(), activations=spec.activations).metrics
+                            eightbit_layers=eightbit, settings=settings, teacher=teacher, overwrite=folder.exists(),
+                            activations=spec.activations).metrics
         train_wall = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
     inputs = ctx.inputs(spec.task, reference)
@@ -186,7 +187,8 @@ def estimate_left(pending: list[RunSpec], records: list[dict[str, Any]],
     every: list[float] = []
     for r in records:
         wall = r.get("wall_s")
-        if not isinstance(wall, (int, float)) or (r["model"] == REFERENCE and (r.get("reference") or {}).get("reused")):
+        reused = r["model"] == REFERENCE and (r.get("reference") or {}).get("reused")
+        if not isinstance(wall, (int, float)) or reused:
             continue
         own.setdefault((r["task"], r["model"], r["activations"], r["protocol_digest"]), []).append(wall)
         same_task.setdefault((r["task"], r["protocol_digest"]), []).append(wall)
@@ -206,7 +208,7 @@ def duration(seconds: float | None) -> str:
     """``3h05m`` / ``12m30s`` / ``45s``; ``?`` when unknown."""
     if seconds is None:
         return "?"
-    s = int(round(seconds))
+    s = round(seconds)
     if s >= 3600:
         return f"{s // 3600}h{s % 3600 // 60:02d}m"
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
