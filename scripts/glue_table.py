@@ -221,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     ctx = Context(glue_dir=glue_dir, work=work, device=device, pretrained=str(pretrained), protocols=protocols,
                   machine=environment(device), keep_models=args.keep_models)
-    outcome = run_all(runs, ctx, results, loaded, out=lambda line: print(line, flush=True), max_runs=args.max_runs,
+    outcome = run_all(runs, ctx, results, out=lambda line: print(line, flush=True), max_runs=args.max_runs,
                       keep_going=args.keep_going)
     print(f"{outcome.ran} run(s) finished, {outcome.skipped} were already in {results}"
           + (f", {outcome.left} left for the next session" if outcome.left else "")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from sensimix.bench.glue.plans import CPU_TRAIN_LIMITS, RunSpec, plan_runs, prot
 from sensimix.bench.glue.results import SCHEMA, NotResultsFile, append_result, read_results
 from sensimix.bench.glue.runner import Context, duration, estimate_left, reference_problem, run_all
 from sensimix.bench.glue.summary import machine_slug, summarize, verdict
+from sensimix.io import OutputError
 from sensimix.train.provenance import training_examples
 
 REF, FULL = "fp32", "full"
@@ -207,26 +209,40 @@ def test_resume_runs_only_what_the_file_lacks_and_redoes_a_cut_last_line(tmp_pat
     ctx, results, lines = stub_context(tmp_path), tmp_path / "r.jsonl", []
     runs = plan_runs(["a8-decision"], tasks=["mrpc"], seeds=[42])  # 5 runs
     first = []
-    run_all(runs, ctx, results, read_results(results), execute=fake_execute(first), out=lines.append, max_runs=2)
+    run_all(runs, ctx, results, execute=fake_execute(first), out=lines.append, max_runs=2)
     assert first == runs[:2] and len(results.read_text().splitlines()) == 2
     with open(results, "a") as f:  # a third line cut short by a crash elsewhere
         f.write('{"schema": "sensimix-glue-run/1", "task": "mrpc", "mo')
     loaded = read_results(results)
     assert len(loaded.records) == 2 and "cut short" in loaded.truncated
     second = []
-    outcome = run_all(runs, ctx, results, loaded, execute=fake_execute(second), out=lines.append)
+    outcome = run_all(runs, ctx, results, execute=fake_execute(second), out=lines.append)
     assert second == runs[2:] and (outcome.ran, outcome.skipped) == (3, 2)
     assert any("cut short" in line for line in lines) and any("left ~" in line for line in lines)
     text = results.read_text()
     assert text.endswith("\n") and [json.loads(x)["model"] for x in text.splitlines()] == [
         r.model for r in runs] and "task\": \"mrpc\", \"mo\n" not in text
     again = []
-    run_all(runs, ctx, results, read_results(results), execute=fake_execute(again), out=lines.append)
+    run_all(runs, ctx, results, execute=fake_execute(again), out=lines.append)
     assert again == []
     changed = stub_context(tmp_path)
     changed.protocols["mrpc"] = protocol_for("mrpc", "cpu", "m", train_limits={"mrpc": 64})  # another protocol
-    run_all(runs[:1], changed, results, read_results(results), execute=fake_execute(again), out=lines.append)
+    run_all(runs[:1], changed, results, execute=fake_execute(again), out=lines.append)
     assert again == runs[:1]
+
+
+def test_a_second_session_on_the_same_results_file_is_refused_at_once(tmp_path):
+    ctx, results = stub_context(tmp_path), tmp_path / "r.jsonl"
+
+    def execute(spec, c, out):  # while this session runs, another one starts on the same file
+        with ThreadPoolExecutor(1) as pool:
+            other = pool.submit(run_all, [spec], c, results, execute=fake_execute([]), out=lambda _: None)
+            with pytest.raises(OutputError, match="another thread of this process is writing"):
+                other.result()
+        return fake_execute([])(spec, c, out)
+
+    assert run_all([R("mrpc", 1)], ctx, results, execute=execute, out=lambda _: None).ran == 1
+    assert len(read_results(results).records) == 1
 
 
 def test_a_reference_folder_is_reused_only_when_it_is_the_one_asked_for(tmp_path, glue4):

@@ -25,7 +25,7 @@ from ...io import read_json, reserve_output
 from ...vv.accuracy import evaluate_folder, parse_split
 from .metrics import glue_metrics
 from .plans import MODEL_TITLES, REFERENCE, Protocol, RunSpec, record_key, spec_key
-from .results import Loaded, append_result
+from .results import Loaded, append_result, read_results
 
 log = logging.getLogger(__name__)
 
@@ -231,11 +231,19 @@ class Outcome:
     left: int = 0             # not started (--max-runs)
 
 
-def run_all(runs: list[RunSpec], ctx: Context, results: Path, loaded: Loaded, *,
+def run_all(runs: list[RunSpec], ctx: Context, results: Path, *,
             execute: Callable[..., dict[str, Any]] = execute, out: Callable[[str], None] = print,
             max_runs: int | None = None, keep_going: bool = False) -> Outcome:
-    """Run every run of ``runs`` not yet in ``loaded`` (the results file as read), one line each, with a progress
-    bar and the time left; the results file and the work folder are locked for the whole session."""
+    """Run every run of ``runs`` not yet in the results file, one line each, with a progress bar and the time left.
+    The results file and the work folder are locked for the whole session, and the file is read once the lock is
+    held (a session that ended just before wrote its last line first)."""
+    with reserve_output(results), reserve_output(ctx.work):
+        return _run_locked(runs, ctx, results, read_results(results), execute, out, max_runs, keep_going)
+
+
+def _run_locked(runs: list[RunSpec], ctx: Context, results: Path, loaded: Loaded,
+                execute: Callable[..., dict[str, Any]], out: Callable[[str], None], max_runs: int | None,
+                keep_going: bool) -> Outcome:
     done = {record_key(r) for r in loaded.records}
     pending = [r for r in runs if spec_key(r, ctx.protocols[r.task]) not in done]
     outcome = Outcome(skipped=len(runs) - len(pending))
@@ -246,24 +254,23 @@ def run_all(runs: list[RunSpec], ctx: Context, results: Path, loaded: Loaded, *,
         f"(time left ~{duration(seconds)}{'' if seconds is not None else ': known after the first run'})")
     todo = pending if max_runs is None else pending[:max_runs]
     outcome.left = len(pending) - len(todo)
-    with reserve_output(results), reserve_output(ctx.work):
-        ctx.work.mkdir(parents=True, exist_ok=True)
-        for i, spec in enumerate(todo):
-            out(f"{bar(outcome.skipped + i, len(runs))} starting {spec.label}")
-            try:
-                record = execute(spec, ctx, out)
-            except Exception as exc:  # noqa: BLE001 - one failed run need not stop days of others (--keep-going)
-                out(f"  FAILED {spec.label}: {type(exc).__name__}: {exc} (nothing recorded; it runs again next time)")
-                if not keep_going:
-                    raise
-                outcome.failed.append(f"{spec.label}: {type(exc).__name__}: {exc}")
-                continue
-            append_result(results, loaded, record)
-            outcome.ran += 1
-            rest = pending[i + 1:]  # the whole plan's: --max-runs only ends this session earlier
-            left, exact = estimate_left(rest, loaded.records, ctx.protocols)
-            out(f"{bar(outcome.skipped + i + 1, len(runs))} done {spec.label}: {_scores(record)} "
-                f"({duration(record.get('wall_s'))}); left ~{duration(left)}"
-                + (f" ({len(rest) - exact} of {len(rest)} runs estimated from other kinds)" if exact < len(rest)
-                   else ""))
+    ctx.work.mkdir(parents=True, exist_ok=True)
+    for i, spec in enumerate(todo):
+        out(f"{bar(outcome.skipped + i, len(runs))} starting {spec.label}")
+        try:
+            record = execute(spec, ctx, out)
+        except Exception as exc:  # noqa: BLE001 - one failed run need not stop days of others (--keep-going)
+            out(f"  FAILED {spec.label}: {type(exc).__name__}: {exc} (nothing recorded; it runs again next time)")
+            if not keep_going:
+                raise
+            outcome.failed.append(f"{spec.label}: {type(exc).__name__}: {exc}")
+            continue
+        append_result(results, loaded, record)
+        outcome.ran += 1
+        rest = pending[i + 1:]  # the whole plan's: --max-runs only ends this session earlier
+        left, exact = estimate_left(rest, loaded.records, ctx.protocols)
+        out(f"{bar(outcome.skipped + i + 1, len(runs))} done {spec.label}: {_scores(record)} "
+            f"({duration(record.get('wall_s'))}); left ~{duration(left)}"
+            + (f" ({len(rest) - exact} of {len(rest)} runs estimated from other kinds)" if exact < len(rest)
+               else ""))
     return outcome
