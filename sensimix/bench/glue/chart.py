@@ -1,0 +1,57 @@
+"""The table's chart (the ``report`` extra: matplotlib): each task's headline GLUE metric against model size
+(pytorch_model.bin), like the SensiMix paper's Fig 6; one marker per model and activations, error bars over seeds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .metrics import METRIC_TITLES
+
+MARKERS = {("fp32", "fp32"): ("o", "black"), ("3+3", "fp32"): ("s", "tab:blue"), ("3+3", "a8"): ("D", "tab:cyan"),
+           ("2+1", "fp32"): ("^", "tab:red"), ("2+1", "a8"): ("v", "tab:orange")}
+
+
+def write_chart(summary: dict[str, Any], path: str | os.PathLike) -> int:
+    """One panel per (task, protocol) of ``summary["table"]`` (rows of the full recipe); returns the panel count."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on CI runners
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    panels: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in summary["table"]:
+        if row["model_mb"] is not None:
+            panels.setdefault((row["task"], row["protocol_digest"]), []).append(row)
+    if not panels:
+        raise ValueError("nothing to chart: the results hold no finished run with a model size")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4.2), squeeze=False)
+    for ax, ((task, _), rows) in zip(axes[0], panels.items()):
+        metric = next(iter(rows[0]["metrics"]))  # the task's headline metric (metrics.TASK_METRICS)
+        for row in rows:
+            stats = row["metrics"][metric]
+            if stats["mean"] is None:
+                continue
+            marker, color = MARKERS.get((row["model"], row["activations"]), ("x", "gray"))
+            label = row["model_title"] + ("" if row["model"] == "fp32" else f", {row['activations']} act.")
+            x = row["model_mb"] * (1.06 if row["activations"] == "a8" else 1.0)  # A8: same weights; nudged right
+            ax.errorbar([x], [stats["mean"]], yerr=[stats["spread"] or 0.0], fmt=marker, color=color,
+                        capsize=4, label=f"{label} (n={len(row['seeds'])})")
+        n = rows[0].get("train_examples")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("pytorch_model.bin (MB, log scale)")
+        ax.set_ylabel(f"dev {METRIC_TITLES[metric]} (points)")
+        ax.set_title(f"{task.upper()}" + (f", {n:,} train examples" if isinstance(n, int) else ""))
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    fig.suptitle("SensiMix on GLUE: dev score vs model size (error bars: spread over seeds; A8 nudged right)")
+    fig.tight_layout()
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return len(panels)
