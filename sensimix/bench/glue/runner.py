@@ -23,6 +23,7 @@ from typing import Any
 from ...data import METRICS_FILE, load_glue, recorded_task
 from ...io import read_json, reserve_output
 from ...vv.accuracy import evaluate_folder, parse_split
+from ..parity import parity
 from .metrics import glue_metrics
 from .plans import MODEL_TITLES, REFERENCE, Protocol, RunSpec, record_key, spec_key
 from .results import Loaded, append_result, read_results
@@ -140,14 +141,19 @@ def execute(spec: RunSpec, ctx: Context, out: Callable[[str], None] = print) -> 
         layers, eightbit = parse_split(spec.model)
         t = time.perf_counter()
         teacher = reference if settings.distill else None
-        training = compress(reference, spec.task, folder, glue_dir=ctx.glue_dir, layers=layers,
-                            eightbit_layers=eightbit, settings=settings, teacher=teacher, overwrite=folder.exists(),
-                            activations=spec.activations).metrics
+        trained = compress(reference, spec.task, folder, glue_dir=ctx.glue_dir, layers=layers,
+                           eightbit_layers=eightbit, settings=settings, teacher=teacher, overwrite=folder.exists(),
+                           activations=spec.activations)
+        training, qat = trained.metrics, trained.model
         train_wall = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
     inputs = ctx.inputs(spec.task, reference)
     model, result = evaluate_folder(folder, inputs, ctx.device, EVAL_PRECISION)
     eval_wall = round(time.perf_counter() - t, 1)
+    parity_record = None
+    if not spec.is_reference:  # issue 24's parity: the deployed folder against the model as trained, on dev
+        parity_record = parity(qat, folder, inputs, device=ctx.device)
+        parity_record.pop("plan", None)
     plan = model.plan.describe() if hasattr(model, "plan") else "transformers BERT, fp32, eager attention"
     size = (folder / "pytorch_model.bin").stat().st_size
     if not spec.is_reference and not ctx.keep_models:
@@ -164,6 +170,7 @@ def execute(spec: RunSpec, ctx: Context, out: Callable[[str], None] = print) -> 
                  "precision": EVAL_PRECISION, "plan": plan, "split": "dev",
                  "max_seq_length": protocol.max_seq_length, "device": ctx.device},
         "reference": ref_info,
+        "parity": parity_record,
         "training": {k: training.get(k) for k in ("train_loss", "train_steps", "train_examples", "eval_accuracy",
                                                   "schedule", "world_size") if k in training},
         "train_data": training.get("train_data"),

@@ -110,9 +110,19 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
                                             "verdict": {m: verdict(e) for m, e in effect.items()}})
     return {"schema": SCHEMA, "runs": len(records), "spread": "sample standard deviation (n - 1) over seeds",
             "noise_rule": NOISE_RULE, "table": table, "gap_to_reference": gaps, "a8_vs_fp32": a8,
+            "parity": parity_rows(records),
             "ablation": ablation, "not_run": _not_run(ablation), "goals": goals(gaps, a8),
             "machines": _distinct(records, ("device_name", "cpu", "cpu_flags", "cpu_cores", "torch", "transformers")),
             "git_commits": sorted({str((r.get("machine") or {}).get("git_commit")) for r in records})}
+
+
+def parity_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each SensiMix run's parity (the packed folder against the model as trained, on dev: sensimix.bench.parity)."""
+    keep = ("examples", "predictions_equal", "bitwise", "max_abs_logit_gap", "max_abs_logit_gap_elsewhere",
+            "rows_near_a_sign_step", "flips", "met")
+    return [{"task": r["task"], "model": r["model"], "activations": r["activations"], "ablation": r["ablation"],
+             "seed": r["seed"], **{k: r["parity"].get(k) for k in keep}}
+            for r in records if isinstance(r.get("parity"), dict)]
 
 
 def _not_run(ablation: list[dict[str, Any]]) -> list[str]:
@@ -200,7 +210,15 @@ def render(summary: dict[str, Any]) -> str:
     if not summary["ablation"]:
         lines.append("| (no ablation runs) | | | | | | |")
     lines += [f"Not run: {why}." for why in summary["not_run"]]
-    lines += ["", f"Noise rule: {summary['noise_rule']}.", "", "## Goals (judged, not asserted)", ""]
+    lines += ["", f"Noise rule: {summary['noise_rule']}.", "", "## Parity: the packed folder against the model as "
+              "trained (dev)", "", "| task | model | activations | ablation | seed | predictions equal | bitwise | "
+              "max logit gap | flips (sign margin) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in summary.get("parity", []):
+        flips = ", ".join(f"row {f['row']} ({f['sign_margin']:.1e})" for f in r["flips"] or []) or "none"
+        lines.append(f"| {_task(r)} | {MODEL_TITLES.get(r['model'], r['model'])} | {r['activations']} | "
+                     f"{r['ablation']} | {r['seed']} | {r['predictions_equal']}/{r['examples']} | "
+                     f"{'yes' if r['bitwise'] else 'no'} | {r['max_abs_logit_gap']:.1e} | {flips} |")
+    lines += ["", "## Goals (judged, not asserted)", ""]
     for g in summary["goals"]:
         state = {True: "MET", False: "NOT MET", None: "no data"}[g["met"]]
         miss = f" (misses: {'; '.join(g['misses'])})" if g["misses"] else ""
