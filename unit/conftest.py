@@ -7,15 +7,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import Calls, Launches, build_qat, ragged_inputs
+from helpers import TINY, WORDS, Calls, Launches, build_qat, ragged_inputs
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
 
 from sensimix.kernels import cuda as cuda_kernels
 from sensimix.kernels import triton_kernels
 
-TINY = dict(vocab_size=120, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=52,
-            max_position_embeddings=64, type_vocab_size=2)
-WORDS = "the a movie film good bad great awful is was not very what who where when why how of to and it".split()
 
 
 @pytest.fixture

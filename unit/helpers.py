@@ -25,6 +25,11 @@ from sensimix.quant import pack_signs
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# a tiny BERT geometry and the words of its vocabulary (the tiny_* fixtures in conftest.py build from these)
+TINY = dict(vocab_size=120, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=52,
+            max_position_embeddings=64, type_vocab_size=2)
+WORDS = "the a movie film good bad great awful is was not very what who where when why how of to and it".split()
+
 # ---------------------------------------------------------------------------------------------------
 # where a test can run
 # ---------------------------------------------------------------------------------------------------

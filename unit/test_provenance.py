@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import TINY, WORDS
 
 from sensimix import calibration_record
 from sensimix.cli import main
@@ -31,7 +32,6 @@ def trained(tiny_glue_dir, tmp_path_factory):
     """A SensiMix folder compressed from a tiny BERT on 8 seeded rows of the tiny SST-2 train split (made once: the
     tests only read it)."""
     import torch
-    from conftest import TINY, WORDS
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
 
     torch.manual_seed(0)
