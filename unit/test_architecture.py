@@ -128,3 +128,17 @@ def test_the_checker_sees_a_circle_and_a_climb():
     graph = {"sensimix.checkpoint": {"sensimix.train.jobs"}, "sensimix.train.jobs": {"sensimix.checkpoint"}}
     assert cycles(graph) == [["sensimix.checkpoint", "sensimix.train.jobs"]]
     assert LAYER_OF[unit_of("sensimix.train.jobs")] > LAYER_OF[unit_of("sensimix.checkpoint")]
+
+
+def test_no_test_imports_a_conftest_or_another_test_module():
+    # `pytest` collects unit/ and acceptance/ together: both have a conftest.py, so `from conftest import X` binds to
+    # whichever was imported first (CI failed on exactly that). Shared values live in unit/helpers.py.
+    tests = sorted(PACKAGE.parent.glob("unit/*.py")) + sorted(PACKAGE.parent.glob("acceptance/*.py"))
+    bad = []
+    for path in tests:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            bad += [f"{path.parent.name}/{path.name}: imports {n}" for n in names
+                    if n.split(".")[0] == "conftest" or n.split(".")[0].startswith("test_")]
+    assert not bad, "import shared test code from helpers.py instead:\n" + "\n".join(bad)
