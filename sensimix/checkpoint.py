@@ -209,9 +209,10 @@ def verify_checksum(raw: dict[str, Any], tensors: dict[str, torch.Tensor], sourc
     if not isinstance(stored, dict) or stored.get("algorithm") != "sha256":
         raise CheckpointError(f"{config_path}: {CHECKSUM_KEY} is not a sha256 record: {str(stored)[:200]}")
     if stored.get("config") != config_digest(raw):
-        raise CheckpointError(f"{config_path}: the model fields ({', '.join(MODEL_FIELDS[:10])}, ...) differ from "
-                              f"those the weights were exported with (checksum mismatch); restore the original "
-                              f"config.json or re-export the model")
+        raise CheckpointError(f"{config_path}: the model fields (the geometry, {', '.join(MODEL_FIELDS[:6])}, ..., "
+                              f"and {', '.join(OPTIONAL_MODEL_FIELDS)}, which an A8 model sets and an fp32-activation "
+                              f"model leaves out) differ from those the weights were exported with (checksum mismatch); "
+                              f"restore the original config.json or re-export the model")
     if stored.get("tensors") != tensors_digest(tensors):
         raise CheckpointError(f"{source}: the tensors differ from those exported (checksum mismatch): the file was "
                               f"altered or corrupted after export. Re-export or restore the checkpoint")
@@ -230,6 +231,11 @@ def read_tensors(folder: str | os.PathLike, spec: Spec, raw: dict[str, Any], geo
     tensors = load_weight_file(source)
     check_tensors(tensors, spec, source, geometry)
     has_checksum = verify_checksum(raw, tensors, source)
+    unchecked = [k for k in OPTIONAL_MODEL_FIELDS if k in raw]
+    if not has_checksum and unchecked:  # these fields came after checksums: every folder that sets one has one
+        raise CheckpointError(f"{folder / 'config.json'}: sets {', '.join(unchecked)} but has no {CHECKSUM_KEY}, which "
+                              f"every release that writes {'it' if len(unchecked) == 1 else 'them'} also writes: the "
+                              f"config was edited; restore the original config.json or re-export the model")
     if not has_checksum:
         log.warning("%s has no %s (written before checksums, or removed): tensors checked by name, dtype, shape "
                     "and range only, and the config's fields cannot be checked against the weights; re-export the "

@@ -73,8 +73,20 @@ def test_the_folder_records_a8_under_the_checksum(a8_folder, tmp_path):
         (copy / f.name).write_bytes(f.read_bytes())
     del raw["activation_quant"]  # read as an fp32-activation model it would compute something else
     (copy / "config.json").write_text(json.dumps(raw))
-    with pytest.raises(CheckpointError, match="checksum mismatch"):
+    with pytest.raises(CheckpointError, match="and activation_quant, which an A8 model sets.*checksum mismatch"):
         Packed.from_pretrained(copy)
+    # the field postdates checksums: a folder that sets it without one was edited (checksum removed, field added)
+    fp32 = export_checkpoint(build_qat(3, 2), tmp_path / "fp32")
+    for folder, value in ((a8_folder, "a8"), (fp32, "a8"), (fp32, None)):
+        raw = json.loads((folder / "config.json").read_text())
+        del raw["sensimix_checksum"]
+        raw["activation_quant"] = value
+        (copy / "config.json").write_text(json.dumps(raw))
+        for f in ("model.safetensors", "pytorch_model.bin"):
+            if (folder / f).exists():
+                (copy / f).write_bytes((folder / f).read_bytes())
+        with pytest.raises(CheckpointError, match="sets activation_quant but has no sensimix_checksum"):
+            Packed.from_pretrained(copy)
 
 
 def test_an_fp32_activation_folder_does_not_write_the_field(tmp_path):

@@ -124,6 +124,23 @@ def test_attention_of_packed_sequences_is_the_definition_s_bits(threads, monkeyp
         assert torch.equal(first, want[starts])
 
 
+@needs_attention
+def test_a_nan_score_makes_its_row_nan_in_c_as_in_the_definition():
+    # max over a row with a NaN is NaN (torch.amax); the C max once skipped a NaN that was not the row's first score
+    g = torch.Generator().manual_seed(10)
+    heads, d, lens = 2, 8, [6, 9]
+    qkv = torch.randn(sum(lens), 3, heads, d, generator=g)
+    qkv[4, 1, 0, 3] = float("nan")  # a key of sequence 0, head 0, not its first
+    starts = torch.tensor([0, 6])
+    got = a8native.packed_attention(qkv[:, 0], qkv[:, 1:], starts, torch.tensor(lens), d ** -0.5)
+    want = torch.empty(sum(lens), heads * d)
+    for st, n in zip(starts.tolist(), lens):
+        q, k, v = (qkv[st:st + n, i].transpose(0, 1) for i in range(3))
+        want[st:st + n] = a8.attention(q, k, v, None, d ** -0.5).transpose(0, 1).reshape(n, heads * d)
+    assert want[:6, :d].isnan().all() and not want[6:].isnan().any()
+    assert torch.allclose(got, want, rtol=0, atol=0, equal_nan=True)
+
+
 def test_a_kernel_of_the_other_arithmetic_is_refused():
     with pytest.raises(ValueError, match="A8 checkpoint"):
         kernels.index8_kernel("dequant", "cpu", "a8")

@@ -601,6 +601,26 @@ def test_verify_refuses_bad_options_before_any_work(tmp_path, caplog):
     assert "is a model folder" in caplog.text and sorted(p.name for p in model.iterdir()) == ["config.json"]
 
 
+def test_verify_refuses_an_a8_model_in_fp16_or_bf16_before_it_builds_anything(tmp_path, caplog):
+    from sensimix.cli import main
+    from sensimix.export import export_checkpoint
+    from sensimix.qat import from_bert
+
+    keep = tmp_path / "keep"
+    for precision in ("fp16", "bf16"):  # the built (2+1) A8: refused from the options alone
+        assert main(_verify_args(tmp_path / "out", "--activations", "a8", "--sensimix-precision", precision,
+                                 "--keep-models", str(keep))) == 2
+        assert f"--sensimix-precision {precision} would change the arithmetic of --activations a8" in caplog.text
+    folder = tmp_path / "a8"  # a given A8 folder: refused from its config.json, before BERT is built or sized
+    export_checkpoint(from_bert("random:bert-tiny", num_hidden_layers=2, num_8bit_layers=1, activation_quant="a8"),
+                      folder)
+    caplog.clear()
+    assert main(["verify", "--bert", "random:bert-tiny", "--sensimix", str(folder), "--sensimix-precision", "fp16",
+                 "--skip-accuracy", "--out", str(tmp_path / "out")]) == 2
+    assert f"SensiMix precision fp16 would change the arithmetic of {folder}, an A8 folder" in caplog.text
+    assert not (tmp_path / "out").exists() and not keep.exists()
+
+
 def test_the_fp16_goal_is_reported_and_gated_only_when_asked():
     t = _timing()
     for trial, ms in zip(t.trials, (100.0, 200.0, 400.0)):  # SensiMix / BERT fp16 = 100%, 50%, 75%

@@ -170,9 +170,10 @@ class SensiMixForSequenceClassification(PreTrainedModel):
     def prepare(self, plan: InferencePlan) -> None:
         """Move the stored tensors to ``plan.device`` and build every kernel operand for ``plan``.
 
-        The kernels compute with operands built here: a stored tensor edited in place afterwards changes nothing
-        until the next ``prepare`` (``load_state_dict`` and ``.to(device)`` call it), and ``save_pretrained``
-        refuses to write tensors or model fields other than those the model computes with.
+        The kernels compute with operands built here, some copied and repacked, some the stored tensors themselves:
+        after editing a stored tensor in place, call ``prepare`` again (``load_state_dict`` and ``.to(device)`` do),
+        which checks the tensors and rebuilds every operand; until then which kernels see the edit is undefined.
+        ``save_pretrained`` refuses to write tensors or model fields other than those the model computes with.
         """
         self._check_model_fields("prepare")
         wanted = "a8" if self.config.a8 else "fp32"

@@ -41,6 +41,14 @@ from .timing import ModelTimer, TimingReport, time_models, timing_inputs
 log = logging.getLogger(__name__)
 
 
+def refuse_a8_precision(precision: str, flag: str, what: str) -> None:
+    """An A8 SensiMix runs exact integer kernels only: fp16/bf16 would change its arithmetic (the runtime refuses
+    them at load; the V&V refuses them before it builds or sizes anything)."""
+    if precision not in ("fp32", "fast"):
+        raise ValueError(f"{flag} {precision} would change the arithmetic of {what}, which runs exact integer "
+                         f"kernels (sensimix.a8): use fp32, fast or auto (all exact for A8)")
+
+
 @dataclass
 class VVSettings:
     """What a V&V run measures and how (``None`` fields take their device defaults in :meth:`resolved`)."""
@@ -108,6 +116,8 @@ class VVSettings:
             raise ValueError(f"{flag('eightbit_layers')} must be in [0, --layers={s.layers}], got {s.eightbit_layers}")
         if s.activations not in ("fp32", "a8"):
             raise ValueError(f"{flag('activations')} must be fp32 or a8, got {s.activations!r}")
+        if s.activations == "a8" and s.sensimix is None:
+            refuse_a8_precision(s.sensimix_precision, flag("sensimix_precision"), f"{flag('activations')} a8")
         if s.accuracy is not None:
             s.accuracy = dataclasses.replace(s.accuracy, device=device, sensimix_precision=s.sensimix_precision,
                                              activations=s.activations)
@@ -164,7 +174,10 @@ class VVRun:
         s = self.s
         bert = bert_config(s.bert, allow_qat=False)
         if s.sensimix is not None:
-            check_pair(bert, read_config(s.sensimix), str(s.bert), str(s.sensimix))
+            config = read_config(s.sensimix)
+            if config.a8:  # found now, not after BERT is built and sized
+                refuse_a8_precision(s.sensimix_precision, "SensiMix precision", f"{s.sensimix}, an A8 folder")
+            check_pair(bert, config, str(s.bert), str(s.sensimix))
         elif s.layers > bert.num_hidden_layers:
             raise ValueError(f"--layers {s.layers} is more than the {bert.num_hidden_layers} layers of --bert "
                              f"{s.bert}; choose --layers <= {bert.num_hidden_layers}")

@@ -66,7 +66,7 @@ static void scores(const double *q64, int nq, const double *kt, int64_t len, int
 /* s[j] <- p_j = e_j / f32(sum e in fp64), e_j = exp(s_j - max s) (the A8 softmax, in place) */
 static void softmax_row(float *s, int64_t len) {
     float m = s[0];
-    for (int64_t j = 1; j < len; j++) m = s[j] > m ? s[j] : m;
+    for (int64_t j = 1; j < len; j++) m = (s[j] > m || s[j] != s[j]) ? s[j] : m;  /* a NaN wins, as torch.amax */
     __m256d z0 = _mm256_setzero_pd(), z1 = _mm256_setzero_pd();
     const __m256 vm = _mm256_set1_ps(m);
     int64_t j = 0;
