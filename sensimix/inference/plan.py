@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "fp16", "bf16", "fast")
 FAST = "fast"
 ACTIVATIONS = ("fp32", A8)
+A8_PRECISIONS = ("fp32", FAST)  # an A8 checkpoint's exact plans (its kernels are exact); fp16/bf16 are refused
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,7 @@ def make_plan(device: torch.device | str = "cpu", precision: str | torch.dtype |
         raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
     calibrated = False
     if activations == A8:
-        if precision not in ("fp32", FAST):
+        if precision not in A8_PRECISIONS:
             raise ValueError(f"precision {precision!r} would change an A8 checkpoint's arithmetic (integer GEMMs with "
                              f"an fp32 epilogue, sensimix.a8); run it with precision fp32 or fast (both exact)")
         dtype = torch.float32

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..devices import resolve_device
+from ..inference.plan import A8_PRECISIONS
 from .accuracy import AccuracyReport, AccuracySettings, accuracy_data_missing, measure_accuracy
 from .criteria import (
     Report,
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 def refuse_a8_precision(precision: str, flag: str, what: str) -> None:
     """An A8 SensiMix runs exact integer kernels only: fp16/bf16 would change its arithmetic (the runtime refuses
     them at load; the V&V refuses them before it builds or sizes anything)."""
-    if precision not in ("fp32", "fast"):
+    if precision not in A8_PRECISIONS:
         raise ValueError(f"{flag} {precision} would change the arithmetic of {what}, which runs exact integer "
                          f"kernels (sensimix.a8): use fp32, fast or auto (all exact for A8)")
 
