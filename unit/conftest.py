@@ -14,7 +14,6 @@ from sensimix.kernels import cuda as cuda_kernels
 from sensimix.kernels import triton_kernels
 
 
-
 @pytest.fixture
 def tiny_bert_config() -> BertConfig:
     return BertConfig(**TINY)

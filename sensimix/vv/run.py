@@ -17,6 +17,7 @@ from typing import Any
 
 from ..devices import resolve_device
 from ..inference.plan import A8_PRECISIONS
+from ..measure import check_examples_fit, is_sensimix_folder, load_for_inference
 from .accuracy import AccuracyReport, AccuracySettings, accuracy_data_missing, measure_accuracy
 from .criteria import (
     Report,
@@ -26,7 +27,6 @@ from .criteria import (
     size_criterion,
     time_criterion,
 )
-from ..measure import check_examples_fit, is_sensimix_folder, load_for_inference
 from .procedure import (
     BERT_FP16,
     BERT_FP32,
@@ -198,8 +198,8 @@ class VVRun:
     def _check_accuracy_inputs(self) -> None:
         """SST-2 and the accuracy models' sources, when accuracy will be measured: checked now, not after the
         timing (minutes on CUDA)."""
-        from ..sources import bert_config
         from ..data import load_glue
+        from ..sources import bert_config
 
         s = self.s
         if s.accuracy is None or accuracy_data_missing(s.glue_dir, hub=s.hub):
@@ -253,8 +253,8 @@ class VVRun:
     def batches(self) -> tuple[list[dict[str, Any]], str]:
         """(batches on the device, what they are). On CUDA each carries its token packing (made on the CPU while
         staging, as a variable-length collator would), so the timed SensiMix forward needs no host sync."""
-        from ..sources import bert_config, load_tokenizer
         from ..measure import check_inputs_fit
+        from ..sources import bert_config, load_tokenizer
 
         s = self.s
         bert, _ = self.folders
