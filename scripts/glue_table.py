@@ -17,11 +17,11 @@ Plans (several may be given; their runs are merged, each run once):
                ((2+1) without ILF is its full recipe, one 1-bit layer: not run)
 Each plan includes the fp32 reference of every (task, seed) (all SensiMix models are compressed from it).
 
-Time on this CPU (2 cores of an AMD EPYC, shared with another training run, load average 4-6; short timed runs
-of 256-512 train examples, extrapolated; docs/glue.md): one MRPC run (3,668 train examples) takes: reference
-19 min, (3+3) 47 min, (3+3) A8 2h06, (2+1) 26 min, (2+1) A8 50 min: 4.5 h per seed. Per seed: SST-2 (2,000)
-~3.5 h, RTE ~3.9 h, CoLA (8,551) 10-15 h. Plans: a8-decision ~16 h; table ~40 h alone, ~29 h after a8-decision;
-ablation ~34 h alone, ~25 h after the table. The progress line re-estimates from the runs done. On one CUDA GPU
+Time on this CPU (2 cores of an AMD EPYC with AVX512-VNNI, quiet; whole runs, docs/glue.md): SST-2 (2,000
+train) reference 2.2 min, (3+3) 4.7, (3+3) A8 5.4, (2+1) 1.6, (2+1) A8 1.9: 16 min per seed; MRPC reference 6.7
+min, (3+3) 14.7, (3+3) A8 ~16, (2+1) 4.6, (2+1) A8 5.2: ~47 min per seed; RTE ~41 min and CoLA ~68 min per seed
+(scaled by examples). Plans: a8-decision ~2.1 h; table ~4 h after it; ablation ~7 h. A shared machine takes 2-8x
+longer. The progress line re-estimates from the runs done. On one CUDA GPU
 the same command trains on every example (SST-2's 67,349).
 
 Examples:
