@@ -40,6 +40,13 @@ def verdict(stats: dict[str, Any]) -> str:
     return "helps" if stats["mean"] > 0 else "hurts"
 
 
+def _verdicts(verdicts: dict[str, str]) -> str:
+    """One verdict when every metric's is the same (MRPC's F1 and accuracy), else each metric's."""
+    if len(set(verdicts.values())) == 1:
+        return next(iter(verdicts.values()))
+    return ", ".join(f"{METRIC_TITLES[m]} {v}" for m, v in verdicts.items())
+
+
 def _points(record: dict[str, Any], metric: str) -> float | None:
     value = record["metrics"].get(metric)
     return None if value is None else 100.0 * value
@@ -195,7 +202,7 @@ def render(summary: dict[str, Any]) -> str:
               "| task | model | seeds | difference | verdict |", "|---|---|---:|---|---|"]
     for d in summary["a8_vs_fp32"]:
         diff = ", ".join(f"{METRIC_TITLES[m]} {_fmt(s, True)}" for m, s in d["difference"].items())
-        judged = ", ".join(verdict(s) for s in d["difference"].values())
+        judged = _verdicts({m: verdict(s) for m, s in d["difference"].items()})
         seeds = max(s["n"] for s in d["difference"].values())
         lines.append(f"| {_task(d)} | {MODEL_TITLES[d['model']]} | {seeds} | {diff} | {judged} |")
     if not summary["a8_vs_fp32"]:
@@ -206,7 +213,7 @@ def render(summary: dict[str, Any]) -> str:
         effect = ", ".join(f"{METRIC_TITLES[m]} {_fmt(s, True)}" for m, s in a["effect"].items())
         seeds = max(s["n"] for s in a["effect"].values())
         lines.append(f"| {_task(a)} | {MODEL_TITLES[a['model']]} | {a['activations']} | "
-                     f"{a['ablation'].removeprefix('no-')} | {seeds} | {effect} | {', '.join(a['verdict'].values())} |")
+                     f"{a['ablation'].removeprefix('no-')} | {seeds} | {effect} | {_verdicts(a['verdict'])} |")
     if not summary["ablation"]:
         lines.append("| (no ablation runs) | | | | | | |")
     lines += [f"Not run: {why}." for why in summary["not_run"]]
