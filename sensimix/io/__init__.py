@@ -29,10 +29,10 @@ from .folders import (
     recover_interrupted,
     reserve_output,
 )
-from .reads import MAX_JSON_BYTES, brief, find_interrupted, read_config_json, read_json
+from .reads import MAX_JSON_BYTES, brief, file_sha256, find_interrupted, read_config_json, read_json
 
 __all__ = [
     "MAX_JSON_BYTES", "OutputError", "atomic_dir", "brief", "check_apart", "check_file_target", "check_json_target",
-    "check_output_dir", "check_replaceable", "find_interrupted", "previous_version", "raise_on_sigterm",
+    "check_output_dir", "check_replaceable", "file_sha256", "find_interrupted", "previous_version", "raise_on_sigterm",
     "read_config_json", "read_json", "recover_interrupted", "reserve_output", "write_json", "write_text",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -13,6 +14,15 @@ from .folders import OutputError, previous_version, recover_interrupted, reserve
 log = logging.getLogger(__name__)
 
 MAX_JSON_BYTES = 8 << 20  # config.json and friends are a few KB; refuse to parse anything huge
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks (weight and data files run to hundreds of MB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def brief(exc: BaseException, limit: int = 160) -> str:

@@ -20,10 +20,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 from ..data import Examples, load_glue, resolve_glue_dir, task_file, task_spec, tokenize
+from ..io import file_sha256
 
 SCHEMA = "sensimix-train-data/1"
 FIELD = "train_data"  # its key in training_metrics.json
@@ -40,13 +40,6 @@ def examples_digest(examples: Examples) -> str:
 def rows_digest(rows: list[int]) -> str:
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _trained_rows(train: Examples, train_limit: int | None, seed: int) -> list[int]:
@@ -65,7 +58,7 @@ def training_examples(task: str, glue_dir: str | os.PathLike | None, *, train_li
     record: dict[str, Any] = {"schema": SCHEMA, "task": task}
     if root is not None:
         path = task_file(task, "train", root).resolve()
-        record.update(source=str(path), sha256=_file_sha256(path))
+        record.update(source=str(path), sha256=file_sha256(path))
     else:  # no file: the examples' digest identifies the hub's copy (its revision is not reported)
         record.update(source=f"the hub's nyu-mll/glue ({task_spec(task).hub_config}, train split)", sha256=None)
     record.update(examples=len(train), examples_sha256=examples_digest(train), train_limit=train_limit, seed=seed,

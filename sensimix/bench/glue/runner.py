@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ...data import METRICS_FILE, load_glue, recorded_task
-from ...io import read_json, reserve_output
+from ...io import file_sha256, read_json, reserve_output
 from ...vv.accuracy import evaluate_folder, parse_split
 from ..parity import parity
 from .metrics import glue_metrics
@@ -68,13 +68,6 @@ def _semantic(settings: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in settings.items() if k not in NOT_IN_KEY}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def reference_problem(folder: Path, spec: RunSpec, ctx: Context) -> str | None:
     """Why ``folder`` is not the reference ``spec`` asks for (None: it is, and may be reused untrained)."""
@@ -119,7 +112,7 @@ def ensure_reference(spec: RunSpec, ctx: Context, out: Callable[[str], None]) ->
         finetune(ctx.pretrained, spec.task, folder, glue_dir=ctx.glue_dir, overwrite=folder.exists(),
                  settings=ctx.protocols[spec.task].settings(ref, ctx.device))
         info["train_wall_s"] = round(time.perf_counter() - start, 1)
-    ctx._verified[folder] = info["pytorch_model_sha256"] = _sha256(folder / "pytorch_model.bin")
+    ctx._verified[folder] = info["pytorch_model_sha256"] = file_sha256(folder / "pytorch_model.bin")
     return folder, info
 
 
