@@ -17,7 +17,7 @@ Three modules, one seam each: :mod:`.folders` (output folders and their locks), 
 and :mod:`.reads` (bounded JSON reads). The names below are the package's API.
 """
 
-from .files import check_file_target, check_json_target, write_json, write_text
+from .files import check_file_target, check_json_target, write_figure, write_json, write_text
 from .folders import (
     OutputError,
     atomic_dir,
@@ -34,5 +34,5 @@ from .reads import MAX_JSON_BYTES, brief, file_sha256, find_interrupted, read_co
 __all__ = [
     "MAX_JSON_BYTES", "OutputError", "atomic_dir", "brief", "check_apart", "check_file_target", "check_json_target",
     "check_output_dir", "check_replaceable", "file_sha256", "find_interrupted", "previous_version", "raise_on_sigterm",
-    "read_config_json", "read_json", "recover_interrupted", "reserve_output", "write_json", "write_text",
+    "read_config_json", "read_json", "recover_interrupted", "reserve_output", "write_figure", "write_json", "write_text",
 ]

@@ -77,14 +77,15 @@ def check_json_target(path: str | os.PathLike, what: str = "--json",
     return target
 
 
-def _write_atomically(path: str | os.PathLike, write: Any, *, encoding: str | None = None) -> None:
+def _write_atomically(path: str | os.PathLike, write: Any, *, encoding: str | None = None,
+                      binary: bool = False) -> None:
     """``write(f)`` into a temp file beside ``path``, renamed over it: readers never see half a file."""
     path = Path(path)
     _check_target_kind(path, "the output file")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_umask())
-        with os.fdopen(fd, "w", encoding=encoding) as f:
+        with os.fdopen(fd, "wb" if binary else "w", encoding=encoding) as f:
             write(f)
         os.replace(tmp, path)
     except BaseException:
@@ -107,3 +108,9 @@ def write_json(path: str | os.PathLike, data: object) -> None:
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write text through a temp file + rename."""
     _write_atomically(path, lambda f: f.write(text), encoding="utf-8")
+
+
+def write_figure(path: str | os.PathLike, fig: Any, dpi: int = 100) -> None:
+    """Save a matplotlib figure (its format from the file's suffix, PNG without one) through a temp file + rename."""
+    kind = Path(path).suffix.lstrip(".").lower() or "png"
+    _write_atomically(path, lambda f: fig.savefig(f, format=kind, dpi=dpi), binary=True)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..io import write_json, write_text
+from ..io import write_figure, write_json, write_text
 from .criteria import Report
 from .procedure import BERT_FP16, BERT_FP32, FP16_TIME_THRESHOLD, MODEL_TITLES, SENSIMIX, SIZE_THRESHOLD, TIME_THRESHOLD
 
@@ -210,10 +210,10 @@ def write_chart(report: Report, history: Sequence[Mapping[str, Any]], path: str 
     fig.suptitle(f"SensiMix V&V ({report.environment.get('device_name') or report.environment.get('device')}): "
                  f"{'PASS' if report.passed else 'FAIL'}")
     fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        write_figure(path, fig)
+    finally:
+        plt.close(fig)
     return len(panels)
 
 

@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
+from ...io import write_figure
 from .metrics import METRIC_TITLES
 
 MARKERS = {("fp32", "fp32"): ("o", "black"), ("3+3", "fp32"): ("s", "tab:blue"), ("3+3", "a8"): ("D", "tab:cyan"),
@@ -53,8 +53,8 @@ def write_chart(summary: dict[str, Any], path: str | os.PathLike) -> int:
         ax.legend(fontsize=7, loc="best")
     fig.suptitle("SensiMix on GLUE: dev score vs model size\n(error bars: spread over seeds; A8 nudged right)", fontsize=10)
     fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        write_figure(path, fig)
+    finally:
+        plt.close(fig)
     return len(panels)
