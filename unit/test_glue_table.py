@@ -41,12 +41,17 @@ def test_a8_decision_plan_is_sst2_and_mrpc_both_activations_two_seeds():
     assert plan_runs(["a8-decision"]) == five("sst-2", 42) + five("sst-2", 43) + five("mrpc", 42) + five("mrpc", 43)
 
 
+def seven(task, seed) -> list[RunSpec]:
+    """:func:`five` and the int8 peers of the (3+3) and the (2+1)."""
+    return five(task, seed) + [R(task, seed, "bert6-int8", "int8"), R(task, seed, "bert3-int8", "int8")]
+
+
 def test_table_plan_seeds_per_task_on_cpu_and_cuda():
     cpu = plan_runs(["table"])
-    assert cpu == (five("sst-2", 42) + five("mrpc", 42) + five("mrpc", 43) + five("mrpc", 44) + five("rte", 42)
-                   + five("rte", 43) + five("rte", 44) + five("cola", 42))
+    assert cpu == (seven("sst-2", 42) + seven("mrpc", 42) + seven("mrpc", 43) + seven("mrpc", 44) + seven("rte", 42)
+                   + seven("rte", 43) + seven("rte", 44) + seven("cola", 42))
     cuda = plan_runs(["table"], "cuda")
-    assert len(cuda) == 60 and {(r.task, r.seed) for r in cuda} == {(t, s) for t in ("sst-2", "mrpc", "rte", "cola")
+    assert len(cuda) == 84 and {(r.task, r.seed) for r in cuda} == {(t, s) for t in ("sst-2", "mrpc", "rte", "cola")
                                                                       for s in (42, 43, 44)}
 
 
@@ -62,11 +67,15 @@ def test_ablation_plan_skips_the_2plus1_ilf_ablation_that_is_its_full_recipe():
 
 def test_plans_merge_without_repeats_and_axes_replace():
     both = plan_runs(["table", "ablation"])
-    assert len(both) == len(set(both)) == 40 + 60 - 18  # shared: 6 references, 12 full-recipe fp32 runs
-    assert both[:5] == five("sst-2", 42)  # task order, then seed; the reference first
+    assert len(both) == len(set(both)) == 56 + 60 - 18  # shared: 6 references, 12 full-recipe fp32 runs
+    assert both[:7] == seven("sst-2", 42)  # task order, then seed; the reference first
     assert plan_runs(["table"], tasks=["mrpc"], models=["2+1"], seeds=[7]) == [R("mrpc", 7), R("mrpc", 7, "2+1"),
                                                                                R("mrpc", 7, "2+1", "a8")]
     assert plan_runs(["a8-decision"], tasks=["rte"], activations=["a8"], models=[]) == [R("rte", 42), R("rte", 43)]
+    # an int8 peer runs its int8 whatever --activations says, and only with the full recipe
+    assert plan_runs(["table"], tasks=["rte"], seeds=[1], models=["bert3-int8"], activations=["a8"]) == [
+        R("rte", 1), R("rte", 1, "bert3-int8", "int8")]
+    assert plan_runs(["table"], tasks=["rte"], seeds=[1], models=["bert3-int8"], ablations=["no-pt"]) == [R("rte", 1)]
     with pytest.raises(ValueError, match="unknown plan 'nope'"):
         plan_runs(["nope"])
 
@@ -88,6 +97,9 @@ def test_protocols_cpu_subsets_cuda_everything_and_the_settings_of_each_run():
     assert (no_pt.epochs, no_pt.pt, no_pt.abwr) == (4.0, False, True)  # the full recipe's budget
     assert p.settings(R("mrpc", 43, "2+1", "fp32", "no-distill"), "cpu").distill is False
     assert p.settings(R("mrpc", 43, "2+1"), "cpu").epochs == 2.0
+    for peer, epochs in (("bert3-int8", 2.0), ("bert6-int8", 4.0)):  # the SensiMix model of its depth's budget
+        got = p.settings(R("mrpc", 43, peer, "int8"), "cpu")
+        assert (got.epochs, got.distill, got.abwr, got.pt, got.ilf) == (epochs, True, False, False, False)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -113,7 +125,7 @@ def rec(task, seed, model=REF, act="fp32", ablation=FULL, score=0.5, digest="p1"
     metric = M.TASK_METRICS[task]
     return {"schema": SCHEMA, "task": task, "model": model, "activations": act, "ablation": ablation, "seed": seed,
             "protocol_digest": digest, "metrics": {m: score for m in (*metric, "accuracy")},
-            "model_bytes": {"fp32": 90e6, "3+3": 12e6, "2+1": 9e6}[model], "train_examples": 2490,
+            "model_bytes": {"fp32": 90e6, "3+3": 12e6, "2+1": 9e6, "bert3-int8": 15e6}[model], "train_examples": 2490,
             "machine": {"device": "cpu", "cpu": "AMD EPYC", "cpu_cores": 2, "cpu_flags": ["avx2", "fma"],
                         "git_commit": "abc1234"}} | extra
 
@@ -129,6 +141,7 @@ def records() -> list[dict]:
            for s, score in zip((42, 43, 44), scores)]
     out += [rec("rte", 42, "2+1", score=0.50), rec("rte", 42, "2+1", ablation="no-distill", score=0.49)]
     out += [rec("rte", 42, score=0.7, digest="p2")]  # another protocol: its own row, never averaged in
+    out += [rec("rte", 42, "bert3-int8", "int8", score=0.53, model_file="model.int8.onnx")]
     return out
 
 
@@ -162,6 +175,15 @@ def test_summary_means_spreads_gaps_a8_and_ablation_by_hand():
     assert verdicts["SensiMix (2+1) a8 activations"] is None        # no data
     assert verdicts["A8"] is True                                   # -0.33 >= -0.5
     assert "no-abwr" not in json.dumps(s["table"])  # the table holds the full recipe only
+    peer = rows[("bert3-int8", "int8", "p1")]
+    assert peer["model_file"] == "model.int8.onnx" and peer["model_mb"] == 15.0
+    assert rows[("2+1", "fp32", "p1")]["model_file"] == "pytorch_model.bin"
+    (vs,) = s["vs_int8_peer"]  # (2+1) - its peer, seed 42: 50 - 53; no (2+1) A8 run, no (3+3) peer
+    assert (vs["model"], vs["activations"], vs["peer"]) == ("2+1", "fp32", "bert3-int8")
+    assert vs["difference"]["accuracy"]["mean"] == pytest.approx(-3.0) and vs["verdict"]["accuracy"] == "one seed: no spread"
+    peer_gap = next(g for g in s["gap_to_reference"] if g["model"] == "bert3-int8")
+    assert peer_gap["goal_points"] is None and peer_gap["gap"]["accuracy"]["mean"] == pytest.approx(7.0)
+    assert all(g["goal"].startswith("SensiMix") or g["goal"].startswith("A8") for g in s["goals"])
 
 
 def test_noise_rule_and_duration_and_machine_slug():
@@ -395,11 +417,29 @@ def test_a_tiny_session_trains_resumes_reuses_the_reference_and_reports(capsys, 
     assert lines[-1]["reference"]["pytorch_model_sha256"] == lines[0]["reference"]["pytorch_model_sha256"]
     assert "3 runs in the plan: 2 already in" in capsys.readouterr().out
 
+    # the int8 peer of the (2+1): the reference's first 3 of 4 layers, distilled as the (2+1) is, ONNX Runtime int8
+    monkeypatch.undo()  # the peer is fine-tuned (the reference is not: "reused" below)
+    assert script.main(argv + ["--models", "bert3-int8"]) == 0
+    peer = json.loads(results.read_text().splitlines()[-1])
+    assert (peer["model"], peer["activations"], peer["ablation"]) == ("bert3-int8", "int8", "full")
+    assert peer["settings"]["distill"] is True and peer["settings"]["abwr"] is False
+    assert peer["settings"]["epochs"] == lines[1]["settings"]["epochs"]  # the (2+1)'s training budget
+    assert peer["model_file"] == "model.int8.onnx" and peer["model_bytes"] > 0 and peer["parity"] is None
+    assert peer["eval"]["int8_ops"] and set(peer["fp32_metrics"]) == {"f1", "accuracy"}
+    assert peer["reference"]["reused"] is True
+    assert not (tmp_path / "runs-work" / "models" / "mrpc-bert3-int8-int8-full-seed1").exists()
+    assert "bert6-int8" not in {json.loads(x)["model"] for x in results.read_text().splitlines()}
+    err = refused(capsys, tmp_path, argv + ["--models", "bert6-int8"])  # 6 layers of a 4-layer BERT
+    assert "has 4 layers, fewer than 6-layer BERT, ORT int8 keeps (6)" in err
+
     report = tmp_path / "table.json"
     assert script.main(["--report", "--results", str(results), "--json", str(report)]) == 0
     saved = json.loads(report.read_text())
-    assert saved["schema"] == "sensimix-glue-table/1" and saved["runs"] == 4
+    assert saved["schema"] == "sensimix-glue-table/1" and saved["runs"] == 5
     assert {(r["model"], r["activations"]) for r in saved["table"]} == {("fp32", "fp32"), ("2+1", "fp32"),
-                                                                        ("2+1", "a8")}
+                                                                        ("2+1", "a8"), ("bert3-int8", "int8")}
+    assert [(d["model"], d["activations"], d["peer"]) for d in saved["vs_int8_peer"]] == [
+        ("2+1", "fp32", "bert3-int8"), ("2+1", "a8", "bert3-int8")]
     assert (tmp_path / "table.png").stat().st_size > 0
-    assert "Noise rule" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Noise rule" in out and "| 3-layer BERT, ORT int8 |" in out and "(model.int8.onnx)" in out

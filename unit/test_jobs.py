@@ -40,6 +40,26 @@ def test_finetune_then_distilled_compress_records_what_ran(tiny_bert_dir, tiny_g
     torch.testing.assert_close(got.float(), want, atol=1e-4, rtol=1e-4)
 
 
+def test_finetune_a_truncated_bert_distilled_from_a_teacher(tiny_bert_dir, tiny_glue_dir, tmp_path):
+    """The int8 peers' fp32 stage: the first 2 of 4 layers of a fine-tuned BERT (its head kept), distilled from it."""
+    from transformers import BertForSequenceClassification
+
+    ref = finetune(tiny_bert_dir, "sst-2", tmp_path / "ref", glue_dir=tiny_glue_dir, settings=_settings())
+    settings = _settings()
+    cut = finetune(ref.path, "sst-2", tmp_path / "cut", glue_dir=tiny_glue_dir, settings=settings, layers=2,
+                   teacher=ref.path)
+    assert settings.distill is False  # the caller's settings are not mutated
+    saved = json.loads((cut.path / "training_metrics.json").read_text())
+    assert saved["settings"]["distill"] is True and saved["teacher"] == str(ref.path)
+    assert saved["model"].startswith("fp32 BERT, the first 2 of 4 layers")
+    loaded = BertForSequenceClassification.from_pretrained(cut.path)
+    assert loaded.config.num_hidden_layers == 2 and len(loaded.bert.encoder.layer) == 2
+    for bad in (0, 5):
+        with pytest.raises(ValueError, match=f"--layers {bad}: .* has 4 encoder layers; keep 1 to 4"):
+            finetune(ref.path, "sst-2", tmp_path / "bad", glue_dir=tiny_glue_dir, settings=settings, layers=bad)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_compress_refuses_an_existing_folder_before_training(tiny_bert_dir, tiny_glue_dir, tmp_path):
     (tmp_path / "out").mkdir()
     with pytest.raises(FileExistsError, match="--overwrite"):

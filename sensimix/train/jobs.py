@@ -1,5 +1,6 @@
 """The two training jobs as library functions: :func:`finetune` (an fp32 BERT classifier: the reference and the
-distillation teacher) and :func:`compress` (BERT -> trained SensiMix (a+b) -> packed checkpoint).
+distillation teacher, or a truncated BERT distilled from it) and :func:`compress` (BERT -> trained SensiMix (a+b) ->
+packed checkpoint).
 
 Both check everything they can before the first training step -- the output folder (and lock it for the job),
 the BERT and teacher sources, the data files, the sequence length against the position table -- so a mistake
@@ -131,32 +132,59 @@ def save_bert_folder(model: Any, tokenizer: Any, out: str | os.PathLike, *, over
 
 
 def finetune(bert: str | os.PathLike, task: str, out: str | os.PathLike, *, glue_dir: str | os.PathLike | None = None,
-             settings: TrainSettings | None = None, overwrite: bool = False, hub_data: bool = False) -> TrainResult:
-    """Fine-tune ``bert`` on ``task`` and save the fp32 classifier to ``out``."""
+             settings: TrainSettings | None = None, overwrite: bool = False, hub_data: bool = False,
+             layers: int | None = None, teacher: str | os.PathLike | None = None) -> TrainResult:
+    """Fine-tune ``bert`` on ``task`` and save the fp32 classifier to ``out``.
+
+    ``layers``: keep only the first ``layers`` encoder layers of ``bert`` (and its classifier head, when it has one):
+    the truncated BERT that a user deploys instead of SensiMix. ``teacher``: distil from that fine-tuned fp32 BERT
+    (``settings.distill_alpha`` / ``distill_temperature``), as ``compress`` does."""
     from transformers import set_seed
 
     settings = settings or TrainSettings(epochs=3, learning_rate=5e-5, batch_size=32)
     if settings.max_steps == 0:
         raise ValueError("--max-steps 0 means no training: finetune has nothing to do")
-    out = _check_before_training(bert, task, out, overwrite, settings, glue_dir, hub_data)
+    depth = bert_config(bert).num_hidden_layers
+    if layers is not None and not 1 <= layers <= depth:
+        raise ValueError(f"--layers {layers}: {bert} has {depth} encoder layers; keep 1 to {depth}")
+    settings = dataclasses.replace(settings, distill=teacher is not None)
+    out = _check_before_training(bert, task, out, overwrite, settings, glue_dir, hub_data, teacher)
     with _reserve(out):
         set_seed(settings.seed)
         tokenizer = load_tokenizer(bert)
         model = load_bert_classifier(bert, num_labels(task))
+        described = "fp32 BERT"
+        if layers is not None and layers < depth:
+            truncate_encoder(model, layers)
+            described = f"fp32 BERT, the first {layers} of {depth} layers of {bert}"
         train_ds, dev_ds, train_data = task_data(task, tokenizer, glue_dir, max_seq_length=settings.max_seq_length,
                                                  train_limit=settings.train_limit, eval_limit=settings.eval_limit,
                                                  seed=settings.seed, hub=hub_data)
+        try:
+            teacher_model = (load_bert_classifier(teacher, num_labels(task), trained_head=True)
+                             if teacher is not None else None)
+        except SourceError as exc:
+            raise _teacher_error(exc, task) from None
         with tempfile.TemporaryDirectory(prefix="sensimix-finetune-") as work:
-            metrics, _ = train(model, tokenizer, train_ds, dev_ds, settings, work)
-        metrics.update(settings=settings.as_dict(), bert=str(bert), task=task, model="fp32 BERT",
-                       **{TRAIN_DATA: train_data})
-        log.info("dev accuracy of the fp32 reference: %.4f", metrics.get("eval_accuracy", float("nan")))
+            metrics, _ = train(model, tokenizer, train_ds, dev_ds, settings, work, teacher=teacher_model)
+        metrics.update(settings=settings.as_dict(), bert=str(bert), task=task, model=described,
+                       **({"teacher": str(teacher)} if teacher is not None else {}), **{TRAIN_DATA: train_data})
+        log.info("dev accuracy of the %s: %.4f", described, metrics.get("eval_accuracy", float("nan")))
         metrics["world_size"] = distributed.world_size()
         with distributed.main_process_writes() as writer:  # under torchrun every rank holds the same weights
             if writer:
                 save_bert_folder(model, tokenizer, out, overwrite=overwrite,
                                  extra_json={"training_metrics.json": metrics})
     return TrainResult(path=Path(out), metrics=metrics, model=model)
+
+
+def truncate_encoder(model: Any, layers: int) -> None:
+    """Keep the first ``layers`` encoder layers of a ``BertForSequenceClassification`` (in place, config included):
+    what SensiMix's (a+b) starts from too (``sensimix.qat.from_bert``)."""
+    from torch import nn
+
+    model.bert.encoder.layer = nn.ModuleList(list(model.bert.encoder.layer)[:layers])
+    model.config.num_hidden_layers = layers
 
 
 def compress(bert: str | os.PathLike, task: str, out: str | os.PathLike, *, glue_dir: str | os.PathLike | None = None,

@@ -1,5 +1,6 @@
 """The table's chart (the ``report`` extra: matplotlib): each task's headline GLUE metric against model size
-(pytorch_model.bin), like the SensiMix paper's Fig 6; one marker per model and activations, error bars over seeds."""
+(pytorch_model.bin; the int8 peers' .onnx file), like the SensiMix paper's Fig 6; one marker per model and
+activations, error bars over seeds."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from ...io import write_figure
 from .metrics import METRIC_TITLES
 
 MARKERS = {("fp32", "fp32"): ("o", "black"), ("3+3", "fp32"): ("s", "tab:blue"), ("3+3", "a8"): ("D", "tab:cyan"),
-           ("2+1", "fp32"): ("^", "tab:red"), ("2+1", "a8"): ("v", "tab:orange")}
+           ("2+1", "fp32"): ("^", "tab:red"), ("2+1", "a8"): ("v", "tab:orange"),
+           ("bert6-int8", "int8"): ("P", "tab:gray"), ("bert3-int8", "int8"): ("X", "tab:green")}
 
 
 def write_chart(summary: dict[str, Any], path: str | os.PathLike) -> int:
@@ -35,7 +37,8 @@ def write_chart(summary: dict[str, Any], path: str | os.PathLike) -> int:
             if stats["mean"] is None:
                 continue
             marker, color = MARKERS.get((row["model"], row["activations"]), ("x", "gray"))
-            label = row["model_title"] + ("" if row["model"] == "fp32" else f", {row['activations']} act.")
+            label = row["model_title"] + ("" if row["activations"] not in ("fp32", "a8") or row["model"] == "fp32"
+                                          else f", {row['activations']} act.")
             x = row["model_mb"] * (1.06 if row["activations"] == "a8" else 1.0)  # A8: same weights; nudged right
             ax.errorbar([x], [stats["mean"]], yerr=[stats["spread"] or 0.0], fmt=marker, color=color,
                         capsize=4, label=f"{label} (n={len(row['seeds'])})")
@@ -46,7 +49,7 @@ def write_chart(summary: dict[str, Any], path: str | os.PathLike) -> int:
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.1f}"))
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlim(sizes[0] / 1.25, sizes[-1] * 1.25)
-        ax.set_xlabel("pytorch_model.bin (MB, log scale)")
+        ax.set_xlabel("model file (MB, log scale): pytorch_model.bin; int8 peers: .onnx")
         ax.set_ylabel(f"dev {METRIC_TITLES[metric]} (points)")
         ax.set_title(f"{task.upper()}" + (f", {n:,} train examples" if isinstance(n, int) else ""))
         ax.grid(True, alpha=0.3)

@@ -22,9 +22,16 @@ if TYPE_CHECKING:
 TASK_ORDER = ("sst-2", "mrpc", "rte", "cola")  # the GLUE tasks with a train split in the shared data
 REFERENCE = "fp32"
 SENSIMIX_MODELS = ("3+3", "2+1")
-MODELS = (REFERENCE, *SENSIMIX_MODELS)
-MODEL_TITLES = {REFERENCE: "fp32 reference", "3+3": "SensiMix (3+3)", "2+1": "SensiMix (2+1)"}
-ACTIVATIONS = ("fp32", "a8")
+# What a user deploys instead of SensiMix: the reference's first N layers (N: the SensiMix model's depth), distilled
+# from the reference for the SensiMix model's epochs (none when N is the reference's depth: the reference itself),
+# quantized by ONNX Runtime's dynamic int8 (the benchmark's best CPU peer, sensimix.bench.peers). Model -> the
+# SensiMix model it is the int8 peer of.
+INT8_PEERS = {"bert6-int8": "3+3", "bert3-int8": "2+1"}
+MODELS = (REFERENCE, *SENSIMIX_MODELS, *INT8_PEERS)
+MODEL_TITLES = {REFERENCE: "fp32 reference", "3+3": "SensiMix (3+3)", "2+1": "SensiMix (2+1)",
+                "bert6-int8": "6-layer BERT, ORT int8", "bert3-int8": "3-layer BERT, ORT int8"}
+ACTIVATIONS = ("fp32", "a8")  # SensiMix's; the int8 peers quantize theirs per batch (INT8)
+INT8 = "int8"
 FULL = "full"
 ABLATIONS = (FULL, "no-abwr", "no-pt", "no-ilf", "no-distill")
 SEEDS = (42, 43, 44)
@@ -46,8 +53,8 @@ class RunSpec:
 
     task: str
     seed: int
-    model: str                   # fp32 (the reference) | 3+3 | 2+1
-    activations: str = "fp32"    # fp32 | a8 (the reference: fp32)
+    model: str                   # fp32 (the reference) | 3+3 | 2+1 | an int8 peer (INT8_PEERS)
+    activations: str = "fp32"    # fp32 | a8 (the reference: fp32; an int8 peer: int8)
     ablation: str = FULL         # full | no-abwr | no-pt | no-ilf | no-distill (the reference: full)
 
     @property
@@ -55,11 +62,22 @@ class RunSpec:
         return self.model == REFERENCE
 
     @property
+    def is_int8_peer(self) -> bool:
+        return self.model in INT8_PEERS
+
+    @property
     def label(self) -> str:
-        if self.is_reference:
-            return f"{self.task} {MODEL_TITLES[REFERENCE]} seed {self.seed}"
+        if self.is_reference or self.is_int8_peer:
+            return f"{self.task} {MODEL_TITLES[self.model]} seed {self.seed}"
         ablation = "" if self.ablation == FULL else f" {self.ablation}"
         return f"{self.task} {MODEL_TITLES[self.model]} {self.activations}{ablation} seed {self.seed}"
+
+
+def depth(model: str) -> int | None:
+    """The encoder layers of a SensiMix model or an int8 peer (None: the reference's, whatever they are)."""
+    if model == REFERENCE:
+        return None
+    return parse_split(INT8_PEERS.get(model, model))[0]
 
 
 def same_as_full(model: str, ablation: str) -> str | None:
@@ -84,13 +102,15 @@ class Plan:
     ablations: tuple[str, ...] = (FULL,)
 
     def runs(self) -> list[RunSpec]:
-        """Task by task, seed by seed: the reference first, then each model / activations / ablation."""
+        """Task by task, seed by seed: the reference first, then each model / activations / ablation (an int8 peer
+        has one variant: its int8, the full recipe)."""
         out: list[RunSpec] = []
         for task in (t for t in TASK_ORDER if t in self.seeds):
             for seed in self.seeds[task]:
                 out.append(RunSpec(task, seed, REFERENCE))
-                out += [RunSpec(task, seed, m, a, ab) for m in MODELS if m in self.models and m != REFERENCE
+                out += [RunSpec(task, seed, m, a, ab) for m in SENSIMIX_MODELS if m in self.models
                         for a in self.activations for ab in self.ablations if same_as_full(m, ab) is None]
+                out += [RunSpec(task, seed, m, INT8) for m in INT8_PEERS if m in self.models and FULL in self.ablations]
         return out
 
     def with_axes(self, *, tasks: list[str] | None = None, seeds: list[int] | None = None,
@@ -118,8 +138,8 @@ def plans(device: str = "cpu") -> dict[str, Plan]:
         "a8-decision": Plan("a8-decision", "issue 24 item 5: SST-2 and MRPC, (3+3) and (2+1) with fp32 and A8 "
                             "activations, 2 seeds, references included", {"sst-2": SEEDS[:2], "mrpc": SEEDS[:2]}),
         "table": Plan("table", "the GLUE table: SST-2, MRPC, RTE, CoLA; the reference, (3+3) and (2+1) with fp32 "
-                      "and A8 activations; 3 seeds on MRPC and RTE, " + ("3" if cuda else "1") + " on SST-2 and "
-                      "CoLA", table),
+                      "and A8 activations, and the int8 BERT of each one's depth; 3 seeds on MRPC and RTE, "
+                      + ("3" if cuda else "1") + " on SST-2 and CoLA", table, models=(*SENSIMIX_MODELS, *INT8_PEERS)),
         "ablation": Plan("ablation", "MRPC and RTE, (3+3) and (2+1), fp32 activations, 3 seeds: the full recipe vs "
                          "no ABWR, no PT, no ILF, no distillation", {"mrpc": SEEDS, "rte": SEEDS},
                          activations=("fp32",), ablations=ABLATIONS),
@@ -188,6 +208,10 @@ class Protocol:
                       device="cuda" if str(device).startswith("cuda") else "cpu")  # Trainer: cuda:N is its own
         if spec.is_reference:
             return TrainSettings(epochs=self.reference_epochs, **common)
+        if spec.is_int8_peer:  # the training budget of the SensiMix model of its depth, distilled as it is
+            return TrainSettings(epochs=self.sensimix_epochs(INT8_PEERS[spec.model]), abwr=False, pt=False, ilf=False,
+                                 distill=True, distill_alpha=self.distill_alpha,
+                                 distill_temperature=self.distill_temperature, **common)
         return TrainSettings(epochs=self.sensimix_epochs(spec.model), abwr=spec.ablation != "no-abwr",
                              pt=spec.ablation != "no-pt", ilf=spec.ablation != "no-ilf",
                              distill=spec.ablation != "no-distill", distill_alpha=self.distill_alpha,

@@ -1,5 +1,6 @@
-"""Running the GLUE table: each run fine-tunes (or reuses) its fp32 reference, compresses SensiMix from it, scores the
-saved folder on the dev split through the packed inference runtime (fp32 exact path) and appends its line.
+"""Running the GLUE table: each run fine-tunes (or reuses) its fp32 reference, compresses SensiMix from it (or cuts
+and quantizes an int8 peer from it: :mod:`.int8`), scores the saved folder on the dev split through the packed
+inference runtime (fp32 exact path; the peers through ONNX Runtime) and appends its line.
 
 The reference of a (task, seed, protocol) lives in the work folder and is reused by every later run and session
 once verified (:func:`reference_problem`: its task, settings, pre-trained source and training data are the ones
@@ -25,7 +26,8 @@ from ...io import file_sha256, read_json, reserve_output
 from ...vv.accuracy import evaluate_folder, parse_split
 from ..parity import parity
 from .metrics import glue_metrics
-from .plans import MODEL_TITLES, REFERENCE, Protocol, RunSpec, record_key, spec_key
+from . import int8
+from .plans import MODEL_TITLES, REFERENCE, Protocol, RunSpec, depth, record_key, spec_key
 from .results import Loaded, append_result, read_results
 
 log = logging.getLogger(__name__)
@@ -124,13 +126,19 @@ def execute(spec: RunSpec, ctx: Context, out: Callable[[str], None] = print) -> 
     settings = protocol.settings(spec, ctx.device)
     start = time.perf_counter()
     reference, ref_info = ensure_reference(spec, ctx, out)
-    if not spec.is_reference:  # a SensiMix run's time is its own: the reference's training is the reference's
+    if not spec.is_reference:  # a run's time is its own: the reference's training is the reference's
         start = time.perf_counter()
+    qat, fp32_folder = None, None
+    folder = ctx.work / "models" / f"{spec.task}-{spec.model}-{spec.activations}-{spec.ablation}-seed{spec.seed}"
     if spec.is_reference:
         folder, train_wall = reference, ref_info.get("train_wall_s")
         training = read_json(folder / METRICS_FILE, what="training metrics")
+    elif spec.is_int8_peer:
+        fp32_folder, training, train_wall = int8.prepare(reference, depth(spec.model), spec.task, settings,
+                                                         ctx.glue_dir, folder)
+        if training is None:  # the reference as it is: nothing trained, nothing to record as this run's settings
+            settings, training = None, {"note": "the fp32 reference itself (its depth): quantized, not trained"}
     else:
-        folder = ctx.work / "models" / f"{spec.task}-{spec.model}-{spec.activations}-{spec.ablation}-seed{spec.seed}"
         layers, eightbit = parse_split(spec.model)
         t = time.perf_counter()
         teacher = reference if settings.distill else None
@@ -141,33 +149,44 @@ def execute(spec: RunSpec, ctx: Context, out: Callable[[str], None] = print) -> 
         train_wall = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
     inputs = ctx.inputs(spec.task, reference)
-    model, result = evaluate_folder(folder, inputs, ctx.device, EVAL_PRECISION)
+    fp32_metrics = None
+    if fp32_folder is not None:  # scored through ONNX Runtime int8; its fp32 model's score says what int8 cost
+        _, fp32_result = evaluate_folder(fp32_folder, inputs, ctx.device, EVAL_PRECISION)
+        fp32_metrics = glue_metrics(spec.task, fp32_result.predictions.tolist(), inputs["labels"].tolist())
+        result, eval_info, size = int8.score(fp32_folder, inputs, protocol.max_seq_length, folder)
+        eval_info["fp32_folder"] = "the reference" if fp32_folder == reference else "distilled from the reference"
+    else:
+        model, result = evaluate_folder(folder, inputs, ctx.device, EVAL_PRECISION)
+        packed = hasattr(model, "plan")
+        eval_info = {"runtime": "sensimix packed inference runtime" if packed else "transformers",
+                     "precision": EVAL_PRECISION,
+                     "plan": model.plan.describe() if packed else "transformers BERT, fp32, eager attention"}
+        size = (folder / "pytorch_model.bin").stat().st_size
     eval_wall = round(time.perf_counter() - t, 1)
     parity_record = None
-    if not spec.is_reference:  # issue 24's parity: the deployed folder against the model as trained, on dev
+    if qat is not None:  # issue 24's parity: the deployed folder against the model as trained, on dev
         parity_record = parity(qat, folder, inputs, device=ctx.device)
         parity_record.pop("plan", None)
-    plan = model.plan.describe() if hasattr(model, "plan") else "transformers BERT, fp32, eager attention"
-    size = (folder / "pytorch_model.bin").stat().st_size
     if not spec.is_reference and not ctx.keep_models:
         shutil.rmtree(folder, ignore_errors=True)
+    kept = spec.is_reference or (ctx.keep_models and folder.exists())
     return {
         "task": spec.task, "model": spec.model, "model_title": MODEL_TITLES[spec.model],
         "activations": spec.activations, "ablation": spec.ablation, "seed": spec.seed,
         "metrics": glue_metrics(spec.task, result.predictions.tolist(), inputs["labels"].tolist()),
-        "dev_examples": result.num_examples, "train_examples": training.get("train_examples"),
-        "model_bytes": size, "protocol_digest": protocol.digest, "protocol": protocol.as_dict(),
-        "settings": settings.as_dict(), "pretrained_folder": str(ctx.pretrained),
+        **({"fp32_metrics": fp32_metrics} if fp32_metrics is not None else {}),
+        "dev_examples": result.num_examples, "train_examples": (training or {}).get("train_examples"),
+        "model_bytes": size, **({"model_file": eval_info["file"]} if "file" in eval_info else {}),
+        "protocol_digest": protocol.digest, "protocol": protocol.as_dict(),
+        "settings": settings.as_dict() if settings is not None else None, "pretrained_folder": str(ctx.pretrained),
         "wall_s": round(time.perf_counter() - start, 1), "train_wall_s": train_wall, "eval_wall_s": eval_wall,
-        "eval": {"runtime": "sensimix packed inference runtime" if hasattr(model, "plan") else "transformers",
-                 "precision": EVAL_PRECISION, "plan": plan, "split": "dev",
-                 "max_seq_length": protocol.max_seq_length, "device": ctx.device},
+        "eval": eval_info | {"split": "dev", "max_seq_length": protocol.max_seq_length, "device": ctx.device},
         "reference": ref_info,
         "parity": parity_record,
         "training": {k: training.get(k) for k in ("train_loss", "train_steps", "train_examples", "eval_accuracy",
-                                                  "schedule", "world_size") if k in training},
+                                                  "schedule", "world_size", "note") if k in training},
         "train_data": training.get("train_data"),
-        "folder": str(folder) if spec.is_reference or ctx.keep_models else None,
+        "folder": str(folder) if kept else None,
         "machine": ctx.machine,
         "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }

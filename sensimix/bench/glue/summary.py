@@ -1,5 +1,5 @@
 """Summaries of a results file (nothing is trained): the table, A8 vs fp32 activations, the gap to the reference,
-the ablation, and the goals, as a JSON-ready dict and as text.
+SensiMix against the int8 BERT of its depth, the ablation, and the goals, as a JSON-ready dict and as text.
 
 Runs are grouped by task and protocol (the same training settings: runs of another ``--train-limit`` are other
 rows, never averaged together). Scores are in points (metric x 100); a spread is the sample standard deviation
@@ -14,7 +14,18 @@ from collections.abc import Iterable
 from typing import Any
 
 from .metrics import METRIC_TITLES, TASK_METRICS
-from .plans import ABLATIONS, ACTIVATIONS, FULL, MODEL_TITLES, REFERENCE, SENSIMIX_MODELS, TASK_ORDER, same_as_full
+from .plans import (
+    ABLATIONS,
+    ACTIVATIONS,
+    FULL,
+    INT8,
+    INT8_PEERS,
+    MODEL_TITLES,
+    REFERENCE,
+    SENSIMIX_MODELS,
+    TASK_ORDER,
+    same_as_full,
+)
 
 SCHEMA = "sensimix-glue-table/1"
 GAP_GOALS = {"3+3": 1.0, "2+1": 3.0}  # points below the fp32 reference, mean over seeds, on every task
@@ -82,13 +93,13 @@ def _train_examples(records: list[dict[str, Any]]) -> int | None:
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Every summary of ``records`` (the results file's lines), JSON-ready."""
-    table, gaps, a8, ablation = [], [], [], []
+    table, gaps, a8, vs_int8, ablation = [], [], [], [], []
     for task, digest, group in _groups(records):
         metrics = TASK_METRICS.get(task, ("accuracy",))
         head = {"task": task, "protocol_digest": digest, "train_examples": _train_examples(group)}
         ref = _by_seed(group, REFERENCE, "fp32", FULL)
-        for model in (REFERENCE, *SENSIMIX_MODELS):
-            for act in ACTIVATIONS:
+        for model in (REFERENCE, *SENSIMIX_MODELS, *INT8_PEERS):
+            for act in (*ACTIVATIONS, INT8):
                 runs = _by_seed(group, model, act, FULL)
                 if not runs:
                     continue
@@ -97,26 +108,39 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
                     "model": model, "model_title": MODEL_TITLES.get(model, model), "activations": act,
                     "seeds": sorted(runs), "dev_examples": next(iter(runs.values())).get("dev_examples"),
                     "model_mb": statistics.fmean(sizes) / 1e6 if sizes else None,
+                    "model_file": next(iter(runs.values())).get("model_file", "pytorch_model.bin"),
                     "metrics": {m: mean_spread(p for r in runs.values() if (p := _points(r, m)) is not None)
                                 for m in metrics}})
                 if model == REFERENCE:
                     continue
                 gaps.append(head | {"model": model, "activations": act, "goal_points": GAP_GOALS.get(model),
                                     "gap": {m: _paired(ref, runs, m) for m in metrics}})  # reference - model
+            if model not in SENSIMIX_MODELS:
+                continue
+            for peer in (p for p, of in INT8_PEERS.items() if of == model):
+                peer_runs = _by_seed(group, peer, INT8, FULL)
+                for act in ACTIVATIONS:
+                    runs = _by_seed(group, model, act, FULL)
+                    if runs and peer_runs:  # SensiMix - peer: positive means SensiMix scores higher
+                        difference = {m: _paired(runs, peer_runs, m) for m in metrics}
+                        vs_int8.append(head | {"model": model, "activations": act, "peer": peer,
+                                               "difference": difference,
+                                               "verdict": {m: verdict(d) for m, d in difference.items()}})
             a8_runs, fp_runs = _by_seed(group, model, "a8", FULL), _by_seed(group, model, "fp32", FULL)
-            if model != REFERENCE and a8_runs and fp_runs:
+            if a8_runs and fp_runs:
                 a8.append(head | {"model": model, "difference": {m: _paired(a8_runs, fp_runs, m) for m in metrics}})
             for act in ACTIVATIONS:
                 full = _by_seed(group, model, act, FULL)
                 for ab in ABLATIONS[1:]:
                     ablated = _by_seed(group, model, act, ab)
-                    if model == REFERENCE or not ablated:
+                    if not ablated:
                         continue
                     effect = {m: _paired(full, ablated, m) for m in metrics}
                     ablation.append(head | {"model": model, "activations": act, "ablation": ab, "effect": effect,
                                             "verdict": {m: verdict(e) for m, e in effect.items()}})
     return {"schema": SCHEMA, "runs": len(records), "spread": "sample standard deviation (n - 1) over seeds",
             "noise_rule": NOISE_RULE, "table": table, "gap_to_reference": gaps, "a8_vs_fp32": a8,
+            "vs_int8_peer": vs_int8,
             "parity": parity_rows(records),
             "ablation": ablation, "not_run": _not_run(ablation), "goals": goals(gaps, a8),
             "machines": _distinct(records, ("device_name", "cpu", "cpu_flags", "cpu_cores", "torch", "transformers")),
@@ -190,19 +214,29 @@ def _differences(stats: dict[str, dict[str, Any]]) -> tuple[str, int]:
 
 def render(summary: dict[str, Any]) -> str:
     """The summaries as markdown tables, goals and the noise rule."""
-    lines = ["## GLUE dev, packed runtime, exact fp32 path (points: mean ± spread over seeds)", "",
-             "| task | model | activations | seeds | score | pytorch_model.bin |", "|---|---|---|---:|---|---:|"]
+    lines = [("## GLUE dev, packed runtime, exact fp32 path; int8 peers by ONNX Runtime (points: mean ± spread over "
+              "seeds)"), "", "| task | model | activations | seeds | score | model file |", "|---|---|---|---:|---|---:|"]
     for r in summary["table"]:
         score = ", ".join(f"{METRIC_TITLES[m]} {_fmt(s)}" for m, s in r["metrics"].items())
-        size = "-" if r["model_mb"] is None else f"{r['model_mb']:.1f} MB"
+        file = r.get("model_file", "pytorch_model.bin")
+        size = "-" if r["model_mb"] is None else f"{r['model_mb']:.1f} MB" + (
+            "" if file == "pytorch_model.bin" else f" ({file})")
         lines.append(f"| {_task(r)} | {r['model_title']} | {r['activations']} | {len(r['seeds'])} | {score} | "
                      f"{size} |")
     lines += ["", "## Gap to the fp32 reference (reference - model, points, paired by seed)", "",
               "| task | model | activations | seeds | gap | goal |", "|---|---|---|---:|---|---|"]
     for g in summary["gap_to_reference"]:
         gap, seeds = _differences(g["gap"])
-        lines.append(f"| {_task(g)} | {MODEL_TITLES[g['model']]} | {g['activations']} | {seeds} | {gap} | "
-                     f"<= {g['goal_points']:g} |")
+        goal = "-" if g["goal_points"] is None else f"<= {g['goal_points']:g}"
+        lines.append(f"| {_task(g)} | {MODEL_TITLES[g['model']]} | {g['activations']} | {seeds} | {gap} | {goal} |")
+    lines += ["", "## SensiMix vs the int8 BERT of its depth (SensiMix - peer, points, paired by seed)", "",
+              "| task | model | activations | peer | seeds | difference | verdict |", "|---|---|---|---|---:|---|---|"]
+    for d in summary.get("vs_int8_peer", []):
+        diff, seeds = _differences(d["difference"])
+        lines.append(f"| {_task(d)} | {MODEL_TITLES[d['model']]} | {d['activations']} | {MODEL_TITLES[d['peer']]} | "
+                     f"{seeds} | {diff} | {_verdicts(d['verdict'])} |")
+    if not summary.get("vs_int8_peer"):
+        lines.append("| (no SensiMix model with its int8 peer run) | | | | | | |")
     lines += ["", "## A8 vs fp32 activations (A8 - fp32, points, paired by seed)", "",
               "| task | model | seeds | difference | verdict |", "|---|---|---:|---|---|"]
     for d in summary["a8_vs_fp32"]:
