@@ -443,3 +443,14 @@ def test_a_tiny_session_trains_resumes_reuses_the_reference_and_reports(capsys, 
     assert (tmp_path / "table.png").stat().st_size > 0
     out = capsys.readouterr().out
     assert "Noise rule" in out and "| 3-layer BERT, ORT int8 |" in out and "(model.int8.onnx)" in out
+
+
+def test_the_int8_peers_without_onnx_runtime_are_refused_before_training(capsys, tmp_path, glue4, tiny_bert_dir,
+                                                                         monkeypatch):
+    from sensimix.bench import peers
+
+    monkeypatch.setattr(peers, "ort_missing", lambda: "onnxruntime is not installed: pip install 'sensimix[bench]'")
+    argv = ["--results", str(tmp_path / "r.jsonl"), "--glue-dir", str(glue4), "--pretrained", str(tiny_bert_dir),
+            "--tasks", "rte", "--models", "2+1", "bert3-int8", "--max-seq-length", "32"]
+    err = refused(capsys, tmp_path, argv)
+    assert "onnxruntime is not installed" in err and "or drop bert6-int8 bert3-int8 from --models" in err
