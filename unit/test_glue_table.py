@@ -7,18 +7,20 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 from helpers import load_script
+from transformers import BertConfig
 
 from sensimix.bench.glue import metrics as M
 from sensimix.bench.glue.plans import CPU_TRAIN_LIMITS, RunSpec, plan_runs, protocol_for
 from sensimix.bench.glue.results import SCHEMA, NotResultsFile, append_result, read_results
 from sensimix.bench.glue.runner import Context, duration, estimate_left, reference_problem, run_all
 from sensimix.bench.glue.summary import machine_slug, summarize, verdict
-from sensimix.io import OutputError
+from sensimix.io import OutputError, file_sha256
 from sensimix.train.provenance import training_examples
 
 REF, FULL = "fp32", "full"
@@ -125,7 +127,8 @@ def rec(task, seed, model=REF, act="fp32", ablation=FULL, score=0.5, digest="p1"
     metric = M.TASK_METRICS[task]
     return {"schema": SCHEMA, "task": task, "model": model, "activations": act, "ablation": ablation, "seed": seed,
             "protocol_digest": digest, "metrics": {m: score for m in (*metric, "accuracy")},
-            "model_bytes": {"fp32": 90e6, "3+3": 12e6, "2+1": 9e6, "bert3-int8": 15e6}[model], "train_examples": 2490,
+            "model_bytes": {"fp32": 90e6, "3+3": 12e6, "2+1": 9e6, "bert3-int8": 15e6, "bert6-int8": 23e6}[model],
+            "train_examples": 2490,
             "machine": {"device": "cpu", "cpu": "AMD EPYC", "cpu_cores": 2, "cpu_flags": ["avx2", "fma"],
                         "git_commit": "abc1234"}} | extra
 
@@ -142,6 +145,8 @@ def records() -> list[dict]:
     out += [rec("rte", 42, "2+1", score=0.50), rec("rte", 42, "2+1", ablation="no-distill", score=0.49)]
     out += [rec("rte", 42, score=0.7, digest="p2")]  # another protocol: its own row, never averaged in
     out += [rec("rte", 42, "bert3-int8", "int8", score=0.53, model_file="model.int8.onnx")]
+    out += [rec("rte", s, "bert6-int8", "int8", score=x, model_file="model.int8.onnx", fp32_metrics={"accuracy": f})
+            for s, x, f in zip((42, 43, 44), (0.57, 0.58, 0.60), (0.58, 0.58, 0.61))]
     return out
 
 
@@ -178,9 +183,17 @@ def test_summary_means_spreads_gaps_a8_and_ablation_by_hand():
     peer = rows[("bert3-int8", "int8", "p1")]
     assert peer["model_file"] == "model.int8.onnx" and peer["model_mb"] == 15.0
     assert rows[("2+1", "fp32", "p1")]["model_file"] == "pytorch_model.bin"
-    (vs,) = s["vs_int8_peer"]  # (2+1) - its peer, seed 42: 50 - 53; no (2+1) A8 run, no (3+3) peer
-    assert (vs["model"], vs["activations"], vs["peer"]) == ("2+1", "fp32", "bert3-int8")
-    assert vs["difference"]["accuracy"]["mean"] == pytest.approx(-3.0) and vs["verdict"]["accuracy"] == "one seed: no spread"
+    vs = {(d["model"], d["activations"], d["peer"]): (d["difference"]["accuracy"], d["verdict"]["accuracy"])
+          for d in s["vs_int8_peer"]}
+    assert list(vs) == [("3+3", "fp32", "bert6-int8"), ("3+3", "a8", "bert6-int8"), ("2+1", "fp32", "bert3-int8")]
+    assert vs[("2+1", "fp32", "bert3-int8")][0]["mean"] == pytest.approx(-3.0)  # seed 42: 50 - 53
+    assert vs[("2+1", "fp32", "bert3-int8")][1] == "one seed: no spread"
+    diff, judged = vs[("3+3", "fp32", "bert6-int8")]  # 59 - 57, 60 - 58, 64 - 60
+    assert diff["mean"] == pytest.approx(8 / 3) and diff["spread"] == pytest.approx(math.sqrt(4 / 3))
+    assert judged == "SensiMix higher" and vs[("3+3", "a8", "bert6-int8")][1] == "SensiMix higher"  # 1, 3, 3
+    cost = {d["model"]: d["difference"]["accuracy"] for d in s["int8_cost"]}
+    assert cost["bert6-int8"]["mean"] == pytest.approx(-2 / 3) and cost["bert6-int8"]["n"] == 3  # -1, 0, -1
+    assert cost["bert3-int8"]["n"] == 0  # no fp32 score recorded
     peer_gap = next(g for g in s["gap_to_reference"] if g["model"] == "bert3-int8")
     assert peer_gap["goal_points"] is None and peer_gap["gap"]["accuracy"]["mean"] == pytest.approx(7.0)
     assert all(g["goal"].startswith("SensiMix") or g["goal"].startswith("A8") for g in s["goals"])
@@ -417,32 +430,67 @@ def test_a_tiny_session_trains_resumes_reuses_the_reference_and_reports(capsys, 
     assert lines[-1]["reference"]["pytorch_model_sha256"] == lines[0]["reference"]["pytorch_model_sha256"]
     assert "3 runs in the plan: 2 already in" in capsys.readouterr().out
 
-    # the int8 peer of the (2+1): the reference's first 3 of 4 layers, distilled as the (2+1) is, ONNX Runtime int8
-    monkeypatch.undo()  # the peer is fine-tuned (the reference is not: "reused" below)
-    assert script.main(argv + ["--models", "bert3-int8"]) == 0
-    peer = json.loads(results.read_text().splitlines()[-1])
+    report = tmp_path / "table.json"
+    assert script.main(["--report", "--results", str(results), "--json", str(report)]) == 0
+    saved = json.loads(report.read_text())
+    assert saved["schema"] == "sensimix-glue-table/1" and saved["runs"] == 4
+    assert {(r["model"], r["activations"]) for r in saved["table"]} == {("fp32", "fp32"), ("2+1", "fp32"),
+                                                                        ("2+1", "a8")}
+    assert (tmp_path / "table.png").stat().st_size > 0
+    assert "Noise rule" in capsys.readouterr().out
+
+
+def _has_ort() -> bool:
+    from sensimix.bench.peers import ort_missing
+
+    return ort_missing() is None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_ort(), reason="the int8 peers need ONNX Runtime (the bench extra)")
+def test_int8_peers_cut_distil_quantize_and_score_and_never_touch_the_reference(capsys, tmp_path, glue4,
+                                                                                tiny_bert_dir, tiny_bert_config):
+    from transformers import BertForSequenceClassification
+
+    script = load_script("glue_table")
+    common = ["--glue-dir", str(glue4), "--device", "cpu", "--tasks", "mrpc", "--seeds", "1", "--max-steps", "1",
+              "--train-limit", "8", "--batch-size", "4", "--max-seq-length", "32", "--models", "2+1", "bert3-int8",
+              "--activations", "fp32"]
+    # a 4-layer BERT: the peer is the reference's first 3 layers, distilled as the (2+1) is
+    results = tmp_path / "cut.jsonl"
+    assert script.main(["--results", str(results), "--pretrained", str(tiny_bert_dir), *common]) == 0
+    ref, sm, peer = (json.loads(x) for x in results.read_text().splitlines())
     assert (peer["model"], peer["activations"], peer["ablation"]) == ("bert3-int8", "int8", "full")
     assert peer["settings"]["distill"] is True and peer["settings"]["abwr"] is False
-    assert peer["settings"]["epochs"] == lines[1]["settings"]["epochs"]  # the (2+1)'s training budget
+    assert peer["settings"]["epochs"] == sm["settings"]["epochs"]  # the (2+1)'s training budget
     assert peer["model_file"] == "model.int8.onnx" and peer["model_bytes"] > 0 and peer["parity"] is None
-    assert peer["eval"]["int8_ops"] and set(peer["fp32_metrics"]) == {"f1", "accuracy"}
-    assert peer["reference"]["reused"] is True
-    assert not (tmp_path / "runs-work" / "models" / "mrpc-bert3-int8-int8-full-seed1").exists()
-    assert "bert6-int8" not in {json.loads(x)["model"] for x in results.read_text().splitlines()}
-    err = refused(capsys, tmp_path, argv + ["--models", "bert6-int8"])  # 6 layers of a 4-layer BERT
-    assert "has 4 layers, fewer than 6-layer BERT, ORT int8 keeps (6)" in err
+    assert peer["eval"]["int8_ops"] and peer["eval"]["device"] == "cpu" and peer["eval"]["onnxruntime"]
+    assert set(peer["fp32_metrics"]) == {"f1", "accuracy"} and peer["reference"]["reused"] is True
+    assert peer["eval"]["fp32_folder"] == "distilled from the reference"
+    assert not (tmp_path / "cut-work" / "models" / "mrpc-bert3-int8-int8-full-seed1").exists()
+    # a 3-layer BERT: the peer is the reference itself, quantized, never trained, and the reference stays
+    shallow = tmp_path / "bert3"
+    shutil.copytree(tiny_bert_dir, shallow)  # its tokenizer; the weights are replaced
+    config = BertConfig(**(tiny_bert_config.to_dict() | {"num_hidden_layers": 3}))
+    BertForSequenceClassification(config).save_pretrained(shallow)
+    results = tmp_path / "same.jsonl"
+    assert script.main(["--results", str(results), "--pretrained", str(shallow), *common]) == 0
+    ref, _, peer = (json.loads(x) for x in results.read_text().splitlines())
+    assert peer["settings"] is None and "not trained" in peer["training"]["note"] and peer["train_wall_s"] is None
+    assert peer["eval"]["fp32_folder"] == "the reference" and peer["fp32_metrics"] == ref["metrics"]
+    folder = tmp_path / ref["folder"]
+    assert folder.is_dir() and file_sha256(folder / "pytorch_model.bin") == ref["reference"]["pytorch_model_sha256"]
+    assert not (tmp_path / "same-work" / "models" / "mrpc-bert3-int8-int8-full-seed1").exists()
 
     report = tmp_path / "table.json"
     assert script.main(["--report", "--results", str(results), "--json", str(report)]) == 0
     saved = json.loads(report.read_text())
-    assert saved["schema"] == "sensimix-glue-table/1" and saved["runs"] == 5
-    assert {(r["model"], r["activations"]) for r in saved["table"]} == {("fp32", "fp32"), ("2+1", "fp32"),
-                                                                        ("2+1", "a8"), ("bert3-int8", "int8")}
     assert [(d["model"], d["activations"], d["peer"]) for d in saved["vs_int8_peer"]] == [
-        ("2+1", "fp32", "bert3-int8"), ("2+1", "a8", "bert3-int8")]
-    assert (tmp_path / "table.png").stat().st_size > 0
+        ("2+1", "fp32", "bert3-int8")]
+    (cost,) = saved["int8_cost"]
+    assert cost["model"] == "bert3-int8" and cost["difference"]["accuracy"]["n"] == 1
     out = capsys.readouterr().out
-    assert "Noise rule" in out and "| 3-layer BERT, ORT int8 |" in out and "(model.int8.onnx)" in out
+    assert "| 3-layer BERT, ORT int8 |" in out and "(model.int8.onnx)" in out and "What int8 cost" in out
 
 
 def test_the_int8_peers_without_onnx_runtime_are_refused_before_training(capsys, tmp_path, glue4, tiny_bert_dir,
@@ -453,4 +501,15 @@ def test_the_int8_peers_without_onnx_runtime_are_refused_before_training(capsys,
     argv = ["--results", str(tmp_path / "r.jsonl"), "--glue-dir", str(glue4), "--pretrained", str(tiny_bert_dir),
             "--tasks", "rte", "--models", "2+1", "bert3-int8", "--max-seq-length", "32"]
     err = refused(capsys, tmp_path, argv)
-    assert "onnxruntime is not installed" in err and "or drop bert6-int8 bert3-int8 from --models" in err
+    assert "onnxruntime is not installed" in err and "or leave the int8 peers out: --models 3+3 2+1" in err
+    capsys.readouterr()
+    assert load_script("glue_table").main(argv + ["--dry-run"]) == 0  # listing the runs needs no ONNX Runtime
+    assert "to run  rte 3-layer BERT, ORT int8 seed 42" in capsys.readouterr().out
+
+
+def test_a_model_asked_for_without_a_run_in_the_selection_is_refused(capsys, tmp_path, glue4):
+    argv = ["--results", str(tmp_path / "r.jsonl"), "--glue-dir", str(glue4), "--tasks", "rte"]
+    err = refused(capsys, tmp_path, argv + ["--models", "2+1", "bert3-int8", "--ablation", "no-pt"])
+    assert "--models bert3-int8: no run of it in this selection (an int8 peer runs the full recipe only" in err
+    err = refused(capsys, tmp_path, argv + ["--plan", "ablation", "--models", "2+1", "--ablation", "no-ilf"])
+    assert "--models 2+1: no run of it in this selection" in err

@@ -25,8 +25,8 @@ from ...data import METRICS_FILE, load_glue, recorded_task
 from ...io import file_sha256, read_json, reserve_output
 from ...vv.accuracy import evaluate_folder, parse_split
 from ..parity import parity
-from .metrics import glue_metrics
 from . import int8
+from .metrics import glue_metrics
 from .plans import MODEL_TITLES, REFERENCE, Protocol, RunSpec, depth, record_key, spec_key
 from .results import Loaded, append_result, read_results
 
@@ -180,7 +180,7 @@ def execute(spec: RunSpec, ctx: Context, out: Callable[[str], None] = print) -> 
         "protocol_digest": protocol.digest, "protocol": protocol.as_dict(),
         "settings": settings.as_dict() if settings is not None else None, "pretrained_folder": str(ctx.pretrained),
         "wall_s": round(time.perf_counter() - start, 1), "train_wall_s": train_wall, "eval_wall_s": eval_wall,
-        "eval": eval_info | {"split": "dev", "max_seq_length": protocol.max_seq_length, "device": ctx.device},
+        "eval": {"split": "dev", "max_seq_length": protocol.max_seq_length, "device": ctx.device} | eval_info,
         "reference": ref_info,
         "parity": parity_record,
         "training": {k: training.get(k) for k in ("train_loss", "train_steps", "train_examples", "eval_accuracy",

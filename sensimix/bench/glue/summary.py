@@ -42,13 +42,13 @@ def mean_spread(values: Iterable[float]) -> dict[str, Any]:
             "spread": statistics.stdev(xs) if len(xs) > 1 else None, "n": len(xs)}
 
 
-def verdict(stats: dict[str, Any]) -> str:
-    """The noise rule (:data:`NOISE_RULE`) for a difference where positive means "helps"."""
+def verdict(stats: dict[str, Any], positive: str = "helps", negative: str = "hurts") -> str:
+    """The noise rule (:data:`NOISE_RULE`) for a difference: ``positive`` above the noise, ``negative`` below."""
     if stats["n"] < 2 or stats["spread"] is None:
         return "one seed: no spread"
     if abs(stats["mean"]) <= stats["spread"]:
         return "inside the noise"
-    return "helps" if stats["mean"] > 0 else "hurts"
+    return positive if stats["mean"] > 0 else negative
 
 
 def _verdicts(verdicts: dict[str, str]) -> str:
@@ -93,7 +93,7 @@ def _train_examples(records: list[dict[str, Any]]) -> int | None:
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Every summary of ``records`` (the results file's lines), JSON-ready."""
-    table, gaps, a8, vs_int8, ablation = [], [], [], [], []
+    table, gaps, a8, vs_int8, int8_cost, ablation = [], [], [], [], [], []
     for task, digest, group in _groups(records):
         metrics = TASK_METRICS.get(task, ("accuracy",))
         head = {"task": task, "protocol_digest": digest, "train_examples": _train_examples(group)}
@@ -111,6 +111,10 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
                     "model_file": next(iter(runs.values())).get("model_file", "pytorch_model.bin"),
                     "metrics": {m: mean_spread(p for r in runs.values() if (p := _points(r, m)) is not None)
                                 for m in metrics}})
+                if model in INT8_PEERS:  # what int8 cost it: its int8 score - its fp32 model's, paired by seed
+                    fp32 = {s: {"metrics": r["fp32_metrics"]} for s, r in runs.items() if r.get("fp32_metrics")}
+                    int8_cost.append(head | {"model": model, "difference": {m: _paired(runs, fp32, m)
+                                                                            for m in metrics}})
                 if model == REFERENCE:
                     continue
                 gaps.append(head | {"model": model, "activations": act, "goal_points": GAP_GOALS.get(model),
@@ -125,7 +129,8 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
                         difference = {m: _paired(runs, peer_runs, m) for m in metrics}
                         vs_int8.append(head | {"model": model, "activations": act, "peer": peer,
                                                "difference": difference,
-                                               "verdict": {m: verdict(d) for m, d in difference.items()}})
+                                               "verdict": {m: verdict(d, "SensiMix higher", "peer higher")
+                                                           for m, d in difference.items()}})
             a8_runs, fp_runs = _by_seed(group, model, "a8", FULL), _by_seed(group, model, "fp32", FULL)
             if a8_runs and fp_runs:
                 a8.append(head | {"model": model, "difference": {m: _paired(a8_runs, fp_runs, m) for m in metrics}})
@@ -140,7 +145,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
                                             "verdict": {m: verdict(e) for m, e in effect.items()}})
     return {"schema": SCHEMA, "runs": len(records), "spread": "sample standard deviation (n - 1) over seeds",
             "noise_rule": NOISE_RULE, "table": table, "gap_to_reference": gaps, "a8_vs_fp32": a8,
-            "vs_int8_peer": vs_int8,
+            "vs_int8_peer": vs_int8, "int8_cost": int8_cost,
             "parity": parity_rows(records),
             "ablation": ablation, "not_run": _not_run(ablation), "goals": goals(gaps, a8),
             "machines": _distinct(records, ("device_name", "cpu", "cpu_flags", "cpu_cores", "torch", "transformers")),
@@ -214,8 +219,9 @@ def _differences(stats: dict[str, dict[str, Any]]) -> tuple[str, int]:
 
 def render(summary: dict[str, Any]) -> str:
     """The summaries as markdown tables, goals and the noise rule."""
-    lines = [("## GLUE dev, packed runtime, exact fp32 path; int8 peers by ONNX Runtime (points: mean ± spread over "
-              "seeds)"), "", "| task | model | activations | seeds | score | model file |", "|---|---|---|---:|---|---:|"]
+    lines = [("## GLUE dev, packed runtime, exact fp32 path; int8 peers by ONNX Runtime (points: mean ± spread "
+              "over seeds)"), "", "| task | model | activations | seeds | score | model file |",
+             "|---|---|---|---:|---|---:|"]
     for r in summary["table"]:
         score = ", ".join(f"{METRIC_TITLES[m]} {_fmt(s)}" for m, s in r["metrics"].items())
         file = r.get("model_file", "pytorch_model.bin")
@@ -237,6 +243,13 @@ def render(summary: dict[str, Any]) -> str:
                      f"{seeds} | {diff} | {_verdicts(d['verdict'])} |")
     if not summary.get("vs_int8_peer"):
         lines.append("| (no SensiMix model with its int8 peer run) | | | | | | |")
+    lines += ["", "## What int8 cost the peers (ONNX Runtime int8 - the same fp32 model, points, paired by seed)", "",
+              "| task | peer | seeds | difference |", "|---|---|---:|---|"]
+    for d in summary.get("int8_cost", []):
+        diff, seeds = _differences(d["difference"])
+        lines.append(f"| {_task(d)} | {MODEL_TITLES[d['model']]} | {seeds} | {diff} |")
+    if not summary.get("int8_cost"):
+        lines.append("| (no int8 peer run) | | | |")
     lines += ["", "## A8 vs fp32 activations (A8 - fp32, points, paired by seed)", "",
               "| task | model | seeds | difference | verdict |", "|---|---|---:|---|---|"]
     for d in summary["a8_vs_fp32"]:
