@@ -45,16 +45,22 @@ def write_chart(summary: dict[str, Any], path: str | os.PathLike) -> int:
         n = rows[0].get("train_examples")
         ax.set_xscale("log")
         sizes = sorted({row["model_mb"] for row in rows})  # a tick at each model's size (a decade may hold none)
-        ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(sizes))
+        ticks = [sizes[0]]
+        for size in sizes[1:]:  # but not two so close that their labels overlap
+            if size / ticks[-1] > 1.15:
+                ticks.append(size)
+        ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.1f}"))
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.tick_params(axis="x", labelrotation=60, labelsize=7)
         ax.set_xlim(sizes[0] / 1.25, sizes[-1] * 1.25)
-        ax.set_xlabel("model file (MB, log scale): pytorch_model.bin; int8 peers: .onnx")
+        ax.set_xlabel("model file, MB (log scale)")
         ax.set_ylabel(f"dev {METRIC_TITLES[metric]} (points)")
         ax.set_title(f"{task.upper()}" + (f", {n:,} train examples" if isinstance(n, int) else ""))
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7, loc="best")
-    fig.suptitle("SensiMix on GLUE: dev score vs model size\n(error bars: spread over seeds; A8 nudged right)", fontsize=10)
+    fig.suptitle("SensiMix on GLUE: dev score vs model file size (pytorch_model.bin; int8 peers: their .onnx)\n"
+                 "(error bars: spread over seeds; A8 nudged right)", fontsize=10)
     fig.tight_layout()
     try:
         write_figure(path, fig)
