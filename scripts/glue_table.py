@@ -22,8 +22,8 @@ Each plan includes the fp32 reference of every (task, seed) (all SensiMix models
 
 Time on this CPU (2 cores of an AMD EPYC with AVX512-VNNI, quiet; whole runs, docs/glue.md): SST-2 (2,000
 train) reference 2.2 min, (3+3) 4.7, (3+3) A8 5.4, (2+1) 1.6, (2+1) A8 1.9: 16 min per seed; MRPC reference 6.7
-min, (3+3) 14.7, (3+3) A8 17.8, (2+1) 4.6, (2+1) A8 5.2: 49 min per seed; RTE ~41 min and CoLA ~68 min per seed
-(scaled by examples). Plans: a8-decision ~2.1 h; table ~4 h after it; ablation ~7 h. A shared machine takes 2-8x
+min, (3+3) 14.7, (3+3) A8 17.8, (2+1) 4.6, (2+1) A8 5.2: 49 min per seed; RTE 52 min per seed; CoLA ~68 min
+(scaled by examples). Plans: a8-decision ~2.1 h; table ~4.5 h after it; ablation ~7 h. A shared machine takes 2-8x
 longer. The progress line re-estimates from the runs done. On one CUDA GPU
 the same command trains on every example (SST-2's 67,349).
 
