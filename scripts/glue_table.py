@@ -195,7 +195,8 @@ def run(args: argparse.Namespace) -> int:
     runs = plan_runs(args.plan, device, tasks=args.tasks, seeds=args.seeds, activations=args.activations,
                      ablations=args.ablation, models=[m for m in args.models if m != REFERENCE]
                      if args.models else None)
-    idle = [m for m in args.models or [] if m != REFERENCE and m not in {r.model for r in runs}]
+    selected = {r.model for r in runs}
+    idle = [m for m in args.models or [] if m != REFERENCE and m not in selected]
     if idle:  # asked for, and nothing of it in this selection: say so rather than run without it
         why = ("an int8 peer runs the full recipe only: add --ablation full" if idle[0] in INT8_PEERS
                else "check --activations and --ablation (e.g. (2+1) without ILF is its full recipe)")

@@ -8,9 +8,11 @@ in the certified folder's files (:func:`save_tokenizer`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +124,7 @@ _NEW_HEAD = ("classifier.", "bert.pooler.")
 
 def load_bert_classifier(source: str | os.PathLike, num_labels: int, *, dtype=None, attn_implementation=None,
                          use_safetensors: bool | None = None, trained_head: bool = False,
-                         config_overrides: dict[str, Any] | None = None):
+                         config_overrides: dict[str, Any] | None = None, layers: int | None = None):
     """``BertForSequenceClassification`` from a plain BERT folder, a hub id or ``random:<geometry>``, with clear
     errors (see module doc).
 
@@ -130,6 +132,8 @@ def load_bert_classifier(source: str | os.PathLike, num_labels: int, *, dtype=No
     shape, would otherwise run with random values silently. The classifier head may be new (fine-tuning starts
     from a pre-trained BERT) unless ``trained_head`` (a teacher), when a missing head is an error too.
     ``config_overrides``: config fields set at load (e.g. runtime options a timed baseline must not inherit).
+    ``layers``: only the first so many encoder layers are loaded (a truncated BERT); the file's upper layers are
+    left unread, and only the kept ones must fit.
     """
     from safetensors import SafetensorError
     from transformers import BertForSequenceClassification
@@ -140,6 +144,8 @@ def load_bert_classifier(source: str | os.PathLike, num_labels: int, *, dtype=No
         model = BertForSequenceClassification(config)
         return model if dtype is None else model.to(dtype)
     kwargs: dict[str, Any] = {"num_labels": num_labels, "output_loading_info": True, **(config_overrides or {})}
+    if layers is not None:
+        kwargs["num_hidden_layers"] = layers
     if dtype is not None:
         kwargs["dtype"] = dtype
     if attn_implementation is not None:
@@ -147,8 +153,9 @@ def load_bert_classifier(source: str | os.PathLike, num_labels: int, *, dtype=No
     if use_safetensors is not None:
         kwargs["use_safetensors"] = use_safetensors
     try:
-        check_weights_fit(source, config, use_safetensors=use_safetensors)  # before transformers allocates the model
-        model, info = BertForSequenceClassification.from_pretrained(os.fspath(source), **kwargs)
+        check_weights_fit(source, config, use_safetensors=use_safetensors, layers=layers)  # before allocating
+        with _quiet_loading(layers is not None):  # the upper layers left out are not worth transformers' table
+            model, info = BertForSequenceClassification.from_pretrained(os.fspath(source), **kwargs)
     except SourceError:
         raise
     except (pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueError, SafetensorError) as exc:
@@ -157,7 +164,7 @@ def load_bert_classifier(source: str | os.PathLike, num_labels: int, *, dtype=No
     # an encoder weight the config has no place for (e.g. config.json names fewer layers than the file) means the
     # model is not the file's; another task's head is simply not used
     unexpected = [k for k in info.get("unexpected_keys", ())
-                  if k.startswith("bert.") and k not in LEGACY_BERT_BUFFERS]
+                  if k.startswith("bert.") and k not in LEGACY_BERT_BUFFERS and not _dropped_layer(k, layers)]
     mismatched = [k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys", ())]
     if missing or unexpected or mismatched:
         raise _mismatch_error(source, config, missing, unexpected, mismatched)
@@ -165,6 +172,25 @@ def load_bert_classifier(source: str | os.PathLike, num_labels: int, *, dtype=No
         log.info("%s has no classifier weights: the %d-label head starts from random values", source, num_labels)
     _untie(model)
     return model
+
+
+@contextlib.contextmanager
+def _quiet_loading(quiet: bool) -> Iterator[None]:
+    """transformers' loading report at error level only, when ``quiet``."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    if quiet:
+        hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def _dropped_layer(key: str, layers: int | None) -> bool:
+    """Whether ``key`` is a weight of an encoder layer that ``layers`` leaves out."""
+    return layers is not None and key.startswith("bert.encoder.layer.") and int(key.split(".")[3]) >= layers
 
 
 def _weights_error(source: str | os.PathLike, exc: BaseException) -> SourceError:

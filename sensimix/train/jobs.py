@@ -152,11 +152,9 @@ def finetune(bert: str | os.PathLike, task: str, out: str | os.PathLike, *, glue
     with _reserve(out):
         set_seed(settings.seed)
         tokenizer = load_tokenizer(bert)
-        model = load_bert_classifier(bert, num_labels(task))
-        described = "fp32 BERT"
-        if layers is not None and layers < depth:
-            truncate_encoder(model, layers)
-            described = f"fp32 BERT, the first {layers} of {depth} layers of {bert}"
+        cut = layers is not None and layers < depth
+        model = load_bert_classifier(bert, num_labels(task), layers=layers if cut else None)
+        described = f"fp32 BERT, the first {layers} of {depth} layers of {bert}" if cut else "fp32 BERT"
         train_ds, dev_ds, train_data = task_data(task, tokenizer, glue_dir, max_seq_length=settings.max_seq_length,
                                                  train_limit=settings.train_limit, eval_limit=settings.eval_limit,
                                                  seed=settings.seed, hub=hub_data)
@@ -176,15 +174,6 @@ def finetune(bert: str | os.PathLike, task: str, out: str | os.PathLike, *, glue
                 save_bert_folder(model, tokenizer, out, overwrite=overwrite,
                                  extra_json={"training_metrics.json": metrics})
     return TrainResult(path=Path(out), metrics=metrics, model=model)
-
-
-def truncate_encoder(model: Any, layers: int) -> None:
-    """Keep the first ``layers`` encoder layers of a ``BertForSequenceClassification`` (in place, config included):
-    what SensiMix's (a+b) starts from too (``sensimix.qat.from_bert``)."""
-    from torch import nn
-
-    model.bert.encoder.layer = nn.ModuleList(list(model.bert.encoder.layer)[:layers])
-    model.config.num_hidden_layers = layers
 
 
 def compress(bert: str | os.PathLike, task: str, out: str | os.PathLike, *, glue_dir: str | os.PathLike | None = None,

@@ -9,6 +9,7 @@ from typing import Any
 
 from ...io import write_figure
 from .metrics import METRIC_TITLES
+from .plans import SENSIMIX_MODELS
 
 MARKERS = {("fp32", "fp32"): ("o", "black"), ("3+3", "fp32"): ("s", "tab:blue"), ("3+3", "a8"): ("D", "tab:cyan"),
            ("2+1", "fp32"): ("^", "tab:red"), ("2+1", "a8"): ("v", "tab:orange"),
@@ -37,8 +38,7 @@ def write_chart(summary: dict[str, Any], path: str | os.PathLike) -> int:
             if stats["mean"] is None:
                 continue
             marker, color = MARKERS.get((row["model"], row["activations"]), ("x", "gray"))
-            label = row["model_title"] + ("" if row["activations"] not in ("fp32", "a8") or row["model"] == "fp32"
-                                          else f", {row['activations']} act.")
+            label = row["model_title"] + (f", {row['activations']} act." if row["model"] in SENSIMIX_MODELS else "")
             x = row["model_mb"] * (1.06 if row["activations"] == "a8" else 1.0)  # A8: same weights; nudged right
             ax.errorbar([x], [stats["mean"]], yerr=[stats["spread"] or 0.0], fmt=marker, color=color,
                         capsize=4, label=f"{label} (n={len(row['seeds'])})")
