@@ -258,54 +258,11 @@ static void run_rows(job_t *j) {
 #endif
 }
 
-static void *thread_main(void *arg) {
-    run_rows((job_t *)arg);
-    return NULL;
-}
-
-static int clamp_threads(int64_t m, int threads) {
-    int64_t tiles = (m + MR - 1) / MR;
-    if (threads > 64) threads = 64;
-    if (threads > tiles) threads = (int)tiles;
-    return threads < 1 ? 1 : threads;
-}
-
-static int64_t block_rows(int64_t m, int threads) {
-    int64_t even = (m + threads - 1) / threads;
-    even = (even + MR - 1) / MR * MR;
-    return even < MC ? (even > 0 ? even : MR) : MC;
-}
+#include "row_pool.h"
 
 /* floats of work space gelu needs: MC * n per thread (a buffer the caller reuses across calls) */
 int64_t sensimix_a8_work_floats(int64_t m, int64_t n, int threads) {
-    return (int64_t)clamp_threads(m, threads) * MC * n;
-}
-
-static int run_threads(const job_t *proto, int threads, float *work) {
-    job_t jobs[64];
-    pthread_t ids[64];
-    int started[64] = {0};
-    atomic_long next;
-    atomic_init(&next, 0);
-    threads = clamp_threads(proto->m, threads);
-    int64_t rows = block_rows(proto->m, threads);
-    for (int t = 0; t < threads; t++) {
-        jobs[t] = *proto;
-        jobs[t].rows = rows;
-        jobs[t].next = &next;
-        jobs[t].work = work && proto->qout ? work + (int64_t)t * MC * proto->n : NULL;
-        jobs[t].wide = NULL;
-    }
-    for (int t = 1; t < threads; t++) started[t] = pthread_create(&ids[t], NULL, thread_main, &jobs[t]) == 0;
-    run_rows(&jobs[0]);
-    int status = jobs[0].status;
-    for (int t = 1; t < threads; t++) {  /* a thread that could not start took no block: the others did its share */
-        if (started[t]) {
-            pthread_join(ids[t], NULL);
-            if (jobs[t].status) status = jobs[t].status;
-        }
-    }
-    return status;
+    return (int64_t)pool_threads(m, threads) * MC * n;
 }
 
 /* out [m, n] (stride ldo) = the A8 linear of the operand rows a (stride lda bytes). bias may be NULL.
@@ -315,7 +272,7 @@ int sensimix_a8_gemm(const uint8_t *a, int64_t lda, int64_t m, const int8_t *pac
                      int threads) {
     job_t proto = {.a = a, .lda = lda, .m = m, .n = n, .k = k, .packed = packed, .colsum = colsum, .s = s, .c = c,
                    .bias = bias, .out = out, .ldo = ldo};
-    return run_threads(&proto, threads, NULL);
+    return pool_run(&proto, threads, NULL);
 }
 
 /* out = the A8 LayerNorm of (the A8 linear + res); res [m, n] (stride ldr) must not overlap out */
@@ -326,7 +283,7 @@ int sensimix_a8_gemm_add_norm(const uint8_t *a, int64_t lda, int64_t m, const in
     job_t proto = {.a = a, .lda = lda, .m = m, .n = n, .k = k, .packed = packed, .colsum = colsum, .s = s, .c = c,
                    .bias = bias, .out = out, .ldo = ldo, .res = res, .ldr = ldr, .gamma = gamma, .beta = beta,
                    .eps = eps};
-    return run_threads(&proto, threads, NULL);
+    return pool_run(&proto, threads, NULL);
 }
 
 /* qout (operand rows for n inputs, stride ldq bytes) = the A8 rule of the A8 GELU of the A8 linear; the fp32 rows
@@ -336,5 +293,5 @@ int sensimix_a8_gemm_gelu_quantize(const uint8_t *a, int64_t lda, int64_t m, con
                                    const float *bias, uint8_t *qout, int64_t ldq, float *work, int threads) {
     job_t proto = {.a = a, .lda = lda, .m = m, .n = n, .k = k, .packed = packed, .colsum = colsum, .s = s, .c = c,
                    .bias = bias, .qout = qout, .ldq = ldq};
-    return run_threads(&proto, threads, work);
+    return pool_run(&proto, threads, work);
 }

@@ -292,54 +292,11 @@ static void run_rows(job_t *j) {
     free(owned);
 }
 
-static void *thread_main(void *arg) {
-    run_rows((job_t *)arg);
-    return NULL;
-}
+#include "row_pool.h"
 
-static int clamp_threads(int64_t m, int threads) {
-    int64_t tiles = (m + MR - 1) / MR;
-    if (threads > 64) threads = 64;
-    if (threads > tiles) threads = (int)tiles;
-    return threads < 1 ? 1 : threads;
-}
-
-/* MC rows per block, or fewer where that would leave a thread idle (a few dozen rows: one query's tokens) */
-static int64_t block_rows(int64_t m, int threads) {
-    int64_t even = (m + threads - 1) / threads;
-    even = (even + MR - 1) / MR * MR;
-    return even < MC ? (even > 0 ? even : MR) : MC;
-}
-
+/* floats of work space gelu_rows needs: MC * n per thread (see pool_run) */
 int64_t sensimix_i16_work_floats(int64_t m, int64_t n, int threads) {
-    return (int64_t)clamp_threads(m, threads) * MC * n;
-}
-
-/* work: NULL, or sensimix_i16_work_floats(m, n, threads) floats for gelu_rows' per-thread blocks (a buffer the
- * caller reuses: a fresh one per call would cost its page faults every time) */
-static int run_threads(job_t *jobs, int threads, const job_t *proto, float *work) {
-    threads = clamp_threads(proto->m, threads);
-    pthread_t ids[64];
-    int started[64] = {0};
-    atomic_long next;
-    atomic_init(&next, 0);
-    int64_t rows = block_rows(proto->m, threads);
-    for (int t = 0; t < threads; t++) {
-        jobs[t] = *proto;
-        jobs[t].rows = rows;
-        jobs[t].next = &next;
-        jobs[t].work = work && proto->qa ? work + (int64_t)t * MC * proto->n : NULL;
-    }
-    for (int t = 1; t < threads; t++) started[t] = pthread_create(&ids[t], NULL, thread_main, &jobs[t]) == 0;
-    run_rows(&jobs[0]);
-    int status = jobs[0].status;
-    for (int t = 1; t < threads; t++) {  /* a thread that could not start took no block: the others did its share */
-        if (started[t]) {
-            pthread_join(ids[t], NULL);
-            if (jobs[t].status) status = jobs[t].status;
-        }
-    }
-    return status;
+    return (int64_t)pool_threads(m, threads) * MC * n;
 }
 
 /* out [m, n] (stride ldo) = the header's y. Returns 0, or -3 if memory ran out (nothing is then trustworthy in
@@ -347,10 +304,9 @@ static int run_threads(job_t *jobs, int threads, const job_t *proto, float *work
 int sensimix_i16_gemm(const int16_t *a, int64_t lda, int64_t m, const int8_t *packed, int64_t n, int64_t k,
                       const float *sa, const int32_t *rs, const float *sw, const float *cw, const float *bias,
                       float *out, int64_t ldo, int threads) {
-    job_t jobs[64];
     job_t proto = {.a = a, .lda = lda, .m = m, .n = n, .k = k, .packed = packed, .sa = sa, .rs = rs, .sw = sw,
                    .cw = cw, .bias = bias, .out = out, .ldo = ldo};
-    return run_threads(jobs, threads, &proto, NULL);
+    return pool_run(&proto, threads, NULL);
 }
 
 /* out [m, n] (stride ldo) = LayerNorm(the header's y + res) with gamma, beta and eps (res [m, n], stride ldr: the
@@ -359,22 +315,20 @@ int sensimix_i16_gemm_add_norm(const int16_t *a, int64_t lda, int64_t m, const i
                                const float *sa, const int32_t *rs, const float *sw, const float *cw,
                                const float *bias, const float *res, int64_t ldr, const float *gamma,
                                const float *beta, float eps, float *out, int64_t ldo, int threads) {
-    job_t jobs[64];
     job_t proto = {.a = a, .lda = lda, .m = m, .n = n, .k = k, .packed = packed, .sa = sa, .rs = rs, .sw = sw,
                    .cw = cw, .bias = bias, .out = out, .ldo = ldo, .res = res, .ldr = ldr, .gamma = gamma,
                    .beta = beta, .eps = eps};
-    return run_threads(jobs, threads, &proto, NULL);
+    return pool_run(&proto, threads, NULL);
 }
 
 /* GELU(the header's y) for [m, n], rounded as sensimix_i16_quantize rounds it into qa [m, ldq] (ldq >= n + n % 2),
- * qsa [m], qrs [m]; the fp32 values exist only block by block, in work (see run_threads). Returns as
+ * qsa [m], qrs [m]; the fp32 values exist only block by block, in work (see pool_run). Returns as
  * sensimix_i16_gemm. */
 int sensimix_i16_gemm_gelu_rows(const int16_t *a, int64_t lda, int64_t m, const int8_t *packed, int64_t n, int64_t k,
                                 const float *sa, const int32_t *rs, const float *sw, const float *cw,
                                 const float *bias, int16_t *qa, int64_t ldq, float *qsa, int32_t *qrs, float *work,
                                 int threads) {
-    job_t jobs[64];
     job_t proto = {.a = a, .lda = lda, .m = m, .n = n, .k = k, .packed = packed, .sa = sa, .rs = rs, .sw = sw,
                    .cw = cw, .bias = bias, .qa = qa, .ldq = ldq, .qsa = qsa, .qrs = qrs};
-    return run_threads(jobs, threads, &proto, work);
+    return pool_run(&proto, threads, work);
 }
