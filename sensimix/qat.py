@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -34,12 +33,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 from transformers.models.bert.modeling_bert import BertSelfAttention
-from transformers.utils import logging as hf_logging
 
 from . import a8
 from .config import SensiMixConfig
 from .quant import abwr, ste_fp16, ste_index8, ste_sign_input, ste_sign_weight
-from .sources import SourceError, bert_config, check_weights_fit, is_random
+from .sources import SourceError, bert_config, check_weights_fit, dropped_layer, is_random, quiet_loading
 
 log = logging.getLogger(__name__)
 
@@ -347,24 +345,20 @@ def from_bert(
                  source if is_random(source) else "given")
         return SensiMixQATForSequenceClassification(config)
     log.info("initialising %s from the first %d layers of %s", config.describe(), num_hidden_layers, source)
-    # transformers prints a table of every tensor of the dropped upper layers as UNEXPECTED; say it briefly instead
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
     from safetensors import SafetensorError
 
     try:
         check_weights_fit(source, tcfg, layers=num_hidden_layers)  # from the file's index, before any allocation
         # a fine-tuned head for another label count is re-initialised (and logged), not a load error
-        model, info = SensiMixQATForSequenceClassification.from_pretrained(
-            os.fspath(source), config=config, output_loading_info=True, ignore_mismatched_sizes=True)
+        with quiet_loading():  # the dropped upper layers are said in one line below, not transformers' table
+            model, info = SensiMixQATForSequenceClassification.from_pretrained(
+                os.fspath(source), config=config, output_loading_info=True, ignore_mismatched_sizes=True)
     except SourceError:
         raise
     except (pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueError, SafetensorError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise SourceError(f"{source}: cannot load its weights ({type(exc).__name__}: {first}); the weight files are "
                           f"missing, truncated, unsafe to unpickle or do not match config.json") from exc
-    finally:
-        hf_logging.set_verbosity(verbosity)
     _log_loading_info(info, source, num_hidden_layers, tcfg.num_hidden_layers)
     return model
 
@@ -378,9 +372,7 @@ def _log_loading_info(info: dict, source: object, kept: int, teacher_layers: int
     if body:  # the encoder would run on random weights: never silently
         raise SourceError(f"{source} lacks {len(body)} encoder weight(s) SensiMix starts from (e.g. "
                           f"{', '.join(body[:3])}); they would be random. Is it a BERT checkpoint of this geometry?")
-    upper = re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\.")
-    unexpected = [k for k in info.get("unexpected_keys", [])
-                  if not ((m := upper.search(k)) and int(m.group(1)) >= kept)]
+    unexpected = [k for k in info.get("unexpected_keys", []) if not dropped_layer(k, kept)]
     if kept < teacher_layers:
         log.info("dropped layers %d-%d of %s (SensiMix keeps the first %d)", kept, teacher_layers - 1, source, kept)
     if info.get("missing_keys"):

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import pickle
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -154,7 +155,7 @@ def load_bert_classifier(source: str | os.PathLike, num_labels: int, *, dtype=No
         kwargs["use_safetensors"] = use_safetensors
     try:
         check_weights_fit(source, config, use_safetensors=use_safetensors, layers=layers)  # before allocating
-        with _quiet_loading(layers is not None):  # the upper layers left out are not worth transformers' table
+        with quiet_loading(layers is not None):  # the upper layers left out are not worth transformers' table
             model, info = BertForSequenceClassification.from_pretrained(os.fspath(source), **kwargs)
     except SourceError:
         raise
@@ -164,7 +165,8 @@ def load_bert_classifier(source: str | os.PathLike, num_labels: int, *, dtype=No
     # an encoder weight the config has no place for (e.g. config.json names fewer layers than the file) means the
     # model is not the file's; another task's head is simply not used
     unexpected = [k for k in info.get("unexpected_keys", ())
-                  if k.startswith("bert.") and k not in LEGACY_BERT_BUFFERS and not _dropped_layer(k, layers)]
+                  if k.startswith("bert.") and k not in LEGACY_BERT_BUFFERS
+                  and not (layers is not None and dropped_layer(k, layers))]
     mismatched = [k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys", ())]
     if missing or unexpected or mismatched:
         raise _mismatch_error(source, config, missing, unexpected, mismatched)
@@ -175,8 +177,9 @@ def load_bert_classifier(source: str | os.PathLike, num_labels: int, *, dtype=No
 
 
 @contextlib.contextmanager
-def _quiet_loading(quiet: bool) -> Iterator[None]:
-    """transformers' loading report at error level only, when ``quiet``."""
+def quiet_loading(quiet: bool = True) -> Iterator[None]:
+    """transformers' loading report at error level only, when ``quiet``: loading the first layers of a deeper BERT
+    would otherwise print every tensor of the layers left out as UNEXPECTED."""
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
@@ -188,9 +191,13 @@ def _quiet_loading(quiet: bool) -> Iterator[None]:
         hf_logging.set_verbosity(verbosity)
 
 
-def _dropped_layer(key: str, layers: int | None) -> bool:
-    """Whether ``key`` is a weight of an encoder layer that ``layers`` leaves out."""
-    return layers is not None and key.startswith("bert.encoder.layer.") and int(key.split(".")[3]) >= layers
+_LAYER_KEY = re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\.")
+
+
+def dropped_layer(key: str, layers: int) -> bool:
+    """Whether ``key`` (``bert.encoder.layer.N...``, or without the ``bert.`` prefix) is a weight of an encoder
+    layer that keeping the first ``layers`` leaves out."""
+    return (m := _LAYER_KEY.search(key)) is not None and int(m.group(1)) >= layers
 
 
 def _weights_error(source: str | os.PathLike, exc: BaseException) -> SourceError:
@@ -294,8 +301,7 @@ def check_weights_fit(source: str | os.PathLike, config: Any, *, use_safetensors
         wanted = {k: tuple(v.shape) for k, v in BertForSequenceClassification(config).state_dict().items()
                   if k.startswith("bert.") and not k.startswith(_NEW_HEAD)}
     if layers is not None:
-        wanted = {k: v for k, v in wanted.items()
-                  if not (k.startswith("bert.encoder.layer.") and int(k.split(".")[3]) >= layers)}
+        wanted = {k: v for k, v in wanted.items() if not dropped_layer(k, layers)}
     missing = [k for k in wanted if k not in in_file]
     other = [f"{k} is {list(in_file[k])} in the file, {list(v)} by config.json" for k, v in wanted.items()
              if k in in_file and in_file[k] != v]
