@@ -37,7 +37,8 @@ from transformers.models.bert.modeling_bert import BertSelfAttention
 from . import a8
 from .config import SensiMixConfig
 from .quant import abwr, ste_fp16, ste_index8, ste_sign_input, ste_sign_weight
-from .sources import SourceError, bert_config, check_weights_fit, dropped_layer, is_random, quiet_loading
+from .sources import (SourceError, bert_config, check_weights_fit, dropped_layer, is_random, quiet_loading,
+                      weights_error)
 
 log = logging.getLogger(__name__)
 
@@ -356,9 +357,7 @@ def from_bert(
     except SourceError:
         raise
     except (pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueError, SafetensorError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise SourceError(f"{source}: cannot load its weights ({type(exc).__name__}: {first}); the weight files are "
-                          f"missing, truncated, unsafe to unpickle or do not match config.json") from exc
+        raise weights_error(source, exc) from exc
     _log_loading_info(info, source, num_hidden_layers, tcfg.num_hidden_layers)
     return model
 

@@ -160,7 +160,7 @@ def load_bert_classifier(source: str | os.PathLike, num_labels: int, *, dtype=No
     except SourceError:
         raise
     except (pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueError, SafetensorError) as exc:
-        raise _weights_error(source, exc) from exc
+        raise weights_error(source, exc) from exc
     missing = [k for k in info.get("missing_keys", ()) if trained_head or not k.startswith(_NEW_HEAD)]
     # an encoder weight the config has no place for (e.g. config.json names fewer layers than the file) means the
     # model is not the file's; another task's head is simply not used
@@ -200,7 +200,7 @@ def dropped_layer(key: str, layers: int) -> bool:
     return (m := _LAYER_KEY.search(key)) is not None and int(m.group(1)) >= layers
 
 
-def _weights_error(source: str | os.PathLike, exc: BaseException) -> SourceError:
+def weights_error(source: str | os.PathLike, exc: BaseException) -> SourceError:
     """One line for a weight file that cannot be read: unsafe to unpickle, shapes transformers refused, or damaged."""
     first = brief(exc)
     if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc) or "Weights only" in str(exc):
