@@ -20,6 +20,8 @@ import sensimix.io.folders as sio
 from sensimix.io import (
     OutputError,
     atomic_dir,
+    check_apart,
+    check_file_target,
     check_output_dir,
     raise_on_sigterm,
     read_json,
@@ -361,3 +363,43 @@ def test_a_refused_verify_creates_no_report_folder(tmp_path, monkeypatch, caplog
                  "--keep-models", str(keep), "--device", "cpu", "--skip-accuracy", "--no-progress"])
     assert code == 2 and "DIR/bert" in caplog.text and "already exists; pass --overwrite" in caplog.text
     assert listing(tmp_path) == ["keep"] and (keep / "bert" / "config.json").read_text() == "precious"
+
+
+def test_outputs_are_synced_to_disk_before_the_rename(tmp_path, monkeypatch):
+    """A power loss must leave the old version or the new one: each file's data (and the folder's entries) reach
+    the disk before the rename that publishes them."""
+    events: list[str] = []
+    real_fsync, real_replace, real_rename = os.fsync, os.replace, os.rename
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda *a, **k: (events.append("rename"), real_replace(*a, **k))[1])
+    monkeypatch.setattr(os, "rename", lambda *a, **k: (events.append("rename"), real_rename(*a, **k))[1])
+    write_json(tmp_path / "r.json", {"a": 1})
+    assert events[0] == "fsync" and "rename" in events and events[-1] == "fsync"  # data, rename, the folder
+    events.clear()
+    real_commit = sio._commit
+    monkeypatch.setattr(sio, "_commit", lambda *a: (events.append("rename"), real_commit(*a))[1])
+    with atomic_dir(tmp_path / "m") as tmp:
+        (tmp / "config.json").write_text("{}")
+        (tmp / "pytorch_model.bin").write_bytes(b"x" * 10)
+    first_rename = events.index("rename")
+    assert events[:first_rename].count("fsync") >= 3 and events[-1] == "fsync"  # two files and the folder first
+
+
+def test_a_read_only_output_file_is_refused_not_replaced(tmp_path):
+    kept = tmp_path / "r.json"
+    kept.write_text('{"kept": true}')
+    kept.chmod(0o444)
+    with pytest.raises(OutputError, match=r"r\.json is read-only, so it is kept as it is; make it writable"):
+        check_file_target(kept, "--json")
+    assert kept.read_text() == '{"kept": true}'
+
+
+def test_an_output_that_is_an_input_file_is_refused_also_through_a_link(tmp_path):
+    source = tmp_path / "runs.jsonl"
+    source.write_text("{}\n")
+    (tmp_path / "link.jsonl").symlink_to(source)
+    for out in (source, tmp_path / "link.jsonl", tmp_path / "sub" / ".." / "runs.jsonl"):
+        (tmp_path / "sub").mkdir(exist_ok=True)
+        with pytest.raises(OutputError, match="is the --results file .*which this command reads"):
+            check_apart(out, {"--results": source}, "--json", replaces=False)
+    check_apart(tmp_path / "other.json", {"--results": source}, "--json", replaces=False)

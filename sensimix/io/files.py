@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .folders import OutputError, _umask, check_apart
+from .folders import OutputError, _umask, check_apart, fsync_path
 from .reads import read_json
 
 
@@ -45,11 +45,15 @@ def _check_target_kind(target: Path, what: str) -> None:
 
 def check_file_target(path: str | os.PathLike, what: str = "the output file") -> Path:
     """Where a file will be written (a temp file renamed over it), checked before the work: a new or regular file,
-    in an existing folder that takes a new file."""
+    not made read-only (the rename would replace it regardless, even for its owner), in an existing folder that
+    takes a new file."""
     if not str(path).strip():
         raise OutputError(f"{what} is empty; give a file name")
     target = Path(path)
     _check_target_kind(target, what)
+    if target.is_file() and not target.stat().st_mode & 0o222:
+        raise OutputError(f"{what} {target} is read-only, so it is kept as it is; make it writable (chmod u+w) to "
+                          f"have it replaced, or choose another {what}")
     if not target.parent.is_dir():
         raise OutputError(f"{what} {target}: the folder {target.parent} does not exist; create it first")
     try:
@@ -79,7 +83,9 @@ def check_json_target(path: str | os.PathLike, what: str = "--json",
 
 def _write_atomically(path: str | os.PathLike, write: Any, *, encoding: str | None = None,
                       binary: bool = False) -> None:
-    """``write(f)`` into a temp file beside ``path``, renamed over it: readers never see half a file."""
+    """``write(f)`` into a temp file beside ``path``, flushed to disk and renamed over it: readers never see half a
+    file, and a power loss leaves the old file or the new one, never an empty one (ext4/xfs may otherwise commit
+    the rename before the data)."""
     path = Path(path)
     _check_target_kind(path, "the output file")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -87,7 +93,10 @@ def _write_atomically(path: str | os.PathLike, write: Any, *, encoding: str | No
         os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb" if binary else "w", encoding=encoding) as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_path(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -74,11 +74,19 @@ def check_output_dir(out: str | os.PathLike, *, overwrite: bool = False, what: s
 def check_apart(out: str | os.PathLike, inputs: dict[str, str | os.PathLike | None], what: str = "--out", *,
                 replaces: bool = True) -> None:
     """:class:`OutputError` when ``out`` is or is inside one of the ``inputs`` folders ({flag: path}; a path that is
-    not a folder, e.g. a hub id or ``random:...``, is skipped), or, when the command ``replaces`` ``out`` as a whole
-    (``--overwrite``), holds one: writing it would replace or delete what the command reads."""
+    neither a folder nor a file, e.g. a hub id or ``random:...``, is skipped), is one of the input files (also
+    through a link), or, when the command ``replaces`` ``out`` as a whole (``--overwrite``), holds one: writing it
+    would replace or delete what the command reads."""
     real = _absolute(out).resolve()
     for flag, folder in inputs.items():
-        if folder is None or not str(folder).strip() or not Path(folder).is_dir():
+        if folder is None or not str(folder).strip():
+            continue
+        if Path(folder).is_file():
+            if real.exists() and os.path.samefile(real, folder):
+                raise OutputError(f"{what} {out} is the {flag} file {folder}, which this command reads and must not "
+                                  f"write; choose another {what}")
+            continue
+        if not Path(folder).is_dir():
             continue
         src = Path(folder).resolve()
         if real == src or real.is_relative_to(src) or (replaces and src.is_relative_to(real)):
@@ -313,6 +321,24 @@ def _signals_deferred() -> Iterator[None]:
             signal.raise_signal(s)
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a folder's entries (a rename in it), to disk; best effort for a folder, which some
+    file systems cannot open or sync."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if path.is_dir():
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not path.is_dir():
+            raise
+    finally:
+        os.close(fd)
+
+
 def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
     with _signals_deferred():
         _rename_into_place(tmp, out, overwrite)
@@ -393,6 +419,11 @@ def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool = False,
             for f in tmp.rglob("*"):  # some writers (safetensors, mkstemp) create 0600 files
                 if f.is_file():
                     os.chmod(f, 0o666 & ~_umask())
+                    fsync_path(f)  # on disk before the rename: a power loss leaves the old folder or the new one
+                elif f.is_dir():
+                    fsync_path(f)
+            fsync_path(tmp)
             _commit(tmp, out, overwrite)
+            fsync_path(out.parent)
         finally:  # committed: only the owner file is left (and the old version, after an exchange)
             _drop_temp(tmp, owner)
