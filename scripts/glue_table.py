@@ -150,7 +150,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def report(args: argparse.Namespace) -> int:
     from sensimix.bench.glue.summary import machine_slug, render, summarize
-    from sensimix.io import check_file_target, check_json_target, write_json
+    from sensimix.bench.glue.chart import CHART_SUFFIXES
+    from sensimix.io import check_apart, check_file_target, check_json_target, write_json
 
     if not Path(args.results).is_file():
         raise FileNotFoundError(f"--results {args.results}: no such file (run a plan first)")
@@ -161,6 +162,11 @@ def report(args: argparse.Namespace) -> int:
     chart_path = Path(args.chart or json_path.with_suffix(".png"))
     check_json_target(json_path, "--json", reads={"--results": args.results})
     check_file_target(chart_path, "--chart")
+    check_apart(chart_path, {"--results": args.results, "--json": json_path if json_path.exists() else None},
+                "--chart", replaces=False)
+    if chart_path.suffix and chart_path.suffix.lower() not in CHART_SUFFIXES:  # found before the JSON is written, not after
+        raise ValueError(f"--chart {chart_path}: matplotlib writes {', '.join(CHART_SUFFIXES)}; name the chart "
+                         f"with one of them")
     summary = summarize(loaded.records)
     print(render(summary))
     if loaded.truncated:
@@ -179,7 +185,7 @@ def report(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sensimix.bench.glue.runner import Context, duration, estimate_left, run_all
+    from sensimix.bench.glue.runner import Context, check_done, duration, estimate_left, run_all
     from sensimix.data import resolve_glue_dir, task_file
     from sensimix.devices import resolve_device
     from sensimix.io import check_file_target
@@ -225,6 +231,7 @@ def run(args: argparse.Namespace) -> int:
     for t, p in protocols.items():
         print(f"{t}: train {'all' if p.train_limit is None else f'{p.train_limit:,}'}, max_seq_length "
               f"{p.max_seq_length}, protocol {p.digest}")
+    check_done(runs, loaded.records, protocols, device, glue_dir, results)  # lines that only look done: refused
     if args.dry_run:
         done = {record_key(x) for x in loaded.records}
         for r in runs:

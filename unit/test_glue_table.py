@@ -18,8 +18,9 @@ from transformers import BertConfig
 from sensimix.bench.glue import metrics as M
 from sensimix.bench.glue.plans import CPU_TRAIN_LIMITS, RunSpec, plan_runs, protocol_for
 from sensimix.bench.glue.results import SCHEMA, NotResultsFile, append_result, read_results
-from sensimix.bench.glue.runner import Context, duration, estimate_left, reference_problem, run_all
-from sensimix.bench.glue.summary import machine_slug, summarize, verdict
+from sensimix.bench.glue.runner import (Context, check_done, duration, estimate_left, reference_problem,
+                                        run_all)
+from sensimix.bench.glue.summary import machine_slug, render, summarize, verdict
 from sensimix.io import OutputError, file_sha256
 from sensimix.train.provenance import training_examples
 
@@ -513,3 +514,58 @@ def test_a_model_asked_for_without_a_run_in_the_selection_is_refused(capsys, tmp
     assert "--models bert3-int8: no run of it in this selection (an int8 peer runs the full recipe only" in err
     err = refused(capsys, tmp_path, argv + ["--plan", "ablation", "--models", "2+1", "--ablation", "no-ilf"])
     assert "--models 2+1: no run of it in this selection" in err
+
+
+def test_lines_another_writer_appended_meanwhile_are_kept(tmp_path):
+    results = tmp_path / "r.jsonl"
+    loaded = read_results(results)
+    append_result(results, loaded, rec("mrpc", 42))
+    with open(results, "a") as f:  # e.g. lines merged from another machine while a session runs
+        f.write(json.dumps(rec("mrpc", 43)) + "\n")
+    append_result(results, loaded, rec("mrpc", 44))
+    assert [r["seed"] for r in read_results(results).records] == [42, 43, 44] == [r["seed"] for r in loaded.records]
+    with open(results, "a") as f:  # the file stopped being ours meanwhile: refused, nothing written
+        f.write('{"loss": 1}\n')
+    before = results.read_text()
+    with pytest.raises(NotResultsFile, match="line 4 is not a sensimix-glue-run/1 record"):
+        append_result(results, loaded, rec("mrpc", 45))
+    assert results.read_text() == before
+
+
+def test_a_line_is_done_only_if_this_version_would_run_it_the_same_way(tmp_path, glue4):
+    protocols, results = {"mrpc": protocol_for("mrpc", "cpu", "m")}, tmp_path / "r.jsonl"
+    spec = R("mrpc", 42, "2+1")
+    settings = protocols["mrpc"].settings(spec, "cpu").as_dict()
+    line = rec("mrpc", 42, "2+1", digest=protocols["mrpc"].digest, settings=settings, eval={"device": "cpu"},
+               train_data={"sha256": file_sha256(glue4 / "MRPC" / "train.tsv")})
+    check_done([spec], [line], protocols, "cpu", glue4, results)  # the same recipe, data and device: done
+    check_done([spec], [line | {"settings": settings | {"logging_steps": 7}}], protocols, "cpu", glue4, results)
+    with pytest.raises(ValueError, match=r"line for mrpc SensiMix \(2\+1\) fp32 seed 42 was trained with another "
+                                         r"abwr_coef, weight_decay than this version trains with"):
+        check_done([spec], [line | {"settings": settings | {"weight_decay": 0.1, "abwr_coef": 2.0}}], protocols,
+                   "cpu", glue4, results)
+    with pytest.raises(ValueError, match="was trained on another mrpc train file than"):
+        check_done([spec], [line | {"train_data": {"sha256": "0" * 64}}], protocols, "cpu", glue4, results)
+    with pytest.raises(ValueError, match="holds runs on cpu; this session runs on cuda: one table per machine kind"):
+        check_done([spec], [line], protocols, "cuda:0", glue4, results)
+
+
+def test_the_report_never_writes_over_its_results_and_checks_the_chart_before_writing(capsys, tmp_path):
+    results = tmp_path / "runs.jsonl"
+    results.write_text(json.dumps(rec("rte", 42)) + "\n")  # one line: it parses as one JSON document too
+    before = results.read_text()
+    err = refused(capsys, tmp_path, ["--report", "--results", str(results), "--json", str(results)])
+    assert "--json" in err and "is the --results file" in err and results.read_text() == before
+    err = refused(capsys, tmp_path, ["--report", "--results", str(results), "--json", str(tmp_path / "t.json"),
+                                     "--chart", str(tmp_path / "t.txt")])
+    assert "--chart" in err and ".png, .svg, .pdf" in err  # and t.json was not written (refused() checks)
+
+
+def test_runs_pair_only_with_runs_from_the_same_reference(tmp_path):
+    runs = [rec("rte", s, score=0.6, reference={"pytorch_model_sha256": "a"}) for s in (42, 43)]
+    runs += [rec("rte", 42, "2+1", score=0.5, reference={"pytorch_model_sha256": "a"}),
+             rec("rte", 43, "2+1", score=0.4, reference={"pytorch_model_sha256": "b"})]  # a reference trained again
+    summary = summarize(runs)
+    gap = summary["gap_to_reference"][0]["gap"]["accuracy"]
+    assert gap["seeds"] == [42] and gap["other_reference"] == [43] and gap["mean"] == pytest.approx(10.0)
+    assert "(seeds 43 not paired: another reference)" in render(summary)

@@ -19,6 +19,7 @@ def test_an_export_has_parity_and_an_a8_export_is_bitwise(tmp_path, activation_q
     assert r["met"] and r["examples"] == 12 and r["predictions_equal"] == 12 and r["flips"] == []
     assert r["bitwise"] == (activation_quant == "a8")
     assert r["max_abs_logit_gap"] <= 1e-5 and r["qat_accuracy"] == r["packed_accuracy"]
+    assert r["rows_above_tolerance"] == 0  # no row needed the sign-step excuse
 
 
 def test_another_model_s_folder_is_no_parity(tmp_path):
@@ -26,3 +27,4 @@ def test_another_model_s_folder_is_no_parity(tmp_path):
     folder = export_checkpoint(build_qat(4, 2, seed=4), tmp_path / "other")
     r = parity(build_qat(4, 2, seed=3), folder, ragged_inputs())
     assert not r["met"] and r["max_abs_logit_gap"] > 1e-3 and not r["bitwise"]
+    assert r["rows_above_tolerance"] >= 1

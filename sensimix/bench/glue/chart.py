@@ -11,6 +11,7 @@ from ...io import write_figure
 from .metrics import METRIC_TITLES
 from .plans import SENSIMIX_MODELS
 
+CHART_SUFFIXES = (".png", ".svg", ".pdf")  # what matplotlib writes without extra packages (none: PNG)
 MARKERS = {("fp32", "fp32"): ("o", "black"), ("3+3", "fp32"): ("s", "tab:blue"), ("3+3", "a8"): ("D", "tab:cyan"),
            ("2+1", "fp32"): ("^", "tab:red"), ("2+1", "a8"): ("v", "tab:orange"),
            ("bert6-int8", "int8"): ("P", "tab:gray"), ("bert3-int8", "int8"): ("X", "tab:green")}

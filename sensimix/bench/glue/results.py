@@ -1,7 +1,8 @@
 """The results file: one JSON object per line, one line per finished run, schema ``sensimix-glue-run/1``.
 
-Writes are atomic: each finished run rewrites the file through a temp file renamed over it (the file is a few
-hundred lines), so a crash loses the run in progress only. A file whose last line was cut short elsewhere (a full
+Writes are atomic and durable: each finished run rewrites the file (as it is then, plus the new line) through a
+temp file, flushed to disk and renamed over it (the file is a few hundred lines), so a crash loses the run in
+progress only. A file whose last line was cut short elsewhere (a full
 disk, a copy interrupted) is still read: the cut line is reported and ignored (its run runs again, and the next
 write drops the fragment). A file that is not ours -- a line that is not a run record, or a cut line that does not
 start like one -- is refused, so a wrong ``--results`` never gets lines appended to it.
@@ -89,10 +90,14 @@ def read_results(path: str | os.PathLike) -> Loaded:
 
 
 def append_result(path: str | os.PathLike, loaded: Loaded, record: dict[str, Any]) -> None:
-    """Write ``loaded``'s lines plus ``record`` to ``path`` atomically, and add the record to ``loaded``."""
+    """Write the file's lines as they are now plus ``record`` to ``path`` atomically, and make ``loaded`` what was
+    written. The file is read again first: lines another writer added since ``loaded`` was read (a ``cat >>``, a
+    merge from another machine; the session lock keeps out only other sessions) are kept, and a file that
+    stopped being ours meanwhile is refused with nothing written."""
     record = {"schema": SCHEMA, **{k: v for k, v in record.items() if k != "schema"}}  # first: PREFIX
     line = json.dumps(_finite(record), allow_nan=False, default=str)
-    write_text(path, loaded.text + line + "\n")
-    loaded.text += line + "\n"
-    loaded.records.append(json.loads(line))
+    now = read_results(path)
+    write_text(path, now.text + line + "\n")
+    loaded.text = now.text + line + "\n"
+    loaded.records[:] = [*now.records, json.loads(line)]
     loaded.truncated = None

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ...data import METRICS_FILE, load_glue, recorded_task
+from ...data import METRICS_FILE, load_glue, recorded_task, task_file
 from ...io import file_sha256, read_json, reserve_output
 from ...vv.accuracy import evaluate_folder, parse_split
 from ..parity import parity
@@ -260,9 +260,45 @@ def run_all(runs: list[RunSpec], ctx: Context, results: Path, *,
         return _run_locked(runs, ctx, results, read_results(results), execute, out, max_runs, keep_going)
 
 
+def check_done(runs: list[RunSpec], records: list[dict[str, Any]], protocols: dict[str, Protocol], device: str,
+               glue_dir: Path, results: Path) -> None:
+    """Refuse (one line) to count a line of ``records`` as done when it is not what ``runs`` would run now: the
+    protocol digest names the table's knobs only, so a line trained on another device kind, with another recipe
+    (a changed default: warmup, weight decay, ABWR coefficient, epochs) or from another copy of the train file
+    would otherwise be skipped and averaged with the new runs."""
+    kind = "cuda" if str(device).startswith("cuda") else "cpu"
+    other = sorted({str((r.get("eval") or {}).get("device", "cpu")).split(":")[0] for r in records} - {kind})
+    if other:
+        raise ValueError(f"--results {results} holds runs on {other[0]}; this session runs on {kind}: one table per "
+                         f"machine kind, so choose another --results")
+    train_sha: dict[str, str] = {}
+    by_key = {record_key(r): r for r in records}
+    for spec in runs:
+        record = by_key.get(spec_key(spec, protocols[spec.task]))
+        if record is None:
+            continue
+        got = record.get("settings")
+        if isinstance(got, dict):  # None: an int8 peer that is the reference as it is, nothing trained
+            want = protocols[spec.task].settings(spec, device).as_dict()
+            changed = sorted(k for k in want.keys() & got.keys() if k not in NOT_IN_KEY and want[k] != got[k])
+            if changed:
+                raise ValueError(f"--results {results}: its line for {spec.label} was trained with another "
+                                 f"{', '.join(changed)} than this version trains with: the recipe changed since, so "
+                                 f"start a new --results (and --work) for it")
+        sha = (record.get("train_data") or {}).get("sha256")
+        if sha is not None:
+            if spec.task not in train_sha:
+                train_sha[spec.task] = file_sha256(task_file(spec.task, "train", glue_dir))
+            if sha != train_sha[spec.task]:
+                raise ValueError(f"--results {results}: its line for {spec.label} was trained on another "
+                                 f"{spec.task} train file than {task_file(spec.task, 'train', glue_dir)}: pass the "
+                                 f"--glue-dir those lines used, or start a new --results")
+
+
 def _run_locked(runs: list[RunSpec], ctx: Context, results: Path, loaded: Loaded,
                 execute: Callable[..., dict[str, Any]], out: Callable[[str], None], max_runs: int | None,
                 keep_going: bool) -> Outcome:
+    check_done(runs, loaded.records, ctx.protocols, ctx.device, ctx.glue_dir, results)
     done = {record_key(r) for r in loaded.records}
     pending = [r for r in runs if spec_key(r, ctx.protocols[r.task]) not in done]
     outcome = Outcome(skipped=len(runs) - len(pending))

@@ -13,6 +13,7 @@ import statistics
 from collections.abc import Iterable
 from typing import Any
 
+from ..parity import LOGIT_TOLERANCE
 from .metrics import METRIC_TITLES, TASK_METRICS
 from .plans import (
     ABLATIONS,
@@ -79,12 +80,20 @@ def _by_seed(records: list[dict[str, Any]], model: str, activations: str, ablati
             if (r["model"], r["activations"], r["ablation"]) == (model, activations, ablation)}
 
 
+def _reference_sha(record: dict[str, Any]) -> str | None:
+    return (record.get("reference") or {}).get("pytorch_model_sha256")
+
+
 def _paired(a: dict[int, dict], b: dict[int, dict], metric: str) -> dict[str, Any]:
-    """Mean and spread of a - b (points) over the seeds both have."""
-    seeds = sorted(set(a) & set(b))
+    """Mean and spread of a - b (points) over the seeds both have, from the same fp32 reference: a seed whose two
+    lines name different reference weights (a reference trained again: another --work, another machine) is not a
+    pair, and is listed as ``other_reference``."""
+    both = sorted(set(a) & set(b))
+    other = [s for s in both if None not in (x := _reference_sha(a[s]), y := _reference_sha(b[s])) and x != y]
+    seeds = [s for s in both if s not in other]
     diffs = [(_points(a[s], metric), _points(b[s], metric)) for s in seeds]
     out = mean_spread(x - y for x, y in diffs if x is not None and y is not None)
-    return out | {"seeds": seeds}
+    return out | {"seeds": seeds} | ({"other_reference": other} if other else {})
 
 
 def _train_examples(records: list[dict[str, Any]]) -> int | None:
@@ -155,7 +164,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
 def parity_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each SensiMix run's parity (the packed folder against the model as trained, on dev: sensimix.bench.parity)."""
     keep = ("examples", "predictions_equal", "bitwise", "max_abs_logit_gap", "max_abs_logit_gap_elsewhere",
-            "rows_near_a_sign_step", "flips", "met")
+            "rows_near_a_sign_step", "rows_above_tolerance", "flips", "met")
     return [{"task": r["task"], "model": r["model"], "activations": r["activations"], "ablation": r["ablation"],
              "seed": r["seed"], **{k: r["parity"].get(k) for k in keep}}
             for r in records if isinstance(r.get("parity"), dict)]
@@ -212,15 +221,18 @@ def _task(row: dict[str, Any]) -> str:
 
 
 def _differences(stats: dict[str, dict[str, Any]]) -> tuple[str, int]:
-    """A paired difference per metric as one cell ("F1 +0.23, accuracy +0.49"), and the most seeds behind it."""
-    return (", ".join(f"{METRIC_TITLES[m]} {_fmt(s, True)}" for m, s in stats.items()),
+    """A paired difference per metric as one cell ("F1 +0.23, accuracy +0.49"), and the most seeds behind it; seeds
+    left unpaired for another reference are named."""
+    other = sorted({seed for s in stats.values() for seed in s.get("other_reference", ())})
+    note = f" (seeds {', '.join(map(str, other))} not paired: another reference)" if other else ""
+    return (", ".join(f"{METRIC_TITLES[m]} {_fmt(s, True)}" for m, s in stats.items()) + note,
             max(s["n"] for s in stats.values()))
 
 
 def render(summary: dict[str, Any]) -> str:
     """The summaries as markdown tables, goals and the noise rule."""
-    lines = [("## GLUE dev, packed runtime, exact fp32 path; int8 peers by ONNX Runtime (points: mean ± spread "
-              "over seeds)"), "", "| task | model | activations | seeds | score | model file |",
+    lines = [("## GLUE dev: SensiMix through the packed runtime (exact fp32 path), the reference through "
+              "transformers (fp32 eager), int8 peers through ONNX Runtime (points: mean ± spread over seeds)"), "", "| task | model | activations | seeds | score | model file |",
              "|---|---|---|---:|---|---:|"]
     for r in summary["table"]:
         score = ", ".join(f"{METRIC_TITLES[m]} {_fmt(s)}" for m, s in r["metrics"].items())
@@ -269,12 +281,20 @@ def render(summary: dict[str, Any]) -> str:
     lines += [f"Not run: {why}." for why in summary["not_run"]]
     lines += ["", f"Noise rule: {summary['noise_rule']}.", "", "## Parity: the packed folder against the model as "
               "trained (dev)", "", "| task | model | activations | ablation | seed | predictions equal | bitwise | "
-              "max logit gap | flips (sign margin) |", "|---|---|---|---|---|---|---|---|---|"]
+              "max logit gap | rows near a sign step (gap > 1e-5) | gap elsewhere | flips (sign margin) | met |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary.get("parity", []):
         flips = ", ".join(f"row {f['row']} ({f['sign_margin']:.1e})" for f in r["flips"] or []) or "none"
+        above = r.get("rows_above_tolerance")  # not in the records written before it was counted
+        if above is None:
+            above = 0 if r["max_abs_logit_gap"] <= LOGIT_TOLERANCE else ">= 1"
+        met = {True: "yes", False: "NO", None: "-"}[r.get("met")]
+        elsewhere = r.get("max_abs_logit_gap_elsewhere")
         lines.append(f"| {_task(r)} | {MODEL_TITLES.get(r['model'], r['model'])} | {r['activations']} | "
                      f"{r['ablation']} | {r['seed']} | {r['predictions_equal']}/{r['examples']} | "
-                     f"{'yes' if r['bitwise'] else 'no'} | {r['max_abs_logit_gap']:.1e} | {flips} |")
+                     f"{'yes' if r['bitwise'] else 'no'} | {r['max_abs_logit_gap']:.1e} | "
+                     f"{r.get('rows_near_a_sign_step', '-')} ({above}) | "
+                     f"{'-' if elsewhere is None else format(elsewhere, '.1e')} | {flips} | {met} |")
     lines += ["", "## Goals (judged, not asserted)", ""]
     for g in summary["goals"]:
         state = {True: "MET", False: "NOT MET", None: "no data"}[g["met"]]
