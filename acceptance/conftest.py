@@ -104,7 +104,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict[str, Any]) -> None:
     if RUN_KEY in config.stash:
         env = dict(config.stash[RUN_KEY].environment)
-        env.pop("git_commit", None)  # commit_info has it; here it would flag every run as another machine
+        for key in ("git_commit", "git_dirty"):  # commit_info has them; here they would flag every run as another
+            env.pop(key, None)                   # machine
         machine_info["sensimix"] = env
 
 

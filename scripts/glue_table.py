@@ -164,7 +164,7 @@ def report(args: argparse.Namespace) -> int:
     check_file_target(chart_path, "--chart")
     check_apart(chart_path, {"--results": args.results, "--json": json_path if json_path.exists() else None},
                 "--chart", replaces=False)
-    if chart_path.suffix and chart_path.suffix.lower() not in CHART_SUFFIXES:  # found before the JSON is written, not after
+    if chart_path.suffix and chart_path.suffix.lower() not in CHART_SUFFIXES:  # before the JSON is written
         raise ValueError(f"--chart {chart_path}: matplotlib writes {', '.join(CHART_SUFFIXES)}; name the chart "
                          f"with one of them")
     summary = summarize(loaded.records)

@@ -417,7 +417,8 @@ def test_a_tiny_session_trains_resumes_reuses_the_reference_and_reports(capsys, 
     assert set(first["metrics"]) == {"f1", "accuracy"} and first["dev_examples"] == 8
     assert first["settings"]["max_steps"] == 1 and first["settings"]["distill"] is True
     assert first["eval"]["precision"] == "fp32" and first["model_bytes"] > 0 and first["machine"]["torch"]
-    assert not (tmp_path / "runs-work" / "models" / "mrpc-2+1-fp32-full-seed1").exists()  # scored, then deleted
+    models = tmp_path / "runs-work" / "models"
+    assert models.is_dir() and not list(models.glob("mrpc-2+1-fp32-full-seed1-*"))  # scored, then deleted
     out = capsys.readouterr().out
     assert "3/3" in out and "left ~" in out
 
@@ -468,7 +469,8 @@ def test_int8_peers_cut_distil_quantize_and_score_and_never_touch_the_reference(
     assert peer["eval"]["int8_ops"] and peer["eval"]["device"] == "cpu" and peer["eval"]["onnxruntime"]
     assert set(peer["fp32_metrics"]) == {"f1", "accuracy"} and peer["reference"]["reused"] is True
     assert peer["eval"]["fp32_folder"] == "distilled from the reference"
-    assert not (tmp_path / "cut-work" / "models" / "mrpc-bert3-int8-int8-full-seed1").exists()
+    models = tmp_path / "cut-work" / "models"
+    assert models.is_dir() and not list(models.glob("mrpc-bert3-int8-int8-full-seed1-*"))
     # a 3-layer BERT: the peer is the reference itself, quantized, never trained, and the reference stays
     shallow = tmp_path / "bert3"
     shutil.copytree(tiny_bert_dir, shallow)  # its tokenizer; the weights are replaced
@@ -481,7 +483,8 @@ def test_int8_peers_cut_distil_quantize_and_score_and_never_touch_the_reference(
     assert peer["eval"]["fp32_folder"] == "the reference" and peer["fp32_metrics"] == ref["metrics"]
     folder = tmp_path / ref["folder"]
     assert folder.is_dir() and file_sha256(folder / "pytorch_model.bin") == ref["reference"]["pytorch_model_sha256"]
-    assert not (tmp_path / "same-work" / "models" / "mrpc-bert3-int8-int8-full-seed1").exists()
+    models = tmp_path / "same-work" / "models"
+    assert models.is_dir() and not list(models.glob("mrpc-bert3-int8-int8-full-seed1-*"))
 
     report = tmp_path / "table.json"
     assert script.main(["--report", "--results", str(results), "--json", str(report)]) == 0
@@ -569,3 +572,12 @@ def test_runs_pair_only_with_runs_from_the_same_reference(tmp_path):
     gap = summary["gap_to_reference"][0]["gap"]["accuracy"]
     assert gap["seeds"] == [42] and gap["other_reference"] == [43] and gap["mean"] == pytest.approx(10.0)
     assert "(seeds 43 not paired: another reference)" in render(summary)
+
+
+def test_a_line_of_ours_damaged_inside_the_file_is_named_as_such(tmp_path):
+    results = tmp_path / "r.jsonl"
+    good = json.dumps(rec("mrpc", 42))
+    results.write_text(good[:50] + "\n" + json.dumps(rec("mrpc", 43)) + "\n")  # cut, then more lines
+    with pytest.raises(NotResultsFile, match="line 1 is a sensimix-glue-run/1 record damaged inside the file .*"
+                                             "repair or delete that line"):
+        read_results(results)

@@ -267,7 +267,18 @@ def test_default_examples_follow_the_device():
 def test_environment_names_the_machine():
     env = procedure.environment("cpu")
     assert env["device"] == "cpu" and env["device_name"] and env["torch"] == torch.__version__
-    assert {"cuda", "transformers", "python", "cpu_cores", "sensimix"} <= env.keys()
+    assert {"cuda", "transformers", "python", "cpu_cores", "sensimix", "git_commit", "git_dirty"} <= env.keys()
+    assert env["cpu_cores"] == len(os.sched_getaffinity(0))  # the cores it may use, not the host's
+
+
+def test_the_commit_says_when_the_code_that_ran_had_uncommitted_changes(monkeypatch):
+    answers = {("status", "--porcelain", "--untracked-files=no"): " M sensimix/qat.py\n"}
+    monkeypatch.setattr(procedure, "_git", lambda *args: answers.get(args))
+    assert procedure._git_dirty() is True
+    answers[("status", "--porcelain", "--untracked-files=no")] = ""
+    assert procedure._git_dirty() is False
+    answers.clear()  # not a git checkout (an installed package): unknown, not clean
+    assert procedure._git_dirty() is None and procedure._git_commit() is None
 
 
 def test_accuracy_data_reasons(tmp_path, monkeypatch):

@@ -209,7 +209,8 @@ class Report:
         entry: dict[str, Any] = {"created": self.created, "passed": self.passed,
                                  "device": self.environment.get("device"),
                                  "device_name": self.environment.get("device_name"),
-                                 "git_commit": self.environment.get("git_commit")}
+                                 "git_commit": self.environment.get("git_commit"),
+                                 "git_dirty": self.environment.get("git_dirty")}
         for c in self.criteria:
             entry[c.id] = c.value
         if self.timing:

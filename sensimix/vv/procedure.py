@@ -62,13 +62,31 @@ def sensimix_precision(requested: str | None, device: str) -> str:
     return requested
 
 
-def _git_commit() -> str | None:
+def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)
-        return (out.stdout.strip() or None) if out.returncode == 0 else None
+        return out.stdout if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def _git_commit() -> str | None:
+    return (_git("rev-parse", "--short", "HEAD") or "").strip() or None
+
+
+def _git_dirty() -> bool | None:
+    """Whether tracked files differ from the commit (the commit alone then does not name the code that ran)."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return None if status is None else bool(status.strip())
+
+
+def _usable_cores() -> int | None:
+    """The cores this process may run on (a container's or taskset's share), not the host's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count()
 
 
 def environment(device: str) -> dict[str, Any]:
@@ -84,7 +102,7 @@ def environment(device: str) -> dict[str, Any]:
         "device_name": device_name(device),
         "cpu": device_name("cpu"),
         "cpu_flags": sorted(cpu_features()),
-        "cpu_cores": os.cpu_count(),
+        "cpu_cores": _usable_cores(),
         "torch_threads": torch.get_num_threads(),
         "os": platform.platform(),
         "python": platform.python_version(),
@@ -94,6 +112,7 @@ def environment(device: str) -> dict[str, Any]:
         "transformers": transformers.__version__,
         "sensimix": __version__,
         "git_commit": _git_commit(),
+        "git_dirty": _git_dirty(),
     }
     if str(device).startswith("cuda"):
         props = torch.cuda.get_device_properties(device)

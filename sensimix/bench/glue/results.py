@@ -69,6 +69,10 @@ def read_results(path: str | os.PathLike) -> Loaded:
         if not line.strip():
             continue
         record = _parse(line)
+        if record is None and line.startswith(PREFIX):  # ours, damaged inside the file: not silently dropped
+            raise NotResultsFile(f"--results {path}: its line {number} is a {SCHEMA} record damaged inside the "
+                                 f"file (cut short or edited: not valid JSON); repair or delete that line (its run "
+                                 f"then runs again) and rerun")
         if record is None:
             raise _refuse(path, f"its line {number} is not a {SCHEMA} record ({line[:60]!r})")
         missing = [k for k in REQUIRED if k not in record]

@@ -129,7 +129,8 @@ def execute(spec: RunSpec, ctx: Context, out: Callable[[str], None] = print) -> 
     if not spec.is_reference:  # a run's time is its own: the reference's training is the reference's
         start = time.perf_counter()
     qat, fp32_folder = None, None
-    folder = ctx.work / "models" / f"{spec.task}-{spec.model}-{spec.activations}-{spec.ablation}-seed{spec.seed}"
+    folder = (ctx.work / "models" /  # the protocol too: a kept folder of an older protocol is never overwritten
+              f"{spec.task}-{spec.model}-{spec.activations}-{spec.ablation}-seed{spec.seed}-{protocol.digest}")
     if spec.is_reference:
         folder, train_wall = reference, ref_info.get("train_wall_s")
         training = read_json(folder / METRICS_FILE, what="training metrics")

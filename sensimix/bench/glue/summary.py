@@ -158,7 +158,8 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
             "parity": parity_rows(records),
             "ablation": ablation, "not_run": _not_run(ablation), "goals": goals(gaps, a8),
             "machines": _distinct(records, ("device_name", "cpu", "cpu_flags", "cpu_cores", "torch", "transformers")),
-            "git_commits": sorted({str((r.get("machine") or {}).get("git_commit")) for r in records})}
+            "git_commits": sorted({str((m := r.get("machine") or {}).get("git_commit"))
+                                   + (" (with uncommitted changes)" if m.get("git_dirty") else "") for r in records})}
 
 
 def parity_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -232,7 +233,8 @@ def _differences(stats: dict[str, dict[str, Any]]) -> tuple[str, int]:
 def render(summary: dict[str, Any]) -> str:
     """The summaries as markdown tables, goals and the noise rule."""
     lines = [("## GLUE dev: SensiMix through the packed runtime (exact fp32 path), the reference through "
-              "transformers (fp32 eager), int8 peers through ONNX Runtime (points: mean ± spread over seeds)"), "", "| task | model | activations | seeds | score | model file |",
+              "transformers (fp32 eager), int8 peers through ONNX Runtime (points: mean ± spread over seeds)"), "",
+             "| task | model | activations | seeds | score | model file |",
              "|---|---|---|---:|---|---:|"]
     for r in summary["table"]:
         score = ", ".join(f"{METRIC_TITLES[m]} {_fmt(s)}" for m, s in r["metrics"].items())
