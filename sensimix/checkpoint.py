@@ -37,7 +37,7 @@ import torch
 from .calibration_record import RECORD as CALIBRATION_RECORD
 from .config import SensiMixConfig
 from .data import METRICS_FILE
-from .io import atomic_dir, brief, read_config_json, write_json
+from .io import atomic_dir, brief, keep_mode, read_config_json, write_json
 from .sources import save_tokenizer
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ def load_weight_file(path: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{path}: cannot read the safetensors file ({exc}); it is truncated or corrupt. "
                                   f"Re-export the checkpoint") from exc
     try:
-        tensors = torch.load(path, map_location="cpu", weights_only=True)
+        tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # checked before it is read
     except Exception as exc:  # UnpicklingError, RuntimeError, EOFError: truncated, corrupt or not weights-only
         raise CheckpointError(f"{path}: cannot load it with torch.load(weights_only=True) ({type(exc).__name__}: "
                               f"{brief(exc)}); it is truncated, corrupt or holds more than "
@@ -281,6 +281,7 @@ def _carry_other_files(old: Path, new: Path) -> None:
             shutil.copytree(entry, new / entry.name, symlinks=True)
         else:
             shutil.copy2(entry, new / entry.name, follow_symlinks=False)
+        keep_mode(new / entry.name)  # a private note stays private: only what this write made follows the umask
 
 
 def write_folder(out: str | os.PathLike, config: SensiMixConfig, tensors: dict[str, torch.Tensor], *,

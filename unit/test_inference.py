@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -292,6 +293,27 @@ def test_save_pretrained_overwrite_keeps_the_folders_other_files(packed, tmp_pat
     assert (tmp_path / "link").is_symlink() and (both / "tokenizer_config.json").is_file()
     assert (folder / "NOTES.md").read_text() == "mine"
     assert torch.equal(run(Packed.from_pretrained(folder), batch()), run(Packed.from_pretrained(packed[1]), batch()))
+
+
+def test_carried_files_keep_their_permissions_and_links_are_never_followed(packed, tmp_path) -> None:
+    folder = Path(shutil.copytree(packed[1], tmp_path / "model"))
+    secret = tmp_path / "id_rsa"  # a private file outside the folder, named by a link a hostile folder carries
+    secret.write_text("key")
+    secret.chmod(0o600)
+    (folder / "notes.txt").symlink_to(secret)
+    (folder / "TOKEN").write_text("t")
+    (folder / "TOKEN").chmod(0o600)
+    Packed.from_pretrained(folder).save_pretrained(folder, overwrite=True)
+    assert (secret.stat().st_mode & 0o777) == 0o600 and (folder / "notes.txt").is_symlink()
+    assert ((folder / "TOKEN").stat().st_mode & 0o777) == 0o600  # carried: its own mode
+    written = (folder / "model.safetensors").stat().st_mode & 0o777  # written: the umask's (safetensors makes 0600)
+    assert written == 0o666 & ~_current_umask()
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_auto_class_arguments_are_applied_or_refused(packed) -> None:

@@ -403,3 +403,42 @@ def test_an_output_that_is_an_input_file_is_refused_also_through_a_link(tmp_path
         with pytest.raises(OutputError, match="is the --results file .*which this command reads"):
             check_apart(out, {"--results": source}, "--json", replaces=False)
     check_apart(tmp_path / "other.json", {"--results": source}, "--json", replaces=False)
+
+
+def test_a_planted_lock_link_is_refused_and_its_target_never_created(tmp_path):
+    out, victim = tmp_path / "out", tmp_path / "nologin"
+    (tmp_path / ".out.lock").symlink_to(victim)
+    with pytest.raises(OutputError, match=r"its lock file .*\.out\.lock cannot be created \(it is a symbolic link\)"):
+        with atomic_dir(out):
+            pass
+    assert not victim.exists() and not out.exists()
+
+
+def test_a_folder_every_user_may_write_without_the_sticky_bit_is_no_place_to_write(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    for write in (lambda: write_json(shared / "r.json", {}), lambda: check_file_target(shared / "r.json"),
+                  lambda: atomic_dir(shared / "m").__enter__()):
+        with pytest.raises(OutputError, match="is writable by every user and not sticky"):
+            write()
+    assert os.listdir(shared) == []
+    shared.chmod(0o1777)  # sticky, like /tmp: others cannot rename what is ours
+    write_json(shared / "r.json", {})
+
+
+def test_glob_characters_in_a_name_never_touch_another_targets_backup(tmp_path):
+    backup = tmp_path / ".model.old.abc" / "model"
+    backup.mkdir(parents=True)
+    (backup / "config.json").write_text("{}")
+    with atomic_dir(tmp_path / "m*") as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert (backup / "config.json").is_file()  # the only whole copy of an interrupted overwrite of "model"
+    assert recover_interrupted(tmp_path / "model") == tmp_path / "model"
+
+
+def test_a_number_python_cannot_convert_is_the_callers_error_naming_the_file(tmp_path):
+    huge = tmp_path / "config.json"
+    huge.write_text('{"n": ' + "9" * 5000 + "}")
+    with pytest.raises(KeyError, match=r"config\.json is not a model config: .*"):
+        read_json(huge, what="a model config", error=KeyError)

@@ -353,3 +353,16 @@ def test_a_header_a_source_includes_is_part_of_its_build(tmp_path):
     before = native_builds.library_file(build, native_builds.read_bundle(tmp_path / "k.c"))
     (tmp_path / "a.h").write_text("#define A 2\n")
     assert native_builds.library_file(build, native_builds.read_bundle(tmp_path / "k.c")) != before
+
+
+def test_torch_compile_caches_in_a_checked_folder_of_this_users_cache(fresh, monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    folder = native.private_compile_cache()  # not inductor's default /tmp/torchinductor_<user>
+    assert folder == (fresh / "cache" / "inductor").resolve() and os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(folder)
+    assert folder.stat().st_mode & 0o777 == 0o700
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(fresh / "mine"))  # the user's own choice is kept
+    assert native.private_compile_cache() == fresh / "mine"
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    (fresh / "cache" / "inductor").chmod(0o777)  # another user could have written into it
+    with pytest.raises(native.UntrustedPath, match="TORCHINDUCTOR_CACHE_DIR"):
+        native.private_compile_cache()

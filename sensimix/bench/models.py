@@ -72,6 +72,9 @@ def load_model(spec: ModelSpec, device: str = "cpu", *, shared: dict[str, nn.Mod
             if spec.compiled:  # what a GPU user does: the default mode, fixed shapes (padded batches)
                 import torch
 
+                from ..kernels.native import private_compile_cache
+
+                private_compile_cache()  # not inductor's shared /tmp default
                 model = torch.compile(model)
             if spec.cuda_graphs:
                 model = CudaGraphed(model)

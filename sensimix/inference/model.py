@@ -161,6 +161,9 @@ class SensiMixForSequenceClassification(PreTrainedModel):
         model.plan_request = request
         model.check_inputs = check_inputs and not compile
         if compile:
+            from ..kernels.native import private_compile_cache
+
+            private_compile_cache()  # not inductor's shared /tmp default
             model.compile(dynamic=True)
         model.config._name_or_path = str(folder)
         model.source_file = source

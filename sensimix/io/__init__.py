@@ -12,6 +12,10 @@
   (:func:`find_interrupted`). The temp folder is removed on any error, KeyboardInterrupt and SIGTERM, and a
   killed writer's by the next write once its owner lock shows the writer is gone.
 * :func:`read_json` / :func:`write_json`: bounded, clear-error reads; atomic writes.
+* Against other users: every file and folder is flushed to disk before the rename that publishes it; permissions
+  are set by descriptor, links are never followed (lock files, the temp folder's contents), a folder every user may
+  write without the sticky bit is refused as a place to write, and files carried from a replaced version keep their
+  permissions (:func:`keep_mode`).
 
 Three modules, one seam each: :mod:`.folders` (output folders and their locks), :mod:`.files` (single-file writes)
 and :mod:`.reads` (bounded JSON reads). The names below are the package's API.
@@ -24,6 +28,7 @@ from .folders import (
     check_apart,
     check_output_dir,
     check_replaceable,
+    keep_mode,
     previous_version,
     raise_on_sigterm,
     recover_interrupted,
@@ -33,6 +38,7 @@ from .reads import MAX_JSON_BYTES, brief, file_sha256, find_interrupted, read_co
 
 __all__ = [
     "MAX_JSON_BYTES", "OutputError", "atomic_dir", "brief", "check_apart", "check_file_target", "check_json_target",
-    "check_output_dir", "check_replaceable", "file_sha256", "find_interrupted", "previous_version", "raise_on_sigterm",
+    "check_output_dir", "check_replaceable", "file_sha256", "find_interrupted", "keep_mode", "previous_version",
+    "raise_on_sigterm",
     "read_config_json", "read_json", "recover_interrupted", "reserve_output", "write_figure", "write_json", "write_text",
 ]

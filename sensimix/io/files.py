@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .folders import OutputError, _umask, check_apart, fsync_path
+from .folders import OutputError, _umask, check_apart, check_private_parent, fsync_path
 from .reads import read_json
 
 
@@ -51,6 +51,7 @@ def check_file_target(path: str | os.PathLike, what: str = "the output file") ->
         raise OutputError(f"{what} is empty; give a file name")
     target = Path(path)
     _check_target_kind(target, what)
+    check_private_parent(target)
     if target.is_file() and not target.stat().st_mode & 0o222:
         raise OutputError(f"{what} {target} is read-only, so it is kept as it is; make it writable (chmod u+w) to "
                           f"have it replaced, or choose another {what}")
@@ -88,9 +89,10 @@ def _write_atomically(path: str | os.PathLike, write: Any, *, encoding: str | No
     the rename before the data)."""
     path = Path(path)
     _check_target_kind(path, "the output file")
+    check_private_parent(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.fchmod(fd, 0o666 & ~_umask())  # by descriptor: the name could be swapped, the open file cannot
         with os.fdopen(fd, "wb" if binary else "w", encoding=encoding) as f:
             write(f)
             f.flush()

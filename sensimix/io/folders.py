@@ -10,9 +10,11 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import glob
 import os
 import shutil
 import signal
+import stat
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -163,6 +165,19 @@ def reserve_output(out: str | os.PathLike) -> Iterator[Path]:
                         os.rmdir(folder)
 
 
+def check_private_parent(out: Path) -> None:
+    """Refuse to write ``out`` in a folder every user may write that lacks the sticky bit: another user could
+    rename the temp file or folder being written and put a link in its place."""
+    try:
+        mode = os.stat(out.parent).st_mode
+    except OSError:
+        return  # a missing parent: the callers say so
+    if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+        raise OutputError(f"cannot write {out}: its folder {out.parent} is writable by every user and not sticky "
+                          f"(chmod o-w or +t), so another user could replace what is written there; write into a "
+                          f"folder of your own")
+
+
 def _take_lock(out: Path) -> tuple[int, list[Path]]:
     """flock ``out``'s lock file (creating the parents it needs); returns its fd and the parents made."""
     made = _missing_parents(out)
@@ -170,12 +185,22 @@ def _take_lock(out: Path) -> tuple[int, list[Path]]:
     lock = _lock_path(out)
     while True:
         try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+            check_private_parent(out)
+            # never through a link (planted: it would create or truncate the file it points at)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666 & ~_umask())
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_uid not in (os.geteuid(), 0):
+                os.close(fd)
+                raise OutputError(f"cannot write {out}: its lock file {lock} is not a file of this user (another "
+                                  f"user's?); remove it or choose another place")
         except OSError as exc:
             for folder in made:  # the parents this hold created, deepest first: nothing is left behind
                 with contextlib.suppress(OSError):
                     folder.rmdir()
-            raise OutputError(f"cannot write {out}: its lock file {lock} cannot be created ({exc.strerror}); "
+            if isinstance(exc, OutputError):
+                raise
+            why = "it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
+            raise OutputError(f"cannot write {out}: its lock file {lock} cannot be created ({why}); "
                               f"make {out.parent} writable or choose another place") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -211,7 +236,14 @@ def _renameat2(src: Path, dst: Path, flags: int) -> bool:
 
 
 def _old_versions(out: Path) -> list[Path]:
-    return sorted(out.parent.glob(f".{out.name}.old.*"))
+    return sorted(out.parent.glob(f".{glob.escape(out.name)}.old.*"))
+
+
+def _own(path: Path) -> bool:
+    try:
+        return os.lstat(path).st_uid in (os.geteuid(), 0)
+    except OSError:
+        return False
 
 
 def previous_version(out: str | os.PathLike) -> Path | None:
@@ -221,7 +253,7 @@ def previous_version(out: str | os.PathLike) -> Path | None:
     out = _absolute(out)
     if out.exists():
         return None
-    kept = [p for p in _old_versions(out) if (p / out.name).exists()]
+    kept = [p for p in _old_versions(out) if (p / out.name).exists() and _own(p / out.name)]  # never another's
     return max(kept, key=lambda p: p.stat().st_mtime) / out.name if kept else None
 
 
@@ -279,7 +311,7 @@ def _drop_temp(tmp: Path, fd: int) -> None:
 def _remove_stale_temps(out: Path) -> None:
     """Temp folders of ``out`` whose writer is provably gone (killed: SIGKILL, power loss): its owner file can be
     flocked, or it has none (written by an older version, whose writer would hold the target lock we hold)."""
-    temps = {Path(str(p).removesuffix(_OWNER)) for p in out.parent.glob(f".{out.name}.tmp.*")}
+    temps = {Path(str(p).removesuffix(_OWNER)) for p in out.parent.glob(f".{glob.escape(out.name)}.tmp.*")}
     for tmp in sorted(temps - _LIVE_TEMPS):
         owner = f"{tmp}{_OWNER}"
         try:
@@ -394,6 +426,39 @@ def raise_on_sigterm() -> Iterator[None]:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+_KEEP_MODE: set[Path] = set()
+
+
+def keep_mode(path: str | os.PathLike) -> None:
+    """Leave ``path`` (a file or folder put in an :func:`atomic_dir` temp folder as a copy, e.g. carried from the
+    version it replaces) with its own permissions: only what the job wrote is opened up to the umask."""
+    _KEEP_MODE.add(Path(path))
+
+
+def _settle(tmp: Path) -> None:
+    """Before the commit: each file the job wrote gets the umask's permissions (safetensors and mkstemp create 0600
+    files), and every file and folder reaches the disk, so a power loss leaves the old version or the new. Links
+    are neither followed nor changed (a carried link to a private file stays a link, the file untouched)."""
+    if tmp.is_symlink() or not tmp.is_dir():
+        raise OutputError(f"the temp folder {tmp} was replaced while it was written (another user?); nothing was "
+                          f"committed")
+    for root, folders, files in os.walk(tmp):  # a linked folder is listed, never entered
+        for name in (*files, *folders):
+            path = Path(root) / name
+            if stat.S_ISLNK(os.lstat(path).st_mode):
+                continue
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                mode = os.fstat(fd).st_mode
+                if stat.S_ISREG(mode) and not any(p == path or p in path.parents for p in _KEEP_MODE):
+                    os.fchmod(fd, 0o666 & ~_umask())
+                if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+    fsync_path(tmp)
+
+
 @contextlib.contextmanager
 def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool = False,
                any_folder: bool = False) -> Iterator[Path]:
@@ -416,14 +481,9 @@ def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool = False,
         tmp, owner = _make_temp(out)
         try:
             yield tmp
-            for f in tmp.rglob("*"):  # some writers (safetensors, mkstemp) create 0600 files
-                if f.is_file():
-                    os.chmod(f, 0o666 & ~_umask())
-                    fsync_path(f)  # on disk before the rename: a power loss leaves the old folder or the new one
-                elif f.is_dir():
-                    fsync_path(f)
-            fsync_path(tmp)
+            _settle(tmp)
             _commit(tmp, out, overwrite)
             fsync_path(out.parent)
         finally:  # committed: only the owner file is left (and the old version, after an exchange)
+            _KEEP_MODE.difference_update({p for p in _KEEP_MODE if p == tmp or tmp in p.parents})
             _drop_temp(tmp, owner)

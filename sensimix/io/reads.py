@@ -36,17 +36,21 @@ def read_json(path: str | os.PathLike, *, what: str = "a JSON file", error: type
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path.parent} has no {path.name}: not {what}")
-    size = path.stat().st_size
-    if size > MAX_JSON_BYTES:
-        raise error(f"{path} is {size:,} bytes; {what} has a small {path.name} (limit {MAX_JSON_BYTES:,})")
+    with open(path, "rb") as f:  # one open: the size bound holds for the bytes read, whatever the name points at now
+        data = f.read(MAX_JSON_BYTES + 1)
+    if len(data) > MAX_JSON_BYTES:
+        raise error(f"{path} is over {MAX_JSON_BYTES:,} bytes; {what} has a small {path.name} (limit "
+                    f"{MAX_JSON_BYTES:,})")
     try:
-        return json.loads(path.read_bytes().decode("utf-8-sig"))
+        return json.loads(data.decode("utf-8-sig"))
     except UnicodeDecodeError as exc:
         raise error(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     except json.JSONDecodeError as exc:
         raise error(f"{path} is not valid JSON ({exc})") from exc
     except RecursionError as exc:
         raise error(f"{path} is nested too deeply to be {what}") from exc
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise error(f"{path} is not {what}: {brief(exc)}") from exc
 
 
 def read_config_json(folder: str | os.PathLike, *, expected: str, error: type[Exception] = ValueError) -> dict:

@@ -16,7 +16,8 @@ Every file read on the way (the C source, the folders, the library) must be one 
 written (:mod:`.native_trust`: owner this user or root, not writable by others, no links; checked through file
 descriptors). A library is opened by its descriptor (``/proc/self/fd/N``), so what is loaded is the file that was
 checked, and for a run-time build the file whose SHA-256 was taken right after the compiler wrote it. After loading,
-its ``sensimix_abi_version()`` must match the table. Any failure is a :class:`NativeBuildError` with one line
+its ``sensimix_abi_version()`` must match the table. ``torch.compile`` (an option) keeps its cache under the same
+per-user cache (:func:`private_compile_cache`). Any failure is a :class:`NativeBuildError` with one line
 naming the file and the fix; :func:`unavailable` turns it into the kernel's reason, logged once, and the next
 exact kernel runs.
 """
@@ -61,6 +62,20 @@ def cache_dir() -> Path:
     else:
         root = Path.home() / ".cache" / "sensimix"
     return root / "kernels"
+
+
+def private_compile_cache() -> Path:
+    """Point ``torch.compile``'s cache at a checked folder of this user's cache (``<cache>/inductor``) unless the
+    user named one (``TORCHINDUCTOR_CACHE_DIR``), and return it. Inductor's default, ``/tmp/torchinductor_<user>``,
+    is made by whichever user creates it first, and inductor loads libraries, Python files and pickled entries from
+    it (and points Triton's cache into it): code another user could have written."""
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    fd, real = open_folder(cache_dir().parent / "inductor", create=True,
+                           fix="set TORCHINDUCTOR_CACHE_DIR to a folder of your own")
+    os.close(fd)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(real)
+    return real
 
 
 def compiler() -> list[str] | None:
@@ -216,6 +231,7 @@ def _build(build: NativeBuild, name: str, files: dict[str, bytes], cc: list[str]
         except OSError as exc:
             raise _BuildFailed(f"the compiler wrote no library for {build.source} ({exc.strerror})") from None
         os.fchmod(fd, 0o755)  # whatever the umask: writable by this user only
+        os.fsync(fd)  # on disk before its name: a power loss never leaves a cut library under the final name
         digest = sha256_of(fd)
         os.replace(name, name, src_dir_fd=private_fd, dst_dir_fd=folder_fd)  # atomic: whole or absent
         return fd, digest

@@ -235,7 +235,9 @@ def write_report(report: Report, out_dir: str | os.PathLike, *, chart: bool = Tr
     write_json(out / "report.json", report.to_dict())
     write_text(out / "report.md", render_markdown(report))
     history_path = out / "history.jsonl"
-    with open(history_path, "ab+") as f:
+    fd = os.open(history_path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o666)  # never through a link another process put there (os.open applies the umask)
+    with open(fd, "ab+") as f:
         f.seek(0, os.SEEK_END)
         if f.tell():
             f.seek(-1, os.SEEK_END)
