@@ -366,3 +366,18 @@ def test_torch_compile_caches_in_a_checked_folder_of_this_users_cache(fresh, mon
     (fresh / "cache" / "inductor").chmod(0o777)  # another user could have written into it
     with pytest.raises(native.UntrustedPath, match="TORCHINDUCTOR_CACHE_DIR"):
         native.private_compile_cache()
+
+
+def test_a_compiler_another_user_could_have_written_is_never_run(fresh, monkeypatch):
+    shared = fresh / "shared-bin"
+    shared.mkdir()
+    cc = shared / "cc"
+    cc.write_text(f"#!/bin/sh\ntouch {fresh / 'ran'}\nexit 1\n")
+    cc.chmod(0o755)
+    shared.chmod(0o777)  # e.g. a cc in the current folder of another user's project, found through $PATH
+    monkeypatch.setenv("CC", str(cc))
+    with pytest.raises(native.NativeBuildError, match="writable by other users .*set CC to a compiler that only you"):
+        native.load("popcount.c", ("-mavx2",))
+    assert not (fresh / "ran").exists()
+    shared.chmod(0o755)
+    assert native.compiler() == [str(cc)]  # a folder of this user's: its compiler is the user's own choice

@@ -10,7 +10,7 @@ Where a library comes from, in this order:
    into a private temporary folder (mode 0700) inside the per-user cache, from the bytes read and hashed, and
    renamed into place; the next process loads it from there. Cache: ``$SENSIMIX_CACHE_DIR/kernels``, else
    ``$XDG_CACHE_HOME/sensimix/kernels``, else ``~/.cache/sensimix/kernels``. Compiler: ``$CC``, else ``cc``, else
-   ``gcc``.
+   ``gcc``, checked like the files below (its folder and the file its links lead to).
 
 Every file read on the way (the C source, the folders, the library) must be one that no other user could have
 written (:mod:`.native_trust`: owner this user or root, not writable by others, no links; checked through file
@@ -29,6 +29,7 @@ import functools
 import logging
 import os
 import secrets
+import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -79,7 +80,23 @@ def private_compile_cache() -> Path:
 
 
 def compiler() -> list[str] | None:
-    return builds.compiler()
+    """The C compiler for a run-time build ($CC, cc, gcc), its program checked like every file loaded here (the
+    folder it is found in and the file its links lead to): running a compiler another user could have written,
+    e.g. a ``cc`` in the current folder through an empty ``$PATH`` entry, would run their code."""
+    cc = builds.compiler()
+    program = shutil.which(cc[0]) if cc else None
+    if program is None:
+        return cc  # none, or one that will not run: the build says so
+    fix = "set CC to a compiler that only you or root can change"
+    found, real = Path(os.path.abspath(program)), Path(os.path.realpath(program))
+    folder_fd, _ = open_folder(found.parent, fix=fix)  # where it is found: a link there could be swapped
+    os.close(folder_fd)
+    folder_fd, folder = open_folder(real.parent, fix=fix)
+    try:
+        os.close(open_file(folder_fd, folder, real.name, fix=fix))
+    finally:
+        os.close(folder_fd)
+    return [str(found), *cc[1:]]
 
 
 def unavailable(what: str, cpu_flags: set[str], library: Callable[[], object], fallback: str) -> str | None:
