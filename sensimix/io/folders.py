@@ -442,15 +442,16 @@ def _settle(tmp: Path) -> None:
     if tmp.is_symlink() or not tmp.is_dir():
         raise OutputError(f"the temp folder {tmp} was replaced while it was written (another user?); nothing was "
                           f"committed")
+    kept = list(_KEEP_MODE)  # a snapshot: other threads' writes add to it meanwhile
     for root, folders, files in os.walk(tmp):  # a linked folder is listed, never entered
         for name in (*files, *folders):
             path = Path(root) / name
-            if stat.S_ISLNK(os.lstat(path).st_mode):
-                continue
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            if not (stat.S_ISREG(os.lstat(path).st_mode) or stat.S_ISDIR(os.lstat(path).st_mode)):
+                continue  # a link (never followed), a FIFO or socket (never opened)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
             try:
                 mode = os.fstat(fd).st_mode
-                if stat.S_ISREG(mode) and not any(p == path or p in path.parents for p in _KEEP_MODE):
+                if stat.S_ISREG(mode) and not any(p == path or p in path.parents for p in kept):
                     os.fchmod(fd, 0o666 & ~_umask())
                 if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
                     os.fsync(fd)
@@ -485,5 +486,5 @@ def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool = False,
             _commit(tmp, out, overwrite)
             fsync_path(out.parent)
         finally:  # committed: only the owner file is left (and the old version, after an exchange)
-            _KEEP_MODE.difference_update({p for p in _KEEP_MODE if p == tmp or tmp in p.parents})
+            _KEEP_MODE.difference_update({p for p in list(_KEEP_MODE) if p == tmp or tmp in p.parents})
             _drop_temp(tmp, owner)

@@ -1,11 +1,11 @@
 """The results file: one JSON object per line, one line per finished run, schema ``sensimix-glue-run/1``.
 
-Writes are atomic and durable: each finished run rewrites the file (as it is then, plus the new line) through a
-temp file, flushed to disk and renamed over it (the file is a few hundred lines), so a crash loses the run in
-progress only. A file whose last line was cut short elsewhere (a full
-disk, a copy interrupted) is still read: the cut line is reported and ignored (its run runs again, and the next
-write drops the fragment). A file that is not ours -- a line that is not a run record, or a cut line that does not
-start like one -- is refused, so a wrong ``--results`` never gets lines appended to it.
+Writes are atomic and durable: each finished run rewrites the file (as it is then, plus the new line) through a temp
+file, flushed to disk and renamed over it (the file is a few hundred lines), so a crash loses the run in progress
+only. A file whose last line was cut short elsewhere (a full disk, a copy interrupted) is still read: the cut line
+is reported and ignored (its run runs again, and the next write drops the fragment). A file that is not ours -- a
+line that is not a run record, or a cut line that does not start like one -- is refused, so a wrong ``--results``
+never gets lines appended to it.
 """
 
 from __future__ import annotations
