@@ -162,8 +162,9 @@ def report(args: argparse.Namespace) -> int:
     chart_path = Path(args.chart or json_path.with_suffix(".png"))
     check_json_target(json_path, "--json", reads={"--results": args.results})
     check_file_target(chart_path, "--chart")
-    check_apart(chart_path, {"--results": args.results, "--json": json_path if json_path.exists() else None},
-                "--chart", replaces=False)
+    check_apart(chart_path, {"--results": args.results}, "--chart", replaces=False)
+    if chart_path.resolve() == json_path.resolve():
+        raise ValueError(f"--chart {chart_path} is the --json file: name the chart another file (e.g. .png)")
     if chart_path.suffix and chart_path.suffix.lower() not in CHART_SUFFIXES:  # before the JSON is written
         raise ValueError(f"--chart {chart_path}: matplotlib writes {', '.join(CHART_SUFFIXES)}; name the chart "
                          f"with one of them")

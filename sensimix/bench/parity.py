@@ -4,11 +4,11 @@
 over the same labelled inputs and reports, per the goal of issue 24: every prediction equal, except on a row whose
 sign-step input comes within 1e-5 of 0 somewhere (listed, with that margin); logits within 1e-5 elsewhere. On long
 inputs most rows come that near somewhere, so it also counts the rows whose logits differ by more than 1e-5 at all
-(``rows_above_tolerance``): the rows the excuse is actually used for. For an A8
-checkpoint the logits are expected to be equal bit for bit (``bitwise``).
+(``rows_above_tolerance``): the rows the excuse is actually used for. For an A8 checkpoint the logits are expected
+to be equal bit for bit (``bitwise``).
 
-The sign steps are each 1-bit FFN's input ``x`` (a LayerNorm output) and its intermediate ``h = sign(x) . sign(W)^T +
-b`` (the second linear reads sign(GELU(h)) = sign(h)); a value within 1e-5 of 0 can take the other sign under any
+The sign steps are each 1-bit FFN's input ``x`` (a LayerNorm output) and its intermediate ``h = sign(x) . sign(W)^T
++ b`` (the second linear reads sign(GELU(h)) = sign(h)); a value within 1e-5 of 0 can take the other sign under any
 other rounding of what precedes it. They are read from the QAT model (hooks on the intermediate ``FakeBinaryLinear``
 of each mixed layer), token by token, padded tokens excluded.
 """
