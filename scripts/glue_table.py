@@ -195,6 +195,9 @@ def run(args: argparse.Namespace) -> int:
     from sensimix.vv.procedure import environment
 
     device = resolve_device(args.device)  # --device cuda without CUDA: refused here
+    if device.startswith("cuda:") and device != "cuda:0":  # the Trainer trains on the first visible card only
+        raise UsageError(f"--device {device}: training runs on the first visible GPU; choose the card with "
+                         f"CUDA_VISIBLE_DEVICES={device.split(':')[1]} and --device cuda")
     glue_dir = resolve_glue_dir(args.glue_dir)
     if glue_dir is None:
         raise FileNotFoundError("no GLUE data: pass --glue-dir or set $GLUE_DIR (a glue_data/<TASK>/{train,dev}.tsv "

@@ -581,3 +581,12 @@ def test_a_line_of_ours_damaged_inside_the_file_is_named_as_such(tmp_path):
     with pytest.raises(NotResultsFile, match="line 1 is a sensimix-glue-run/1 record damaged inside the file .*"
                                              "repair or delete that line"):
         read_results(results)
+
+
+def test_a_second_card_is_chosen_with_cuda_visible_devices(capsys, tmp_path, glue4, monkeypatch):
+    import sensimix.devices
+
+    monkeypatch.setattr(sensimix.devices, "resolve_device", lambda d: d)  # as on a machine with two cards
+    err = refused(capsys, tmp_path, ["--results", str(tmp_path / "r.jsonl"), "--glue-dir", str(glue4),
+                                     "--device", "cuda:1"])
+    assert "--device cuda:1: training runs on the first visible GPU; choose the card with CUDA_VISIBLE_DEVICES=1" in err
