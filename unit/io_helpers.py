@@ -1,7 +1,7 @@
 """Helpers of the safe-writes tests (unit/test_io.py, unit/test_writers.py): processes that race or die.
 
-They load ``sensimix/io/folders.py`` on its own (it needs only the standard library), so each child process starts
-in milliseconds instead of importing torch.
+They load ``sensimix/io/folders.py`` and the sibling it imports on their own (they need only the standard
+library), so each child process starts in milliseconds instead of importing torch.
 """
 
 from __future__ import annotations
@@ -15,10 +15,14 @@ import sensimix.io.folders as sio
 
 IO_FILE = Path(sio.__file__)
 PRELUDE = f"""\
-import importlib.util, os, sys, time
+import importlib.util, os, sys, time, types
 from pathlib import Path
-spec = importlib.util.spec_from_file_location("sio", {str(IO_FILE)!r})
+pkg = types.ModuleType("sio_pkg")  # io/ as a package of its own: folders.py and the sibling it imports, no torch
+pkg.__path__ = [{str(IO_FILE.parent)!r}]
+sys.modules["sio_pkg"] = pkg
+spec = importlib.util.spec_from_file_location("sio_pkg.folders", {str(IO_FILE)!r})
 sio = importlib.util.module_from_spec(spec)
+sys.modules["sio_pkg.folders"] = sio
 spec.loader.exec_module(sio)
 """
 

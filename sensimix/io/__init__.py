@@ -17,10 +17,11 @@
   write without the sticky bit is refused as a place to write, and files carried from a replaced version keep their
   permissions (:func:`keep_mode`).
 
-Three modules, one seam each: :mod:`.folders` (output folders and their locks), :mod:`.files` (single-file writes)
-and :mod:`.reads` (bounded JSON reads). The names below are the package's API.
+Four modules, one seam each: :mod:`.folders` (output folders and their locks), :mod:`.files` (single-file writes),
+:mod:`.durable` (flushed to disk, permissions, before a rename) and :mod:`.reads` (bounded JSON reads). The names below are the package's API.
 """
 
+from .durable import keep_mode
 from .files import check_file_target, check_json_target, write_figure, write_json, write_text
 from .folders import (
     OutputError,
@@ -28,7 +29,6 @@ from .folders import (
     check_apart,
     check_output_dir,
     check_replaceable,
-    keep_mode,
     previous_version,
     raise_on_sigterm,
     recover_interrupted,

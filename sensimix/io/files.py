@@ -11,7 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .folders import OutputError, _umask, check_apart, check_private_parent, fsync_path
+from .durable import fsync_path
+from .folders import OutputError, _umask, check_apart, check_private_parent
 from .reads import read_json
 
 

@@ -20,6 +20,8 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from .durable import forget_kept, fsync_path, settle
+
 
 class OutputError(ValueError):
     """An output location that cannot be written as asked; the message says why and what to do."""
@@ -189,7 +191,7 @@ def _take_lock(out: Path) -> tuple[int, list[Path]]:
             # never through a link (planted: it would create or truncate the file it points at)
             fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666 & ~_umask())
             info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode) or info.st_uid not in (os.geteuid(), 0):
+            if not stat.S_ISREG(info.st_mode) or not _ours(info):
                 os.close(fd)
                 raise OutputError(f"cannot write {out}: its lock file {lock} is not a file of this user (another "
                                   f"user's?); remove it or choose another place")
@@ -239,9 +241,14 @@ def _old_versions(out: Path) -> list[Path]:
     return sorted(out.parent.glob(f".{glob.escape(out.name)}.old.*"))
 
 
+def _ours(info: os.stat_result) -> bool:
+    """Owned by this user or root: not something another user put there."""
+    return info.st_uid in (os.geteuid(), 0)
+
+
 def _own(path: Path) -> bool:
     try:
-        return os.lstat(path).st_uid in (os.geteuid(), 0)
+        return _ours(os.lstat(path))
     except OSError:
         return False
 
@@ -353,24 +360,6 @@ def _signals_deferred() -> Iterator[None]:
             signal.raise_signal(s)
 
 
-def fsync_path(path: Path) -> None:
-    """Flush a file's data, or a folder's entries (a rename in it), to disk; best effort for a folder, which some
-    file systems cannot open or sync."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        if path.is_dir():
-            return
-        raise
-    try:
-        os.fsync(fd)
-    except OSError:
-        if not path.is_dir():
-            raise
-    finally:
-        os.close(fd)
-
-
 def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
     with _signals_deferred():
         _rename_into_place(tmp, out, overwrite)
@@ -426,40 +415,6 @@ def raise_on_sigterm() -> Iterator[None]:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-_KEEP_MODE: set[Path] = set()
-
-
-def keep_mode(path: str | os.PathLike) -> None:
-    """Leave ``path`` (a file or folder put in an :func:`atomic_dir` temp folder as a copy, e.g. carried from the
-    version it replaces) with its own permissions: only what the job wrote is opened up to the umask."""
-    _KEEP_MODE.add(Path(path))
-
-
-def _settle(tmp: Path) -> None:
-    """Before the commit: each file the job wrote gets the umask's permissions (safetensors and mkstemp create 0600
-    files), and every file and folder reaches the disk, so a power loss leaves the old version or the new. Links
-    are neither followed nor changed (a carried link to a private file stays a link, the file untouched)."""
-    if tmp.is_symlink() or not tmp.is_dir():
-        raise OutputError(f"the temp folder {tmp} was replaced while it was written (another user?); nothing was "
-                          f"committed")
-    kept = list(_KEEP_MODE)  # a snapshot: other threads' writes add to it meanwhile
-    for root, folders, files in os.walk(tmp):  # a linked folder is listed, never entered
-        for name in (*files, *folders):
-            path = Path(root) / name
-            if not (stat.S_ISREG(os.lstat(path).st_mode) or stat.S_ISDIR(os.lstat(path).st_mode)):
-                continue  # a link (never followed), a FIFO or socket (never opened)
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-            try:
-                mode = os.fstat(fd).st_mode
-                if stat.S_ISREG(mode) and not any(p == path or p in path.parents for p in kept):
-                    os.fchmod(fd, 0o666 & ~_umask())
-                if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-    fsync_path(tmp)
-
-
 @contextlib.contextmanager
 def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool = False,
                any_folder: bool = False) -> Iterator[Path]:
@@ -482,9 +437,12 @@ def atomic_dir(out_dir: str | os.PathLike, *, overwrite: bool = False,
         tmp, owner = _make_temp(out)
         try:
             yield tmp
-            _settle(tmp)
+            if tmp.is_symlink() or not tmp.is_dir():
+                raise OutputError(f"the temp folder {tmp} was replaced while it was written (another user?); "
+                                  f"nothing was committed")
+            settle(tmp, 0o666 & ~_umask())
             _commit(tmp, out, overwrite)
             fsync_path(out.parent)
         finally:  # committed: only the owner file is left (and the old version, after an exchange)
-            _KEEP_MODE.difference_update({p for p in list(_KEEP_MODE) if p == tmp or tmp in p.parents})
+            forget_kept(tmp)
             _drop_temp(tmp, owner)
