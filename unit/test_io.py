@@ -419,7 +419,7 @@ def test_a_folder_every_user_may_write_without_the_sticky_bit_is_no_place_to_wri
     shared.mkdir()
     shared.chmod(0o777)
     for write in (lambda: write_json(shared / "r.json", {}), lambda: check_file_target(shared / "r.json"),
-                  lambda: atomic_dir(shared / "m").__enter__()):
+                  lambda: check_output_dir(shared / "m"), lambda: atomic_dir(shared / "m").__enter__()):
         with pytest.raises(OutputError, match="is writable by every user and not sticky"):
             write()
     assert os.listdir(shared) == []

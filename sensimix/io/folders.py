@@ -64,6 +64,7 @@ def check_output_dir(out: str | os.PathLike, *, overwrite: bool = False, what: s
         raise FileExistsError(f"{what} {out} already exists; pass --overwrite to replace it, or choose another {what}")
     if out.exists() and not any_folder:
         check_replaceable(out, what)
+    check_private_parent(out)  # found now, not when the finished job takes its lock
     parent = (_missing_parents(out) or [out])[-1].parent  # the nearest folder that exists: probe it, create nothing
     if not parent.is_dir():
         raise OutputError(f"cannot write {what} {out}: {parent} is not a folder")
