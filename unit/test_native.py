@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -148,6 +149,26 @@ def test_a_compile_error_names_the_line_and_leaves_nothing(fresh):
     with pytest.raises(native.NativeBuildError, match=rf"compiling .*broken.c failed .*{broken}:1:.*undeclared_name"):
         native.load(str(broken), ())
     assert list((fresh / "cache" / "kernels").iterdir()) == [], "no library and no temporary folder is left"
+
+
+@needs_cc
+def test_a_killed_builds_folder_is_removed_by_the_next_build_and_a_live_one_is_not(fresh):
+    """A build killed mid-way leaves its private ``.build-*`` folder; the next build removes those older than any
+    live build can be, without following a link out of them, and leaves a recent one (another process's build)."""
+    kernels = fresh / "cache" / "kernels"
+    kernels.mkdir(parents=True, mode=0o700)
+    victim = fresh / "victim.txt"
+    victim.write_text("keep")
+    stale, live = kernels / ".build-0123456789abcdef", kernels / ".build-fedcba9876543210"
+    for folder in (stale, live):
+        folder.mkdir(mode=0o700)
+        (folder / "popcount.c").write_text("/* cut */")
+    (stale / "victim").symlink_to(victim)
+    old = time.time() - native.STALE_BUILD_S - 60
+    os.utime(stale, (old, old))
+    native.load("popcount.c", ("-mavx2",))
+    assert not stale.exists() and live.exists(), "the stale folder went, the recent one stayed"
+    assert victim.read_text() == "keep", "a link inside was removed, not followed"
 
 
 def test_a_cache_that_cannot_be_made_is_a_build_error(fresh, monkeypatch):

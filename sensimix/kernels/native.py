@@ -30,7 +30,9 @@ import logging
 import os
 import secrets
 import shutil
+import stat
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,6 +45,9 @@ log = logging.getLogger(__name__)
 CSRC = builds.CSRC
 INSTALLED = Path(__file__).with_name("_native")  # where setup.py's build step puts the libraries
 BUILD_TIMEOUT_S = 120
+# A private build folder older than this belongs to no live build (a build lasts at most BUILD_TIMEOUT_S): it is
+# what a killed process left, and the next build removes it.
+STALE_BUILD_S = 5 * BUILD_TIMEOUT_S
 _OPEN_FDS: list[int] = []  # descriptors of loaded libraries: kept open, so that no later library reuses the number
 
 
@@ -229,6 +234,7 @@ def _build(build: NativeBuild, name: str, files: dict[str, bytes], cc: list[str]
     """Compile the source (``files``: it and its headers) in a private folder inside the cache, rename the library
     into the cache; returns a descriptor of it (the inode just written, whatever happens to the names afterwards)
     and its SHA-256."""
+    _remove_stale_builds(folder_fd)
     private = f".build-{secrets.token_hex(8)}"
     os.mkdir(private, 0o700, dir_fd=folder_fd)
     private_fd = os.open(private, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder_fd)
@@ -257,6 +263,34 @@ def _build(build: NativeBuild, name: str, files: dict[str, bytes], cc: list[str]
             os.unlink(entry, dir_fd=private_fd)
         os.close(private_fd)
         os.rmdir(private, dir_fd=folder_fd)
+
+
+def _remove_stale_builds(folder_fd: int) -> None:
+    """Remove the private build folders that killed processes left in the cache: this user's own, older than
+    STALE_BUILD_S; their files and links go (a link is never followed), a folder holding a folder stays."""
+    now = time.time()
+    listing_fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=folder_fd)  # folder_fd: O_PATH
+    try:
+        entries = os.listdir(listing_fd)
+    finally:
+        os.close(listing_fd)
+    for entry in entries:
+        if not entry.startswith(".build-"):
+            continue
+        try:
+            st = os.stat(entry, dir_fd=folder_fd, follow_symlinks=False)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or now - st.st_mtime < STALE_BUILD_S:
+                continue
+            fd = os.open(entry, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder_fd)
+            try:
+                for name in os.listdir(fd):
+                    if not stat.S_ISDIR(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
+                        os.unlink(name, dir_fd=fd)  # a link is removed, never followed
+            finally:
+                os.close(fd)
+            os.rmdir(entry, dir_fd=folder_fd)
+        except OSError:  # another process removed it first, or it holds what we do not remove: left as it is
+            continue
 
 
 def _dlopen(fd: int, path: Path, build: NativeBuild, *, fix: str) -> ctypes.CDLL:
