@@ -95,7 +95,7 @@ def config_from_raw(raw: dict[str, Any], path: str | os.PathLike) -> SensiMixCon
         raise CheckpointError(f"{path}: {' '.join(str(exc).split()) or type(exc).__name__}") from exc
     labels = config.num_labels
     if not isinstance(labels, int) or not 2 <= labels <= 100_000:
-        raise CheckpointError(f"{path}: num_labels must be an integer >= 2 (classification), got {labels!r}")
+        raise CheckpointError(f"{path}: num_labels must be an integer in [2, 100000] (classification), got {labels!r}")
     return config
 
 

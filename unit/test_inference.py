@@ -412,7 +412,9 @@ def test_bad_config(copy_of, text: str, match: str) -> None:
     ("layer_norm_eps", float("nan"), "layer_norm_eps"),
     ("num_hidden_layers", 100_000, "num_hidden_layers \\(N = a \\+ b\\) must be in \\[1, 256\\]"),
     ("vocab_size", 10 ** 12, "vocab_size must be in"),
-    ("id2label", {"0": "only"}, "num_labels must be an integer >= 2"),
+    ("id2label", {"0": "only"}, "num_labels must be an integer in \\[2, 100000\\]"),
+    ("id2label", {str(i): f"L{i}" for i in range(100_001)},
+     "num_labels must be an integer in \\[2, 100000\\] .*got 100001"),
 ])
 def test_tampered_config_values_are_one_clear_error(copy_of, field: str, value, match: str) -> None:
     cfg = json.loads((copy_of / "config.json").read_text())
