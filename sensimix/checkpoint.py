@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from .calibration_record import RECORD as CALIBRATION_RECORD
-from .config import SensiMixConfig
+from .config import MAX_LABELS, SensiMixConfig
 from .data import METRICS_FILE
 from .io import atomic_dir, brief, keep_mode, read_config_json, write_json
 from .sources import save_tokenizer
@@ -94,8 +94,9 @@ def config_from_raw(raw: dict[str, Any], path: str | os.PathLike) -> SensiMixCon
     except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
         raise CheckpointError(f"{path}: {' '.join(str(exc).split()) or type(exc).__name__}") from exc
     labels = config.num_labels
-    if not isinstance(labels, int) or not 2 <= labels <= 100_000:
-        raise CheckpointError(f"{path}: num_labels must be an integer in [2, 100000] (classification), got {labels!r}")
+    if not isinstance(labels, int) or not 2 <= labels <= MAX_LABELS:
+        raise CheckpointError(f"{path}: num_labels must be an integer in [2, {MAX_LABELS}] (classification), got "
+                              f"{labels!r}")
     return config
 
 

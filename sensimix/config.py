@@ -19,6 +19,7 @@ MAX_DIM = 1 << 16          # hidden_size, intermediate_size, max_position_embedd
 MAX_VOCAB = 1 << 21
 MAX_LAYERS = 256
 MAX_PARAMETERS = 20_000_000_000
+MAX_LABELS = 100_000      # num_labels: a classifier of at least 2 and at most this many classes
 
 ACTIVATION_QUANT = "a8"     # the one value of activation_quant (sensimix.a8.A8)
 A8_ACTIVATIONS = ("gelu", "relu")  # sensimix.a8 specifies their rounding

@@ -35,7 +35,7 @@ from transformers import BertConfig, BertForSequenceClassification
 from transformers.models.bert.modeling_bert import BertSelfAttention
 
 from . import a8
-from .config import SensiMixConfig
+from .config import MAX_LABELS, SensiMixConfig
 from .quant import abwr, ste_fp16, ste_index8, ste_sign_input, ste_sign_weight
 from .sources import (SourceError, bert_config, check_weights_fit, dropped_layer, is_random, quiet_loading,
                       weights_error)
@@ -252,10 +252,10 @@ class SensiMixQATForSequenceClassification(BertForSequenceClassification):
         if not isinstance(config, SensiMixConfig):
             raise TypeError(f"expected a SensiMixConfig, got {type(config).__name__}")
         config.validate_sensimix()
-        if config.num_labels < 2:
+        if not 2 <= config.num_labels <= MAX_LABELS:
             raise ValueError(
-                f"num_labels must be >= 2 (classification); got {config.num_labels}. Regression tasks such as "
-                "STS-B are not supported by SensiMix's recipe"
+                f"num_labels must be in [2, {MAX_LABELS}] (classification); got {config.num_labels}. Regression "
+                "tasks such as STS-B are not supported by SensiMix's recipe"
             )
         super().__init__(config)
         quantize_bert_for_training(self.bert, config)

@@ -73,9 +73,11 @@ def test_deeper_than_teacher_and_bad_sources_are_refused(tiny_bert_dir, tmp_path
         from_bert("random:bert-huge")
 
 
-def test_regression_heads_are_refused(tiny_bert_config):
-    with pytest.raises(ValueError, match="num_labels must be >= 2"):
+def test_regression_heads_and_heads_no_reader_loads_are_refused(tiny_bert_config):
+    with pytest.raises(ValueError, match="num_labels must be in \\[2, 100000\\]"):
         from_bert(tiny_bert_config, num_hidden_layers=2, num_8bit_layers=1, num_labels=1)
+    with pytest.raises(ValueError, match="num_labels must be in \\[2, 100000\\] .*got 100001"):  # no reader loads it
+        from_bert(tiny_bert_config, num_hidden_layers=2, num_8bit_layers=1, num_labels=100_001)
 
 
 def test_token_type_ids_reach_the_model(tiny_bert_config):
