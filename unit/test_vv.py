@@ -410,6 +410,34 @@ def test_a_bin_with_other_tensors_than_the_safetensors_is_refused(small_folders)
         sizes.measure_sizes(bert, sm)
 
 
+def test_a_sensimix_safetensors_altered_beside_its_intact_bin_is_refused(small_folders):
+    """The SensiMix twin of the test above: criterion 1 sizes the .bin, a user may load the .safetensors; an edit
+    to the one not read first is caught by the checksum, in measure_sizes and in a full-verification load."""
+    from safetensors.torch import load_file, save_file
+
+    from sensimix.inference import SensiMixForSequenceClassification
+
+    bert, sm = small_folders
+    assert sizes.measure_sizes(bert, sm).weight_files_agree
+    path = sm / WEIGHTS_SAFETENSORS
+    state = load_file(path)
+    name = next(n for n in sorted(state) if n.endswith(".weight_q"))
+    state[name] = state[name].clone()
+    state[name].view(-1)[0] += 1
+    save_file(state, path, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"{WEIGHTS_SAFETENSORS}: the tensors differ from those exported"):
+        sizes.measure_sizes(bert, sm)
+    with pytest.raises(CheckpointError, match=f"{WEIGHTS_SAFETENSORS}: the tensors differ from those exported"):
+        SensiMixForSequenceClassification.from_pretrained(sm, weights="pytorch_model.bin", verify_all_files=True)
+
+
+def test_weight_files_agree_only_where_both_files_were_compared(small_folders):
+    bert, sm = small_folders
+    assert sizes.measure_sizes(bert, sm).weight_files_agree
+    (sm / WEIGHTS_SAFETENSORS).unlink()
+    assert not sizes.measure_sizes(bert, sm).weight_files_agree, "nothing was compared in the SensiMix folder"
+
+
 def test_a_bert_file_that_is_not_its_fp32_model_is_refused(small_folders):
     bert, sm = small_folders
     path = bert / "pytorch_model.bin"

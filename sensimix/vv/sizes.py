@@ -44,7 +44,9 @@ class SizeReport:
     sensimix_path: str = ""
     sensimix_model: str = ""  # e.g. "SensiMix (2+1)"
     bert_model: str = ""      # e.g. "BERT 12 layers, hidden 768, FFN 3072, vocab 30,522"
-    weight_files_agree: bool = True  # each folder's .bin and .safetensors were proven to hold the same tensors
+    # each folder has both weight files and they were proven to hold the same tensors (measure_sizes refuses a pair
+    # that differs; False when a folder has only its .bin, so nothing was compared)
+    weight_files_agree: bool = False
 
     @property
     def ratio(self) -> float:
@@ -194,8 +196,9 @@ def measure_sizes(bert_dir: str | os.PathLike, sensimix_dir: str | os.PathLike) 
     prove_sensimix_weight_files(sm)
     cfg = read_json(sm / "config.json", what="a SensiMix checkpoint folder")
     model = f"SensiMix ({cfg['num_8bit_layers']}+{cfg['num_hidden_layers'] - cfg['num_8bit_layers']})"
+    compared = sizes["bert_safetensors"] is not None and sizes["sensimix_safetensors"] is not None
     return SizeReport(**sizes, bert_folder=folder_bytes(bert), sensimix_folder=folder_bytes(sm),
-                      bert_path=str(bert), sensimix_path=str(sm), sensimix_model=model,
+                      bert_path=str(bert), sensimix_path=str(sm), sensimix_model=model, weight_files_agree=compared,
                       bert_model=describe_bert(bert_config(bert, allow_qat=False)))
 
 
