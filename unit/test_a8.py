@@ -76,6 +76,22 @@ def test_the_epilogue_order_by_hand():
     assert y.item() == ((10 * 0.5 + -4 * 0.25) * 2) + 1  # = 9
 
 
+def test_the_epilogue_order_where_other_orders_round_differently():
+    # fp32 operands (found by search) where scaling each term before the sum, folding the bias in before the
+    # scale, or multiplying s * scale first each round to another value: only the specified order gives this one
+    A, T = 70124, 821
+    s, c, scale, b = (torch.tensor([v]) for v in (0.003428080352023244, -0.4590264856815338, 0.0026362359058111906,
+                                                  0.62654048204422))
+    rows = a8.Rows(torch.zeros(1, 1, dtype=torch.uint8), torch.zeros(1, dtype=torch.int32), scale,
+                   torch.tensor([T], dtype=torch.int32))
+    y = a8.linear_epilogue(torch.tensor([[float(A)]]), rows, s, c, b).item()
+    fa, ft = torch.tensor([float(A)]), torch.tensor([float(T)])
+    assert y == (((fa * s + ft * c) * scale) + b).item() == 0.2667732536792755
+    others = [fa * s * scale + ft * c * scale + b, (fa * s + (ft * c + b / scale)) * scale,
+              fa * (s * scale) + ft * (c * scale) + b]
+    assert all(o.item() != y for o in others), "the operands must tell the orders apart"
+
+
 def test_the_linear_is_the_float_linear_of_the_rounded_operands():
     g = torch.Generator().manual_seed(2)
     x, w, b = torch.randn(40, 96, generator=g), torch.randn(24, 96, generator=g) * 0.1, torch.randn(24, generator=g)

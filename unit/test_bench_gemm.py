@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+from sensimix.bench import gemm
 from sensimix.bench.gemm import run_gemms, time_call
 
 
-def test_time_call_warms_up_once_then_times_reps_calls():
+def test_time_call_warms_up_once_then_times_reps_calls(monkeypatch):
+    """A fake clock that a call advances by 2 s, the warm-up by 10 s: 3 timed calls are 2 s per call."""
+    clock = [0.0]
     calls = []
-    assert time_call(lambda: calls.append(1), 3, "cpu") >= 0
+
+    def call():
+        clock[0] += 10.0 if not calls else 2.0
+        calls.append(1)
+
+    monkeypatch.setattr(gemm.time, "perf_counter", lambda: clock[0])
+    assert time_call(call, 3, "cpu") == 2.0
     assert len(calls) == 4
 
 

@@ -270,9 +270,26 @@ def test_cpu_defaults_are_exact_fast_paths(monkeypatch) -> None:
     popcount_ok = kernels.BINARY_KERNELS["popcount"].unavailable(torch.device("cpu")) is None
     fbgemm_ok = kernels.quantized_engine().engine is not None
     assert kernels.default_binary_kernel("cpu") == ("popcount" if popcount_ok else "fbgemm" if fbgemm_ok else "float")
-    if "avx2" in devices.cpu_features() and shutil.which("cc") or shutil.which("gcc"):
+    if "avx2" in devices.cpu_features() and (shutil.which("cc") or shutil.which("gcc")):
         assert popcount_ok, "an AVX2 CPU with a C compiler must run the popcount kernel"
     assert all(k.exact for k in kernels.BINARY_KERNELS.values())
+
+
+@pytest.mark.parametrize("runs,expected", [({"a8-vnni", "a8-avx2"}, "a8-vnni"), ({"a8-avx2"}, "a8-avx2"),
+                                           (set(), "a8-torch")], ids=["vnni-cpu", "avx2-only-cpu", "neither"])
+def test_the_a8_default_is_the_fastest_exact_kernel_the_device_runs(monkeypatch, runs, expected) -> None:
+    """The preference docs/benchmark.md states, on each kind of machine simulated here (the other tests compare
+    with default_index8_kernel itself, so a swapped preference would pass them)."""
+    from sensimix.kernels import a8native
+
+    monkeypatch.setattr(a8native, "unavailable_reason", lambda name: None if name in runs else f"no {name} here")
+    assert kernels.default_index8_kernel("cpu", "a8") == expected
+    assert kernels.index8_kernel(None, "cpu", "a8").name == expected
+    triton = type(kernels.INDEX8_KERNELS["a8-triton"])
+    monkeypatch.setattr(triton, "unavailable", lambda self, d: None if torch.device(d).type == "cuda" else "CUDA only")
+    monkeypatch.setattr(triton, "fast_on", lambda self, d: torch.device(d).type == "cuda")
+    assert kernels.default_index8_kernel("cuda", "a8") == "a8-triton"
+    assert kernels.default_index8_kernel("cpu", "a8") == expected
 
 
 def test_unknown_kernel_names_list_the_choices() -> None:

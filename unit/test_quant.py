@@ -49,6 +49,15 @@ def test_index8_uses_255_steps():
     assert torch.equal(q, torch.arange(-128, 128, dtype=torch.int8))
 
 
+def test_index8_rounds_to_nearest_with_ties_to_even_by_hand():
+    # lo = 0, hi = 255: the step is exactly 1, so (w - lo) / s is w itself; a 1%-of-a-step bias (floor(x + 0.49)),
+    # ties away from zero or a floor would each move one of these
+    w = torch.tensor([0.0, 3.495, 3.505, 2.5, 3.5, 254.5, 255.0])
+    q, lo, hi = quant.index8_quantize(w)
+    assert (lo.item(), hi.item()) == (0.0, 255.0)
+    assert (q.int() + 128).tolist() == [0, 3, 4, 2, 4, 254, 255]
+
+
 def test_index8_constant_tensor_is_guarded():
     w = torch.full((4, 4), 0.375)
     q, lo, hi = quant.index8_quantize(w)

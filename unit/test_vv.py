@@ -671,3 +671,30 @@ def test_the_fp16_goal_is_reported_and_gated_only_when_asked():
     assert report_.exit_code == 0 and "Fail (goal, not gated)" in report.render_markdown(report_)
     report_.criteria[2] = criteria.fp16_time_criterion(t, gated=True)
     assert report_.exit_code == 1 and [c.id for c in report_.failed] == ["inference_time_ratio_fp16"]
+
+
+def test_time_all_times_again_in_full_a_model_timed_in_part(monkeypatch):
+    """pytest-benchmark with --benchmark-disable runs a pedantic benchmark once: that model's one trial is not
+    the run's 3, so time_all times it again from the start (it judged 1 trial against 3 before); a model timed in
+    full keeps its trials."""
+    from sensimix.vv import run as vv_run
+
+    run = object.__new__(vv_run.VVRun)
+    run.s = types.SimpleNamespace(trials=3, examples=8, device="cpu", progress=False)
+    full = types.SimpleNamespace(name="bert-fp32", precision="fp32", results=[1, 2, 3])
+    part = types.SimpleNamespace(name="sensimix", precision="fast", results=[1])
+    run.timers = {"bert-fp32": full, "sensimix": part}
+    run.batches = ([], "synthetic")
+    timed = []
+
+    def time_models(models, batches, *, trials, timers, **kwargs):
+        timed.append([t.name for t in timers])
+        for t in timers:
+            t.results.extend([9] * trials)
+
+    monkeypatch.setattr(vv_run, "time_models", time_models)
+    monkeypatch.setattr(vv_run.VVRun, "timing", lambda self: None)
+    run.time_all(["bert-fp32", "sensimix"])
+    assert timed == [["sensimix"]] and part.results == [9, 9, 9] and full.results == [1, 2, 3]
+    run.time_all(["bert-fp32", "sensimix"])
+    assert timed == [["sensimix"]], "nothing is timed twice"

@@ -294,8 +294,11 @@ class VVRun:
         return self.timers[name]
 
     def time_all(self, names: list[str] | None = None) -> TimingReport:
-        """Interleaved trials of the named models (default: all) that have not been timed yet."""
-        pending = [self.timer(n) for n in (names or self.model_names) if not self.timer(n).results]
+        """Interleaved trials of the named models (default: all) that have not been timed in full yet (a partial
+        set, e.g. the one round pytest-benchmark runs with --benchmark-disable, is timed again from the start)."""
+        pending = [self.timer(n) for n in (names or self.model_names) if len(self.timer(n).results) < self.s.trials]
+        for t in pending:
+            t.results.clear()
         if pending:
             log.info("timing %s: %d trial(s) of %d examples each",
                      ", ".join(f"{t.name} ({t.precision})" for t in pending), self.s.trials, self.s.examples)
