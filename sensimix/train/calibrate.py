@@ -37,7 +37,8 @@ def calibration_examples(task: str, glue_dir: str | os.PathLike | None, *, train
     Why the longest: rounding acts on every token, so the more tokens, the likelier a flipped prediction, and a
     train split of short phrases (SST-2's: 13 tokens on average) understates what longer inputs see. CI's (2+1),
     int16 against exact: 23 of 4,096 held-out predictions changed at random (0.56%), 56-57 of the 4,096 longest (39
-    tokens: 1.37-1.39%, two measurements), 12 of 872 on dev (25 tokens: 1.38%). The longest make a verdict err toward exact."""
+    tokens: 1.37-1.39%, two measurements), 12 of 872 on dev (25 tokens: 1.38%). The longest make a verdict err
+    toward exact."""
     from ..data import load_glue
     from . import provenance
 
