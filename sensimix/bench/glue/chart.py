@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from ...data import TASKS
 from ...io import write_figure
 from .metrics import METRIC_TITLES
 from .plans import SENSIMIX_MODELS
@@ -57,7 +58,8 @@ def write_chart(summary: dict[str, Any], path: str | os.PathLike) -> int:
         ax.set_xlim(sizes[0] / 1.25, sizes[-1] * 1.25)
         ax.set_xlabel("model file, MB (log scale)")
         ax.set_ylabel(f"dev {METRIC_TITLES[metric]} (points)")
-        ax.set_title(f"{task.upper()}" + (f", {n:,} train examples" if isinstance(n, int) else ""))
+        name = TASKS[task].name if task in TASKS else task.upper()  # as GLUE spells it: SST-2, CoLA
+        ax.set_title(name + (f", {n:,} train examples" if isinstance(n, int) else ""))
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7, loc="best")
     fig.suptitle("SensiMix on GLUE: dev score vs model file size (pytorch_model.bin; int8 peers: their .onnx)\n"
