@@ -18,7 +18,8 @@
   permissions (:func:`keep_mode`).
 
 Four modules, one seam each: :mod:`.folders` (output folders and their locks), :mod:`.files` (single-file writes),
-:mod:`.durable` (flushed to disk, permissions, before a rename) and :mod:`.reads` (bounded JSON reads). The names below are the package's API.
+:mod:`.durable` (flushed to disk, permissions, before a rename) and :mod:`.reads` (bounded JSON reads). The names
+below are the package's API.
 """
 
 from .durable import keep_mode

@@ -30,8 +30,8 @@ _KEEP_MODE: set[Path] = set()
 
 
 def keep_mode(path: str | os.PathLike) -> None:
-    """Leave ``path`` (a file or folder put in a :func:`.folders.atomic_dir` temp folder as a copy, e.g. carried from the
-    version it replaces) with its own permissions: only what the job wrote is opened up to the umask."""
+    """Leave ``path`` (a file or folder put in a :func:`.folders.atomic_dir` temp folder as a copy, e.g. carried
+    from the version it replaces) with its own permissions: only what the job wrote is opened up to the umask."""
     _KEEP_MODE.add(Path(path))
 
 

@@ -296,7 +296,8 @@ class VVRun:
     def time_all(self, names: list[str] | None = None) -> TimingReport:
         """Interleaved trials of the named models (default: all) that have not been timed in full yet (a partial
         set, e.g. the one round pytest-benchmark runs with --benchmark-disable, is timed again from the start)."""
-        pending = [self.timer(n) for n in (names or self.model_names) if len(self.timer(n).results) < self.s.trials]
+        timers = [self.timer(n) for n in (names or self.model_names)]
+        pending = [t for t in timers if len(t.results) < self.s.trials]
         for t in pending:
             t.results.clear()
         if pending:
